@@ -1,0 +1,32 @@
+# raygen: the README's two commands, plus lint and the benchmarks.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU machines install this torch wheel (on local disk here) before anything that
+# depends on torch, so pip never pulls a multi-GB CUDA build. GPU machines:
+# `make TORCH_SPEC=torch install` to take the CUDA build instead.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install quickstart test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+quickstart: install
+	$(VENV)/bin/raygen train jobs/examples/code-lm-tiny.yaml
+
+test: install
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Where things run and live: the Ray connection and storage URIs."""

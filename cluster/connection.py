@@ -1,0 +1,73 @@
+"""Connect to Ray: an embedded local Ray by default, or a running cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from cluster.errors import ClusterError
+
+logger = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None) -> bool:
+    """Connect this process to Ray.
+
+    Uses `address`, else `RAY_ADDRESS`, else starts an embedded local Ray sized to this
+    machine. Does nothing when Ray is already initialized (tests, `raygen submit`).
+
+    Returns:
+        True when the Ray in use is an embedded local one this process started.
+
+    Raises:
+        ClusterError: the address cannot be reached or refuses us.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        where = address or "a new local Ray"
+        raise ClusterError(
+            f"Cannot connect to Ray at {where}: {exc}. Check the address (ray://HOST:10001 or "
+            "HOST:6379, or leave --address out for a local Ray) and that the cluster is up "
+            "(`ray status`). With token authentication, set RAY_AUTH_TOKEN."
+        ) from None
+    return not address
+
+
+def total_resources() -> dict[str, float]:
+    """Resources of every node currently in the cluster."""
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def capacity_problems(per_worker: dict[str, float], num_workers: int, embedded: bool) -> list[str]:
+    """Why `num_workers` workers of `per_worker` resources can never be placed, if so.
+
+    An embedded Ray cannot grow, so a shortfall is an error; a remote cluster may autoscale,
+    so there it is only logged.
+    """
+    total = total_resources()
+    problems = []
+    for name, amount in per_worker.items():
+        need = amount * num_workers
+        have = total.get(name, 0.0)
+        if need > have:
+            problems.append(
+                f"`scaling`: {num_workers} workers x {amount:g} {name} = {need:g} {name}, but the "
+                f"cluster has {have:g} {name}; lower scaling.num_workers or "
+                "scaling.resources_per_worker, or use a bigger cluster (--address)."
+            )
+    if problems and not embedded:
+        for p in problems:
+            logger.warning("%s (waiting for the cluster to scale up)", p)
+        return []
+    return problems

@@ -1,0 +1,355 @@
+"""Prepare a text corpus for language-model training with Ray Data.
+
+read -> normalize and filter -> split train/eval by hash -> train the tokenizer (if asked)
+-> tokenize and pack into `seq_len` blocks -> Parquet shards + `data_stats.json`.
+Preparation is skipped when the shards' fingerprint matches the spec and inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sysconfig
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.errors import SpecError
+from jobs.spec import BUILTIN_CORPORA, BUILTIN_PREFIX, TrainSpec
+
+logger = logging.getLogger(__name__)
+
+# Bump when the prepared format or the preparation steps change: old shards become stale.
+PREPARED_FORMAT = 1
+STATS_FILE = "data_stats.json"
+TOKENIZER_DIR = "tokenizer"
+EOS_TOKEN = "<|endoftext|>"
+# Documents per tokenize/pack batch: packing drops < seq_len tokens at each batch's end.
+_PACK_BATCH_DOCS = 512
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file of a corpus, and what identifies its content for the fingerprint."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    kind: str  # "parquet" or "text"
+
+
+def list_input_files(entries: list[str], key: str, max_bytes: int | None) -> list[InputFile]:
+    """Expand corpus entries (files, directories, builtin corpora) into files, in order.
+
+    With `max_bytes`, whole files are taken in order until their total size reaches it.
+
+    Raises:
+        SpecError: an entry does not exist or holds no Parquet files.
+    """
+    files: list[InputFile] = []
+    problems = []
+    for entry in entries:
+        if entry.startswith(BUILTIN_PREFIX):
+            if entry not in BUILTIN_CORPORA:
+                known = ", ".join(BUILTIN_CORPORA)
+                problems.append(f"`{key}`: unknown builtin corpus {entry!r}; known: {known}.")
+                continue
+            files.extend(_stdlib_sources())
+            continue
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+            if not found:
+                problems.append(f"`{key}`: directory {entry} holds no .parquet files.")
+            files.extend(_input_file(p, "parquet") for p in found)
+        elif path.is_file():
+            files.append(_input_file(path, "parquet"))
+        else:
+            problems.append(f"`{key}`: {entry} does not exist; give a Parquet file or directory.")
+    if problems:
+        raise SpecError(key, problems)
+    if max_bytes is not None:
+        kept, total = [], 0
+        for f in files:
+            if total >= max_bytes:
+                break
+            kept.append(f)
+            total += f.size
+        files = kept
+    return files
+
+
+def _input_file(path: Path, kind: str) -> InputFile:
+    stat = path.stat()
+    return InputFile(str(path.resolve()), stat.st_size, stat.st_mtime_ns, kind)
+
+
+def _stdlib_sources() -> list[InputFile]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    paths = sorted(
+        p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)
+    )
+    return [_input_file(p, "text") for p in paths]
+
+
+def check_text_column(files: list[InputFile], column: str, key: str) -> None:
+    """Raise a SpecError naming the available columns when a Parquet file lacks `column`."""
+    for f in files:
+        if f.kind != "parquet":
+            continue
+        try:
+            names = pq.read_schema(f.path).names
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SpecError(key, f"{f.path} is not a readable Parquet file: {exc}.") from None
+        if column not in names:
+            raise SpecError(
+                "data.text_column",
+                f"{f.path} has no column {column!r}; its columns are {', '.join(names)}. "
+                "Set `data.text_column` to the one holding the text.",
+            )
+
+
+def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[InputFile]) -> str:
+    """Hash of everything that determines the prepared data: inputs, options, format."""
+    d = spec.data
+    identity = {
+        "format": PREPARED_FORMAT,
+        "train": [(f.path, f.size, f.mtime_ns) for f in train_files],
+        "eval": [(f.path, f.size, f.mtime_ns) for f in eval_files],
+        "options": d.model_dump(exclude={"train", "eval", "prepared"}),
+        "tokenizer": spec.tokenizer.model_dump(),
+        "pretrained": spec.model.pretrained,
+        "seed": spec.train.seed,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_stats(prepared_dir: str) -> dict[str, Any] | None:
+    """The `data_stats.json` of a prepared directory, or None when absent."""
+    path = Path(prepared_dir, STATS_FILE)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC and Unix newlines."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
+    """Deterministic held-out choice: the same document always lands in the same split."""
+    digest = hashlib.blake2b(text.encode(), digest_size=8, key=seed.to_bytes(8, "little"))
+    return int.from_bytes(digest.digest(), "little") / 2**64 < eval_fraction
+
+
+def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dict[str, Any]:
+    """Prepare the spec's corpus into `prepared_dir` (needs a connected Ray) unless fresh.
+
+    Returns:
+        The data stats (also written to `prepared_dir/data_stats.json`).
+
+    Raises:
+        SpecError: inputs missing, unreadable, or empty after filtering.
+    """
+
+    d = spec.data
+    train_files = list_input_files(d.train, "data.train", d.max_bytes)
+    eval_files = list_input_files(d.eval, "data.eval", None) if d.eval else []
+    check_text_column(train_files + eval_files, d.text_column, "data.train")
+    fp = fingerprint(spec, train_files, eval_files)
+    stats = read_stats(prepared_dir)
+    if stats and stats.get("fingerprint") == fp and not force:
+        logger.info("Prepared data in %s is up to date (fingerprint %s).", prepared_dir, fp)
+        return stats
+
+    logger.info("Preparing data into %s ...", prepared_dir)
+    out = Path(prepared_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    rows_in = _count_documents(train_files + eval_files)
+    docs = (
+        _read_documents(train_files, d.text_column)
+        .map_batches(
+            _NormalizeFilter(
+                d.min_chars, d.eval_fraction if not eval_files else 0.0, spec.train.seed
+            ),
+            batch_format="pyarrow",
+        )
+        .materialize()
+    )
+    if eval_files:
+        extra = _read_documents(eval_files, d.text_column).map_batches(
+            _NormalizeFilter(d.min_chars, 1.0, spec.train.seed), batch_format="pyarrow"
+        )
+        docs = docs.union(extra).materialize()
+    train_docs = docs.filter(expr="split == 'train'")
+    eval_docs = docs.filter(expr="split == 'eval'")
+    rows_train, rows_eval = train_docs.count(), eval_docs.count()
+    if rows_train == 0:
+        raise SpecError(
+            "data.train",
+            f"no documents left after filtering ({rows_in} read, all shorter than "
+            f"data.min_chars={d.min_chars} or held out); add data or lower data.min_chars.",
+        )
+    if rows_eval == 0:
+        raise SpecError(
+            "data.eval_fraction",
+            f"no evaluation documents: {rows_train} documents with eval_fraction="
+            f"{d.eval_fraction} held out none; raise data.eval_fraction or give data.eval.",
+        )
+
+    tokenizer_dir = str(out / TOKENIZER_DIR)
+    _prepare_tokenizer(spec, train_docs, tokenizer_dir)
+
+    for split, split_docs in (("train", train_docs), ("eval", eval_docs)):
+        split_docs.map_batches(
+            _TokenizePack(tokenizer_dir, d.seq_len),
+            batch_size=_PACK_BATCH_DOCS,
+            batch_format="pyarrow",
+        ).write_parquet(str(out / split))
+
+    stats = {
+        "fingerprint": fp,
+        "rows_in": rows_in,
+        "rows_out": rows_train + rows_eval,
+        "removed_too_short": rows_in - rows_train - rows_eval,
+        "train_documents": rows_train,
+        "eval_documents": rows_eval,
+        "seq_len": d.seq_len,
+        "tokenizer": tokenizer_dir,
+    }
+    for split in ("train", "eval"):
+        sequences = pq.ParquetDataset(str(out / split)).read(columns=[]).num_rows
+        stats[f"{split}_sequences"] = sequences
+        stats[f"{split}_tokens"] = sequences * d.seq_len
+    Path(out, STATS_FILE).write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def _count_documents(files: list[InputFile]) -> int:
+    """Documents in the inputs, from Parquet metadata (a text file is one document)."""
+    return sum(
+        pq.ParquetFile(f.path).metadata.num_rows if f.kind == "parquet" else 1 for f in files
+    )
+
+
+def _read_documents(files: list[InputFile], text_column: str) -> Any:
+    """A Ray Dataset with one `text` column, one row per document."""
+    import ray.data
+
+    parquet = [f.path for f in files if f.kind == "parquet"]
+    texts = [f.path for f in files if f.kind == "text"]
+    parts = []
+    if parquet:
+        parts.append(
+            ray.data.read_parquet(parquet, columns=[text_column]).rename_columns(
+                {text_column: "text"}
+            )
+            if text_column != "text"
+            else ray.data.read_parquet(parquet, columns=["text"])
+        )
+    if texts:
+        parts.append(
+            ray.data.from_items([{"path": p} for p in texts]).map_batches(
+                _read_text_files, batch_format="pyarrow"
+            )
+        )
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _read_text_files(batch: pa.Table) -> pa.Table:
+    texts = [
+        Path(p).read_text(encoding="utf-8", errors="replace") for p in batch["path"].to_pylist()
+    ]
+    return pa.table({"text": pa.array(texts, pa.large_string())})
+
+
+class _NormalizeFilter:
+    """Normalize each document, drop short ones and tag it with its split."""
+
+    def __init__(self, min_chars: int, eval_fraction: float, seed: int):
+        self.min_chars, self.eval_fraction, self.seed = min_chars, eval_fraction, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts, splits = [], []
+        for raw in batch["text"].to_pylist():
+            text = normalize_text(raw or "")
+            if len(text.strip()) < max(self.min_chars, 1):
+                continue
+            texts.append(text)
+            split = self.eval_fraction >= 1.0 or (
+                self.eval_fraction > 0 and in_eval_split(text, self.eval_fraction, self.seed)
+            )
+            splits.append("eval" if split else "train")
+        return pa.table(
+            {"text": pa.array(texts, pa.large_string()), "split": pa.array(splits, pa.string())}
+        )
+
+
+class _TokenizePack:
+    """Tokenize documents, join them with EOS and cut the stream into `seq_len` blocks."""
+
+    def __init__(self, tokenizer_dir: str, seq_len: int):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.seq_len = seq_len
+        self.eos = self.tokenizer.eos_token_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = self.tokenizer(batch["text"].to_pylist(), add_special_tokens=False)["input_ids"]
+        stream = np.fromiter((t for doc in ids for t in (*doc, self.eos)), dtype=np.int32)
+        n = len(stream) // self.seq_len
+        blocks = stream[: n * self.seq_len].reshape(n, self.seq_len)
+        return pa.table(
+            {"input_ids": pa.FixedSizeListArray.from_arrays(blocks.ravel(), self.seq_len)}
+        )
+
+
+def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:
+    """Copy the given/pretrained tokenizer, or train a byte-level BPE on the training docs."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    source = spec.tokenizer.path or (spec.model.pretrained if not spec.tokenizer.train else None)
+    if source:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if tokenizer.eos_token is None:
+            raise SpecError(
+                "tokenizer.path", f"the tokenizer in {source} has no EOS token to join documents."
+            )
+        tokenizer.save_pretrained(out_dir)
+        return
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    train = spec.tokenizer.train
+    vocab_size = train.vocab_size if train else 8192
+    min_frequency = train.min_frequency if train else 2
+    bpe = ByteLevelBPETokenizer()
+
+    def texts():
+        for batch in train_docs.iter_batches(batch_size=1024, batch_format="pyarrow"):
+            yield from batch["text"].to_pylist()
+
+    bpe.train_from_iterator(
+        texts(), vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+    )
+    tokenizer.save_pretrained(out_dir)

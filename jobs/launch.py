@@ -1,0 +1,380 @@
+"""Driver of a training run: validate the spec, prepare data, run the TorchTrainer, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+from cluster.errors import RaygenError
+from jobs import metrics as m
+from jobs.deepspeed_config import deepspeed_config_problems
+from jobs.errors import SpecError, TrainingFailed
+from jobs.loader import dump_spec
+from jobs.spec import BUILTIN_PREFIX, TrainSpec, global_batch_size
+from jobs.train_lm import ATTEMPTS_FILE, MODEL_DIR
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+SPEC_FILE = "spec.yaml"
+FAILURES_FILE = "failures.jsonl"
+
+
+def resolve_paths(spec: TrainSpec) -> TrainSpec:
+    """Make local paths absolute, so workers (running elsewhere) find them."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or path.startswith(BUILTIN_PREFIX) or "://" in path:
+            return path
+        return str(Path(path).expanduser().resolve())
+
+    data = spec.model_dump()
+    data["data"]["train"] = [absolute(p) for p in spec.data.train]
+    data["data"]["eval"] = [absolute(p) for p in spec.data.eval] if spec.data.eval else None
+    data["data"]["prepared"] = absolute(spec.data.prepared)
+    data["model"]["pretrained"] = absolute(spec.model.pretrained)
+    data["tokenizer"]["path"] = absolute(spec.tokenizer.path)
+    data["run"]["storage"] = absolute(spec.run.storage)
+    return TrainSpec.model_validate(data)
+
+
+def spec_problems(spec: TrainSpec) -> list[str]:
+    """Everything wrong with a spec that can be found without Ray: one line per problem."""
+    from jobs.data import check_text_column, list_input_files
+    from jobs.models.causal_lm import config_class_problems
+
+    problems: list[str] = []
+    t, ds, sc = spec.train, spec.deepspeed, spec.scaling
+    if t.precision == "fp16" and not sc.use_gpu:
+        problems.append(
+            "`train.precision`: fp16 needs GPUs (DeepSpeed has no fp16 on CPU); use bf16 or "
+            "fp32, or set scaling.use_gpu: true."
+        )
+    if ds.offload_params != "none" and ds.zero_stage != 3:
+        problems.append(
+            f"`deepspeed.offload_params`: parameter offload needs zero_stage: 3 (got "
+            f"{ds.zero_stage}); set deepspeed.zero_stage: 3 or offload_params: none."
+        )
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        problems.append(
+            "`deepspeed.offload_optimizer`: optimizer offload needs zero_stage 1-3; "
+            "raise deepspeed.zero_stage."
+        )
+    per_worker = sc.resources_per_worker or {}
+    if sc.use_gpu and per_worker.get("GPU", 1) <= 0:
+        problems.append("`scaling.resources_per_worker.GPU`: must be > 0 with use_gpu: true.")
+    if spec.model.pretrained and spec.tokenizer.train:
+        problems.append(
+            "`tokenizer.train`: a pretrained model's embeddings belong to its own tokenizer; "
+            "remove tokenizer.train (its tokenizer is used) or train from `model.arch`."
+        )
+    if t.warmup_steps >= t.max_steps and t.warmup_steps > 0:
+        problems.append(
+            f"`train.warmup_steps`: {t.warmup_steps} warm-up steps but max_steps is "
+            f"{t.max_steps}; use fewer warm-up steps."
+        )
+    problems += deepspeed_config_problems(spec, sc.num_workers)
+    problems += config_class_problems(spec.model)
+    if spec.tokenizer.path and not Path(spec.tokenizer.path, "tokenizer_config.json").is_file():
+        problems.append(
+            f"`tokenizer.path`: {spec.tokenizer.path} is not a tokenizer directory (no "
+            "tokenizer_config.json); save one with tokenizer.save_pretrained(dir)."
+        )
+    d = spec.data
+    for key, entries in (("data.train", d.train), ("data.eval", d.eval or [])):
+        try:
+            check_text_column(list_input_files(entries, key, None), d.text_column, key)
+        except SpecError as exc:
+            problems += exc.problems
+    return problems
+
+
+def validate_train_spec(spec: TrainSpec, source: str) -> TrainSpec:
+    """Resolve paths and raise one SpecError listing every problem found without Ray."""
+    spec = resolve_paths(spec)
+    problems = spec_problems(spec)
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def run_dir_of(spec: TrainSpec) -> Path:
+    return Path(spec.run.storage, spec.name)
+
+
+def fresh_name(spec: TrainSpec) -> str:
+    """The spec's name, or `<name>-<k>` with the first k whose run dir is free."""
+    if not run_dir_of(spec).exists():
+        return spec.name
+    k = 2
+    while Path(spec.run.storage, f"{spec.name}-{k}").exists():
+        k += 1
+    return f"{spec.name}-{k}"
+
+
+def launch(
+    spec: TrainSpec,
+    source: str = "spec",
+    address: str | None = None,
+    fresh: bool = False,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train `spec` on Ray and return the run's result (also written to `result.json`).
+
+    Args:
+        spec: the loaded spec; validated again here before Ray is asked for anything.
+        source: where the spec came from, for error messages.
+        address: Ray address; default `RAY_ADDRESS`, else an embedded local Ray.
+        fresh: start over in a new run dir `<name>-<k>` instead of continuing `<name>`.
+        on_metrics: called with each new `metrics.jsonl` row while training runs.
+
+    Raises:
+        SpecError: the spec or its inputs are invalid (nothing is started).
+        ClusterError: Ray is unreachable or too small.
+        TrainingFailed: the run failed after it started.
+    """
+    spec = validate_train_spec(spec, source)
+    if fresh:
+        spec = spec.model_copy(update={"name": fresh_name(spec)})
+    run_dir = run_dir_of(spec)
+    previous = read_result(run_dir)
+    if (
+        previous
+        and previous.get("status") == "completed"
+        and previous.get("final_step", 0) >= spec.train.max_steps
+        and Path(run_dir, MODEL_DIR).is_dir()
+    ):
+        logger.info("%s is already trained to step %s.", run_dir, previous["final_step"])
+        return {**previous, "up_to_date": True}
+
+    from cluster.connection import capacity_problems, connect
+
+    embedded = connect(address)
+    per_worker = dict(spec.scaling.resources_per_worker or {"CPU": 1})
+    if spec.scaling.use_gpu:
+        per_worker.setdefault("GPU", 1)
+    problems = capacity_problems(per_worker, spec.scaling.num_workers, embedded)
+    if problems:
+        raise SpecError(source, problems)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    Path(run_dir, SPEC_FILE).write_text(dump_spec(spec))
+
+    from jobs.data import prepare_data
+
+    prepared_dir = spec.data.prepared or str(run_dir / "data")
+    stats = prepare_data(spec, prepared_dir)
+    world = spec.scaling.num_workers
+    per_rank = stats["train_sequences"] // world
+    if per_rank < global_batch_size(spec, world) // world:
+        raise SpecError(
+            source,
+            f"`train`: one optimizer step takes micro_batch_size x grad_accum x num_workers = "
+            f"{global_batch_size(spec, world)} sequences of {spec.data.seq_len} tokens, but "
+            f"the prepared training set has only {stats['train_sequences']}; lower "
+            "train.micro_batch_size, train.grad_accum or data.seq_len, or add data.",
+        )
+    if stats["eval_sequences"] < spec.train.micro_batch_size * world:
+        raise SpecError(
+            source,
+            f"`data`: the evaluation set has {stats['eval_sequences']} sequences, fewer than "
+            f"one micro-batch per worker ({spec.train.micro_batch_size} x {world}); raise "
+            "data.eval_fraction or lower train.micro_batch_size.",
+        )
+
+    started = time.time()
+    tail = _MetricsTail(Path(run_dir, m.METRICS_FILE), on_metrics) if on_metrics else None
+    try:
+        result = _fit(spec, run_dir, prepared_dir, stats, per_worker)
+    finally:
+        if tail:
+            tail.stop()
+    summary = _summarize(spec, run_dir, result, started)
+    Path(run_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    if summary["status"] != "completed":
+        raise TrainingFailed(
+            f"Training run {spec.name} failed: {summary['error']}\n"
+            f"Attempts, errors and metrics are in {run_dir} ({RESULT_FILE}, {m.METRICS_FILE})."
+        )
+    return summary
+
+
+def _fit(spec: TrainSpec, run_dir: Path, prepared_dir: str, stats: dict, per_worker: dict) -> Any:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.connection import total_resources
+    from jobs.train_lm import train_fn_per_worker
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption
+    datasets = {
+        split: ray.data.read_parquet(str(Path(prepared_dir, split))) for split in ("train", "eval")
+    }
+    spare_cpus = total_resources().get("CPU", 0) - spec.scaling.num_workers * per_worker.get(
+        "CPU", 0
+    )
+    if spare_cpus < 1:
+        # Ray Data's read tasks need a free CPU; with every CPU held by a training worker
+        # they would never run, so read the shards into the object store up front.
+        logger.info("No CPU left beside the workers: loading prepared data before training.")
+        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "run_dir": str(run_dir),
+            "prepared": {
+                "tokenizer": stats["tokenizer"],
+                "train_sequences": stats["train_sequences"],
+                "eval_sequences": stats["eval_sequences"],
+            },
+        },
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=per_worker,
+        ),
+        run_config=ray.train.RunConfig(
+            name=spec.name,
+            storage_path=spec.run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
+            callbacks=[FailureRecorder(str(run_dir))],
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options=options,
+            enable_shard_locality=False,
+        ),
+    )
+    try:
+        return trainer.fit()
+    except RaygenError:
+        raise
+    except Exception as exc:  # Ray raises its own errors for failed runs: record, don't crash
+        return _FailedResult(exc)
+
+
+class _FailedResult:
+    def __init__(self, error: BaseException):
+        self.error = error
+        self.checkpoint = None
+        self.metrics = None
+
+
+def _summarize(spec: TrainSpec, run_dir: Path, result: Any, started: float) -> dict[str, Any]:
+    from jobs.checkpoint import step_of_checkpoint
+
+    rows = m.read_metrics(Path(run_dir, m.METRICS_FILE))
+    final: dict[str, Any] = {}
+    for row in rows:
+        final.update(row)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    error = None if result.error is None else _short_error(result.error)
+    return {
+        "name": spec.name,
+        "status": "completed" if error is None else "failed",
+        "final_step": step_of_checkpoint(checkpoint) if checkpoint else 0,
+        "final_metrics": final,
+        "error": error,
+        "paths": {
+            "run_dir": str(run_dir),
+            "spec": str(run_dir / SPEC_FILE),
+            "metrics": str(run_dir / m.METRICS_FILE),
+            "tensorboard": str(run_dir / m.TENSORBOARD_DIR),
+            "checkpoint": checkpoint,
+            "model": str(run_dir / MODEL_DIR) if error is None else None,
+        },
+        "attempts": read_attempts(run_dir),
+        "wall_time_s": round(time.time() - started, 1),
+    }
+
+
+def read_result(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir, RESULT_FILE)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    """Each start of the worker group, with the error that ended the attempt before it."""
+    attempts = _read_jsonl(Path(run_dir, ATTEMPTS_FILE))
+    failures = _read_jsonl(Path(run_dir, FAILURES_FILE))
+    out = []
+    for i, attempt in enumerate(attempts):
+        prev_start = attempts[i - 1]["started_at"] if i else float("-inf")
+        ended_previous = [
+            f["error"] for f in failures if prev_start <= f["at"] <= attempt["started_at"]
+        ]
+        out.append(
+            {
+                "attempt": i + 1,
+                "resumed_from_step": attempt["resumed_from_step"],
+                "started_at": attempt["started_at"],
+                "previous_error": ended_previous[-1] if ended_previous else None,
+            }
+        )
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _short_error(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " ".join(lines[-3:])[:2000] if lines else type(error).__name__
+
+
+class FailureRecorder(UserCallback):
+    """Ray Train callback (runs in the controller): records each worker-group failure."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        errors = "; ".join(
+            f"rank {rank}: {_short_error(exc)}" for rank, exc in sorted(worker_exceptions.items())
+        )
+        with Path(self.run_dir, FAILURES_FILE).open("a") as f:
+            f.write(json.dumps({"at": time.time(), "error": errors[:4000]}) + "\n")
+
+
+class _MetricsTail:
+    """Follows `metrics.jsonl` in a thread and hands each new row to a callback."""
+
+    def __init__(self, path: Path, callback: Callable[[dict[str, Any]], None]):
+        self.path, self.callback = path, callback
+        self.seen_step = max((r[m.STEP] for r in m.read_metrics(path)), default=0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._poll()
+        self._poll()
+
+    def _poll(self) -> None:
+        for row in m.read_metrics(self.path):
+            if row[m.STEP] > self.seen_step:
+                self.callback(row)
+                self.seen_step = row[m.STEP]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

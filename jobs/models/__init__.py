@@ -1,0 +1,1 @@
+"""Model builders: pure PyTorch / transformers, no Ray, DeepSpeed or torch.distributed."""

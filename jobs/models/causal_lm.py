@@ -1,0 +1,99 @@
+"""Build transformers causal language models from a spec (pure transformers)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from jobs.spec import ModelSpec
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def build_config(
+    model: ModelSpec, vocab_size: int, seq_len: int, eos_token_id: int
+) -> PretrainedConfig:
+    """The transformers config of the network, sized to the tokenizer and sequence length."""
+    if model.pretrained:
+        return AutoConfig.from_pretrained(model.pretrained)
+    kwargs = {
+        "vocab_size": vocab_size,
+        "eos_token_id": eos_token_id,
+        "bos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id,
+        **model.config,
+    }
+    config = AutoConfig.for_model(model.arch, **kwargs)
+    # Make sure positions cover the training sequence length.
+    for attr in ("n_positions", "max_position_embeddings"):
+        if hasattr(config, attr) and attr not in model.config:
+            setattr(config, attr, max(getattr(config, attr) or 0, seq_len))
+    return config
+
+
+def build_causal_lm(model: ModelSpec, config: PretrainedConfig) -> PreTrainedModel:
+    """Instantiate the network: random weights for `arch`, saved weights for `pretrained`."""
+    kwargs: dict[str, Any] = {"attn_implementation": model.attn_implementation}
+    if model.pretrained:
+        net = AutoModelForCausalLM.from_pretrained(
+            model.pretrained, use_safetensors=True, dtype=torch.float32, **kwargs
+        )
+    else:
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    if model.gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return net
+
+
+def config_class_problems(model: ModelSpec) -> list[str]:
+    """Problems with `model.arch`/`model.config`/`model.pretrained` found without building."""
+    from difflib import get_close_matches
+
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model.pretrained:
+        path = Path(model.pretrained)
+        if not (path / "config.json").is_file():
+            return [
+                f"`model.pretrained`: {path} has no config.json; give a directory saved "
+                "with save_pretrained."
+            ]
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            return [
+                f"`model.pretrained`: {path} has no safetensors weights "
+                f"({' or '.join(WEIGHT_FILES)}); save the model with safe_serialization."
+            ]
+        return []
+    arch = model.arch
+    if arch not in CONFIG_MAPPING:
+        close = get_close_matches(arch, list(CONFIG_MAPPING.keys()), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        return [f"`model.arch`: transformers has no architecture {arch!r}.{hint}"]
+    if arch not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return [
+            f"`model.arch`: {arch!r} has no causal-LM head in transformers; use e.g. gpt2, "
+            "llama, mistral, qwen2."
+        ]
+    config_cls = CONFIG_MAPPING[arch]
+    known = _config_keys(config_cls)
+    problems = []
+    for key in model.config:
+        if key not in known:
+            close = get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append(f"`model.config.{key}`: not a parameter of {config_cls.__name__}{hint}")
+    return problems
+
+
+def _config_keys(config_cls: type[PretrainedConfig]) -> set[str]:
+    keys: set[str] = set(getattr(config_cls, "attribute_map", {}))
+    for cls in config_cls.__mro__:
+        if issubclass(cls, PretrainedConfig):
+            keys |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+            keys |= set(getattr(cls, "__annotations__", {}))
+    return keys

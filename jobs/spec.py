@@ -1,0 +1,216 @@
+"""The train spec: one typed, documented description of a training run.
+
+Cheap to import (pydantic and the standard library only): the CLI validates specs and
+exports their JSON Schema without loading torch or Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_CORPORA = {
+    "builtin:python-stdlib": "the .py sources of the running Python's standard library",
+}
+
+
+class Section(BaseModel):
+    """Base of every spec section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSpec(Section):
+    family: Literal["causal-lm"] = Field(
+        "causal-lm", description="Model family. `causal-lm`: a transformers causal language model."
+    )
+    arch: str | None = Field(
+        None,
+        description="A transformers architecture (model_type) built from scratch from `config`, "
+        "e.g. gpt2, llama, mistral. Exactly one of `arch` and `pretrained`.",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the architecture's config class (e.g. n_layer, "
+        "hidden_size). The vocabulary size is taken from the tokenizer.",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="A directory saved with `save_pretrained` (config + safetensors weights) to "
+        "fine-tune. Exactly one of `arch` and `pretrained`.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+
+    @model_validator(mode="after")
+    def _arch_xor_pretrained(self) -> ModelSpec:
+        if (self.arch is None) == (self.pretrained is None):
+            raise ValueError(
+                "set exactly one of `model.arch` (train from scratch) and `model.pretrained` "
+                "(fine-tune a saved model)"
+            )
+        if self.pretrained is not None and self.config:
+            raise ValueError(
+                "`model.config` only applies with `model.arch`; a pretrained model keeps its "
+                "own config"
+            )
+        return self
+
+
+class DataSpec(Section):
+    train: list[str] = Field(
+        description="Training corpus: Parquet files or directories of Parquet files, or "
+        "`builtin:python-stdlib` (the standard library's .py sources)."
+    )
+    text_column: str = Field("text", description="Column holding the text in Parquet inputs.")
+    eval: list[str] | None = Field(
+        None, description="Separate evaluation corpus (same forms as `train`)."
+    )
+    eval_fraction: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Share of training documents held out for evaluation when `eval` is "
+        "not given, chosen by a hash of the document so reruns get the same split.",
+    )
+    seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training sequence.")
+    max_bytes: int | None = Field(
+        None, gt=0, description="Stop reading the corpus after this many bytes of text (demos)."
+    )
+    min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (characters).")
+    prepared: str | None = Field(
+        None,
+        description="Where prepared (tokenized, packed) shards go. Default: `<run>/data`.",
+    )
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("train")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one Parquet path or builtin corpus")
+        return value
+
+
+class TokenizerTrainSpec(Section):
+    vocab_size: int = Field(8192, ge=260, le=1_000_000, description="Vocabulary size of the BPE.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
+
+
+class TokenizerSpec(Section):
+    path: str | None = Field(
+        None, description="A tokenizer directory saved with `save_pretrained`."
+    )
+    train: TokenizerTrainSpec | None = Field(
+        None,
+        description="Train a byte-level BPE on the training corpus; it is saved with the run.",
+    )
+
+    @model_validator(mode="after")
+    def _path_xor_train(self) -> TokenizerSpec:
+        if self.path is not None and self.train is not None:
+            raise ValueError("set at most one of `tokenizer.path` and `tokenizer.train`")
+        return self
+
+
+class TrainSection(Section):
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train for.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate as a fraction of `lr` (cosine, linear)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `lr`.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up."
+    )
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW weight decay (not applied to biases and norms)."
+    )
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision. fp16 needs GPUs."
+    )
+    eval_every: int = Field(100, ge=1, description="Evaluate every N steps (and at the end).")
+    eval_batches: int = Field(
+        20, ge=1, description="Micro-batches per worker in each evaluation (caps its cost)."
+    )
+    checkpoint_every: int = Field(
+        200, ge=1, description="Checkpoint every N steps (and at the end)."
+    )
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    seed: int = Field(0, ge=0, description="Seed for weights, data order and dropout.")
+
+
+class DeepSpeedSpec(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +parameters sharded."
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="Keep optimizer state (and the step) on the CPU."
+    )
+    offload_params: Literal["none", "cpu"] = Field(
+        "none", description="Keep parameters on the CPU between uses (ZeRO-3 only)."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Deep-merged into the generated DeepSpeed config, for anything not named here.",
+    )
+
+
+class ScalingSpec(Section):
+    num_workers: int = Field(2, ge=1, description="Training worker processes (one per GPU).")
+    use_gpu: bool = Field(False, description="Give each worker one GPU.")
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Default: {CPU: 1}."
+    )
+
+
+class RunSpec(Section):
+    storage: str = Field(
+        "runs", description="Directory (or later URI) under which `<name>/` holds the run."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts allowed after failures; -1 is unlimited."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
+
+
+class TrainSpec(Section):
+    """A training run: what to train, on what data, how, and where its outputs go."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        max_length=128,
+        description="Run name (letters, digits, `-`, `_`): the run lives in `<run.storage>/<name>`.",
+    )
+    model: ModelSpec = Field(description="The network to train.")
+    data: DataSpec = Field(description="Training and evaluation corpora.")
+    tokenizer: TokenizerSpec = Field(
+        default_factory=TokenizerSpec,
+        description="The tokenizer. Default: the pretrained model's, else a trained BPE.",
+    )
+    train: TrainSection = Field(default_factory=TrainSection, description="Optimization.")
+    deepspeed: DeepSpeedSpec = Field(
+        default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO sharding."
+    )
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers.")
+    run: RunSpec = Field(default_factory=RunSpec, description="Storage and fault tolerance.")
+
+
+def global_batch_size(spec: TrainSpec, world_size: int | None = None) -> int:
+    """Sequences per optimizer step: micro batch x gradient accumulation x world size."""
+    world = spec.scaling.num_workers if world_size is None else world_size
+    return spec.train.micro_batch_size * spec.train.grad_accum * world

@@ -1,0 +1,241 @@
+"""The causal-LM training loop that runs on every Ray Train worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs import metrics as m
+from jobs.checkpoint import restore_latest, save_and_report
+from jobs.deepspeed_config import derive_deepspeed_config
+from jobs.models.causal_lm import build_causal_lm, build_config
+from jobs.spec import TrainSpec, global_batch_size
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS_FILE = "attempts.jsonl"
+MODEL_DIR = "model"
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Train `config["spec"]` with DeepSpeed on this worker; rank 0 logs and exports."""
+    spec = TrainSpec.model_validate(config["spec"])
+    run_dir, prepared = config["run_dir"], config["prepared"]
+
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
+    seed_everything(spec.train.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared["tokenizer"])
+    model_config = build_config(
+        spec.model, len(tokenizer), spec.data.seq_len, tokenizer.eos_token_id
+    )
+    ds_config = derive_deepspeed_config(spec, world)
+    if spec.deepspeed.zero_stage == 3:
+        # Parameters are partitioned as they are created: no rank holds the full model.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_causal_lm(spec.model, model_config)
+    else:
+        model = build_causal_lm(spec.model, model_config)
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+
+    optimizer = build_optimizer(spec, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    start_step, _ = restore_latest(engine)
+    seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
+    if rank == 0:
+        record_attempt(run_dir, start_step)
+    log = m.MetricsLog(run_dir, start_step) if rank == 0 else None
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    micro_per_epoch = prepared["train_sequences"] // world // spec.train.micro_batch_size
+    batches = micro_batches(spec, train_shard, micro_per_epoch, start_step * spec.train.grad_accum)
+    eval_batches = min(
+        spec.train.eval_batches,
+        prepared["eval_sequences"] // spec.train.micro_batch_size // world,
+    )
+    tokens_per_step = global_batch_size(spec, world) * spec.data.seq_len
+    device = engine.device
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
+        with torch.no_grad():
+            # Every rank runs the same number of forwards (ZeRO-3 gathers per forward).
+            for i, batch in enumerate(
+                eval_shard.iter_torch_batches(
+                    batch_size=spec.train.micro_batch_size, drop_last=True, device=device
+                )
+            ):
+                if i >= eval_batches * world:
+                    break
+                if i % world != rank:
+                    continue
+                ids = batch["input_ids"].long()
+                total += torch.tensor(
+                    [engine(input_ids=ids, labels=ids).loss.item(), 1.0], dtype=torch.float64
+                )
+        dist.all_reduce(total)
+        engine.train()
+        loss = (total[0] / total[1]).item()
+        return {m.EVAL_LOSS: loss, m.PERPLEXITY: m.perplexity(loss)}
+
+    engine.train()
+    step = start_step
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    last_metrics: dict[str, Any] = {}
+    while step < spec.train.max_steps:
+        step_loss = 0.0
+        for _ in range(spec.train.grad_accum):
+            ids = next(batches)["input_ids"].long()  # (B, T)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates at the accumulation boundary
+            step_loss += loss.item() / spec.train.grad_accum
+        step += 1
+        window_loss += step_loss
+        window_steps += 1
+
+        is_last = step == spec.train.max_steps
+        row: dict[str, Any] = {}
+        if step % spec.train.log_every == 0 or is_last:
+            mean_loss = torch.tensor([window_loss / window_steps], dtype=torch.float64)
+            dist.all_reduce(mean_loss)
+            elapsed = time.perf_counter() - window_start
+            row = {
+                m.STEP: step,
+                m.TRAIN_LOSS: mean_loss.item() / world,
+                m.LR: scheduler.get_last_lr()[0],
+                m.STEP_TIME_S: elapsed / window_steps,
+                m.SAMPLES_PER_S: global_batch_size(spec, world) * window_steps / elapsed,
+                m.TOKENS_PER_S: tokens_per_step * window_steps / elapsed,
+            }
+        if step % spec.train.eval_every == 0 or is_last:
+            row = {m.STEP: step, **row, **evaluate()}
+        if row and log:
+            log.log(row)
+        last_metrics.update(row)
+        if row:
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if step % spec.train.checkpoint_every == 0 or is_last:
+            save_and_report(engine, step, dict(last_metrics), {"step": step})
+            window_start = time.perf_counter()  # checkpoint time is not step time
+
+    export_model(engine, tokenizer, run_dir, rank, spec.deepspeed.zero_stage)
+    if log:
+        log.close()
+
+
+def micro_batches(spec: TrainSpec, shard: Any, per_epoch: int, skip: int):
+    """Endless micro-batches of this rank's shard, one epoch after another.
+
+    Resumes exactly: the order is fixed by the seed and epoch, and the first `skip`
+    micro-batches (already trained on) are passed over.
+    """
+    if per_epoch == 0:
+        raise RuntimeError("the training shard holds less than one micro-batch")
+    epoch, offset = divmod(skip, per_epoch)
+    while True:
+        iterator = shard.iter_torch_batches(
+            batch_size=spec.train.micro_batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=max(spec.train.micro_batch_size * 16, 256),
+            local_shuffle_seed=spec.train.seed * 100_003 + epoch,
+        )
+        for i, batch in enumerate(iterator):
+            if i >= per_epoch:
+                break
+            if i >= offset:
+                yield batch
+        epoch, offset = epoch + 1, 0
+
+
+def build_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with no weight decay on biases and norms; DeepSpeed's CPU Adam when offloading."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": spec.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if spec.deepspeed.offload_optimizer == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=spec.train.lr, betas=spec.train.adam_betas)
+    return torch.optim.AdamW(groups, lr=spec.train.lr, betas=spec.train.adam_betas)
+
+
+def lr_lambda(spec: TrainSpec):
+    """Multiplier of the peak LR at each step: linear warm-up, then the spec's decay."""
+    t = spec.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        if t.lr_schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def record_attempt(run_dir: str, resumed_from_step: int) -> None:
+    """Append this start of the worker group to the run's attempt log (rank 0)."""
+    entry = {
+        "started_at": time.time(),
+        "resumed_from_step": resumed_from_step,
+        "rank0_pid": os.getpid(),
+        "rank0_node": os.uname().nodename,
+    }
+    with Path(run_dir, ATTEMPTS_FILE).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stage: int) -> None:
+    """Save the consolidated weights and tokenizer to `<run>/model` (safetensors).
+
+    All ranks must call this: with ZeRO-3 the weights are gathered from every partition.
+    """
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank != 0:
+        return
+    final, tmp = Path(run_dir, MODEL_DIR), Path(run_dir, MODEL_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)

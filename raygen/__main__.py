@@ -1,0 +1,3 @@
+from raygen.cli import main
+
+main()

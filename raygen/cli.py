@@ -1,0 +1,175 @@
+"""The `raygen` console script: each subcommand parses arguments and calls one domain function.
+
+Kept cheap to import: torch, Ray and DeepSpeed load only inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from cluster.errors import RaygenError
+
+app = typer.Typer(
+    name="raygen",
+    help="Train, tune, audit and serve generative models on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec key: --set train.max_steps=500 (repeatable)."),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster address. Default: $RAY_ADDRESS, else a local Ray."),
+]
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print raygen's own errors as a short message and exit with their code, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RaygenError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("jobs", "cluster", "raygen"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+@app.command()
+@user_errors
+def train(
+    spec: Annotated[Path | None, typer.Argument(help="Train spec (YAML).")] = None,
+    set_: SetOption = None,
+    address: AddressOption = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start over in a new run dir <name>-<k>.")
+    ] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Validate and print the resolved spec; run nothing.")
+    ] = False,
+    print_schema: Annotated[
+        bool, typer.Option("--print-schema", help="Print the train spec's JSON Schema and exit.")
+    ] = False,
+) -> None:
+    """Train a model from a spec with DeepSpeed on Ray Train."""
+    from jobs.loader import dump_spec, load_spec
+    from jobs.spec import TrainSpec
+
+    if print_schema:
+        out.print_json(json.dumps(TrainSpec.model_json_schema()))
+        return
+    if spec is None:
+        raise typer.BadParameter("give a train spec, e.g. jobs/examples/code-lm-tiny.yaml")
+    train_spec = load_spec(TrainSpec, spec, set_)
+    _setup_logging()
+    from jobs.launch import launch, validate_train_spec
+
+    if check:
+        resolved = validate_train_spec(train_spec, str(spec))
+        out.print(dump_spec(resolved), end="", highlight=False)
+        err.print(f"{spec}: valid")
+        return
+    result = launch(train_spec, str(spec), address=address, fresh=fresh, on_metrics=_print_row)
+    _print_summary(result)
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    spec: Annotated[Path, typer.Argument(help="Train spec whose `data` section to prepare.")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Prepare even if up to date.")] = False,
+) -> None:
+    """Tokenize and pack the spec's corpus into Parquet shards (as `raygen train` does)."""
+    from jobs.loader import load_spec
+    from jobs.spec import TrainSpec
+
+    train_spec = load_spec(TrainSpec, spec, set_)
+    _setup_logging()
+    from cluster.connection import connect
+    from jobs.data import prepare_data
+    from jobs.launch import run_dir_of, validate_train_spec
+
+    resolved = validate_train_spec(train_spec, str(spec))
+    connect(address)
+    prepared = resolved.data.prepared or str(run_dir_of(resolved) / "data")
+    stats = prepare_data(resolved, prepared, force=force)
+    out.print_json(json.dumps(stats))
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    from jobs import metrics as m
+
+    parts = [f"step {row[m.STEP]:>6}"]
+    if m.TRAIN_LOSS in row:
+        parts.append(f"loss {row[m.TRAIN_LOSS]:.4f}")
+        parts.append(f"lr {row[m.LR]:.2e}")
+        parts.append(f"{row[m.TOKENS_PER_S]:,.0f} tok/s")
+        parts.append(f"{row[m.STEP_TIME_S]:.3f} s/step")
+    if m.EVAL_LOSS in row:
+        parts.append(f"[cyan]eval_loss {row[m.EVAL_LOSS]:.4f} ppl {row[m.PERPLEXITY]:.1f}[/]")
+    out.print("  ".join(parts), highlight=False)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    metrics = result.get("final_metrics", {})
+    paths = result["paths"]
+    if result.get("up_to_date"):
+        out.print(
+            f"[green]{result['name']} is already trained to step {result['final_step']}[/] "
+            "(raise train.max_steps with --set to continue, or --fresh to start over)."
+        )
+    else:
+        attempts = result.get("attempts", [])
+        restarts = max(0, len([a for a in attempts if a["previous_error"]]))
+        out.print(
+            f"[green]done[/]: {result['name']} reached step {result['final_step']} in "
+            f"{result['wall_time_s']:.0f} s"
+            + (f" after {restarts} recovered failure(s)" if restarts else "")
+        )
+    for key in ("train_loss", "eval_loss", "perplexity"):
+        if key in metrics:
+            out.print(f"  {key:<11} {metrics[key]:.4f}")
+    out.print(f"  model       {paths['model']}")
+    out.print(f"  run         {paths['run_dir']}  (metrics.jsonl, tensorboard/, result.json)")
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()
