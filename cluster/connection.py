@@ -10,11 +10,13 @@ from cluster.errors import ClusterError
 logger = logging.getLogger(__name__)
 
 
-def connect(address: str | None = None) -> bool:
+def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     """Connect this process to Ray.
 
     Uses `address`, else `RAY_ADDRESS`, else starts an embedded local Ray sized to this
     machine. Does nothing when Ray is already initialized (tests, `raygen submit`).
+    Worker output is forwarded here only with `log_to_driver` (it stays in Ray's log
+    directory either way).
 
     Returns:
         True when the Ray in use is an embedded local one this process started.
@@ -23,15 +25,21 @@ def connect(address: str | None = None) -> bool:
         ClusterError: the address cannot be reached or refuses us.
     """
     import ray
+    import ray.data
 
+    _quiet_ray_data()
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=log_to_driver,
+            )
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         where = address or "a new local Ray"
         raise ClusterError(
@@ -40,6 +48,16 @@ def connect(address: str | None = None) -> bool:
             "(`ray status`). With token authentication, set RAY_AUTH_TOKEN."
         ) from None
     return not address
+
+
+def _quiet_ray_data() -> None:
+    """Keep Ray Data's per-execution INFO lines in its log file, off the console."""
+    import ray.data
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def total_resources() -> dict[str, float]:

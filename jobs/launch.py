@@ -125,6 +125,7 @@ def launch(
     address: str | None = None,
     fresh: bool = False,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Train `spec` on Ray and return the run's result (also written to `result.json`).
 
@@ -134,6 +135,7 @@ def launch(
         address: Ray address; default `RAY_ADDRESS`, else an embedded local Ray.
         fresh: start over in a new run dir `<name>-<k>` instead of continuing `<name>`.
         on_metrics: called with each new `metrics.jsonl` row while training runs.
+        verbose: forward the workers' own output (DeepSpeed, Ray Train) to this process.
 
     Raises:
         SpecError: the spec or its inputs are invalid (nothing is started).
@@ -156,7 +158,7 @@ def launch(
 
     from cluster.connection import capacity_problems, connect
 
-    embedded = connect(address)
+    embedded = connect(address, log_to_driver=verbose)
     per_worker = dict(spec.scaling.resources_per_worker or {"CPU": 1})
     if spec.scaling.use_gpu:
         per_worker.setdefault("GPU", 1)
@@ -201,7 +203,8 @@ def launch(
     if summary["status"] != "completed":
         raise TrainingFailed(
             f"Training run {spec.name} failed: {summary['error']}\n"
-            f"Attempts, errors and metrics are in {run_dir} ({RESULT_FILE}, {m.METRICS_FILE})."
+            f"Attempts, errors and metrics are in {run_dir} ({RESULT_FILE}, {m.METRICS_FILE}); "
+            "rerun with --verbose to see the workers' own logs."
         )
     return summary
 
@@ -214,8 +217,6 @@ def _fit(spec: TrainSpec, run_dir: Path, prepared_dir: str, stats: dict, per_wor
     from cluster.connection import total_resources
     from jobs.train_lm import train_fn_per_worker
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
     options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption
     datasets = {
         split: ray.data.read_parquet(str(Path(prepared_dir, split))) for split in ("train", "eval")

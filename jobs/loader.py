@@ -84,10 +84,7 @@ def apply_override(spec_cls: type[BaseModel], data: dict[str, Any], item: str) -
     problem = check_key_path(spec_cls, key.split("."))
     if problem:
         return f"--set {key}: {problem}"
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
+    value = parse_value(text)
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -98,6 +95,20 @@ def apply_override(spec_cls: type[BaseModel], data: dict[str, Any], item: str) -
         node = child
     node[parts[-1]] = value
     return None
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value as YAML, reading `5e7`-style numbers (strings in YAML 1.1) as floats."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in {"nan", "inf", "-inf"} else value
+        except ValueError:
+            return value
+    return value
 
 
 def check_key_path(spec_cls: type[BaseModel], parts: list[str]) -> str | None:

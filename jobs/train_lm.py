@@ -55,10 +55,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         model = build_causal_lm(spec.model, model_config)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
 
-    optimizer = build_optimizer(spec, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    # The schedule is built on DeepSpeed's wrapped optimizer (ZeRO regroups parameters).
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(spec, model),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec)),
+        config=ds_config,
     )
 
     start_step, _ = restore_latest(engine)
@@ -176,7 +178,9 @@ def build_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Opti
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            # ZeRO-3 parameters are flat partitions; `ds_shape` keeps the real shape.
+            ndim = len(getattr(param, "ds_shape", param.shape))
+            (decay if ndim >= 2 else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": spec.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -76,6 +76,9 @@ def train(
     check: Annotated[
         bool, typer.Option("--check", help="Validate and print the resolved spec; run nothing.")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the workers' own logs too.")
+    ] = False,
     print_schema: Annotated[
         bool, typer.Option("--print-schema", help="Print the train spec's JSON Schema and exit.")
     ] = False,
@@ -98,7 +101,14 @@ def train(
         out.print(dump_spec(resolved), end="", highlight=False)
         err.print(f"{spec}: valid")
         return
-    result = launch(train_spec, str(spec), address=address, fresh=fresh, on_metrics=_print_row)
+    result = launch(
+        train_spec,
+        str(spec),
+        address=address,
+        fresh=fresh,
+        on_metrics=_print_row,
+        verbose=verbose,
+    )
     _print_summary(result)
 
 

@@ -24,7 +24,6 @@ def build_config(
         "vocab_size": vocab_size,
         "eos_token_id": eos_token_id,
         "bos_token_id": eos_token_id,
-        "pad_token_id": eos_token_id,
         **model.config,
     }
     config = AutoConfig.for_model(model.arch, **kwargs)
@@ -82,12 +81,24 @@ def config_class_problems(model: ModelSpec) -> list[str]:
     config_cls = CONFIG_MAPPING[arch]
     known = _config_keys(config_cls)
     problems = []
-    for key in model.config:
-        if key not in known:
+    for key, value in model.config.items():
+        if key not in known and not _consumed_by(config_cls, key, value):
             close = get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean `{close[0]}`?" if close else ""
             problems.append(f"`model.config.{key}`: not a parameter of {config_cls.__name__}{hint}")
     return problems
+
+
+def _consumed_by(config_cls: type[PretrainedConfig], key: str, value: Any) -> bool:
+    """True when the config class accepts `key` as a legacy alias (e.g. Llama's rope_theta).
+
+    transformers keeps unknown keyword arguments as plain attributes; a key it converts into
+    another field disappears from `to_dict()`.
+    """
+    try:
+        return key not in config_cls(**{key: value}).to_dict()
+    except Exception:  # a bad value for a real parameter: it is a known key
+        return True
 
 
 def _config_keys(config_cls: type[PretrainedConfig]) -> set[str]:

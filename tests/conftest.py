@@ -1,0 +1,78 @@
+"""Shared fixtures: one local Ray for the whole session, tiny specs, and the slow/gpu filters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--slow")
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs, like CI) shared by every test that trains."""
+    import ray
+
+    from cluster.connection import connect
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect()  # no-op on an initialized Ray; applies raygen's logging defaults
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared-data dir shared by tests with the same data options (prepared once)."""
+    return tmp_path_factory.mktemp("prepared") / "data"
+
+
+def tiny_lm_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> dict:
+    """A spec for a ~100k-parameter GPT-2 on a slice of the stdlib: trains in seconds.
+
+    `overrides` use double underscores for dots: train__max_steps=10.
+    """
+    spec = {
+        "name": "tiny",
+        "model": {"arch": "gpt2", "config": {"n_layer": 2, "n_embd": 64, "n_head": 4}},
+        "data": {"train": "builtin:python-stdlib", "seq_len": 64, "max_bytes": 600_000,
+                 "eval_fraction": 0.2},
+        "tokenizer": {"train": {"vocab_size": 512}},
+        "train": {"max_steps": 40, "micro_batch_size": 8, "lr": 3e-3, "warmup_steps": 4,
+                  "log_every": 5, "eval_every": 20, "eval_batches": 4,
+                  "checkpoint_every": 20},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2},
+        "run": {"storage": str(tmp_path / "runs"), "keep_checkpoints": 2},
+    }
+    if prepared is not None:
+        spec["data"]["prepared"] = str(prepared)
+    for key, value in overrides.items():
+        node = spec
+        *parents, leaf = key.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return spec

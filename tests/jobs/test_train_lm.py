@@ -1,0 +1,154 @@
+"""Real training runs: Ray Train + DeepSpeed on CPU (gloo), 2 workers, tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.launch import fresh_name, launch
+from jobs.loader import validate_spec
+from jobs.metrics import read_metrics
+from jobs.spec import TrainSpec
+from tests.conftest import tiny_lm_spec
+
+
+def spec_of(raw: dict) -> TrainSpec:
+    return validate_spec(TrainSpec, raw, "test")
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_session, tmp_path_factory, shared_prepared):
+    """One 2-worker ZeRO-2 run of 40 steps, shared by the tests that inspect it."""
+    tmp = tmp_path_factory.mktemp("zero2")
+    raw = tiny_lm_spec(tmp, shared_prepared)
+    seen = []
+    result = launch(spec_of(raw), on_metrics=seen.append)
+    return raw, result, Path(result["paths"]["run_dir"]), seen
+
+
+def test_zero2_run_lowers_the_loss_and_logs_every_metric(zero2_run):
+    _, result, run_dir, seen = zero2_run
+    assert result["status"] == "completed" and result["final_step"] == 40
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    for row in rows:
+        assert {"train_loss", "lr", "samples_per_s", "tokens_per_s", "step_time_s"} <= set(row)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[-1]["perplexity"] == pytest.approx(2.718281828 ** evals[-1]["eval_loss"])
+    assert [r["step"] for r in seen] == [r["step"] for r in rows]  # live progress saw each row
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "result.json").read_text())["final_step"] == 40
+
+
+def test_every_rank_shard_is_checkpointed_and_old_ones_pruned(zero2_run):
+    _, result, run_dir, _ = zero2_run
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert checkpoints == ["checkpoint_00000020", "checkpoint_00000040"]
+    shards = {p.name for p in (run_dir / "checkpoint_00000040" / "step_00000040").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
+
+
+def test_exported_model_loads_with_plain_transformers_and_generates(zero2_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = zero2_run[1]["paths"]["model"]
+    assert (Path(model_dir) / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("def main():\n", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 12
+    assert isinstance(tokenizer.decode(out[0]), str)
+
+
+def test_rerun_continues_from_the_latest_checkpoint(zero2_run):
+    raw, first, run_dir, _ = zero2_run
+    again = launch(spec_of(raw))
+    assert again.get("up_to_date") and again["final_step"] == 40  # nothing started
+    raw = {**raw, "train": {**raw["train"], "max_steps": 50}}
+    extended = launch(spec_of(raw))
+    assert extended["final_step"] == 50
+    assert extended["attempts"][-1]["resumed_from_step"] == 40
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 50
+
+
+def test_fresh_picks_a_new_run_dir(zero2_run):
+    raw = zero2_run[0]
+    assert fresh_name(spec_of(raw)) == "tiny-2"
+
+
+def test_zero3_bf16_llama_never_holds_the_full_model_and_exports_it(
+    ray_session, tmp_path, shared_prepared
+):
+    from transformers import AutoModelForCausalLM
+
+    raw = tiny_lm_spec(
+        tmp_path,
+        shared_prepared,
+        model={"arch": "llama", "config": {"hidden_size": 64, "intermediate_size": 128,
+                                           "num_hidden_layers": 2, "num_attention_heads": 4}},
+        deepspeed__zero_stage=3,
+        train__precision="bf16",
+        train__max_steps=20,
+        train__eval_every=10,
+    )
+    result = launch(spec_of(raw))
+    rows = read_metrics(Path(result["paths"]["metrics"]))
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+    model = AutoModelForCausalLM.from_pretrained(result["paths"]["model"])
+    assert model.config.model_type == "llama"
+    # Weights were gathered from both partitions: full shapes, trained (not init) values.
+    embed = model.get_input_embeddings().weight
+    assert embed.shape == (512, 64) and embed.abs().sum() > 0
+
+
+def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, shared_prepared):
+    raw = tiny_lm_spec(
+        tmp_path, shared_prepared,
+        train__max_steps=300, train__checkpoint_every=10, train__eval_every=100,
+        run__max_failures=1,
+    )
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=launch(spec_of(raw))))
+    thread.start()
+    run_dir = tmp_path / "runs" / "tiny"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not registered_checkpoints(snapshot):
+        time.sleep(0.05)
+    # Kill rank 0 once Ray Train has registered a checkpoint (that is what must survive).
+    first = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])
+    os.kill(first["rank0_pid"], signal.SIGKILL)
+    checkpointed = registered_checkpoints(snapshot)
+    thread.join(timeout=600)
+
+    result = outcome["result"]
+    assert result["status"] == "completed" and result["final_step"] == 300
+    attempts = result["attempts"]
+    assert len(attempts) == 2
+    assert attempts[0]["resumed_from_step"] == 0
+    assert attempts[1]["resumed_from_step"] >= max(checkpointed) >= 10
+    assert "worker process has died" in attempts[1]["previous_error"]
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 300
+
+
+def registered_checkpoints(snapshot: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered."""
+    try:
+        state = json.loads(snapshot.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [int(r["checkpoint_dir_name"].split("_")[1]) for r in state["checkpoint_results"]]

@@ -1,0 +1,67 @@
+"""Checks made before Ray is asked for anything: inputs, architectures, precision, ZeRO."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.errors import SpecError
+from jobs.launch import validate_train_spec
+from jobs.loader import validate_spec
+from jobs.spec import TrainSpec
+
+
+def check(raw_overrides: list[str], **sections) -> list[str]:
+    raw = {"name": "x", "model": {"arch": "gpt2"}, "data": {"train": "builtin:python-stdlib"}}
+    raw.update(sections)
+    spec = validate_spec(TrainSpec, raw, "s", raw_overrides)
+    with pytest.raises(SpecError) as info:
+        validate_train_spec(spec, "s")
+    return info.value.problems
+
+
+def test_valid_spec_passes_and_paths_become_absolute(tmp_path):
+    raw = {"name": "x", "model": {"arch": "gpt2"}, "data": {"train": "builtin:python-stdlib"}}
+    spec = validate_train_spec(validate_spec(TrainSpec, raw, "s"), "s")
+    assert spec.run.storage.startswith("/")
+
+
+def test_fp16_on_cpu_offload_without_zero3_and_unknown_arch():
+    found = check(
+        ["train.precision=fp16", "deepspeed.offload_params=cpu", "model.arch=gtp2"],
+    )
+    text = "\n".join(found)
+    assert "`train.precision`: fp16 needs GPUs" in text
+    assert "`deepspeed.offload_params`: parameter offload needs zero_stage: 3" in text
+    assert "`model.arch`: transformers has no architecture 'gtp2'. Did you mean gpt2" in text
+
+
+def test_unknown_config_parameter_of_the_architecture():
+    found = check(["model.config.n_layers=2"])
+    assert found == [
+        "`model.config.n_layers`: not a parameter of GPT2Config; did you mean `n_layer`?"
+    ]
+
+
+def test_missing_data_path_and_wrong_column(tmp_path):
+    table = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"content": ["a", "b"]}), table)
+    found = check([], data={"train": [str(tmp_path / "missing"), str(table)]})
+    assert any("missing does not exist" in p for p in found)
+    found = check([], data={"train": str(table)})
+    assert "has no column 'text'; its columns are content" in found[0]
+
+
+def test_pretrained_dir_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    found = check([], model={"pretrained": str(tmp_path)})
+    assert found == [
+        f"`model.pretrained`: {tmp_path} has no safetensors weights (model.safetensors or "
+        "model.safetensors.index.json); save the model with safe_serialization."
+    ]
+
+
+def test_unknown_builtin_corpus():
+    found = check([], data={"train": "builtin:wikipedia"})
+    assert "unknown builtin corpus 'builtin:wikipedia'" in found[0]

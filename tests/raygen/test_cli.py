@@ -1,0 +1,67 @@
+"""The console script: bad input is a short message with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "jobs" / "examples" / "code-lm-tiny.yaml"
+
+
+def raygen(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raygen", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_bad_spec_exits_2_with_every_problem_and_no_traceback(tmp_path):
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    spec["deepspeed"]["zero_stage"] = 5
+    spec["modle"] = spec.pop("model")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = raygen("train", str(path), "--set", "train.precison=bf16")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "did you mean `precision`?" in done.stderr
+    assert "`modle`: unknown key; did you mean `model`?" in done.stderr
+    assert "`deepspeed.zero_stage`: got 5" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_environment_problems_exit_2_before_ray_starts(tmp_path):
+    done = raygen(
+        "train", str(EXAMPLE), "--set", "train.precision=fp16",
+        "--set", f"data.train={tmp_path / 'nothing.parquet'}",
+    )
+    assert done.returncode == 2, done.stderr
+    assert "fp16 needs GPUs" in done.stderr
+    assert "nothing.parquet does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_spec_file():
+    done = raygen("train", "no/such/spec.yaml")
+    assert done.returncode == 2
+    assert "no/such/spec.yaml: file not found" in done.stderr
+
+
+def test_check_prints_the_resolved_spec():
+    done = raygen("train", str(EXAMPLE), "--check", "--set", "train.max_steps=70")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["train"]["max_steps"] == 70
+    assert resolved["run"]["storage"] == str(ROOT / "runs")
+
+
+def test_print_schema_is_json_schema():
+    done = raygen("train", "--print-schema")
+    assert done.returncode == 0
+    schema = json.loads(done.stdout)
+    assert schema["title"] == "TrainSpec"
+    assert schema["additionalProperties"] is False
