@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from cluster.errors import ClusterError
 
@@ -31,6 +32,8 @@ def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
@@ -50,14 +53,32 @@ def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     return not address
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a `HOST:PORT` or `ray://HOST:PORT` address.
+
+    Ray itself retries an unreachable address for minutes; a refused TCP connection is
+    reported at once instead.
+    """
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"Cannot reach a Ray cluster at {address}: {exc.strerror or exc}. Check the host "
+            "and port (the head's GCS port, default 6379, or ray://HOST:10001 for Ray Client), "
+            "that the cluster is up (`ray status`), and any SSH tunnel; or leave --address "
+            "and RAY_ADDRESS unset to use a local Ray."
+        ) from None
+
+
 def _quiet_ray_data() -> None:
     """Keep Ray Data's per-execution INFO lines in its log file, off the console."""
-    import ray.data
-
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
             handler.setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def total_resources() -> dict[str, float]:

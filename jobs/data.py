@@ -343,7 +343,11 @@ def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:
             yield from batch["text"].to_pylist()
 
     bpe.train_from_iterator(
-        texts(), vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS_TOKEN]
+        texts(),
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,

@@ -194,7 +194,8 @@ class TrainSpec(Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
         max_length=128,
-        description="Run name (letters, digits, `-`, `_`): the run lives in `<run.storage>/<name>`.",
+        description="Run name (letters, digits, `-`, `_`); the run lives in "
+        "`<run.storage>/<name>`.",
     )
     model: ModelSpec = Field(description="The network to train.")
     data: DataSpec = Field(description="Training and evaluation corpora.")

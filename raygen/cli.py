@@ -148,7 +148,7 @@ def _print_row(row: dict[str, Any]) -> None:
         parts.append(f"{row[m.STEP_TIME_S]:.3f} s/step")
     if m.EVAL_LOSS in row:
         parts.append(f"[cyan]eval_loss {row[m.EVAL_LOSS]:.4f} ppl {row[m.PERPLEXITY]:.1f}[/]")
-    out.print("  ".join(parts), highlight=False)
+    out.print("  ".join(parts), highlight=False, soft_wrap=True)
 
 
 def _print_summary(result: dict[str, Any]) -> None:

@@ -66,7 +66,9 @@ def test_every_problem_is_reported_at_once_with_its_path_and_value():
 
 def test_set_for_a_key_that_does_not_exist_is_an_error():
     found = problems(MINIMAL, ["train.max_step=5", "deepspeed.zero_stage.x=1", "bad"])
-    assert found[0] == "--set train.max_step: unknown key `train.max_step`; did you mean `max_steps`?"
+    assert (
+        found[0] == "--set train.max_step: unknown key `train.max_step`; did you mean `max_steps`?"
+    )
     assert "`deepspeed.zero_stage` is a value, not a section" in found[1]
     assert "expected key.path=value" in found[2]
 

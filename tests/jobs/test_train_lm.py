@@ -54,8 +54,10 @@ def test_every_rank_shard_is_checkpointed_and_old_ones_pruned(zero2_run):
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert checkpoints == ["checkpoint_00000020", "checkpoint_00000040"]
     shards = {p.name for p in (run_dir / "checkpoint_00000040" / "step_00000040").iterdir()}
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
+    assert {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    } <= shards
 
 
 def test_exported_model_loads_with_plain_transformers_and_generates(zero2_run):
@@ -96,8 +98,15 @@ def test_zero3_bf16_llama_never_holds_the_full_model_and_exports_it(
     raw = tiny_lm_spec(
         tmp_path,
         shared_prepared,
-        model={"arch": "llama", "config": {"hidden_size": 64, "intermediate_size": 128,
-                                           "num_hidden_layers": 2, "num_attention_heads": 4}},
+        model={
+            "arch": "llama",
+            "config": {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+            },
+        },
         deepspeed__zero_stage=3,
         train__precision="bf16",
         train__max_steps=20,
@@ -116,8 +125,11 @@ def test_zero3_bf16_llama_never_holds_the_full_model_and_exports_it(
 
 def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, shared_prepared):
     raw = tiny_lm_spec(
-        tmp_path, shared_prepared,
-        train__max_steps=300, train__checkpoint_every=10, train__eval_every=100,
+        tmp_path,
+        shared_prepared,
+        train__max_steps=300,
+        train__checkpoint_every=10,
+        train__eval_every=100,
         run__max_failures=1,
     )
     outcome: dict = {}
@@ -152,3 +164,33 @@ def registered_checkpoints(snapshot: Path) -> list[int]:
     except (FileNotFoundError, json.JSONDecodeError):
         return []
     return [int(r["checkpoint_dir_name"].split("_")[1]) for r in state["checkpoint_results"]]
+
+
+def test_corpus_empty_after_filtering_is_a_spec_error(ray_session, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.errors import SpecError
+
+    corpus = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"text": ["", "  ", "tiny"]}), corpus)
+    raw = tiny_lm_spec(tmp_path, data={"train": str(corpus), "min_chars": 10, "seq_len": 64})
+    with pytest.raises(SpecError, match=r"no documents left after filtering \(3 read"):
+        launch(spec_of(raw))
+    assert not list((tmp_path / "runs" / "tiny").glob("checkpoint_*"))
+
+
+def test_global_batch_larger_than_the_data_is_a_spec_error(ray_session, tmp_path, shared_prepared):
+    from jobs.errors import SpecError
+
+    raw = tiny_lm_spec(tmp_path, shared_prepared, train__micro_batch_size=4096)
+    with pytest.raises(SpecError, match="one optimizer step takes micro_batch_size x grad_accum"):
+        launch(spec_of(raw))
+
+
+def test_more_workers_than_the_cluster_has_is_a_spec_error(ray_session):
+    from cluster.connection import capacity_problems
+
+    found = capacity_problems({"CPU": 1}, 64, embedded=True)
+    assert found and "64 workers x 1 CPU = 64 CPU, but the cluster has 2 CPU" in found[0]
+    assert capacity_problems({"CPU": 1}, 64, embedded=False) == []  # may autoscale

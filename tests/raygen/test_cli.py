@@ -36,8 +36,12 @@ def test_bad_spec_exits_2_with_every_problem_and_no_traceback(tmp_path):
 
 def test_environment_problems_exit_2_before_ray_starts(tmp_path):
     done = raygen(
-        "train", str(EXAMPLE), "--set", "train.precision=fp16",
-        "--set", f"data.train={tmp_path / 'nothing.parquet'}",
+        "train",
+        str(EXAMPLE),
+        "--set",
+        "train.precision=fp16",
+        "--set",
+        f"data.train={tmp_path / 'nothing.parquet'}",
     )
     assert done.returncode == 2, done.stderr
     assert "fp16 needs GPUs" in done.stderr
@@ -65,3 +69,24 @@ def test_print_schema_is_json_schema():
     schema = json.loads(done.stdout)
     assert schema["title"] == "TrainSpec"
     assert schema["additionalProperties"] is False
+
+
+def test_unreachable_address_fails_fast_with_a_clear_error():
+    done = raygen("train", str(EXAMPLE), "--address", "127.0.0.1:1")
+    assert done.returncode == 2
+    assert "Cannot reach a Ray cluster at 127.0.0.1:1" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_more_workers_than_the_local_ray_has(tmp_path):
+    done = raygen(
+        "train",
+        str(EXAMPLE),
+        "--set",
+        "scaling.num_workers=64",
+        "--set",
+        f"run.storage={tmp_path}",
+    )
+    assert done.returncode == 2, done.stderr
+    assert "64 workers x 1 CPU = 64 CPU, but the cluster has" in done.stderr
+    assert not (tmp_path / "code-lm-tiny").exists()
