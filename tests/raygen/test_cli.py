@@ -71,8 +71,10 @@ def test_print_schema_is_json_schema():
     assert schema["additionalProperties"] is False
 
 
-def test_unreachable_address_fails_fast_with_a_clear_error():
-    done = raygen("train", str(EXAMPLE), "--address", "127.0.0.1:1")
+def test_unreachable_address_fails_fast_with_a_clear_error(tmp_path):
+    done = raygen(
+        "train", str(EXAMPLE), "--address", "127.0.0.1:1", "--set", f"run.storage={tmp_path}"
+    )
     assert done.returncode == 2
     assert "Cannot reach a Ray cluster at 127.0.0.1:1" in done.stderr
     assert "Traceback" not in done.stderr
