@@ -12,7 +12,6 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from cluster.errors import RaygenError
 from jobs import metrics as m
 from jobs.deepspeed_config import deepspeed_config_problems
 from jobs.errors import SpecError, TrainingFailed
@@ -262,17 +261,17 @@ def _fit(spec: TrainSpec, run_dir: Path, prepared_dir: str, stats: dict, per_wor
     )
     try:
         return trainer.fit()
-    except RaygenError:
-        raise
-    except Exception as exc:  # Ray raises its own errors for failed runs: record, don't crash
-        return _FailedResult(exc)
+    except ray.train.TrainingFailedError as exc:
+        # Workers failed more often than run.max_failures allows: summarize, don't crash.
+        return _FailedRun(exc)
 
 
-class _FailedResult:
+class _FailedRun:
+    """Stands in for Ray's Result when `fit` raised: what `_summarize` reads."""
+
     def __init__(self, error: BaseException):
         self.error = error
         self.checkpoint = None
-        self.metrics = None
 
 
 def _summarize(spec: TrainSpec, run_dir: Path, result: Any, started: float) -> dict[str, Any]:

@@ -47,12 +47,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         spec.model, len(tokenizer), spec.data.seq_len, tokenizer.eos_token_id
     )
     ds_config = derive_deepspeed_config(spec, world)
+    zero3 = None
     if spec.deepspeed.zero_stage == 3:
-        # Parameters are partitioned as they are created: no rank holds the full model.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = build_causal_lm(spec.model, model_config)
-    else:
-        model = build_causal_lm(spec.model, model_config)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # While this object lives, transformers builds (and loads pretrained weights) under
+        # deepspeed.zero.Init: parameters are partitioned as they are created, so no rank
+        # ever holds the full model.
+        zero3 = HfDeepSpeedConfig(ds_config)
+    model = build_causal_lm(spec.model, model_config)
     model.generation_config.pad_token_id = tokenizer.eos_token_id
 
     # The schedule is built on DeepSpeed's wrapped optimizer (ZeRO regroups parameters).
@@ -147,6 +150,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     export_model(engine, tokenizer, run_dir, rank, spec.deepspeed.zero_stage)
     if log:
         log.close()
+    del zero3
 
 
 def micro_batches(spec: TrainSpec, shard: Any, per_epoch: int, skip: int):

@@ -194,3 +194,23 @@ def test_more_workers_than_the_cluster_has_is_a_spec_error(ray_session):
     found = capacity_problems({"CPU": 1}, 64, embedded=True)
     assert found and "64 workers x 1 CPU = 64 CPU, but the cluster has 2 CPU" in found[0]
     assert capacity_problems({"CPU": 1}, 64, embedded=False) == []  # may autoscale
+
+
+def test_fine_tune_a_pretrained_model_with_zero3(ray_session, tmp_path, zero2_run):
+    """`model.pretrained` loads saved weights (partitioned while loading) and its tokenizer."""
+    base = zero2_run[1]["paths"]["model"]
+    raw = tiny_lm_spec(
+        tmp_path,
+        model={"pretrained": base},
+        tokenizer={},
+        deepspeed__zero_stage=3,
+        train__max_steps=10,
+        train__eval_every=10,
+        train__lr=1e-3,
+    )
+    result = launch(spec_of(raw))
+    first_before = read_metrics(Path(zero2_run[1]["paths"]["metrics"]))[0]["train_loss"]
+    rows = read_metrics(Path(result["paths"]["metrics"]))
+    # Starting from trained weights: the first losses are far below a fresh model's.
+    assert rows[0]["train_loss"] < first_before - 0.4
+    assert (Path(result["paths"]["model"]) / "model.safetensors").is_file()
