@@ -22,3 +22,5 @@ class SpecError(RaygenError):
 
 class TrainingFailed(RaygenError):
     """A training run ended in an error after it started (its run dir says more)."""
+
+    exit_code = 1
