@@ -71,7 +71,7 @@ def test_print_schema_is_json_schema():
     assert schema["additionalProperties"] is False
 
 
-def test_unreachable_address_fails_fast_with_a_clear_error(tmp_path):
+def test_unreachable_address_fails_fast_with_a_clear_error(tmp_path: Path):
     done = raygen(
         "train", str(EXAMPLE), "--address", "127.0.0.1:1", "--set", f"run.storage={tmp_path}"
     )
@@ -92,3 +92,18 @@ def test_more_workers_than_the_local_ray_has(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "64 workers x 1 CPU = 64 CPU, but the cluster has" in done.stderr
     assert not (tmp_path / "code-lm-tiny").exists()
+
+
+def test_data_prepare_writes_shards_and_stats(tmp_path):
+    from tests.conftest import tiny_lm_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_lm_spec(tmp_path)))
+    done = raygen("data", "prepare", str(path))
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((tmp_path / "runs" / "tiny" / "data" / "data_stats.json").read_text())
+    assert json.loads(done.stdout) == stats
+    assert stats["train_sequences"] > 0 and stats["train_tokens"] == 64 * stats["train_sequences"]
+    assert stats["rows_out"] == stats["train_documents"] + stats["eval_documents"]
+    again = raygen("data", "prepare", str(path))
+    assert "is up to date" in again.stderr
