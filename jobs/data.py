@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import sysconfig
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.errors import SpecError
-from jobs.spec import BUILTIN_CORPORA, BUILTIN_PREFIX, TrainSpec
+from jobs.spec import BUILTIN_CORPORA, BUILTIN_PREFIX, DataSpec, TrainSpec
+from jobs.text import (
+    NUM_PERM,
+    band_keys,
+    content_hash,
+    lsh_bands,
+    minhash,
+    near_duplicate_drops,
+    non_printable_fraction,
+    normalize_text,
+    repeated_fraction,
+)
 
 logger = logging.getLogger(__name__)
 
 # Bump when the prepared format or the preparation steps change: old shards become stale.
-PREPARED_FORMAT = 1
+PREPARED_FORMAT = 2
 STATS_FILE = "data_stats.json"
 TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
@@ -140,11 +150,6 @@ def read_stats(prepared_dir: str) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def normalize_text(text: str) -> str:
-    """Unicode NFC and Unix newlines."""
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-
-
 def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
     """Deterministic held-out choice: the same document always lands in the same split."""
     digest = hashlib.blake2b(text.encode(), digest_size=8, key=seed.to_bytes(8, "little"))
@@ -178,29 +183,44 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
     out.mkdir(parents=True)
 
     rows_in = _count_documents(train_files + eval_files)
-    docs = (
-        _read_documents(train_files, d.text_column)
-        .map_batches(
-            _NormalizeFilter(
-                d.min_chars, d.eval_fraction if not eval_files else 0.0, spec.train.seed
-            ),
-            batch_format="pyarrow",
-        )
-        .materialize()
+    tagged = _read_documents(train_files, d.text_column).map_batches(
+        _Clean(d, source="train"), batch_format="pyarrow"
     )
     if eval_files:
-        extra = _read_documents(eval_files, d.text_column).map_batches(
-            _NormalizeFilter(d.min_chars, 1.0, spec.train.seed), batch_format="pyarrow"
+        tagged = tagged.union(
+            _read_documents(eval_files, d.text_column).map_batches(
+                _Clean(d, source="eval"), batch_format="pyarrow"
+            )
         )
-        docs = docs.union(extra).materialize()
+    tagged = tagged.materialize()
+    removed = {reason: 0 for reason in REMOVAL_REASONS}
+    for row in tagged.groupby("reason").count().take_all():
+        if row["reason"]:
+            removed[row["reason"]] = row["count()"]
+
+    docs = tagged.filter(expr="reason == ''").materialize()
+    if d.dedupe != "none":
+        before = docs.count()
+        docs = docs.groupby("hash").map_groups(_one_per_hash, batch_format="pyarrow").materialize()
+        removed["removed_duplicates"] = before - docs.count()
+    if d.dedupe == "near":
+        before = docs.count()
+        docs = _remove_near_duplicates(docs, d.near_dup_threshold)
+        removed["removed_near_duplicates"] = before - docs.count()
+
+    eval_fraction = 0.0 if eval_files else d.eval_fraction
+    docs = docs.map_batches(
+        _AssignSplit(eval_fraction, spec.train.seed), batch_format="pyarrow"
+    ).materialize()
     train_docs = docs.filter(expr="split == 'train'")
     eval_docs = docs.filter(expr="split == 'eval'")
     rows_train, rows_eval = train_docs.count(), eval_docs.count()
     if rows_train == 0:
         raise SpecError(
             "data.train",
-            f"no documents left after filtering ({rows_in} read, all shorter than "
-            f"data.min_chars={d.min_chars} or held out); add data or lower data.min_chars.",
+            f"no documents left after filtering ({rows_in} read; removed: "
+            + ", ".join(f"{k.removeprefix('removed_')} {v}" for k, v in removed.items() if v)
+            + "); add data or relax data.min_chars/max_chars and the junk filters.",
         )
     if rows_eval == 0:
         raise SpecError(
@@ -223,7 +243,7 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
         "fingerprint": fp,
         "rows_in": rows_in,
         "rows_out": rows_train + rows_eval,
-        "removed_too_short": rows_in - rows_train - rows_eval,
+        **removed,
         "train_documents": rows_train,
         "eval_documents": rows_eval,
         "seq_len": d.seq_len,
@@ -275,26 +295,130 @@ def _read_text_files(batch: pa.Table) -> pa.Table:
     return pa.table({"text": pa.array(texts, pa.large_string())})
 
 
-class _NormalizeFilter:
-    """Normalize each document, drop short ones and tag it with its split."""
+REMOVAL_REASONS = (
+    "removed_empty",
+    "removed_too_short",
+    "removed_too_long",
+    "removed_non_printable",
+    "removed_repetitive",
+    "removed_duplicates",
+    "removed_near_duplicates",
+)
 
-    def __init__(self, min_chars: int, eval_fraction: float, seed: int):
-        self.min_chars, self.eval_fraction, self.seed = min_chars, eval_fraction, seed
+
+class _Clean:
+    """Normalize each document and tag it with why it is removed ('' when kept) and its hash."""
+
+    def __init__(self, d: DataSpec, source: str):
+        self.d, self.source = d, source
+
+    def reason(self, text: str) -> str:
+        d = self.d
+        if not text.strip():
+            return "removed_empty"
+        if len(text) < d.min_chars:
+            return "removed_too_short"
+        if d.max_chars is not None and len(text) > d.max_chars:
+            return "removed_too_long"
+        if (
+            d.max_non_printable_fraction is not None
+            and non_printable_fraction(text) > d.max_non_printable_fraction
+        ):
+            return "removed_non_printable"
+        if (
+            d.max_repeated_fraction is not None
+            and repeated_fraction(text) > d.max_repeated_fraction
+        ):
+            return "removed_repetitive"
+        return ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts, splits = [], []
-        for raw in batch["text"].to_pylist():
-            text = normalize_text(raw or "")
-            if len(text.strip()) < max(self.min_chars, 1):
-                continue
-            texts.append(text)
-            split = self.eval_fraction >= 1.0 or (
-                self.eval_fraction > 0 and in_eval_split(text, self.eval_fraction, self.seed)
-            )
-            splits.append("eval" if split else "train")
+        texts = [
+            normalize_text(raw or "", self.d.collapse_whitespace)
+            for raw in batch["text"].to_pylist()
+        ]
         return pa.table(
-            {"text": pa.array(texts, pa.large_string()), "split": pa.array(splits, pa.string())}
+            {
+                "text": pa.array(texts, pa.large_string()),
+                "hash": [content_hash(t) for t in texts],
+                "source": [self.source] * len(texts),
+                "reason": [self.reason(t) for t in texts],
+            }
         )
+
+
+def _one_per_hash(group: pa.Table) -> pa.Table:
+    """One document per exact duplicate group, the held-out copy first (no eval leakage)."""
+    sources = group["source"].to_pylist()
+    return group.slice(sources.index("eval") if "eval" in sources else 0, 1)
+
+
+class _AssignSplit:
+    def __init__(self, eval_fraction: float, seed: int):
+        self.eval_fraction, self.seed = eval_fraction, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        splits = [
+            "eval"
+            if source == "eval"
+            or (self.eval_fraction > 0 and in_eval_split(text, self.eval_fraction, self.seed))
+            else "train"
+            for text, source in zip(
+                batch["text"].to_pylist(), batch["source"].to_pylist(), strict=True
+            )
+        ]
+        return batch.select(["text"]).append_column("split", pa.array(splits, pa.string()))
+
+
+def _remove_near_duplicates(docs: Any, threshold: float) -> Any:
+    """Drop all but one document of each group whose MinHash similarity is >= threshold."""
+    bands, rows = lsh_bands(threshold)
+
+    def signatures(batch: pa.Table) -> pa.Table:
+        sigs = np.stack([minhash(t) for t in batch["text"].to_pylist()])
+        return pa.table(
+            {
+                "hash": batch["hash"],
+                "sig": pa.FixedSizeListArray.from_arrays(sigs.ravel(), NUM_PERM),
+            }
+        )
+
+    def keys(batch: pa.Table) -> pa.Table:
+        sigs = batch["sig"].combine_chunks().flatten().to_numpy().reshape(-1, NUM_PERM)
+        out_keys, out_hash = [], []
+        for h, sig in zip(batch["hash"].to_pylist(), sigs, strict=True):
+            for key in band_keys(sig, bands, rows):
+                out_keys.append(key)
+                out_hash.append(h)
+        return pa.table({"key": pa.array(out_keys, pa.int64()), "hash": out_hash})
+
+    def star_pairs(group: pa.Table) -> pa.Table:
+        members = sorted(set(group["hash"].to_pylist()))
+        return pa.table(
+            {"a": members[:1] * (len(members) - 1), "b": members[1:]},
+            schema=pa.schema([("a", pa.string()), ("b", pa.string())]),
+        )
+
+    sigs = docs.map_batches(signatures, batch_format="pyarrow").materialize()
+    pairs = {
+        (row["a"], row["b"])
+        for row in sigs.map_batches(keys, batch_format="pyarrow")
+        .groupby("key")
+        .map_groups(star_pairs, batch_format="pyarrow")
+        .take_all()
+    }
+    if not pairs:
+        return docs
+    involved = {h for pair in pairs for h in pair}
+    candidate_sigs = {
+        row["hash"]: np.asarray(row["sig"], dtype=np.uint32)
+        for row in sigs.filter(lambda row: row["hash"] in involved).take_all()
+    }
+    drops = near_duplicate_drops(sorted(pairs), candidate_sigs, threshold)
+    logger.info(
+        "Near-duplicates: %d candidate pairs, %d documents dropped.", len(pairs), len(drops)
+    )
+    return docs.filter(lambda row: row["hash"] not in drops).materialize()
 
 
 class _TokenizePack:

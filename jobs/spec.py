@@ -84,6 +84,39 @@ class DataSpec(Section):
         None, gt=0, description="Stop reading the corpus after this many bytes of text (demos)."
     )
     min_chars: int = Field(1, ge=0, description="Drop documents shorter than this (characters).")
+    max_chars: int | None = Field(
+        None, ge=1, description="Drop documents longer than this (characters)."
+    )
+    collapse_whitespace: bool = Field(
+        False,
+        description="Collapse runs of spaces/tabs, trailing spaces and blank lines (off for "
+        "code, where indentation matters).",
+    )
+    max_non_printable_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Drop documents whose share of non-printable characters exceeds this.",
+    )
+    max_repeated_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Drop documents whose share of characters in runs of 10+ identical "
+        "characters exceeds this.",
+    )
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "exact",
+        description="Remove duplicates: `exact` (same normalized text) or `near` (exact, then "
+        "MinHash/LSH near-duplicates at `near_dup_threshold`).",
+    )
+    near_dup_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Jaccard similarity (character 5-gram shingles) above which two "
+        "documents are near-duplicates.",
+    )
     prepared: str | None = Field(
         None,
         description="Where prepared (tokenized, packed) shards go. Default: `<run>/data`.",

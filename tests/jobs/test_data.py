@@ -1,0 +1,81 @@
+"""Data preparation with Ray Data against a fixture corpus whose outcome is counted by hand."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.data import prepare_data
+from jobs.launch import validate_train_spec
+from jobs.loader import validate_spec
+from jobs.spec import TrainSpec
+
+
+def doc(seed: int, n: int = 300) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n // 10):
+        lines.append(" ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(6))
+                              for _ in range(10)))
+    return "\n".join(lines)
+
+
+def test_prepare_counts_every_removal(ray_session, tmp_path):
+    docs = [doc(i) for i in range(7)]
+    near = docs[1].split(" ")
+    near[40], near[120] = "zzzzzz", "yyyyyy"
+    train = [
+        docs[0], docs[1], docs[2], docs[3], docs[4],
+        docs[0].replace("\n", "\r\n"), docs[0],  # exact duplicates once normalized: 2
+        " ".join(near),                         # near duplicate of docs[1]: 1
+        "", "   \n ",                           # empty: 2
+        "hi",                                   # shorter than min_chars: 1
+        doc(99, 2000),                          # longer than max_chars: 1
+        "=" * 3000 + docs[5][:500],             # repetitive: 1
+        "\u200b" * 400 + docs[6][:800],         # mostly non-printable: 1
+    ]
+    evaluation = [docs[5], docs[6], docs[2]]    # docs[2] also in train: train copy goes
+    pq.write_table(pa.table({"body": train}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"body": evaluation}), tmp_path / "eval.parquet")
+    raw = {
+        "name": "prep",
+        "model": {"arch": "gpt2"},
+        "data": {
+            "train": str(tmp_path / "train.parquet"),
+            "eval": str(tmp_path / "eval.parquet"),
+            "text_column": "body",
+            "seq_len": 32,
+            "min_chars": 20,
+            "max_chars": 5000,
+            "max_repeated_fraction": 0.3,
+            "max_non_printable_fraction": 0.1,
+            "dedupe": "near",
+        },
+        "tokenizer": {"train": {"vocab_size": 300}},
+        "run": {"storage": str(tmp_path / "runs")},
+    }
+    spec = validate_train_spec(validate_spec(TrainSpec, raw, "t"), "t")
+    stats = prepare_data(spec, str(tmp_path / "prepared"))
+
+    assert stats["rows_in"] == 17
+    assert stats["removed_empty"] == 2
+    assert stats["removed_too_short"] == 1
+    assert stats["removed_too_long"] == 1
+    assert stats["removed_repetitive"] == 1
+    assert stats["removed_non_printable"] == 1
+    assert stats["removed_duplicates"] == 3
+    assert stats["removed_near_duplicates"] == 1
+    assert stats["train_documents"] == 4  # docs 0, 1, 3, 4
+    assert stats["eval_documents"] == 3  # docs 5, 6 and 2
+    assert stats["rows_out"] == 7
+    assert stats["train_tokens"] == 32 * stats["train_sequences"] > 0
+    assert stats["eval_tokens"] == 32 * stats["eval_sequences"] > 0
+
+    # Same inputs and options: up to date. A changed option: prepared again.
+    assert prepare_data(spec, str(tmp_path / "prepared")) == stats
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"dedupe": "exact"})})
+    again = prepare_data(spec, str(tmp_path / "prepared"))
+    assert again["fingerprint"] != stats["fingerprint"]
+    assert again["removed_near_duplicates"] == 0 and again["train_documents"] == 5
