@@ -7,6 +7,7 @@ import os
 import socket
 
 from cluster.errors import ClusterError
+from cluster.storage import forwarded_env
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +35,22 @@ def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_reachable(address)
+    # Workers reach the same object store as this process (never written to any file).
+    runtime_env = {"env_vars": forwarded_env()}
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
+            ray.init(
+                address=address,
+                logging_level=logging.WARNING,
+                log_to_driver=log_to_driver,
+                runtime_env=runtime_env,
+            )
         else:
             ray.init(
                 include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=log_to_driver,
+                runtime_env=runtime_env,
             )
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         where = address or "a new local Ray"

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.storage import is_remote, list_files, open_input
 from jobs.errors import SpecError
 from jobs.spec import BUILTIN_CORPORA, BUILTIN_PREFIX, DataSpec, TrainSpec
 from jobs.text import (
@@ -73,6 +74,12 @@ def list_input_files(entries: list[str], key: str, max_bytes: int | None) -> lis
                 continue
             files.extend(_stdlib_sources())
             continue
+        if is_remote(entry):
+            found = list_files(entry, ".parquet")  # StorageError names the URI and cause
+            if not found:
+                problems.append(f"`{key}`: {entry} holds no .parquet files.")
+            files.extend(InputFile(f.uri, f.size, f.mtime_ns, "parquet") for f in found)
+            continue
         path = Path(entry)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*.parquet") if p.is_file())
@@ -116,7 +123,8 @@ def check_text_column(files: list[InputFile], column: str, key: str) -> None:
         if f.kind != "parquet":
             continue
         try:
-            names = pq.read_schema(f.path).names
+            with open_input(f.path) as handle:
+                names = pq.read_schema(handle).names
         except (pa.ArrowInvalid, OSError) as exc:
             raise SpecError(key, f"{f.path} is not a readable Parquet file: {exc}.") from None
         if column not in names:
@@ -271,14 +279,11 @@ def _read_documents(files: list[InputFile], text_column: str) -> Any:
     parquet = [f.path for f in files if f.kind == "parquet"]
     texts = [f.path for f in files if f.kind == "text"]
     parts = []
-    if parquet:
-        parts.append(
-            ray.data.read_parquet(parquet, columns=[text_column]).rename_columns(
-                {text_column: "text"}
-            )
-            if text_column != "text"
-            else ray.data.read_parquet(parquet, columns=["text"])
-        )
+    # One read per scheme: Ray Data reads a list of paths through one filesystem.
+    for group in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
+        if group:
+            ds = ray.data.read_parquet(group, columns=[text_column])
+            parts.append(ds.rename_columns({text_column: "text"}) if text_column != "text" else ds)
     if texts:
         parts.append(
             ray.data.from_items([{"path": p} for p in texts]).map_batches(

@@ -30,7 +30,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_endpoint():
+    """A real S3 protocol server (moto) on 127.0.0.1, with dummy credentials in the env.
+
+    Started before Ray so that Ray's workers inherit the endpoint and credentials.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+    )
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
     """One local Ray (2 CPUs, like CI) shared by every test that trains."""
     import ray
 
@@ -41,6 +62,18 @@ def ray_session():
     connect()  # no-op on an initialized Ray; applies raygen's logging defaults
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket on the test S3 endpoint; returns its name."""
+    import uuid
+
+    import boto3
+
+    name = f"raygen-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.data import prepare_data
 from jobs.launch import validate_train_spec
@@ -17,8 +18,9 @@ def doc(seed: int, n: int = 300) -> str:
     rng = random.Random(seed)
     lines = []
     for _ in range(n // 10):
-        lines.append(" ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(6))
-                              for _ in range(10)))
+        lines.append(
+            " ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(6)) for _ in range(10))
+        )
     return "\n".join(lines)
 
 
@@ -27,16 +29,22 @@ def test_prepare_counts_every_removal(ray_session, tmp_path):
     near = docs[1].split(" ")
     near[40], near[120] = "zzzzzz", "yyyyyy"
     train = [
-        docs[0], docs[1], docs[2], docs[3], docs[4],
-        docs[0].replace("\n", "\r\n"), docs[0],  # exact duplicates once normalized: 2
-        " ".join(near),                         # near duplicate of docs[1]: 1
-        "", "   \n ",                           # empty: 2
-        "hi",                                   # shorter than min_chars: 1
-        doc(99, 2000),                          # longer than max_chars: 1
-        "=" * 3000 + docs[5][:500],             # repetitive: 1
-        "\u200b" * 400 + docs[6][:800],         # mostly non-printable: 1
+        docs[0],
+        docs[1],
+        docs[2],
+        docs[3],
+        docs[4],
+        docs[0].replace("\n", "\r\n"),
+        docs[0],  # exact duplicates once normalized: 2
+        " ".join(near),  # near duplicate of docs[1]: 1
+        "",
+        "   \n ",  # empty: 2
+        "hi",  # shorter than min_chars: 1
+        doc(99, 2000),  # longer than max_chars: 1
+        "=" * 3000 + docs[5][:500],  # repetitive: 1
+        "\u200b" * 400 + docs[6][:800],  # mostly non-printable: 1
     ]
-    evaluation = [docs[5], docs[6], docs[2]]    # docs[2] also in train: train copy goes
+    evaluation = [docs[5], docs[6], docs[2]]  # docs[2] also in train: train copy goes
     pq.write_table(pa.table({"body": train}), tmp_path / "train.parquet")
     pq.write_table(pa.table({"body": evaluation}), tmp_path / "eval.parquet")
     raw = {
@@ -79,3 +87,36 @@ def test_prepare_counts_every_removal(ray_session, tmp_path):
     again = prepare_data(spec, str(tmp_path / "prepared"))
     assert again["fingerprint"] != stats["fingerprint"]
     assert again["removed_near_duplicates"] == 0 and again["train_documents"] == 5
+
+
+def test_prepare_reads_parquet_from_s3(ray_session, bucket, tmp_path):
+    from cluster.storage import resolve
+
+    docs = [doc(i) for i in range(12)]
+    fs, path = resolve(f"s3://{bucket}/corpus/part-0.parquet")
+    pq.write_table(pa.table({"text": docs + docs[:2]}), path, filesystem=fs)
+    raw = {
+        "name": "s3prep",
+        "model": {"arch": "gpt2"},
+        "data": {"train": f"s3://{bucket}/corpus/", "seq_len": 32, "eval_fraction": 0.3},
+        "tokenizer": {"train": {"vocab_size": 300}},
+        "run": {"storage": str(tmp_path / "runs")},
+    }
+    spec = validate_train_spec(validate_spec(TrainSpec, raw, "t"), "t")
+    stats = prepare_data(spec, str(tmp_path / "prepared"))
+    assert stats["rows_in"] == 14
+    assert stats["removed_duplicates"] == 2
+    assert stats["rows_out"] == 12 and stats["train_tokens"] > 0
+
+
+def test_s3_input_errors_name_the_uri(ray_session, s3_endpoint, tmp_path):
+    from cluster.errors import StorageError
+
+    raw = {
+        "name": "s3bad",
+        "model": {"arch": "gpt2"},
+        "data": {"train": "s3://missing-bucket-xyz/corpus/"},
+        "run": {"storage": str(tmp_path / "runs")},
+    }
+    with pytest.raises(StorageError, match="s3://missing-bucket-xyz/corpus/: bucket"):
+        validate_train_spec(validate_spec(TrainSpec, raw, "t"), "t")
