@@ -171,7 +171,10 @@ def _print_summary(result: dict[str, Any]) -> None:
         if key in metrics:
             out.print(f"  {key:<11} {metrics[key]:.4f}")
     out.print(f"  model       {paths['model']}")
-    out.print(f"  run         {paths['run_dir']}  (metrics.jsonl, tensorboard/, result.json)")
+    out.print(
+        f"  run         {paths['run_dir']}  (metrics.jsonl, tensorboard/, result.json)",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:
