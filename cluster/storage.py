@@ -115,3 +115,143 @@ def storage_error(uri: str, exc: BaseException) -> StorageError:
     else:
         cause = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return StorageError(f"{uri}: {cause}.")
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or URI."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
+
+
+def read_text(uri: str) -> str | None:
+    """The text of a file, or None when it does not exist."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if "does not exist" in str(exc).lower() or "NoSuchKey" in str(exc):
+            return None
+        raise storage_error(uri, exc) from None
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a whole file (creating parent directories); object stores replace it atomically."""
+    fs, path = resolve(uri)
+    try:
+        if not is_remote(uri):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(path + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+            return
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
+
+
+def append_line(uri: str, line: str) -> None:
+    """Append one line (object stores have no append: the object is rewritten)."""
+    if not is_remote(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        with open(uri, "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+        return
+    write_text(uri, (read_text(uri) or "") + line.rstrip("\n") + "\n")
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory's files to `uri` (replacing what was there)."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    try:
+        if exists(uri):
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+        pafs.copy_files(
+            local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
+
+
+def local_copy(uri: str, cache_root: str | None = None) -> str:
+    """A local directory with the contents of `uri`: the path itself when local, else a
+    download into a cache keyed by the listing's content (size and mtime of each file), so
+    an unchanged remote directory is fetched once."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        return uri
+    files = list_files(uri, "")
+    if not files:
+        raise StorageError(f"{uri}: holds no files; check the path.")
+    key = hashlib.sha256(
+        "\n".join(f"{f.uri} {f.size} {f.mtime_ns}" for f in files).encode()
+    ).hexdigest()[:20]
+    root = Path(cache_root or os.environ.get("RAYGEN_CACHE", Path.home() / ".cache" / "raygen"))
+    target = root / "downloads" / key
+    if (target / ".complete").is_file():
+        return str(target)
+    fs, path = resolve(uri)
+    partial = target.with_name(key + f".partial-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        pafs.copy_files(
+            path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
+    (partial / ".complete").write_text(uri)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished the same download first
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
+
+
+def download_dir(uri: str, local_dir: str) -> bool:
+    """Copy the files under `uri` into `local_dir`; False when there is nothing there."""
+    import pyarrow.fs as pafs
+
+    if not exists(uri):
+        return False
+    fs, path = resolve(uri)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        pafs.copy_files(
+            path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
+    return True
+
+
+def remove_dir(uri: str) -> None:
+    """Delete a directory (or prefix) and everything under it, if it exists."""
+    import shutil
+
+    if not is_remote(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    fs, path = resolve(uri)
+    try:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+    except OSError as exc:
+        raise storage_error(uri, exc) from None

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.storage import is_remote, list_files, open_input
+from cluster.storage import (
+    is_remote,
+    join,
+    list_files,
+    local_copy,
+    open_input,
+    read_text,
+    remove_dir,
+    upload_dir,
+    write_text,
+)
 from jobs.errors import SpecError
 from jobs.spec import BUILTIN_CORPORA, BUILTIN_PREFIX, DataSpec, TrainSpec
 from jobs.text import (
@@ -152,10 +163,8 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
 
 def read_stats(prepared_dir: str) -> dict[str, Any] | None:
     """The `data_stats.json` of a prepared directory, or None when absent."""
-    path = Path(prepared_dir, STATS_FILE)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    text = read_text(join(prepared_dir, STATS_FILE))
+    return json.loads(text) if text else None
 
 
 def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
@@ -185,10 +194,7 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
         return stats
 
     logger.info("Preparing data into %s ...", prepared_dir)
-    out = Path(prepared_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    remove_dir(prepared_dir)
 
     rows_in = _count_documents(train_files + eval_files)
     tagged = _read_documents(train_files, d.text_column).map_batches(
@@ -237,15 +243,20 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
             f"{d.eval_fraction} held out none; raise data.eval_fraction or give data.eval.",
         )
 
-    tokenizer_dir = str(out / TOKENIZER_DIR)
-    _prepare_tokenizer(spec, train_docs, tokenizer_dir)
+    tokenizer_dir = join(prepared_dir, TOKENIZER_DIR)
+    with tempfile.TemporaryDirectory(prefix="raygen-tokenizer-") as tmp:
+        _prepare_tokenizer(spec, train_docs, tmp)
+        if is_remote(prepared_dir):
+            upload_dir(tmp, tokenizer_dir)
+        else:
+            shutil.copytree(tmp, tokenizer_dir)
 
     for split, split_docs in (("train", train_docs), ("eval", eval_docs)):
         split_docs.map_batches(
             _TokenizePack(tokenizer_dir, d.seq_len),
             batch_size=_PACK_BATCH_DOCS,
             batch_format="pyarrow",
-        ).write_parquet(str(out / split))
+        ).write_parquet(join(prepared_dir, split))
 
     stats = {
         "fingerprint": fp,
@@ -258,10 +269,13 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
         "tokenizer": tokenizer_dir,
     }
     for split in ("train", "eval"):
-        sequences = pq.ParquetDataset(str(out / split)).read(columns=[]).num_rows
+        sequences = sum(
+            pq.ParquetFile(open_input(f.uri)).metadata.num_rows
+            for f in list_files(join(prepared_dir, split), ".parquet")
+        )
         stats[f"{split}_sequences"] = sequences
         stats[f"{split}_tokens"] = sequences * d.seq_len
-    Path(out, STATS_FILE).write_text(json.dumps(stats, indent=2))
+    write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
     return stats
 
 
@@ -432,7 +446,7 @@ class _TokenizePack:
     def __init__(self, tokenizer_dir: str, seq_len: int):
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
         self.seq_len = seq_len
         self.eos = self.tokenizer.eos_token_id
 
@@ -452,7 +466,7 @@ def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:
 
     source = spec.tokenizer.path or (spec.model.pretrained if not spec.tokenizer.train else None)
     if source:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(source))
         if tokenizer.eos_token is None:
             raise SpecError(
                 "tokenizer.path", f"the tokenizer in {source} has no EOS token to join documents."

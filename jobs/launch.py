@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from cluster.storage import append_line, exists, is_remote, join, read_text, write_text
 from jobs import metrics as m
 from jobs.deepspeed_config import deepspeed_config_problems
 from jobs.errors import SpecError, TrainingFailed
@@ -80,8 +81,11 @@ def spec_problems(spec: TrainSpec) -> list[str]:
             f"{t.max_steps}; use fewer warm-up steps."
         )
     problems += deepspeed_config_problems(spec, sc.num_workers)
-    problems += config_class_problems(spec.model)
-    if spec.tokenizer.path and not Path(spec.tokenizer.path, "tokenizer_config.json").is_file():
+    if spec.model.pretrained and is_remote(spec.model.pretrained):
+        problems += _remote_pretrained_problems(spec.model.pretrained)
+    else:
+        problems += config_class_problems(spec.model)
+    if spec.tokenizer.path and not exists(join(spec.tokenizer.path, "tokenizer_config.json")):
         problems.append(
             f"`tokenizer.path`: {spec.tokenizer.path} is not a tokenizer directory (no "
             "tokenizer_config.json); save one with tokenizer.save_pretrained(dir)."
@@ -95,6 +99,16 @@ def spec_problems(spec: TrainSpec) -> list[str]:
     return problems
 
 
+def _remote_pretrained_problems(uri: str) -> list[str]:
+    from jobs.models.causal_lm import WEIGHT_FILES
+
+    if not exists(join(uri, "config.json")):
+        return [f"`model.pretrained`: {uri} has no config.json; give a save_pretrained dir."]
+    if not any(exists(join(uri, name)) for name in WEIGHT_FILES):
+        return [f"`model.pretrained`: {uri} has no safetensors weights."]
+    return []
+
+
 def validate_train_spec(spec: TrainSpec, source: str) -> TrainSpec:
     """Resolve paths and raise one SpecError listing every problem found without Ray."""
     spec = resolve_paths(spec)
@@ -104,16 +118,17 @@ def validate_train_spec(spec: TrainSpec, source: str) -> TrainSpec:
     return spec
 
 
-def run_dir_of(spec: TrainSpec) -> Path:
-    return Path(spec.run.storage, spec.name)
+def run_dir_of(spec: TrainSpec) -> str:
+    """`<run.storage>/<name>`: a local path or a URI."""
+    return join(spec.run.storage, spec.name)
 
 
 def fresh_name(spec: TrainSpec) -> str:
     """The spec's name, or `<name>-<k>` with the first k whose run dir is free."""
-    if not run_dir_of(spec).exists():
+    if not exists(run_dir_of(spec)):
         return spec.name
     k = 2
-    while Path(spec.run.storage, f"{spec.name}-{k}").exists():
+    while exists(join(spec.run.storage, f"{spec.name}-{k}")):
         k += 1
     return f"{spec.name}-{k}"
 
@@ -150,7 +165,7 @@ def launch(
         previous
         and previous.get("status") == "completed"
         and previous.get("final_step", 0) >= spec.train.max_steps
-        and Path(run_dir, MODEL_DIR).is_dir()
+        and exists(join(run_dir, MODEL_DIR))
     ):
         logger.info("%s is already trained to step %s.", run_dir, previous["final_step"])
         return {**previous, "up_to_date": True}
@@ -165,12 +180,11 @@ def launch(
     if problems:
         raise SpecError(source, problems)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    Path(run_dir, SPEC_FILE).write_text(dump_spec(spec))
+    write_text(join(run_dir, SPEC_FILE), dump_spec(spec))
 
     from jobs.data import prepare_data
 
-    prepared_dir = spec.data.prepared or str(run_dir / "data")
+    prepared_dir = spec.data.prepared or join(run_dir, "data")
     stats = prepare_data(spec, prepared_dir)
     world = spec.scaling.num_workers
     per_rank = stats["train_sequences"] // world
@@ -191,14 +205,14 @@ def launch(
         )
 
     started = time.time()
-    tail = _MetricsTail(Path(run_dir, m.METRICS_FILE), on_metrics) if on_metrics else None
+    tail = _MetricsTail(join(run_dir, m.METRICS_FILE), on_metrics) if on_metrics else None
     try:
         result = _fit(spec, run_dir, prepared_dir, stats, per_worker)
     finally:
         if tail:
             tail.stop()
     summary = _summarize(spec, run_dir, result, started)
-    Path(run_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2))
+    write_text(join(run_dir, RESULT_FILE), json.dumps(summary, indent=2))
     if summary["status"] != "completed":
         raise TrainingFailed(
             f"Training run {spec.name} failed: {summary['error']}\n"
@@ -208,7 +222,7 @@ def launch(
     return summary
 
 
-def _fit(spec: TrainSpec, run_dir: Path, prepared_dir: str, stats: dict, per_worker: dict) -> Any:
+def _fit(spec: TrainSpec, run_dir: str, prepared_dir: str, stats: dict, per_worker: dict) -> Any:
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -218,7 +232,7 @@ def _fit(spec: TrainSpec, run_dir: Path, prepared_dir: str, stats: dict, per_wor
 
     options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption
     datasets = {
-        split: ray.data.read_parquet(str(Path(prepared_dir, split))) for split in ("train", "eval")
+        split: ray.data.read_parquet(join(prepared_dir, split)) for split in ("train", "eval")
     }
     spare_cpus = total_resources().get("CPU", 0) - spec.scaling.num_workers * per_worker.get(
         "CPU", 0
@@ -232,7 +246,7 @@ def _fit(spec: TrainSpec, run_dir: Path, prepared_dir: str, stats: dict, per_wor
         train_fn_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
-            "run_dir": str(run_dir),
+            "run_dir": run_dir,
             "prepared": {
                 "tokenizer": stats["tokenizer"],
                 "train_sequences": stats["train_sequences"],
@@ -250,7 +264,7 @@ def _fit(spec: TrainSpec, run_dir: Path, prepared_dir: str, stats: dict, per_wor
             storage_path=spec.run.storage,
             failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-            callbacks=[FailureRecorder(str(run_dir))],
+            callbacks=[FailureRecorder(run_dir)],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
@@ -274,14 +288,18 @@ class _FailedRun:
         self.checkpoint = None
 
 
-def _summarize(spec: TrainSpec, run_dir: Path, result: Any, started: float) -> dict[str, Any]:
+def _summarize(spec: TrainSpec, run_dir: str, result: Any, started: float) -> dict[str, Any]:
     from jobs.checkpoint import step_of_checkpoint
 
-    rows = m.read_metrics(Path(run_dir, m.METRICS_FILE))
+    rows = m.read_metrics(join(run_dir, m.METRICS_FILE))
     final: dict[str, Any] = {}
     for row in rows:
         final.update(row)
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = None
+    if result.checkpoint:
+        # Ray reports paths inside the filesystem; put the scheme back for URIs.
+        scheme = run_dir.split("://", 1)[0] + "://" if is_remote(run_dir) else ""
+        checkpoint = scheme + result.checkpoint.path
     error = None if result.error is None else _short_error(result.error)
     return {
         "name": spec.name,
@@ -290,27 +308,27 @@ def _summarize(spec: TrainSpec, run_dir: Path, result: Any, started: float) -> d
         "final_metrics": final,
         "error": error,
         "paths": {
-            "run_dir": str(run_dir),
-            "spec": str(run_dir / SPEC_FILE),
-            "metrics": str(run_dir / m.METRICS_FILE),
-            "tensorboard": str(run_dir / m.TENSORBOARD_DIR),
+            "run_dir": run_dir,
+            "spec": join(run_dir, SPEC_FILE),
+            "metrics": join(run_dir, m.METRICS_FILE),
+            "tensorboard": join(run_dir, m.TENSORBOARD_DIR),
             "checkpoint": checkpoint,
-            "model": str(run_dir / MODEL_DIR) if error is None else None,
+            "model": join(run_dir, MODEL_DIR) if error is None else None,
         },
         "attempts": read_attempts(run_dir),
         "wall_time_s": round(time.time() - started, 1),
     }
 
 
-def read_result(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir, RESULT_FILE)
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_result(run_dir: str) -> dict[str, Any] | None:
+    text = read_text(join(run_dir, RESULT_FILE))
+    return json.loads(text) if text else None
 
 
-def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
+def read_attempts(run_dir: str) -> list[dict[str, Any]]:
     """Each start of the worker group, with the error that ended the attempt before it."""
-    attempts = _read_jsonl(Path(run_dir, ATTEMPTS_FILE))
-    failures = _read_jsonl(Path(run_dir, FAILURES_FILE))
+    attempts = _read_jsonl(join(run_dir, ATTEMPTS_FILE))
+    failures = _read_jsonl(join(run_dir, FAILURES_FILE))
     out = []
     for i, attempt in enumerate(attempts):
         prev_start = attempts[i - 1]["started_at"] if i else float("-inf")
@@ -328,10 +346,9 @@ def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _read_jsonl(uri: str) -> list[dict[str, Any]]:
+    text = read_text(uri) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _short_error(error: BaseException) -> str:
@@ -350,14 +367,14 @@ class FailureRecorder(UserCallback):
         errors = "; ".join(
             f"rank {rank}: {_short_error(exc)}" for rank, exc in sorted(worker_exceptions.items())
         )
-        with Path(self.run_dir, FAILURES_FILE).open("a") as f:
-            f.write(json.dumps({"at": time.time(), "error": errors[:4000]}) + "\n")
+        record = {"at": time.time(), "error": errors[:4000]}
+        append_line(join(self.run_dir, FAILURES_FILE), json.dumps(record))
 
 
 class _MetricsTail:
     """Follows `metrics.jsonl` in a thread and hands each new row to a callback."""
 
-    def __init__(self, path: Path, callback: Callable[[dict[str, Any]], None]):
+    def __init__(self, path: str, callback: Callable[[dict[str, Any]], None]):
         self.path, self.callback = path, callback
         self.seen_step = max((r[m.STEP] for r in m.read_metrics(path)), default=0)
         self._stop = threading.Event()

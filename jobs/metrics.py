@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from cluster import storage
 
 STEP = "step"
 TRAIN_LOSS = "train_loss"
@@ -29,20 +32,32 @@ class MetricsLog:
     """Appends one JSON object per logged step to `metrics.jsonl` and mirrors it to TensorBoard.
 
     Runs on rank 0 only. On resume, rows after the checkpoint being resumed from are dropped,
-    so the file shows the trajectory the final model actually followed.
+    so the file shows the trajectory the final model actually followed. With a remote run
+    dir the files are written in a local staging dir and uploaded: `metrics.jsonl` at every
+    row, TensorBoard events at `sync()` (each checkpoint) and `close()`.
     """
 
     def __init__(self, run_dir: str, resumed_from_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(run_dir, METRICS_FILE)
-        kept = [row for row in read_metrics(self.path) if row[STEP] <= resumed_from_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        tmp.replace(self.path)
+        self.run_dir = run_dir
+        self.remote = storage.is_remote(run_dir)
+        self.local_dir = tempfile.mkdtemp(prefix="raygen-metrics-") if self.remote else run_dir
+        if self.remote:
+            storage.download_dir(
+                storage.join(run_dir, TENSORBOARD_DIR), str(Path(self.local_dir, TENSORBOARD_DIR))
+            )
+        kept = [
+            row
+            for row in read_metrics(storage.join(run_dir, METRICS_FILE))
+            if row[STEP] <= resumed_from_step
+        ]
+        self.path = Path(self.local_dir, METRICS_FILE)
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self._upload_metrics()
         self._file = self.path.open("a")
         self._tb = SummaryWriter(
-            str(Path(run_dir, TENSORBOARD_DIR)), purge_step=resumed_from_step + 1
+            str(Path(self.local_dir, TENSORBOARD_DIR)), purge_step=resumed_from_step + 1
         )
 
     def log(self, row: dict[str, Any]) -> None:
@@ -51,19 +66,32 @@ class MetricsLog:
         for key, value in row.items():
             if key != STEP and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, row[STEP])
+        self._upload_metrics()
+
+    def sync(self) -> None:
+        """Upload the TensorBoard events (remote run dirs only)."""
+        self._tb.flush()
+        if self.remote:
+            storage.upload_dir(
+                str(Path(self.local_dir, TENSORBOARD_DIR)),
+                storage.join(self.run_dir, TENSORBOARD_DIR),
+            )
 
     def close(self) -> None:
         self._file.close()
+        self.sync()
         self._tb.close()
 
+    def _upload_metrics(self) -> None:
+        if self.remote:
+            storage.write_text(storage.join(self.run_dir, METRICS_FILE), self.path.read_text())
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+
+def read_metrics(uri: str | Path) -> list[dict[str, Any]]:
     """All rows of a `metrics.jsonl` (an absent file has none; a torn last line is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
+    text = storage.read_text(str(uri))
     rows = []
-    for line in path.read_text().splitlines():
+    for line in (text or "").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

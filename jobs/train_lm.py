@@ -8,6 +8,7 @@ import math
 import os
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster.storage import append_line, is_remote, join, local_copy, upload_dir
 from jobs import metrics as m
 from jobs.checkpoint import restore_latest, save_and_report
 from jobs.deepspeed_config import derive_deepspeed_config
@@ -42,7 +44,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
     seed_everything(spec.train.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(prepared["tokenizer"])
+    tokenizer = AutoTokenizer.from_pretrained(local_copy(prepared["tokenizer"]))
+    if spec.model.pretrained:  # an s3:// model is read from a local, content-keyed cache
+        model_spec = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
+        spec = spec.model_copy(update={"model": model_spec})
     model_config = build_config(
         spec.model, len(tokenizer), spec.data.seq_len, tokenizer.eos_token_id
     )
@@ -145,6 +150,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         if step % spec.train.checkpoint_every == 0 or is_last:
             save_and_report(engine, step, dict(last_metrics), {"step": step})
+            if log:
+                log.sync()
             window_start = time.perf_counter()  # checkpoint time is not step time
 
     export_model(engine, tokenizer, run_dir, rank, spec.deepspeed.zero_stage)
@@ -229,8 +236,7 @@ def record_attempt(run_dir: str, resumed_from_step: int) -> None:
         "rank0_pid": os.getpid(),
         "rank0_node": os.uname().nodename,
     }
-    with Path(run_dir, ATTEMPTS_FILE).open("a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_line(join(run_dir, ATTEMPTS_FILE), json.dumps(entry))
 
 
 def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stage: int) -> None:
@@ -240,6 +246,12 @@ def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stag
     """
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if rank != 0:
+        return
+    if is_remote(run_dir):
+        with tempfile.TemporaryDirectory(prefix="raygen-model-") as tmp:
+            engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            upload_dir(tmp, join(run_dir, MODEL_DIR))
         return
     final, tmp = Path(run_dir, MODEL_DIR), Path(run_dir, MODEL_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

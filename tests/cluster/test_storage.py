@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,3 +56,35 @@ def test_credentials_are_forwarded_from_the_environment(s3_endpoint):
     env = forwarded_env()
     assert env["AWS_ENDPOINT_URL"] == s3_endpoint
     assert env["AWS_ACCESS_KEY_ID"] == os.environ["AWS_ACCESS_KEY_ID"]
+
+
+def test_text_files_append_and_directories_round_trip(bucket, tmp_path):
+    from cluster.storage import (
+        append_line,
+        exists,
+        join,
+        local_copy,
+        read_text,
+        upload_dir,
+        write_text,
+    )
+
+    base = f"s3://{bucket}/run"
+    assert read_text(join(base, "result.json")) is None
+    write_text(join(base, "result.json"), '{"ok": 1}')
+    assert read_text(join(base, "result.json")) == '{"ok": 1}'
+    append_line(join(base, "log.jsonl"), "a")
+    append_line(join(base, "log.jsonl"), "b")
+    assert read_text(join(base, "log.jsonl")) == "a\nb\n"
+
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"123")
+    upload_dir(str(src), join(base, "model"))
+    assert exists(join(base, "model", "sub", "w.bin"))
+    first = local_copy(join(base, "model"), str(tmp_path / "cache"))
+    assert (Path(first) / "sub" / "w.bin").read_bytes() == b"123"
+    assert local_copy(join(base, "model"), str(tmp_path / "cache")) == first  # cached
+    write_text(join(base, "model", "config.json"), '{"changed": true}')
+    assert local_copy(join(base, "model"), str(tmp_path / "cache")) != first  # new content

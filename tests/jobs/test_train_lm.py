@@ -214,3 +214,50 @@ def test_fine_tune_a_pretrained_model_with_zero3(ray_session, tmp_path, zero2_ru
     # Starting from trained weights: the first losses are far below a fresh model's.
     assert rows[0]["train_loss"] < first_before - 0.4
     assert (Path(result["paths"]["model"]) / "model.safetensors").is_file()
+
+
+def test_run_storage_on_s3_trains_exports_and_resumes_there(ray_session, bucket, tmp_path):
+    """Checkpoints, metrics, spec, result, prepared data and the model all land in the bucket."""
+    from transformers import AutoModelForCausalLM
+
+    from cluster.storage import exists, join, list_files, local_copy, read_text
+
+    storage = f"s3://{bucket}/runs"
+    raw = tiny_lm_spec(
+        tmp_path,
+        train__max_steps=20,
+        train__eval_every=10,
+        train__checkpoint_every=10,
+        run__storage=storage,
+    )
+    result = launch(spec_of(raw))
+    run_dir = join(storage, "tiny")
+    assert result["paths"]["run_dir"] == run_dir
+    assert result["paths"]["checkpoint"] == join(run_dir, "checkpoint_00000020")
+    for name in (
+        "spec.yaml",
+        "result.json",
+        "metrics.jsonl",
+        "data/data_stats.json",
+        "model/model.safetensors",
+        "checkpoint_00000020/latest",
+    ):
+        assert exists(join(run_dir, name)), name
+    shards = {
+        f.uri.rsplit("/", 1)[-1] for f in list_files(join(run_dir, "checkpoint_00000020"), ".pt")
+    }
+    assert {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    } <= shards
+    assert list_files(join(run_dir, "tensorboard"), "")
+    assert "AWS_SECRET_ACCESS_KEY" not in read_text(join(run_dir, "spec.yaml"))
+    model = AutoModelForCausalLM.from_pretrained(local_copy(join(run_dir, "model")))
+    assert model.config.model_type == "gpt2"
+
+    raw["train"]["max_steps"] = 30
+    extended = launch(spec_of(raw))
+    assert extended["final_step"] == 30
+    assert extended["attempts"][-1]["resumed_from_step"] == 20
+    steps = [r["step"] for r in read_metrics(join(run_dir, "metrics.jsonl"))]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
