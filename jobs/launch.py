@@ -123,6 +123,11 @@ def run_dir_of(spec: TrainSpec) -> str:
     return join(spec.run.storage, spec.name)
 
 
+def prepared_dir_of(spec: TrainSpec) -> str:
+    """Where the run's prepared data lives: `data.prepared`, default `<run>/data`."""
+    return spec.data.prepared or join(run_dir_of(spec), "data")
+
+
 def fresh_name(spec: TrainSpec) -> str:
     """The spec's name, or `<name>-<k>` with the first k whose run dir is free."""
     if not exists(run_dir_of(spec)):
@@ -184,7 +189,7 @@ def launch(
 
     from jobs.data import prepare_data
 
-    prepared_dir = spec.data.prepared or join(run_dir, "data")
+    prepared_dir = prepared_dir_of(spec)
     stats = prepare_data(spec, prepared_dir)
     world = spec.scaling.num_workers
     per_rank = stats["train_sequences"] // world

@@ -128,12 +128,11 @@ def data_prepare(
     _setup_logging()
     from cluster.connection import connect
     from jobs.data import prepare_data
-    from jobs.launch import run_dir_of, validate_train_spec
+    from jobs.launch import prepared_dir_of, validate_train_spec
 
     resolved = validate_train_spec(train_spec, str(spec))
     connect(address)
-    prepared = resolved.data.prepared or str(run_dir_of(resolved) / "data")
-    stats = prepare_data(resolved, prepared, force=force)
+    stats = prepare_data(resolved, prepared_dir_of(resolved), force=force)
     out.print_json(json.dumps(stats))
 
 
