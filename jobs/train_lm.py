@@ -90,7 +90,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def evaluate() -> dict[str, float]:
         engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)  # (sum of batch losses, batches)
+        # (sum of batch losses, batches), on the device the collective backend expects
+        total = torch.zeros(2, dtype=torch.float64, device=device)
         with torch.no_grad():
             # Every rank runs the same number of forwards (ZeRO-3 gathers per forward).
             for i, batch in enumerate(
@@ -103,9 +104,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 if i % world != rank:
                     continue
                 ids = batch["input_ids"].long()
-                total += torch.tensor(
-                    [engine(input_ids=ids, labels=ids).loss.item(), 1.0], dtype=torch.float64
-                )
+                total[0] += engine(input_ids=ids, labels=ids).loss.double()
+                total[1] += 1
         dist.all_reduce(total)
         engine.train()
         loss = (total[0] / total[1]).item()
@@ -113,24 +113,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     engine.train()
     step = start_step
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    # Losses stay on the device between log steps: no host sync per micro-batch.
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_steps, window_start = 0, time.perf_counter()
     last_metrics: dict[str, Any] = {}
     while step < spec.train.max_steps:
-        step_loss = 0.0
         for _ in range(spec.train.grad_accum):
             ids = next(batches)["input_ids"].long()  # (B, T)
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
-            step_loss += loss.item() / spec.train.grad_accum
+            window_loss += loss.detach().double() / spec.train.grad_accum
         step += 1
-        window_loss += step_loss
         window_steps += 1
 
         is_last = step == spec.train.max_steps
         row: dict[str, Any] = {}
         if step % spec.train.log_every == 0 or is_last:
-            mean_loss = torch.tensor([window_loss / window_steps], dtype=torch.float64)
+            mean_loss = window_loss / window_steps
             dist.all_reduce(mean_loss)
             elapsed = time.perf_counter() - window_start
             row = {
@@ -147,7 +147,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             log.log(row)
         last_metrics.update(row)
         if row:
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
         if step % spec.train.checkpoint_every == 0 or is_last:
             save_and_report(engine, step, dict(last_metrics), {"step": step})
             if log:
