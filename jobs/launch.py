@@ -282,15 +282,19 @@ def _fit(spec: TrainSpec, run_dir: str, prepared_dir: str, stats: dict, per_work
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
         # Workers failed more often than run.max_failures allows: summarize, don't crash.
-        return _FailedRun(exc)
+        try:
+            checkpoint = ray.train.Result.from_path(run_dir).checkpoint
+        except Exception:  # nothing registered yet: no snapshot to read
+            checkpoint = None
+        return _FailedRun(exc, checkpoint)
 
 
 class _FailedRun:
     """Stands in for Ray's Result when `fit` raised: what `_summarize` reads."""
 
-    def __init__(self, error: BaseException):
+    def __init__(self, error: BaseException, checkpoint: Any):
         self.error = error
-        self.checkpoint = None
+        self.checkpoint = checkpoint
 
 
 def _summarize(spec: TrainSpec, run_dir: str, result: Any, started: float) -> dict[str, Any]:
@@ -357,9 +361,24 @@ def _read_jsonl(uri: str) -> list[dict[str, Any]]:
 
 
 def _short_error(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    return " ".join(lines[-3:])[:2000] if lines else type(error).__name__
+    """One line for a failure: per rank for worker-group errors, the process death first."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        return describe_worker_failures(failures)
+    return _last_line(error)
+
+
+def describe_worker_failures(failures: dict[int, BaseException]) -> str:
+    return "; ".join(f"rank {rank}: {_last_line(exc)}" for rank, exc in sorted(failures.items()))
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error)
+    if "worker process has died" in text:
+        # Ray's ActorDiedError: the root cause, not the survivors' broken collectives.
+        return "worker process died (killed, out of memory, or crashed)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:1000] if lines else type(error).__name__
 
 
 class FailureRecorder(UserCallback):
@@ -369,10 +388,7 @@ class FailureRecorder(UserCallback):
         self.run_dir = run_dir
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        errors = "; ".join(
-            f"rank {rank}: {_short_error(exc)}" for rank, exc in sorted(worker_exceptions.items())
-        )
-        record = {"at": time.time(), "error": errors[:4000]}
+        record = {"at": time.time(), "error": describe_worker_failures(worker_exceptions)[:4000]}
         append_line(join(self.run_dir, FAILURES_FILE), json.dumps(record))
 
 

@@ -123,6 +123,33 @@ def test_zero3_bf16_llama_never_holds_the_full_model_and_exports_it(
     assert embed.shape == (512, 64) and embed.abs().sum() > 0
 
 
+def run_and_kill_rank0(raw: dict, run_dir: Path) -> tuple[dict, list[int]]:
+    """Launch `raw` in a thread, SIGKILL rank 0 once a checkpoint is registered, wait.
+
+    Returns the launch outcome ({"result": ...} or {"error": ...}) and the checkpoint steps
+    registered before the kill.
+    """
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = launch(spec_of(raw))
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not registered_checkpoints(snapshot):
+        time.sleep(0.05)
+    checkpointed = registered_checkpoints(snapshot)
+    first = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])
+    os.kill(first["rank0_pid"], signal.SIGKILL)
+    thread.join(timeout=600)
+    return outcome, checkpointed
+
+
 def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, shared_prepared):
     raw = tiny_lm_spec(
         tmp_path,
@@ -132,19 +159,8 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, s
         train__eval_every=100,
         run__max_failures=1,
     )
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=launch(spec_of(raw))))
-    thread.start()
     run_dir = tmp_path / "runs" / "tiny"
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not registered_checkpoints(snapshot):
-        time.sleep(0.05)
-    # Kill rank 0 once Ray Train has registered a checkpoint (that is what must survive).
-    first = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])
-    os.kill(first["rank0_pid"], signal.SIGKILL)
-    checkpointed = registered_checkpoints(snapshot)
-    thread.join(timeout=600)
+    outcome, checkpointed = run_and_kill_rank0(raw, run_dir)
 
     result = outcome["result"]
     assert result["status"] == "completed" and result["final_step"] == 300
@@ -152,9 +168,35 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, s
     assert len(attempts) == 2
     assert attempts[0]["resumed_from_step"] == 0
     assert attempts[1]["resumed_from_step"] >= max(checkpointed) >= 10
-    assert "worker process has died" in attempts[1]["previous_error"]
+    assert attempts[1]["previous_error"].startswith("rank 0: worker process died")
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 300
+
+
+def test_failure_beyond_max_failures_is_reported_with_the_last_checkpoint(
+    ray_session, tmp_path, shared_prepared
+):
+    from jobs.errors import TrainingFailed
+
+    raw = tiny_lm_spec(
+        tmp_path,
+        shared_prepared,
+        train__max_steps=300,
+        train__checkpoint_every=10,
+        train__eval_every=100,
+        run__max_failures=0,
+    )
+    run_dir = tmp_path / "runs" / "tiny"
+    outcome, checkpointed = run_and_kill_rank0(raw, run_dir)
+
+    error = outcome["error"]
+    assert isinstance(error, TrainingFailed) and error.exit_code == 1
+    assert "rank 0: worker process died (killed, out of memory, or crashed)" in str(error)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "failed"
+    assert result["final_step"] >= max(checkpointed) >= 10
+    assert result["paths"]["checkpoint"].endswith(f"checkpoint_{result['final_step']:08d}")
+    assert result["paths"]["model"] is None
 
 
 def registered_checkpoints(snapshot: Path) -> list[int]:
