@@ -123,12 +123,23 @@ def test_zero3_bf16_llama_never_holds_the_full_model_and_exports_it(
     assert embed.shape == (512, 64) and embed.abs().sum() > 0
 
 
-def run_and_kill_rank0(raw: dict, run_dir: Path) -> tuple[dict, list[int]]:
-    """Launch `raw` in a thread, SIGKILL rank 0 once a checkpoint is registered, wait.
+def run_and_kill_rank0(
+    tmp_path: Path, prepared: Path, max_failures: int
+) -> tuple[dict, list[int], Path]:
+    """Launch a 300-step run in a thread, SIGKILL rank 0 once a checkpoint is registered, wait.
 
-    Returns the launch outcome ({"result": ...} or {"error": ...}) and the checkpoint steps
-    registered before the kill.
+    Returns the launch outcome ({"result": ...} or {"error": ...}), the checkpoint steps
+    registered before the kill, and the run dir.
     """
+    raw = tiny_lm_spec(
+        tmp_path,
+        prepared,
+        train__max_steps=300,
+        train__checkpoint_every=10,
+        train__eval_every=100,
+        run__max_failures=max_failures,
+    )
+    run_dir = tmp_path / "runs" / "tiny"
     outcome: dict = {}
 
     def run() -> None:
@@ -147,20 +158,11 @@ def run_and_kill_rank0(raw: dict, run_dir: Path) -> tuple[dict, list[int]]:
     first = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])
     os.kill(first["rank0_pid"], signal.SIGKILL)
     thread.join(timeout=600)
-    return outcome, checkpointed
+    return outcome, checkpointed, run_dir
 
 
 def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, shared_prepared):
-    raw = tiny_lm_spec(
-        tmp_path,
-        shared_prepared,
-        train__max_steps=300,
-        train__checkpoint_every=10,
-        train__eval_every=100,
-        run__max_failures=1,
-    )
-    run_dir = tmp_path / "runs" / "tiny"
-    outcome, checkpointed = run_and_kill_rank0(raw, run_dir)
+    outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, shared_prepared, 1)
 
     result = outcome["result"]
     assert result["status"] == "completed" and result["final_step"] == 300
@@ -178,16 +180,7 @@ def test_failure_beyond_max_failures_is_reported_with_the_last_checkpoint(
 ):
     from jobs.errors import TrainingFailed
 
-    raw = tiny_lm_spec(
-        tmp_path,
-        shared_prepared,
-        train__max_steps=300,
-        train__checkpoint_every=10,
-        train__eval_every=100,
-        run__max_failures=0,
-    )
-    run_dir = tmp_path / "runs" / "tiny"
-    outcome, checkpointed = run_and_kill_rank0(raw, run_dir)
+    outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, shared_prepared, 0)
 
     error = outcome["error"]
     assert isinstance(error, TrainingFailed) and error.exit_code == 1
