@@ -176,6 +176,8 @@ def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
 def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dict[str, Any]:
     """Prepare the spec's corpus into `prepared_dir` (needs a connected Ray) unless fresh.
 
+    `spec` must have passed `jobs.launch.validate_train_spec` (inputs and columns checked).
+
     Returns:
         The data stats (also written to `prepared_dir/data_stats.json`).
 
@@ -186,7 +188,6 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
     d = spec.data
     train_files = list_input_files(d.train, "data.train", d.max_bytes)
     eval_files = list_input_files(d.eval, "data.eval", None) if d.eval else []
-    check_text_column(train_files + eval_files, d.text_column, "data.train")
     fp = fingerprint(spec, train_files, eval_files)
     stats = read_stats(prepared_dir)
     if stats and stats.get("fingerprint") == fp and not force:

@@ -223,7 +223,7 @@ def test_global_batch_larger_than_the_data_is_a_spec_error(ray_session, tmp_path
         launch(spec_of(raw))
 
 
-def test_more_workers_than_the_cluster_has_is_a_spec_error(ray_session):
+def test_worker_shortfall_blocks_only_an_embedded_ray(ray_session):
     from cluster.connection import capacity_problems
 
     found = capacity_problems({"CPU": 1}, 64, embedded=True)

@@ -21,7 +21,7 @@ def check(raw_overrides: list[str], **sections) -> list[str]:
     return info.value.problems
 
 
-def test_valid_spec_passes_and_paths_become_absolute(tmp_path):
+def test_valid_spec_passes_and_paths_become_absolute():
     raw = {"name": "x", "model": {"arch": "gpt2"}, "data": {"train": "builtin:python-stdlib"}}
     spec = validate_train_spec(validate_spec(TrainSpec, raw, "s"), "s")
     assert spec.run.storage.startswith("/")
