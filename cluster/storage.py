@@ -65,13 +65,23 @@ def list_files(uri: str, suffix: str) -> list[FileEntry]:
     fs, path = resolve(uri)
     scheme = uri.split("://", 1)[0] + "://" if is_remote(uri) else ""
     try:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            infos = [info]
-        elif info.type == pafs.FileType.Directory or is_remote(uri):
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if is_remote(uri):
+            # List first: a listing's error says why (e.g. an unknown key); a HEAD's can't.
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            if not infos:
+                info = fs.get_file_info(path)
+                infos = [info] if info.type == pafs.FileType.File else []
+            bucket = path.split("/", 1)[0]
+            if not infos and fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise OSError(f"NoSuchBucket: {bucket}")
         else:
-            raise FileNotFoundError(path)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                infos = [info]
+            elif info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            else:
+                raise FileNotFoundError(path)
     except (OSError, FileNotFoundError) as exc:
         raise storage_error(uri, exc) from None
     return sorted(
@@ -103,18 +113,41 @@ def storage_error(uri: str, exc: BaseException) -> StorageError:
     elif "NO_SUCH_BUCKET" in upper or "NOSUCHBUCKET" in upper:
         bucket = uri.split("://", 1)[-1].split("/", 1)[0]
         cause = f"bucket {bucket!r} does not exist at {endpoint}; create it or fix the URI"
+    elif any(k in upper for k in ("INVALID_ACCESS_KEY", "SIGNATURE", "CREDENTIAL", "TOKEN")):
+        cause = (
+            "credentials rejected; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(and AWS_SESSION_TOKEN for temporary credentials)"
+        )
+    elif is_remote(uri) and not _credentials_configured():
+        cause = (
+            "no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            f"AWS_PROFILE) for {endpoint}"
+        )
     elif "ACCESS_DENIED" in upper or "ACCESSDENIED" in upper or "403" in text:
         cause = "access denied; check that the credentials may read/write this bucket"
     elif "NETWORK_CONNECTION" in upper or "CURLCODE" in upper or "CONNECT" in upper:
         cause = f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL and the network"
-    elif any(k in upper for k in ("INVALID_ACCESS_KEY", "SIGNATURE", "CREDENTIAL", "TOKEN")):
-        cause = (
-            "credentials missing or rejected; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(and AWS_SESSION_TOKEN for temporary credentials)"
-        )
     else:
         cause = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return StorageError(f"{uri}: {cause}.")
+
+
+def _credentials_configured() -> bool:
+    """Whether the environment names any AWS credential source (keys, profile, role)."""
+    sources = (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    )
+    if any(os.environ.get(name) for name in sources):
+        return True
+    shared = os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
+    if Path(shared).expanduser().is_file():
+        return True
+    # On cloud VMs the instance role is found through the metadata service.
+    return os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true"
 
 
 def join(base: str, *parts: str) -> str:
@@ -170,6 +203,19 @@ def append_line(uri: str, line: str) -> None:
             f.write(line.rstrip("\n") + "\n")
         return
     write_text(uri, (read_text(uri) or "") + line.rstrip("\n") + "\n")
+
+
+def upload_file(local_path: str, uri: str) -> None:
+    """Copy one local file to `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    try:
+        pafs.copy_files(
+            local_path, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint_"
+RANK_STATE_DIR = "rank_state"
 _STEP_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -25,17 +26,28 @@ def step_of_checkpoint(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def save_and_report(engine: Any, step: int, metrics: dict[str, Any], client_state: dict) -> None:
+def save_and_report(
+    engine: Any,
+    step: int,
+    metrics: dict[str, Any],
+    client_state: dict,
+    rank_state: dict[str, Any] | None = None,
+) -> None:
     """Every rank saves its DeepSpeed shard, then all report it as one Ray Train checkpoint.
 
     Ray Train merges the ranks' directories into `<run>/checkpoint_<step>/` and registers the
     checkpoint only after every rank's upload finished, so a checkpoint is whole or absent.
+    `rank_state` is this rank's own extra state (e.g. its shard of an EMA of the weights).
     """
     import ray.train
+    import torch
 
     tmp = tempfile.mkdtemp(prefix="raygen-ckpt-")
     try:
         engine.save_checkpoint(tmp, tag=f"step_{step:08d}", client_state=client_state)
+        if rank_state is not None:
+            os.makedirs(os.path.join(tmp, RANK_STATE_DIR))
+            torch.save(rank_state, os.path.join(tmp, RANK_STATE_DIR, _rank_file()))
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -45,19 +57,33 @@ def save_and_report(engine: Any, step: int, metrics: dict[str, Any], client_stat
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore_latest(engine: Any) -> tuple[int, dict[str, Any]]:
+def restore_latest(engine: Any) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
     """Load the latest Ray Train checkpoint into `engine`.
 
     Returns:
-        (step, client_state); (0, {}) when there is nothing to resume from.
+        (step, client_state, this rank's rank_state or None); (0, {}, None) when there is
+        nothing to resume from.
     """
     import ray.train
+    import torch
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, {}
+        return 0, {}, None
     with checkpoint.as_directory() as path:
         load_path, client_state = engine.load_checkpoint(path)
+        rank_file = os.path.join(path, RANK_STATE_DIR, _rank_file())
+        rank_state = (
+            torch.load(rank_file, map_location="cpu", weights_only=True)
+            if os.path.exists(rank_file)
+            else None
+        )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
-    return int(client_state["step"]), client_state
+    return int(client_state["step"]), client_state, rank_state
+
+
+def _rank_file() -> str:
+    import ray.train
+
+    return f"rank_{ray.train.get_context().get_world_rank():05d}.pt"

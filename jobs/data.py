@@ -1,7 +1,7 @@
-"""Prepare a text corpus for language-model training with Ray Data.
+"""Prepare training data with Ray Data: text for language models (images: jobs.image_data).
 
-read -> normalize and filter -> split train/eval by hash -> train the tokenizer (if asked)
--> tokenize and pack into `seq_len` blocks -> Parquet shards + `data_stats.json`.
+Text: read -> normalize and filter -> split train/eval by hash -> train the tokenizer (if
+asked) -> tokenize and pack into `seq_len` blocks -> Parquet shards + `data_stats.json`.
 Preparation is skipped when the shards' fingerprint matches the spec and inputs.
 """
 
@@ -33,7 +33,7 @@ from cluster.storage import (
     write_text,
 )
 from jobs.errors import SpecError
-from jobs.spec import BUILTIN_CORPORA, BUILTIN_PREFIX, DataSpec, TrainSpec
+from jobs.spec import BUILTIN_CORPORA, BUILTIN_IMAGES, BUILTIN_PREFIX, DataSpec, TrainSpec
 from jobs.text import (
     NUM_PERM,
     band_keys,
@@ -49,7 +49,7 @@ from jobs.text import (
 logger = logging.getLogger(__name__)
 
 # Bump when the prepared format or the preparation steps change: old shards become stale.
-PREPARED_FORMAT = 2
+PREPARED_FORMAT = 3
 STATS_FILE = "data_stats.json"
 TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
@@ -64,7 +64,7 @@ class InputFile:
     path: str
     size: int
     mtime_ns: int
-    kind: str  # "parquet" or "text"
+    kind: str  # "parquet", "text" (one document per file) or "digits" (builtin images)
 
 
 def list_input_files(entries: list[str], key: str, max_bytes: int | None) -> list[InputFile]:
@@ -79,11 +79,13 @@ def list_input_files(entries: list[str], key: str, max_bytes: int | None) -> lis
     problems = []
     for entry in entries:
         if entry.startswith(BUILTIN_PREFIX):
-            if entry not in BUILTIN_CORPORA:
-                known = ", ".join(BUILTIN_CORPORA)
-                problems.append(f"`{key}`: unknown builtin corpus {entry!r}; known: {known}.")
-                continue
-            files.extend(_stdlib_sources())
+            if entry in BUILTIN_IMAGES:
+                files.append(InputFile(entry, 0, 0, "digits"))
+            elif entry in BUILTIN_CORPORA:
+                files.extend(_stdlib_sources())
+            else:
+                known = ", ".join([*BUILTIN_CORPORA, *BUILTIN_IMAGES])
+                problems.append(f"`{key}`: unknown builtin data set {entry!r}; known: {known}.")
             continue
         if is_remote(entry):
             found = list_files(entry, ".parquet")  # StorageError names the URI and cause
@@ -158,6 +160,13 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
         "pretrained": spec.model.pretrained,
         "seed": spec.train.seed,
     }
+    if spec.model.family == "diffusion":
+        from jobs.models.diffusion import image_shape
+
+        # The images are resized to the UNet's input, and the FID reference is built from them.
+        identity["tokenizer"] = None
+        identity["image_shape"] = image_shape(spec.model)
+        identity["fid"] = (spec.sampling.fid_extractor, spec.sampling.inception_weights)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -196,6 +205,13 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
 
     logger.info("Preparing data into %s ...", prepared_dir)
     remove_dir(prepared_dir)
+    if spec.model.family == "diffusion":
+        from jobs.image_data import prepare_fid_reference, prepare_images
+
+        stats = prepare_images(spec, prepared_dir, train_files, eval_files, fp)
+        stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
+        write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
+        return stats
 
     rows_in = _count_documents(train_files + eval_files)
     tagged = _read_documents(train_files, d.text_column).map_batches(
@@ -261,6 +277,7 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
 
     stats = {
         "fingerprint": fp,
+        "kind": "text",
         "rows_in": rows_in,
         "rows_out": rows_train + rows_eval,
         **removed,
@@ -274,7 +291,7 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
             pq.ParquetFile(open_input(f.uri)).metadata.num_rows
             for f in list_files(join(prepared_dir, split), ".parquet")
         )
-        stats[f"{split}_sequences"] = sequences
+        stats[f"{split}_sequences"] = stats[f"{split}_examples"] = sequences
         stats[f"{split}_tokens"] = sequences * d.seq_len
     write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
     return stats

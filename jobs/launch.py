@@ -17,11 +17,12 @@ from jobs import metrics as m
 from jobs.deepspeed_config import deepspeed_config_problems
 from jobs.errors import SpecError, TrainingFailed
 from jobs.loader import dump_spec
-from jobs.spec import BUILTIN_PREFIX, TrainSpec, global_batch_size
-from jobs.train_lm import ATTEMPTS_FILE, MODEL_DIR
+from jobs.spec import BUILTIN_IMAGES, BUILTIN_PREFIX, TrainSpec, global_batch_size
+from jobs.worker import ATTEMPTS_FILE, MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
+BUILTIN_DIGITS = next(iter(BUILTIN_IMAGES))
 RESULT_FILE = "result.json"
 SPEC_FILE = "spec.yaml"
 FAILURES_FILE = "failures.jsonl"
@@ -42,14 +43,19 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
     data["model"]["pretrained"] = absolute(spec.model.pretrained)
     data["tokenizer"]["path"] = absolute(spec.tokenizer.path)
     data["run"]["storage"] = absolute(spec.run.storage)
+    data["sampling"]["inception_weights"] = absolute(spec.sampling.inception_weights)
     return TrainSpec.model_validate(data)
 
 
 def spec_problems(spec: TrainSpec) -> list[str]:
     """Everything wrong with a spec that can be found without Ray: one line per problem."""
-    from jobs.data import check_text_column, list_input_files
-    from jobs.models.causal_lm import config_class_problems
+    problems = _common_problems(spec)
+    if spec.model.family == "diffusion":
+        return problems + _diffusion_problems(spec)
+    return problems + _language_model_problems(spec)
 
+
+def _common_problems(spec: TrainSpec) -> list[str]:
     problems: list[str] = []
     t, ds, sc = spec.train, spec.deepspeed, spec.scaling
     if t.precision == "fp16" and not sc.use_gpu:
@@ -70,17 +76,37 @@ def spec_problems(spec: TrainSpec) -> list[str]:
     per_worker = sc.resources_per_worker or {}
     if sc.use_gpu and per_worker.get("GPU", 1) <= 0:
         problems.append("`scaling.resources_per_worker.GPU`: must be > 0 with use_gpu: true.")
-    if spec.model.pretrained and spec.tokenizer.train:
-        problems.append(
-            "`tokenizer.train`: a pretrained model's embeddings belong to its own tokenizer; "
-            "remove tokenizer.train (its tokenizer is used) or train from `model.arch`."
-        )
     if t.warmup_steps >= t.max_steps and t.warmup_steps > 0:
         problems.append(
             f"`train.warmup_steps`: {t.warmup_steps} warm-up steps but max_steps is "
             f"{t.max_steps}; use fewer warm-up steps."
         )
     problems += deepspeed_config_problems(spec, sc.num_workers)
+    return problems
+
+
+def _language_model_problems(spec: TrainSpec) -> list[str]:
+    from jobs.data import check_text_column, list_input_files
+    from jobs.models.causal_lm import config_class_problems
+
+    problems = []
+    for key in ("scheduler", "ema"):
+        if getattr(spec.model, key) is not None:
+            problems.append(
+                f"`model.{key}`: only diffusion models have a {key}; remove it or set "
+                "model.family: diffusion."
+            )
+    if BUILTIN_DIGITS in spec.data.train:
+        problems.append(
+            f"`data.train`: {BUILTIN_DIGITS} is an image data set; a causal-lm trains on text "
+            "(e.g. builtin:python-stdlib), or set model.family: diffusion."
+        )
+        return problems
+    if spec.model.pretrained and spec.tokenizer.train:
+        problems.append(
+            "`tokenizer.train`: a pretrained model's embeddings belong to its own tokenizer; "
+            "remove tokenizer.train (its tokenizer is used) or train from `model.arch`."
+        )
     if spec.model.pretrained and is_remote(spec.model.pretrained):
         problems += _remote_pretrained_problems(spec.model.pretrained)
     else:
@@ -94,6 +120,70 @@ def spec_problems(spec: TrainSpec) -> list[str]:
     for key, entries in (("data.train", d.train), ("data.eval", d.eval or [])):
         try:
             check_text_column(list_input_files(entries, key, None), d.text_column, key)
+        except SpecError as exc:
+            problems += exc.problems
+    return problems
+
+
+def _diffusion_problems(spec: TrainSpec) -> list[str]:
+    from jobs.data import list_input_files
+    from jobs.image_data import check_image_columns
+    from jobs.models.diffusion import unet_problems
+
+    problems = []
+    d, sampling = spec.data, spec.sampling
+    tokenizer = spec.tokenizer
+    if tokenizer.path or tokenizer.train:
+        problems.append("`tokenizer`: diffusion models have no tokenizer; remove the section.")
+    text_sets = [e for e in d.train + (d.eval or []) if e.startswith(BUILTIN_PREFIX)]
+    text_sets = [e for e in text_sets if e != BUILTIN_DIGITS]
+    if text_sets:
+        problems.append(
+            f"`data.train`: {', '.join(text_sets)} is text; a diffusion model trains on images "
+            f"(Parquet with an image column, or {BUILTIN_DIGITS})."
+        )
+    if d.dedupe == "near":
+        problems.append(
+            "`data.dedupe`: near-duplicate detection is for text; images are deduplicated by "
+            "their pixels with dedupe: exact."
+        )
+    labelled = BUILTIN_DIGITS in d.train or d.label_column is not None
+    if BUILTIN_DIGITS in d.train and len(d.train) > 1 and d.label_column is None:
+        problems.append(
+            f"`data.label_column`: mixing {BUILTIN_DIGITS} with Parquet inputs needs their "
+            "label column too; set data.label_column."
+        )
+    if spec.model.arch is not None or spec.model.pretrained:
+        model_problems = unet_problems(spec.model, d.label_column is not None)
+        problems += model_problems
+        from jobs.models.diffusion import num_classes
+
+        if not model_problems and num_classes(spec.model) and not labelled:
+            problems.append(
+                "`data.label_column`: the UNet is class-conditional (num_class_embeds), but "
+                "the data has no labels; set data.label_column (or remove num_class_embeds)."
+            )
+    if sampling.fid_extractor == "classifier" and not labelled:
+        problems.append(
+            "`sampling.fid_extractor`: the classifier is trained on labelled images; set "
+            "data.label_column, or use inception (with inception_weights) or none."
+        )
+    if sampling.fid_extractor == "inception":
+        if not sampling.inception_weights:
+            problems.append(
+                "`sampling.inception_weights`: fid_extractor inception needs the path of a "
+                "TorchScript Inception file (raygen never downloads weights); or use "
+                "fid_extractor: classifier or none."
+            )
+        elif not exists(sampling.inception_weights):
+            problems.append(
+                f"`sampling.inception_weights`: {sampling.inception_weights} does not exist."
+            )
+    if sampling.fid_samples == 1:
+        problems.append("`sampling.fid_samples`: an FID needs at least 2 samples (or 0: off).")
+    for key, entries in (("data.train", d.train), ("data.eval", d.eval or [])):
+        try:
+            check_image_columns(list_input_files(entries, key, None), spec, key)
         except SpecError as exc:
             problems += exc.problems
     return problems
@@ -192,20 +282,24 @@ def launch(
     prepared_dir = prepared_dir_of(spec)
     stats = prepare_data(spec, prepared_dir)
     world = spec.scaling.num_workers
-    per_rank = stats["train_sequences"] // world
+    unit = (
+        "images" if spec.model.family == "diffusion" else f"sequences of {spec.data.seq_len} tokens"
+    )
+    per_rank = stats["train_examples"] // world
     if per_rank < global_batch_size(spec, world) // world:
         raise SpecError(
             source,
             f"`train`: one optimizer step takes micro_batch_size x grad_accum x num_workers = "
-            f"{global_batch_size(spec, world)} sequences of {spec.data.seq_len} tokens, but "
-            f"the prepared training set has only {stats['train_sequences']}; lower "
-            "train.micro_batch_size, train.grad_accum or data.seq_len, or add data.",
+            f"{global_batch_size(spec, world)} {unit}, but the prepared training set has only "
+            f"{stats['train_examples']}; lower train.micro_batch_size or train.grad_accum"
+            + ("" if spec.model.family == "diffusion" else " or data.seq_len")
+            + ", or add data.",
         )
-    if stats["eval_sequences"] < spec.train.micro_batch_size * world:
+    if stats["eval_examples"] < spec.train.micro_batch_size * world:
         raise SpecError(
             source,
-            f"`data`: the evaluation set has {stats['eval_sequences']} sequences, fewer than "
-            f"one micro-batch per worker ({spec.train.micro_batch_size} x {world}); raise "
+            f"`data`: the evaluation set has {stats['eval_examples']} {unit.split()[0]}, fewer "
+            f"than one micro-batch per worker ({spec.train.micro_batch_size} x {world}); raise "
             "data.eval_fraction or lower train.micro_batch_size.",
         )
 
@@ -233,7 +327,25 @@ def _fit(spec: TrainSpec, run_dir: str, prepared_dir: str, stats: dict, per_work
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.connection import total_resources
-    from jobs.train_lm import train_fn_per_worker
+
+    if spec.model.family == "diffusion":
+        from jobs.train_diffusion import train_fn_per_worker
+
+        prepared = {
+            "dir": prepared_dir,
+            "image_shape": stats["image_shape"],
+            "train_examples": stats["train_examples"],
+            "eval_examples": stats["eval_examples"],
+            "fid": stats.get("fid"),
+        }
+    else:
+        from jobs.train_lm import train_fn_per_worker
+
+        prepared = {
+            "tokenizer": stats["tokenizer"],
+            "train_sequences": stats["train_sequences"],
+            "eval_sequences": stats["eval_sequences"],
+        }
 
     options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption
     datasets = {
@@ -252,11 +364,7 @@ def _fit(spec: TrainSpec, run_dir: str, prepared_dir: str, stats: dict, per_work
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "run_dir": run_dir,
-            "prepared": {
-                "tokenizer": stats["tokenizer"],
-                "train_sequences": stats["train_sequences"],
-                "eval_sequences": stats["eval_sequences"],
-            },
+            "prepared": prepared,
         },
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -323,6 +431,9 @@ def _summarize(spec: TrainSpec, run_dir: str, result: Any, started: float) -> di
             "tensorboard": join(run_dir, m.TENSORBOARD_DIR),
             "checkpoint": checkpoint,
             "model": join(run_dir, MODEL_DIR) if error is None else None,
+            "samples": (
+                join(run_dir, m.SAMPLES_DIR) if spec.model.family == "diffusion" else None
+            ),
         },
         "attempts": read_attempts(run_dir),
         "wall_time_s": round(time.time() - started, 1),

@@ -18,9 +18,12 @@ TOKENS_PER_S = "tokens_per_s"
 STEP_TIME_S = "step_time_s"
 EVAL_LOSS = "eval_loss"
 PERPLEXITY = "perplexity"
+FID = "fid"
+FID_EXTRACTOR = "fid_extractor"  # the network whose features the FID compares
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+SAMPLES_DIR = "samples"
 
 
 def perplexity(loss: float) -> float:
@@ -67,6 +70,24 @@ class MetricsLog:
             if key != STEP and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, row[STEP])
         self._upload_metrics()
+
+    def log_image(self, step: int, image: Any) -> str:
+        """Save a uint8 (H, W, C) sample grid as `samples/step_XXXXXX.png` and in TensorBoard.
+
+        Returns the PNG's path or URI.
+        """
+        from jobs.models.diffusion import save_png
+
+        name = f"step_{step:06d}.png"
+        local = Path(self.local_dir, SAMPLES_DIR, name)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        scale = max(1, round(768 / max(image.shape[:2])))  # small grids are enlarged
+        save_png(image, local, scale=scale)
+        self._tb.add_image("samples", image, step, dataformats="HWC")
+        uri = storage.join(self.run_dir, SAMPLES_DIR, name)
+        if self.remote:
+            storage.upload_file(str(local), uri)
+        return uri
 
     def sync(self) -> None:
         """Upload the TensorBoard events (remote run dirs only)."""

@@ -14,6 +14,10 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = {
     "builtin:python-stdlib": "the .py sources of the running Python's standard library",
 }
+BUILTIN_IMAGES = {
+    "builtin:digits": "scikit-learn's 1,797 8x8 handwritten digits, with labels 0-9",
+}
+UNET_ARCHS = ("unet2d",)
 
 
 class Section(BaseModel):
@@ -22,24 +26,63 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class NoiseSchedulerSpec(Section):
+    type: Literal["ddpm", "ddim"] = Field(
+        "ddpm",
+        description="The diffusers scheduler saved with the model (DDPMPipeline or "
+        "DDIMPipeline loads it). Training is the same for both.",
+    )
+    num_train_timesteps: int = Field(1000, ge=2, description="Diffusion steps in training.")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "linear", description="Noise schedule (squaredcos_cap_v2 is the cosine schedule)."
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="What the network predicts: the noise, or the velocity v."
+    )
+
+
+class EmaSpec(Section):
+    decay: float = Field(
+        0.9999,
+        gt=0,
+        lt=1,
+        description="Largest EMA decay; early in training the decay is min(decay, "
+        "(1+step)/(10+step)) so the average follows the fast-changing weights.",
+    )
+
+
 class ModelSpec(Section):
-    family: Literal["causal-lm"] = Field(
-        "causal-lm", description="Model family. `causal-lm`: a transformers causal language model."
+    family: Literal["causal-lm", "diffusion"] = Field(
+        "causal-lm",
+        description="Model family. `causal-lm`: a transformers causal language model. "
+        "`diffusion`: a diffusers UNet image model with a noise scheduler.",
     )
     arch: str | None = Field(
         None,
-        description="A transformers architecture (model_type) built from scratch from `config`, "
-        "e.g. gpt2, llama, mistral. Exactly one of `arch` and `pretrained`.",
+        description="Built from scratch from `config`: a transformers architecture "
+        "(model_type, e.g. gpt2, llama, mistral) for causal-lm; `unet2d` (diffusers "
+        "UNet2DModel) for diffusion. Exactly one of `arch` and `pretrained`.",
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments of the architecture's config class (e.g. n_layer, "
-        "hidden_size). The vocabulary size is taken from the tokenizer.",
+        "hidden_size; for unet2d: sample_size, in_channels, block_out_channels, "
+        "layers_per_block, down_block_types, num_class_embeds). A language model's "
+        "vocabulary size is taken from the tokenizer.",
     )
     pretrained: str | None = Field(
         None,
         description="A directory saved with `save_pretrained` (config + safetensors weights) to "
-        "fine-tune. Exactly one of `arch` and `pretrained`.",
+        "fine-tune; for diffusion, a diffusers pipeline directory (with unet/) or a UNet "
+        "directory. Exactly one of `arch` and `pretrained`.",
+    )
+    scheduler: NoiseSchedulerSpec | None = Field(
+        None, description="Diffusion only: the noise scheduler (default: DDPM, 1000 steps)."
+    )
+    ema: EmaSpec | None = Field(
+        None,
+        description="Diffusion only: keep an exponential moving average of the weights, "
+        "used for sampling, evaluation and export.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
@@ -65,10 +108,24 @@ class ModelSpec(Section):
 
 class DataSpec(Section):
     train: list[str] = Field(
-        description="Training corpus: Parquet files or directories of Parquet files, or "
-        "`builtin:python-stdlib` (the standard library's .py sources)."
+        description="Training data: Parquet files or directories of Parquet files (local or "
+        "s3://), or a builtin set: `builtin:python-stdlib` (the standard library's .py "
+        "sources, text) or `builtin:digits` (8x8 handwritten digits with labels, images)."
     )
     text_column: str = Field("text", description="Column holding the text in Parquet inputs.")
+    image_column: str = Field(
+        "image",
+        description="Diffusion: column holding encoded images (PNG/JPEG bytes, or the "
+        "`{bytes, path}` struct of Hugging Face datasets) in Parquet inputs.",
+    )
+    label_column: str | None = Field(
+        None,
+        description="Diffusion: integer class-label column for class-conditional training "
+        "(builtin:digits brings its own labels).",
+    )
+    random_flip: bool = Field(
+        False, description="Diffusion: flip training images horizontally at random."
+    )
     eval: list[str] | None = Field(
         None, description="Separate evaluation corpus (same forms as `train`)."
     )
@@ -107,8 +164,9 @@ class DataSpec(Section):
     )
     dedupe: Literal["none", "exact", "near"] = Field(
         "exact",
-        description="Remove duplicates: `exact` (same normalized text) or `near` (exact, then "
-        "MinHash/LSH near-duplicates at `near_dup_threshold`).",
+        description="Remove duplicates: `exact` (same normalized text; for images, the same "
+        "pixels after resizing) or `near` (text: exact, then MinHash/LSH near-duplicates at "
+        "`near_dup_threshold`).",
     )
     near_dup_threshold: float = Field(
         0.8,
@@ -158,7 +216,9 @@ class TokenizerSpec(Section):
 
 class TrainSection(Section):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train for.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Sequences (or images) per worker per forward pass."
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
     min_lr_ratio: float = Field(
@@ -203,6 +263,37 @@ class DeepSpeedSpec(Section):
     )
 
 
+class SamplingSpec(Section):
+    steps: int = Field(
+        50, ge=1, le=1000, description="Diffusion: DDIM denoising steps for evaluation samples."
+    )
+    grid_images: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Diffusion: images in each evaluation grid `samples/step_*.png` (fixed "
+        "seeds; rounded up to whole rows of classes for class-conditional models).",
+    )
+    fid_samples: int = Field(
+        256,
+        ge=0,
+        description="Diffusion: images generated for the FID at each evaluation; 0 disables "
+        "FID. Use at least the feature dimension (128 for `classifier`).",
+    )
+    fid_extractor: Literal["auto", "classifier", "inception", "none"] = Field(
+        "auto",
+        description="Diffusion: FID features. `classifier`: a small CNN trained on the run's "
+        "labelled images (stored with the prepared data); `inception`: the TorchScript "
+        "Inception at `inception_weights`; `auto`: classifier when the data has labels, "
+        "else none.",
+    )
+    inception_weights: str | None = Field(
+        None,
+        description="Path of a TorchScript Inception feature extractor (called on (N, 3, H, "
+        "W) floats in [0, 255], returning (N, D) features); never downloaded.",
+    )
+
+
 class ScalingSpec(Section):
     num_workers: int = Field(2, ge=1, description="Training worker processes (one per GPU).")
     use_gpu: bool = Field(False, description="Give each worker one GPU.")
@@ -240,11 +331,15 @@ class TrainSpec(Section):
     deepspeed: DeepSpeedSpec = Field(
         default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO sharding."
     )
+    sampling: SamplingSpec = Field(
+        default_factory=SamplingSpec,
+        description="Diffusion: evaluation samples and FID.",
+    )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers.")
     run: RunSpec = Field(default_factory=RunSpec, description="Storage and fault tolerance.")
 
 
 def global_batch_size(spec: TrainSpec, world_size: int | None = None) -> int:
-    """Sequences per optimizer step: micro batch x gradient accumulation x world size."""
+    """Examples (sequences or images) per optimizer step: micro x accumulation x workers."""
     world = spec.scaling.num_workers if world_size is None else world_size
     return spec.train.micro_batch_size * spec.train.grad_accum * world

@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import random
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from cluster.storage import append_line, is_remote, join, local_copy, upload_dir
+from cluster.storage import local_copy
 from jobs import metrics as m
 from jobs.checkpoint import restore_latest, save_and_report
 from jobs.deepspeed_config import derive_deepspeed_config
 from jobs.models.causal_lm import build_causal_lm, build_config
 from jobs.spec import TrainSpec, global_batch_size
+from jobs.worker import (
+    MODEL_DIR,
+    build_optimizer,
+    lr_lambda,
+    micro_batches,
+    publish_dir,
+    record_attempt,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
-
-ATTEMPTS_FILE = "attempts.jsonl"
-MODEL_DIR = "model"
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -71,7 +69,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
     )
 
-    start_step, _ = restore_latest(engine)
+    start_step, _, _ = restore_latest(engine)
     seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
     if rank == 0:
         record_attempt(run_dir, start_step)
@@ -161,85 +159,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     del zero3
 
 
-def micro_batches(spec: TrainSpec, shard: Any, per_epoch: int, skip: int):
-    """Endless micro-batches of this rank's shard, one epoch after another.
-
-    Resumes exactly: the order is fixed by the seed and epoch, and the first `skip`
-    micro-batches (already trained on) are passed over.
-    """
-    if per_epoch == 0:
-        raise RuntimeError("the training shard holds less than one micro-batch")
-    epoch, offset = divmod(skip, per_epoch)
-    while True:
-        iterator = shard.iter_torch_batches(
-            batch_size=spec.train.micro_batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=max(spec.train.micro_batch_size * 16, 256),
-            local_shuffle_seed=spec.train.seed * 100_003 + epoch,
-        )
-        for i, batch in enumerate(iterator):
-            if i >= per_epoch:
-                break
-            if i >= offset:
-                yield batch
-        epoch, offset = epoch + 1, 0
-
-
-def build_optimizer(spec: TrainSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with no weight decay on biases and norms; DeepSpeed's CPU Adam when offloading."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            # ZeRO-3 parameters are flat partitions; `ds_shape` keeps the real shape.
-            ndim = len(getattr(param, "ds_shape", param.shape))
-            (decay if ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": spec.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if spec.deepspeed.offload_optimizer == "cpu":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=spec.train.lr, betas=spec.train.adam_betas)
-    return torch.optim.AdamW(groups, lr=spec.train.lr, betas=spec.train.adam_betas)
-
-
-def lr_lambda(spec: TrainSpec):
-    """Multiplier of the peak LR at each step: linear warm-up, then the spec's decay."""
-    t = spec.train
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        if t.lr_schedule == "linear":
-            decay = 1.0 - progress
-        else:
-            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
-
-    return factor
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def record_attempt(run_dir: str, resumed_from_step: int) -> None:
-    """Append this start of the worker group to the run's attempt log (rank 0)."""
-    entry = {
-        "started_at": time.time(),
-        "resumed_from_step": resumed_from_step,
-        "rank0_pid": os.getpid(),
-        "rank0_node": os.uname().nodename,
-    }
-    append_line(join(run_dir, ATTEMPTS_FILE), json.dumps(entry))
-
-
 def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stage: int) -> None:
     """Save the consolidated weights and tokenizer to `<run>/model` (safetensors).
 
@@ -248,15 +167,9 @@ def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stag
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if rank != 0:
         return
-    if is_remote(run_dir):
-        with tempfile.TemporaryDirectory(prefix="raygen-model-") as tmp:
-            engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            upload_dir(tmp, join(run_dir, MODEL_DIR))
-        return
-    final, tmp = Path(run_dir, MODEL_DIR), Path(run_dir, MODEL_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.replace(final)
+
+    def write(out: str) -> None:
+        engine.module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    publish_dir(run_dir, MODEL_DIR, write)

@@ -136,6 +136,47 @@ def data_prepare(
     out.print_json(json.dumps(stats))
 
 
+@app.command()
+@user_errors
+def sample(
+    model_dir: Annotated[str, typer.Argument(help="A diffusion run's model/ dir (or s3:// URI).")],
+    n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Images to generate.")] = 16,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 50,
+    class_label: Annotated[
+        int | None,
+        typer.Option("--class-label", help="Class of every image (conditional models)."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the starting noise.")] = 0,
+    scheduler: Annotated[
+        str | None,
+        typer.Option("--scheduler", help="ddpm or ddim; default: the one saved with the model."),
+    ] = None,
+    out_path: Annotated[Path, typer.Option("--out", help="PNG grid to write.")] = Path(
+        "samples.png"
+    ),
+    out_dir: Annotated[
+        Path | None, typer.Option("--out-dir", help="Also write each image as a PNG here.")
+    ] = None,
+) -> None:
+    """Generate images with a trained diffusion model and write them as a PNG grid."""
+    if scheduler not in (None, "ddpm", "ddim"):
+        raise typer.BadParameter(f"--scheduler must be ddpm or ddim, not {scheduler!r}")
+    from jobs.models.diffusion import image_grid, save_png
+    from jobs.sampling import sample_model
+
+    images, labels = sample_model(model_dir, n, steps, class_label, seed, scheduler)
+    columns = max(labels) + 1 if labels and class_label is None else min(8, n)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(image_grid(images, columns), out_path, scale=max(1, 512 // (columns * 20)))
+    out.print(f"wrote {n} samples to {out_path}")
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            suffix = f"_class{labels[i]}" if labels else ""
+            save_png(image, out_dir / f"sample_{i:04d}{suffix}.png")
+        out.print(f"wrote {n} PNGs to {out_dir}")
+
+
 def _print_row(row: dict[str, Any]) -> None:
     from jobs import metrics as m
 
@@ -143,10 +184,18 @@ def _print_row(row: dict[str, Any]) -> None:
     if m.TRAIN_LOSS in row:
         parts.append(f"loss {row[m.TRAIN_LOSS]:.4f}")
         parts.append(f"lr {row[m.LR]:.2e}")
-        parts.append(f"{row[m.TOKENS_PER_S]:,.0f} tok/s")
+        if m.TOKENS_PER_S in row:
+            parts.append(f"{row[m.TOKENS_PER_S]:,.0f} tok/s")
+        else:
+            parts.append(f"{row[m.SAMPLES_PER_S]:,.1f} samples/s")
         parts.append(f"{row[m.STEP_TIME_S]:.3f} s/step")
     if m.EVAL_LOSS in row:
-        parts.append(f"[cyan]eval_loss {row[m.EVAL_LOSS]:.4f} ppl {row[m.PERPLEXITY]:.1f}[/]")
+        evaluation = f"eval_loss {row[m.EVAL_LOSS]:.4f}"
+        if m.PERPLEXITY in row:
+            evaluation += f" ppl {row[m.PERPLEXITY]:.1f}"
+        if m.FID in row:
+            evaluation += f" fid({row[m.FID_EXTRACTOR]}) {row[m.FID]:.2f}"
+        parts.append(f"[cyan]{evaluation}[/]")
     out.print("  ".join(parts), highlight=False, soft_wrap=True)
 
 
@@ -166,9 +215,11 @@ def _print_summary(result: dict[str, Any]) -> None:
             f"{result['wall_time_s']:.0f} s"
             + (f" after {restarts} recovered failure(s)" if restarts else "")
         )
-    for key in ("train_loss", "eval_loss", "perplexity"):
+    for key in ("train_loss", "eval_loss", "perplexity", "fid"):
         if key in metrics:
             out.print(f"  {key:<11} {metrics[key]:.4f}")
+    if paths.get("samples"):
+        out.print(f"  samples     {paths['samples']}")
     out.print(f"  model       {paths['model']}")
     out.print(
         f"  run         {paths['run_dir']}  (metrics.jsonl, tensorboard/, result.json)",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +124,47 @@ def tiny_lm_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> d
             node = node.setdefault(part, {})
         node[leaf] = value
     return spec
+
+
+def run_and_kill_rank0(
+    tmp_path: Path, raw: dict, max_failures: int
+) -> tuple[dict, list[int], Path]:
+    """Launch `raw` for 300 steps in a thread, SIGKILL rank 0 once a checkpoint is registered.
+
+    Returns the launch outcome ({"result": ...} or {"error": ...}), the checkpoint steps
+    registered before the kill, and the run dir.
+    """
+    from jobs.launch import launch
+    from jobs.spec import TrainSpec
+
+    raw = {**raw, "train": {**raw["train"], "max_steps": 300, "checkpoint_every": 10}}
+    raw["run"] = {**raw["run"], "max_failures": max_failures}
+    run_dir = Path(raw["run"]["storage"]) / raw["name"]
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = launch(TrainSpec.model_validate(raw))
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not registered_checkpoints(snapshot):
+        time.sleep(0.05)
+    checkpointed = registered_checkpoints(snapshot)
+    first = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])
+    os.kill(first["rank0_pid"], signal.SIGKILL)
+    thread.join(timeout=600)
+    return outcome, checkpointed, run_dir
+
+
+def registered_checkpoints(snapshot: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered."""
+    try:
+        state = json.loads(snapshot.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [int(r["checkpoint_dir_name"].split("_")[1]) for r in state["checkpoint_results"]]

@@ -88,3 +88,73 @@ def test_text_files_append_and_directories_round_trip(bucket, tmp_path):
     assert local_copy(join(base, "model"), str(tmp_path / "cache")) == first  # cached
     write_text(join(base, "model", "config.json"), '{"changed": true}')
     assert local_copy(join(base, "model"), str(tmp_path / "cache")) != first  # new content
+
+
+@pytest.fixture(scope="module")
+def authenticating_s3(s3_endpoint):
+    """A second moto server that checks credentials (IAM), in its own process.
+
+    The first 4 requests are let through to set it up: a user `reader` with an access key
+    and no permissions, and a bucket `locked`. Returns (endpoint, reader's key id, secret).
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+    options = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+    iam = boto3.client("iam", **options)
+    iam.create_user(UserName="reader")
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    boto3.client("s3", **options).create_bucket(Bucket="locked")
+    yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("credentials", "cause"),
+    [
+        ("reader", "access denied; check that the credentials may read/write this bucket"),
+        (("AKIAIOSFODNN7EXAMPLE", "wrong"), "credentials rejected; check AWS_ACCESS_KEY_ID"),
+        (None, "no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ],
+    ids=["access-denied", "unknown-key", "no-credentials"],
+)
+def test_credential_problems_are_named(authenticating_s3, monkeypatch, credentials, cause):
+    endpoint, key_id, secret = authenticating_s3
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask a cloud's IMDS
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    if credentials is None:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    else:
+        key, value = (key_id, secret) if credentials == "reader" else credentials
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", value)
+    with pytest.raises(StorageError) as info:
+        list_files("s3://locked/corpus", ".parquet")
+    assert str(info.value).startswith(f"s3://locked/corpus: {cause}")

@@ -13,14 +13,49 @@ from jobs.spec import TrainSpec
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "examples").glob("*.yaml"))
 
 
+@pytest.fixture
+def example_bucket(s3_endpoint):
+    """`s3://raygen-examples` on the test S3 server, with one Parquet shard of images."""
+    import io
+
+    import boto3
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    client = boto3.client("s3")
+    if "raygen-examples" not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket="raygen-examples")
+    image = io.BytesIO()
+    Image.new("RGB", (300, 260)).save(image, format="JPEG")
+    shard = io.BytesIO()
+    pq.write_table(pa.table({"image": [{"bytes": image.getvalue(), "path": "0.jpg"}]}), shard)
+    client.put_object(
+        Bucket="raygen-examples", Key="images/train/part-0.parquet", Body=shard.getvalue()
+    )
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_validates(path):
+def test_example_validates(path, example_bucket):
     spec = validate_train_spec(load_spec(TrainSpec, path), str(path))
     assert spec.name == path.stem
 
 
 def test_examples_exist():
-    assert {p.name for p in EXAMPLES} >= {"code-lm-tiny.yaml", "llama-7b-zero3.yaml"}
+    assert {p.name for p in EXAMPLES} >= {
+        "code-lm-tiny.yaml",
+        "llama-7b-zero3.yaml",
+        "digits-ddpm.yaml",
+        "unet256-s3-zero2.yaml",
+    }
+
+
+def test_large_diffusion_example_is_the_size_it_claims():
+    from jobs.models.diffusion import build_unet
+
+    spec = load_spec(TrainSpec, EXAMPLES[[p.name for p in EXAMPLES].index("unet256-s3-zero2.yaml")])
+    params = sum(p.numel() for p in build_unet(spec.model).parameters())
+    assert 1.0e8 < params < 1.3e8
 
 
 def test_large_example_is_the_size_it_claims():

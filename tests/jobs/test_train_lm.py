@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +11,7 @@ from jobs.launch import fresh_name, launch
 from jobs.loader import validate_spec
 from jobs.metrics import read_metrics
 from jobs.spec import TrainSpec
-from tests.conftest import tiny_lm_spec
+from tests.conftest import run_and_kill_rank0, tiny_lm_spec
 
 
 def spec_of(raw: dict) -> TrainSpec:
@@ -123,46 +119,9 @@ def test_zero3_bf16_llama_never_holds_the_full_model_and_exports_it(
     assert embed.shape == (512, 64) and embed.abs().sum() > 0
 
 
-def run_and_kill_rank0(
-    tmp_path: Path, prepared: Path, max_failures: int
-) -> tuple[dict, list[int], Path]:
-    """Launch a 300-step run in a thread, SIGKILL rank 0 once a checkpoint is registered, wait.
-
-    Returns the launch outcome ({"result": ...} or {"error": ...}), the checkpoint steps
-    registered before the kill, and the run dir.
-    """
-    raw = tiny_lm_spec(
-        tmp_path,
-        prepared,
-        train__max_steps=300,
-        train__checkpoint_every=10,
-        train__eval_every=100,
-        run__max_failures=max_failures,
-    )
-    run_dir = tmp_path / "runs" / "tiny"
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = launch(spec_of(raw))
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not registered_checkpoints(snapshot):
-        time.sleep(0.05)
-    checkpointed = registered_checkpoints(snapshot)
-    first = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])
-    os.kill(first["rank0_pid"], signal.SIGKILL)
-    thread.join(timeout=600)
-    return outcome, checkpointed, run_dir
-
-
 def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, shared_prepared):
-    outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, shared_prepared, 1)
+    raw = tiny_lm_spec(tmp_path, shared_prepared, train__eval_every=100)
+    outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, raw, max_failures=1)
 
     result = outcome["result"]
     assert result["status"] == "completed" and result["final_step"] == 300
@@ -180,7 +139,8 @@ def test_failure_beyond_max_failures_is_reported_with_the_last_checkpoint(
 ):
     from jobs.errors import TrainingFailed
 
-    outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, shared_prepared, 0)
+    raw = tiny_lm_spec(tmp_path, shared_prepared, train__eval_every=100)
+    outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, raw, max_failures=0)
 
     error = outcome["error"]
     assert isinstance(error, TrainingFailed) and error.exit_code == 1
@@ -190,15 +150,6 @@ def test_failure_beyond_max_failures_is_reported_with_the_last_checkpoint(
     assert result["final_step"] >= max(checkpointed) >= 10
     assert result["paths"]["checkpoint"].endswith(f"checkpoint_{result['final_step']:08d}")
     assert result["paths"]["model"] is None
-
-
-def registered_checkpoints(snapshot: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train's controller has registered."""
-    try:
-        state = json.loads(snapshot.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-    return [int(r["checkpoint_dir_name"].split("_")[1]) for r in state["checkpoint_results"]]
 
 
 def test_corpus_empty_after_filtering_is_a_spec_error(ray_session, tmp_path):

@@ -1,0 +1,355 @@
+"""Prepare image data for diffusion training with Ray Data.
+
+read (Parquet image column, or builtin:digits) -> decode, resize, center-crop -> drop
+undecodable images and duplicate pixels -> split train/eval by hash -> Parquet shards of
+uint8 pixels (C*H*W) and labels + `data_stats.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.storage import is_remote, join, list_files, open_input
+from jobs.errors import SpecError
+from jobs.spec import TrainSpec
+
+logger = logging.getLogger(__name__)
+
+DIGITS = "builtin:digits"
+NO_LABEL = -1
+
+
+def digits_table() -> pa.Table:
+    """scikit-learn's bundled 8x8 digits as a table of PNG bytes (`image`) and `label`."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # (N, 8, 8), 0..16
+    encoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image, mode="L").save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return pa.table({"image": pa.array(encoded, pa.binary()), "label": digits.target})
+
+
+def fit_image(data: bytes, channels: int, size: int) -> np.ndarray:
+    """Decode PNG/JPEG bytes, scale the short side to `size`, center-crop: (C, size, size) uint8.
+
+    Raises:
+        OSError, ValueError: the bytes are not a decodable image.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        scale = size / min(image.size)
+        width, height = (
+            max(size, round(image.width * scale)),
+            max(size, round(image.height * scale)),
+        )
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (width - size) // 2, (height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        array = np.asarray(image, dtype=np.uint8)
+    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+def image_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of a cell: plain binary, or a `{bytes, path}` struct."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return value if isinstance(value, (bytes, bytearray)) and value else None
+
+
+class _DecodeImages:
+    """Decode, resize and hash each image; tag rows to remove with a reason ('' when kept)."""
+
+    def __init__(self, channels: int, size: int, source: str):
+        self.channels, self.size, self.source = channels, size, source
+        self.pixels_per_image = channels * size * size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        pixels, hashes, reasons = [], [], []
+        for value in batch["image"].to_pylist():
+            data = image_bytes(value)
+            try:
+                array = fit_image(data, self.channels, self.size) if data else None
+            except (OSError, ValueError, SyntaxError):  # PIL's errors for corrupt files
+                array = None
+            if array is None:
+                pixels.append(bytes(self.pixels_per_image))
+                hashes.append("")
+                reasons.append("removed_undecodable")
+                continue
+            raw = array.tobytes()
+            pixels.append(raw)
+            hashes.append(hashlib.blake2b(raw, digest_size=16).hexdigest())
+            reasons.append("")
+        labels = batch["label"] if "label" in batch.column_names else None
+        return pa.table(
+            {
+                "pixels": pa.array(pixels, pa.binary()),
+                "hash": pa.array(hashes, pa.string()),
+                "label": (
+                    labels.cast(pa.int64())
+                    if labels is not None
+                    else pa.array([NO_LABEL] * len(pixels), pa.int64())
+                ),
+                "source": [self.source] * len(pixels),
+                "reason": reasons,
+            }
+        )
+
+
+def read_images(files: list[Any], spec: TrainSpec, source: str) -> Any:
+    """A Ray Dataset of decoded images of `files` (InputFile) with hash/label/reason columns."""
+    import ray.data
+
+    from jobs.models.diffusion import image_shape
+
+    channels, size, _ = image_shape(spec.model)
+    d = spec.data
+    parts = []
+    if any(f.kind == "digits" for f in files):
+        parts.append(ray.data.from_arrow(digits_table()))
+    parquet = [f.path for f in files if f.kind == "parquet"]
+    columns = [d.image_column] + ([d.label_column] if d.label_column else [])
+    renames = {d.image_column: "image", **({d.label_column: "label"} if d.label_column else {})}
+    for group in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
+        if group:
+            ds = ray.data.read_parquet(group, columns=columns)
+            parts.append(ds.rename_columns({k: v for k, v in renames.items() if k != v}))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    return ds.map_batches(_DecodeImages(channels, size, source), batch_format="pyarrow")
+
+
+def to_training_rows(batch: pa.Table) -> pa.Table:
+    """Prepared shard schema: `pixels` fixed-size uint8 lists (C*H*W) and int64 `label`."""
+    raw = b"".join(batch["pixels"].to_pylist())
+    n = batch.num_rows
+    flat = np.frombuffer(raw, dtype=np.uint8)
+    width = len(flat) // n if n else 0
+    return pa.table(
+        {
+            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint8()), width),
+            "label": batch["label"],
+        }
+    )
+
+
+def check_image_columns(files: list[Any], spec: TrainSpec, key: str) -> None:
+    """Raise a SpecError naming the available columns when a Parquet input lacks one."""
+    d = spec.data
+    wanted = [("data.image_column", d.image_column)]
+    if d.label_column:
+        wanted.append(("data.label_column", d.label_column))
+    for f in files:
+        if f.kind != "parquet":
+            continue
+        try:
+            with open_input(f.path) as handle:
+                schema = pq.read_schema(handle)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SpecError(key, f"{f.path} is not a readable Parquet file: {exc}.") from None
+        for option, column in wanted:
+            if column not in schema.names:
+                raise SpecError(
+                    option,
+                    f"{f.path} has no column {column!r}; its columns are "
+                    f"{', '.join(schema.names)}. Set `{option}` to the right one.",
+                )
+        image_type = schema.field(d.image_column).type
+        if not (
+            pa.types.is_binary(image_type)
+            or pa.types.is_large_binary(image_type)
+            or (pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0)
+        ):
+            raise SpecError(
+                "data.image_column",
+                f"column {d.image_column!r} of {f.path} is {image_type}, not encoded image bytes "
+                "(binary, or a struct with a `bytes` field); store PNG/JPEG bytes.",
+            )
+        if d.label_column and not pa.types.is_integer(schema.field(d.label_column).type):
+            raise SpecError(
+                "data.label_column",
+                f"column {d.label_column!r} of {f.path} is "
+                f"{schema.field(d.label_column).type}; class labels must be integers 0..K-1.",
+            )
+
+
+def count_rows(files: list[Any]) -> int:
+    """Images in the inputs, from Parquet metadata."""
+    total = 0
+    for f in files:
+        if f.kind == "digits":
+            total += 1797
+        else:
+            with open_input(f.path) as handle:
+                total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def shard_rows(prepared_dir: str, split: str) -> int:
+    total = 0
+    for f in list_files(join(prepared_dir, split), ".parquet"):
+        with open_input(f.uri) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def read_prepared_pixels(
+    prepared_dir: str, split: str, shape: tuple[int, int, int], limit: int | None = None
+) -> tuple[Any, Any]:
+    """(uint8 pixels (N, C, H, W), int64 labels (N,)) of a prepared split, as torch tensors."""
+    import torch
+
+    tables, rows = [], 0
+    for f in list_files(join(prepared_dir, split), ".parquet"):
+        with open_input(f.uri) as handle:
+            tables.append(pq.read_table(handle))
+        rows += tables[-1].num_rows
+        if limit is not None and rows >= limit:
+            break
+    table = pa.concat_tables(tables)
+    if limit is not None:
+        table = table.slice(0, limit)
+    pixels = table["pixels"].combine_chunks().flatten().to_numpy()
+    return (
+        torch.from_numpy(pixels.reshape(table.num_rows, *shape).copy()),
+        torch.from_numpy(table["label"].to_numpy().astype(np.int64)),
+    )
+
+
+def to_model_range(pixels: Any) -> Any:
+    """uint8 pixels -> float images in [-1, 1] (the range the UNet is trained on)."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def batch_to_tensors(batch: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """A batch of prepared rows -> (images (N, C, H, W) in [-1, 1], int64 labels (N,))."""
+    pixels = batch["pixels"]
+    return to_model_range(pixels.reshape(len(pixels), *shape)), batch["label"].long()
+
+
+class _AssignImageSplit:
+    def __init__(self, eval_fraction: float, seed: int):
+        self.eval_fraction, self.seed = eval_fraction, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from jobs.data import in_eval_split
+
+        splits = [
+            "eval"
+            if source == "eval"
+            or (self.eval_fraction > 0 and in_eval_split(key, self.eval_fraction, self.seed))
+            else "train"
+            for key, source in zip(
+                batch["hash"].to_pylist(), batch["source"].to_pylist(), strict=True
+            )
+        ]
+        return batch.select(["pixels", "label"]).append_column("split", pa.array(splits))
+
+
+def prepare_images(
+    spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
+) -> dict[str, Any]:
+    """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray)."""
+    from jobs.data import _one_per_hash
+    from jobs.models.diffusion import image_shape, num_classes
+
+    d = spec.data
+    shape = image_shape(spec.model)
+    rows_in = count_rows(train_files + eval_files)
+    tagged = read_images(train_files, spec, "train")
+    if eval_files:
+        tagged = tagged.union(read_images(eval_files, spec, "eval"))
+    tagged = tagged.materialize()
+    removed = {"removed_undecodable": 0, "removed_duplicates": 0}
+    for row in tagged.groupby("reason").count().take_all():
+        if row["reason"]:
+            removed[row["reason"]] = row["count()"]
+
+    images = tagged.filter(expr="reason == ''").materialize()
+    if d.dedupe != "none":
+        before = images.count()
+        images = images.groupby("hash").map_groups(_one_per_hash, batch_format="pyarrow")
+        images = images.materialize()
+        removed["removed_duplicates"] = before - images.count()
+    if images.count() == 0:
+        raise SpecError(
+            "data.train",
+            f"no images left ({rows_in} read, {removed['removed_undecodable']} undecodable); "
+            f"check that `data.image_column` ({d.image_column}) holds PNG/JPEG bytes.",
+        )
+    labelled = d.train == [DIGITS] or d.label_column is not None
+    classes = num_classes(spec.model)
+    if labelled:
+        low, high = images.min("label"), images.max("label")
+        if low < 0 or (classes and high >= classes):
+            raise SpecError(
+                "data.label_column",
+                f"labels range from {low} to {high}, but the UNet has num_class_embeds="
+                f"{classes}: labels must be 0..{classes - 1 if classes else 'K-1'}; fix the "
+                "labels or model.config.num_class_embeds.",
+            )
+
+    eval_fraction = 0.0 if eval_files else d.eval_fraction
+    images = images.map_batches(
+        _AssignImageSplit(eval_fraction, spec.train.seed), batch_format="pyarrow"
+    ).materialize()
+    counts = {"train": 0, "eval": 0}
+    for split in counts:
+        part = images.filter(expr=f"split == '{split}'")
+        counts[split] = part.count()
+        if counts[split] == 0:
+            raise SpecError(
+                "data.eval_fraction" if split == "eval" else "data.train",
+                f"no {split} images after the split ({images.count()} images, eval_fraction="
+                f"{d.eval_fraction}); add images or change data.eval_fraction.",
+            )
+        part.map_batches(to_training_rows, batch_format="pyarrow").write_parquet(
+            join(prepared_dir, split)
+        )
+    return {
+        "fingerprint": fp,
+        "kind": "images",
+        "rows_in": rows_in,
+        "rows_out": counts["train"] + counts["eval"],
+        **removed,
+        "train_examples": counts["train"],
+        "eval_examples": counts["eval"],
+        "image_shape": list(shape),
+        "labelled": labelled,
+        "num_classes": (int(high) + 1) if labelled else 0,
+    }
+
+
+def prepare_fid_reference(spec: TrainSpec, prepared_dir: str, stats: dict) -> dict | None:
+    """Build the FID extractor and real-image statistics in a Ray task (None: FID off)."""
+    import ray
+
+    from jobs.fid import build_reference, resolve_extractor
+
+    kind = resolve_extractor(spec.sampling.fid_extractor, stats["labelled"])
+    if kind == "none" or spec.sampling.fid_samples == 0:
+        return None
+    task = ray.remote(num_cpus=1)(build_reference)
+    return ray.get(
+        task.remote(
+            prepared_dir,
+            tuple(stats["image_shape"]),
+            kind,
+            spec.sampling.inception_weights,
+            stats["num_classes"],
+            spec.train.seed,
+        )
+    )

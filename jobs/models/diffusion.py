@@ -1,0 +1,221 @@
+"""Diffusion image models from a spec: the UNet, its noise scheduler, loss and sampler.
+
+Pure diffusers/PyTorch. The noise scheduler is separate from the network: the loss and the
+sampler take both, so the same UNet trains with one scheduler and samples with another.
+Images are float tensors (N, C, H, W) in [-1, 1]; class labels are int64 (N,) or None.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from cluster.storage import exists, join, read_text
+from jobs.spec import ModelSpec, NoiseSchedulerSpec
+
+PIPELINE_INDEX = "model_index.json"
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors",)
+
+
+def unet_dir(pretrained: str) -> str:
+    """The UNet inside a pretrained directory or URI: `unet/` of a pipeline, else itself."""
+    return join(pretrained, "unet") if exists(join(pretrained, PIPELINE_INDEX)) else pretrained
+
+
+def unet_config(model: ModelSpec) -> dict[str, Any]:
+    """The UNet2DModel keyword arguments the spec describes (read from storage if pretrained)."""
+    if model.pretrained:
+        text = read_text(join(unet_dir(model.pretrained), "config.json"))
+        config = json.loads(text) if text else {}
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    return dict(model.config)
+
+
+def build_unet(model: ModelSpec) -> UNet2DModel:
+    """Random weights for `arch: unet2d`, saved weights for `pretrained` (fp32)."""
+    if model.pretrained:
+        net = UNet2DModel.from_pretrained(unet_dir(model.pretrained), torch_dtype=torch.float32)
+    else:
+        net = UNet2DModel(**model.config)
+    if model.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    return net
+
+
+def build_noise_scheduler(spec: NoiseSchedulerSpec) -> DDPMScheduler | DDIMScheduler:
+    """The spec's scheduler; its `add_noise`/`get_velocity` define the training targets."""
+    cls = DDIMScheduler if spec.type == "ddim" else DDPMScheduler
+    return cls(
+        num_train_timesteps=spec.num_train_timesteps,
+        beta_schedule=spec.beta_schedule,
+        prediction_type=spec.prediction_type,
+        clip_sample=True,
+    )
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Mean squared error of the network's prediction at noise level `timesteps` (N,).
+
+    The target is the noise (epsilon) or the velocity v, per the scheduler's prediction type.
+    """
+    noisy = scheduler.add_noise(images, noise, timesteps)  # (N, C, H, W)
+    prediction = unet(noisy, timesteps, class_labels=labels).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(images, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(prediction.float(), target.float())
+
+
+@torch.no_grad()
+def generate(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler | DDIMScheduler,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None,
+    steps: int,
+) -> torch.Tensor:
+    """Denoise `noise` (N, C, H, W) in `steps` scheduler steps; returns images in [-1, 1].
+
+    A DDIM scheduler is deterministic (eta = 0): the same noise gives the same images.
+    """
+    scheduler.set_timesteps(steps, device=noise.device)
+    dtype = next(unet.parameters()).dtype
+    sample = noise
+    for t in scheduler.timesteps:
+        model_output = unet(sample.to(dtype), t, class_labels=labels).sample.float()
+        sample = scheduler.step(model_output, t, sample).prev_sample
+    return sample.clamp(-1, 1)
+
+
+def seeded_noise(shape: tuple[int, int, int], seed: int, indices: list[int]) -> torch.Tensor:
+    """Noise (len(indices), *shape) where image i's noise depends only on (seed, i).
+
+    So sample i is the same whatever the number of workers or batch it is generated in.
+    """
+    out = torch.empty(len(indices), *shape)
+    for row, index in enumerate(indices):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        out[row] = torch.randn(shape, generator=generator)
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] images (N, C, H, W) -> uint8 (N, H, W, C)."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) row by row into one (rows*H', columns*W', C) image."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> None:
+    """Write a uint8 (H, W, C) image as PNG, enlarged `scale` times (nearest neighbour)."""
+    from PIL import Image
+
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    pil.save(path)
+
+
+def unet_problems(model: ModelSpec, has_labels: bool) -> list[str]:
+    """Problems with a `unet2d` spec found without building it (key paths and fixes)."""
+    if model.pretrained:
+        path = unet_dir(model.pretrained)
+        if not exists(join(path, "config.json")):
+            return [
+                f"`model.pretrained`: {model.pretrained} is not a diffusers UNet or pipeline "
+                "directory (no config.json or unet/config.json); save one with save_pretrained."
+            ]
+        if not any(exists(join(path, f)) for f in UNET_WEIGHTS):
+            return [f"`model.pretrained`: {path} has no {UNET_WEIGHTS[0]} (safetensors weights)."]
+    elif model.arch not in ("unet2d",):
+        return [f"`model.arch`: {model.arch!r} is not a diffusion architecture; use unet2d."]
+    config = unet_config(model)
+    problems = []
+    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    for key in config:
+        if key not in known and not model.pretrained:
+            from difflib import get_close_matches
+
+            close = get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append(f"`model.config.{key}`: not a parameter of UNet2DModel{hint}")
+    defaults = {
+        name: p.default for name, p in inspect.signature(UNet2DModel.__init__).parameters.items()
+    }
+    merged = {**defaults, **config}
+    size = merged["sample_size"]
+    downs = len(merged["down_block_types"])
+    channels = merged["block_out_channels"]
+    if not isinstance(size, int):
+        problems.append("`model.config.sample_size`: give one integer (square images).")
+    elif size % 2 ** (downs - 1):
+        problems.append(
+            f"`model.config.sample_size`: {size} is not divisible by 2^{downs - 1} = "
+            f"{2 ** (downs - 1)}, the UNet's downsampling over its {downs} down blocks; use a "
+            f"multiple of {2 ** (downs - 1)} or fewer down blocks."
+        )
+    if len(channels) != downs or len(merged["up_block_types"]) != downs:
+        problems.append(
+            f"`model.config.block_out_channels`: {len(channels)} entries, but there are {downs} "
+            f"down_block_types and {len(merged['up_block_types'])} up_block_types; give one "
+            "channel count per block."
+        )
+    groups = merged["norm_num_groups"]
+    if groups and any(c % groups for c in channels):
+        problems.append(
+            f"`model.config.norm_num_groups`: {groups} does not divide every entry of "
+            f"block_out_channels {list(channels)}; pick a common divisor."
+        )
+    if has_labels and not merged.get("num_class_embeds"):
+        problems.append(
+            "`model.config.num_class_embeds`: the data has class labels for conditional "
+            "training, but the UNet has no class embedding; set num_class_embeds to the number "
+            "of classes (or drop data.label_column to train unconditionally)."
+        )
+    if merged.get("out_channels") != merged.get("in_channels"):
+        problems.append(
+            f"`model.config.out_channels`: {merged.get('out_channels')} differs from "
+            f"in_channels {merged.get('in_channels')}; a diffusion UNet predicts noise of the "
+            "image's shape."
+        )
+    return problems
+
+
+def image_shape(model: ModelSpec) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the UNet takes."""
+    defaults = {
+        name: p.default for name, p in inspect.signature(UNet2DModel.__init__).parameters.items()
+    }
+    merged = {**defaults, **unet_config(model)}
+    return merged["in_channels"], merged["sample_size"], merged["sample_size"]
+
+
+def num_classes(model: ModelSpec) -> int:
+    """Class embeddings of the UNet (0: unconditional)."""
+    return int(unet_config(model).get("num_class_embeds") or 0)

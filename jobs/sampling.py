@@ -1,0 +1,75 @@
+"""Sample images from an exported diffusion model directory (`<run>/model`, local or s3://)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cluster.storage import exists, join, local_copy, read_text
+from jobs.errors import SpecError
+
+
+def sample_model(
+    model_dir: str,
+    n: int,
+    steps: int,
+    class_label: int | None = None,
+    seed: int = 0,
+    scheduler: str | None = None,
+) -> tuple[np.ndarray, list[int] | None]:
+    """Generate `n` images with a raygen-exported (diffusers) pipeline directory.
+
+    Args:
+        model_dir: a directory with model_index.json, unet/ and scheduler/.
+        steps: denoising steps.
+        class_label: the class of every image (conditional models); default: cycle 0..K-1.
+        seed: image i's starting noise depends only on (seed, i).
+        scheduler: `ddpm` or `ddim` to override the saved scheduler type.
+
+    Returns:
+        (uint8 images (n, H, W, C), the class label of each image or None).
+
+    Raises:
+        SpecError: not a diffusion model directory, or a class label it cannot take.
+    """
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+    from jobs.models.diffusion import generate, seeded_noise, to_uint8
+
+    config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))
+    if not exists(join(model_dir, "model_index.json")) or config_text is None:
+        raise SpecError(
+            "MODEL_DIR",
+            f"{model_dir} is not a diffusion model directory (model_index.json, unet/, "
+            "scheduler/); give the `model/` directory of a diffusion training run.",
+        )
+    local = Path(local_copy(model_dir))
+    saved_type = json.loads(config_text)["_class_name"]
+    use_ddim = scheduler == "ddim" or (scheduler is None and saved_type == "DDIMScheduler")
+    sampler = (DDIMScheduler if use_ddim else DDPMScheduler).from_pretrained(local / "scheduler")
+    unet = UNet2DModel.from_pretrained(local / "unet").eval()
+    classes = int(unet.config.num_class_embeds or 0)
+    if class_label is not None and not classes:
+        raise SpecError(
+            "--class-label", f"{model_dir} is an unconditional model; drop --class-label."
+        )
+    if class_label is not None and not 0 <= class_label < classes:
+        raise SpecError(
+            "--class-label",
+            f"{class_label} is out of range: the model knows classes 0..{classes - 1}.",
+        )
+    labels = None
+    if classes:
+        labels = [class_label if class_label is not None else i % classes for i in range(n)]
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    torch.manual_seed(seed)  # DDPM steps draw fresh noise
+    images = []
+    for start in range(0, n, 64):
+        indices = list(range(start, min(n, start + 64)))
+        label_tensor = torch.tensor([labels[i] for i in indices]) if labels else None
+        noise = seeded_noise(shape, seed, indices)
+        images.append(generate(unet, sampler, noise, label_tensor, steps))
+    return to_uint8(torch.cat(images)), labels

@@ -1,0 +1,331 @@
+"""The diffusion training loop that runs on every Ray Train worker."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from cluster.storage import local_copy
+from jobs import metrics as m
+from jobs.checkpoint import restore_latest, save_and_report
+from jobs.deepspeed_config import derive_deepspeed_config
+from jobs.image_data import batch_to_tensors
+from jobs.models.diffusion import (
+    build_noise_scheduler,
+    build_unet,
+    diffusion_loss,
+    generate,
+    image_grid,
+    seeded_noise,
+    to_uint8,
+)
+from jobs.spec import NoiseSchedulerSpec, TrainSpec, global_batch_size
+from jobs.worker import (
+    MODEL_DIR,
+    build_optimizer,
+    lr_lambda,
+    micro_batches,
+    publish_dir,
+    record_attempt,
+    seed_everything,
+)
+
+logger = logging.getLogger(__name__)
+
+_GENERATE_BATCH = 64  # images denoised per forward when sampling
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Train the spec's UNet with DeepSpeed on this worker; rank 0 logs, samples and exports."""
+    spec = TrainSpec.model_validate(config["spec"])
+    run_dir, prepared = config["run_dir"], config["prepared"]
+
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from diffusers import DDIMScheduler
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
+    seed_everything(spec.train.seed)
+
+    if spec.model.pretrained:  # an s3:// model is read from a local, content-keyed cache
+        model_spec = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
+        spec = spec.model_copy(update={"model": model_spec})
+    scheduler_spec = spec.model.scheduler or NoiseSchedulerSpec()
+    noise_scheduler = build_noise_scheduler(scheduler_spec)
+    shape = tuple(prepared["image_shape"])  # (C, H, W)
+    classes = _num_classes(spec)  # 0: unconditional
+    conditional = classes > 0
+    grid_n = _grid_size(spec.sampling.grid_images, classes)
+    # Every rank must agree on how many images to sample (rank 0 alone computes the FID).
+    n_samples = max(grid_n, spec.sampling.fid_samples if prepared.get("fid") else 0)
+
+    unet = build_unet(spec.model)
+    ds_config = derive_deepspeed_config(spec, world)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=unet,
+        optimizer=build_optimizer(spec, unet),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec)),
+        config=ds_config,
+    )
+    device = engine.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.precision, torch.float32)
+    ema = WeightAverage(engine.module, spec.model.ema.decay) if spec.model.ema else None
+
+    start_step, _, rank_state = restore_latest(engine)
+    if ema and rank_state:
+        ema.load_state_dict(rank_state["ema"])
+    seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
+    if rank == 0:
+        record_attempt(run_dir, start_step)
+    log = m.MetricsLog(run_dir, start_step) if rank == 0 else None
+
+    fid = None
+    if rank == 0 and prepared.get("fid"):
+        from jobs.fid import FID_DIR, load_extractor, load_reference
+
+        fid_dir = local_copy(prepared["dir"].rstrip("/") + "/" + FID_DIR)
+        kind = prepared["fid"]["extractor"]
+        fid = (kind, load_extractor(kind, fid_dir, spec.sampling.inception_weights))
+        fid_reference = load_reference(fid_dir, kind)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    micro_per_epoch = prepared["train_examples"] // world // spec.train.micro_batch_size
+    batches = micro_batches(spec, train_shard, micro_per_epoch, start_step * spec.train.grad_accum)
+    eval_batches = min(
+        spec.train.eval_batches,
+        prepared["eval_examples"] // spec.train.micro_batch_size // world,
+    )
+    T = scheduler_spec.num_train_timesteps
+
+    def to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = batch_to_tensors(batch, shape)
+        return images.to(device, dtype), labels.to(device) if conditional else None
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, batches)
+        with torch.no_grad(), ema.swapped_in() if ema else contextlib.nullcontext():
+            # The same noise and timesteps at every evaluation: losses are comparable.
+            eval_iter = eval_shard.iter_torch_batches(
+                batch_size=spec.train.micro_batch_size, drop_last=True
+            )
+            for i, batch in enumerate(eval_iter):
+                if i >= eval_batches * world:
+                    break
+                if i % world != rank:
+                    continue
+                images, labels = to_inputs(batch)
+                generator = torch.Generator().manual_seed(spec.train.seed + i)
+                noise = torch.randn(images.shape, generator=generator).to(device, dtype)
+                t = torch.randint(0, T, (len(images),), generator=generator).to(device)
+                loss = diffusion_loss(engine, noise_scheduler, images, labels, noise, t)
+                total[0] += loss.double()
+                total[1] += 1
+            dist.all_reduce(total)
+            samples = sample_images()
+        engine.train()
+        row: dict[str, Any] = {m.EVAL_LOSS: (total[0] / total[1]).item()}
+        if rank == 0:
+            columns = classes if conditional else min(8, grid_n)
+            row["samples"] = image_grid(to_uint8(samples[:grid_n]), columns)
+            if fid is not None:
+                from jobs.fid import feature_statistics, frechet_distance
+
+                features = fid[1](samples[: spec.sampling.fid_samples])
+                row[m.FID] = frechet_distance(*fid_reference, *feature_statistics(features))
+                row[m.FID_EXTRACTOR] = fid[0]
+        return row
+
+    def sample_images() -> torch.Tensor:
+        """Fixed-seed samples (EMA weights when kept): every rank denoises its share."""
+        per_rank = -(-n_samples // world)  # equal shares: ZeRO-3 needs every rank in each forward
+        indices = list(range(rank * per_rank, (rank + 1) * per_rank))
+        sampler = DDIMScheduler.from_config(noise_scheduler.config)
+        out = []
+        for chunk in range(0, per_rank, _GENERATE_BATCH):
+            part = indices[chunk : chunk + _GENERATE_BATCH]
+            noise = seeded_noise(shape, spec.train.seed, part).to(device)
+            labels = torch.tensor(part, device=device) % classes if conditional else None
+            out.append(generate(engine.module, sampler, noise, labels, spec.sampling.steps))
+        mine = torch.cat(out).float().contiguous()
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        return torch.cat(gathered)[:n_samples].cpu()
+
+    engine.train()
+    step = start_step
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    last_metrics: dict[str, Any] = {}
+    while step < spec.train.max_steps:
+        for _ in range(spec.train.grad_accum):
+            images, labels = to_inputs(next(batches))  # (B, C, H, W) in [-1, 1]
+            if spec.data.random_flip:
+                flip = torch.rand(len(images), device=device) < 0.5
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            noise = torch.randn_like(images)
+            t = torch.randint(0, T, (len(images),), device=device)
+            loss = diffusion_loss(engine, noise_scheduler, images, labels, noise, t)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates at the accumulation boundary
+            window_loss += loss.detach().double() / spec.train.grad_accum
+        step += 1
+        window_steps += 1
+        if ema:
+            ema.update(step)
+
+        is_last = step == spec.train.max_steps
+        row: dict[str, Any] = {}
+        if step % spec.train.log_every == 0 or is_last:
+            mean_loss = window_loss / window_steps
+            dist.all_reduce(mean_loss)
+            elapsed = time.perf_counter() - window_start
+            row = {
+                m.STEP: step,
+                m.TRAIN_LOSS: mean_loss.item() / world,
+                m.LR: scheduler.get_last_lr()[0],
+                m.STEP_TIME_S: elapsed / window_steps,
+                m.SAMPLES_PER_S: global_batch_size(spec, world) * window_steps / elapsed,
+            }
+        if step % spec.train.eval_every == 0 or is_last:
+            evaluated = evaluate()
+            grid = evaluated.pop("samples", None)
+            if grid is not None and log:
+                log.log_image(step, grid)
+            row = {m.STEP: step, **row, **evaluated}
+        if row and log:
+            log.log(row)
+        last_metrics.update(row)
+        if row:
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if step % spec.train.checkpoint_every == 0 or is_last:
+            numeric = {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}
+            rank_state = {"ema": ema.state_dict()} if ema else None
+            save_and_report(engine, step, numeric, {"step": step}, rank_state)
+            if log:
+                log.sync()
+            window_start = time.perf_counter()  # checkpoint time is not step time
+
+    export_pipeline(engine, ema, scheduler_spec, run_dir, rank, spec.deepspeed.zero_stage)
+    if log:
+        log.close()
+
+
+def _num_classes(spec: TrainSpec) -> int:
+    from jobs.models.diffusion import num_classes
+
+    return num_classes(spec.model)
+
+
+def _grid_size(requested: int, classes: int) -> int:
+    """Images in an evaluation grid: whole rows of one image per class when conditional."""
+    return -(-requested // classes) * classes if classes else requested
+
+
+class WeightAverage:
+    """Exponential moving average of the weights this rank holds, in fp32.
+
+    Under ZeRO-3 each rank averages only its own partition of each parameter (`ds_tensor`),
+    so the average is sharded like the weights; otherwise it averages the full tensors.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = list(module.parameters())
+        self.shadow = [self._local(p).detach().float().clone() for p in self.params]
+
+    @staticmethod
+    def _local(param: torch.nn.Parameter) -> torch.Tensor:
+        # A ZeRO-3 rank's partition lives in ds_tensor (the optimizer updates it there).
+        return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+    @staticmethod
+    def _kept_whole(param: torch.nn.Parameter) -> bool:
+        # ZeRO-3 keeps small ("persistent") parameters gathered between forwards: changing
+        # their partition does not change the full copy the forward uses.
+        return hasattr(param, "ds_tensor") and param.data.numel() == param.ds_numel
+
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, param in zip(self.shadow, self.params, strict=True):
+                shadow.lerp_(self._local(param).float(), 1 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Run the module with the averaged weights inside the block (all ranks together)."""
+        import torch.distributed as dist
+
+        backup = [self._local(p).detach().clone() for p in self.params]
+        whole = {i: p.data.clone() for i, p in enumerate(self.params) if self._kept_whole(p)}
+        with torch.no_grad():
+            for shadow, param in zip(self.shadow, self.params, strict=True):
+                self._local(param).copy_(shadow)
+            for i in whole:  # rebuild their full copies from every rank's averaged partition
+                param = self.params[i]
+                part = self.shadow[i].to(param.ds_tensor.dtype)
+                parts = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, part)
+                param.data.copy_(torch.cat(parts)[: param.ds_numel].view(param.ds_shape))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for saved, param in zip(backup, self.params, strict=True):
+                    self._local(param).copy_(saved)
+                for i, saved in whole.items():
+                    self.params[i].data.copy_(saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shapes = [tuple(s.shape) for s in state["shadow"]]
+        if shapes != [tuple(s.shape) for s in self.shadow]:
+            raise RuntimeError(
+                "the checkpoint's EMA shards do not match this worker's parameters (was the "
+                "number of workers or the ZeRO stage changed?)"
+            )
+        self.shadow = [s.to(self.shadow[0].device) for s in state["shadow"]]
+
+
+def export_pipeline(
+    engine: Any,
+    ema: WeightAverage | None,
+    scheduler_spec: NoiseSchedulerSpec,
+    run_dir: str,
+    rank: int,
+    zero_stage: int,
+) -> None:
+    """Save the (EMA) UNet and the scheduler as a diffusers pipeline in `<run>/model`.
+
+    `DDPMPipeline.from_pretrained(dir)` (or DDIMPipeline) loads it. All ranks must call this:
+    with ZeRO-3 the weights are gathered from every partition.
+    """
+    from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
+
+    with ema.swapped_in() if ema else contextlib.nullcontext():
+        if zero_stage == 3:
+            state_dict = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state_dict = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    if rank != 0:
+        return
+    if ema and zero_stage != 3:  # the fp32 average itself, not its low-precision copy
+        names = [name for name, _ in engine.module.named_parameters()]
+        state_dict.update(dict(zip(names, ema.shadow, strict=True)))
+    unet = UNet2DModel.from_config(engine.module.config)
+    unet.load_state_dict({k: v.float().cpu() for k, v in state_dict.items()})
+    pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
+    pipeline = pipeline_cls(unet=unet, scheduler=build_noise_scheduler(scheduler_spec))
+    publish_dir(run_dir, MODEL_DIR, lambda out: pipeline.save_pretrained(out))
