@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.errors import StorageError
 from cluster.storage import (
     is_remote,
     join,
@@ -205,14 +206,45 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
 
     logger.info("Preparing data into %s ...", prepared_dir)
     remove_dir(prepared_dir)
-    if spec.model.family == "diffusion":
-        from jobs.image_data import prepare_fid_reference, prepare_images
+    try:
+        if spec.model.family == "diffusion":
+            from jobs.image_data import prepare_fid_reference, prepare_images
 
-        stats = prepare_images(spec, prepared_dir, train_files, eval_files, fp)
-        stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
-        write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
-        return stats
+            stats = prepare_images(spec, prepared_dir, train_files, eval_files, fp)
+            stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
+        else:
+            stats = _prepare_text(spec, prepared_dir, train_files, eval_files, fp)
+    except Exception as exc:
+        cause = _storage_cause(exc)
+        if cause is None:
+            raise
+        raise StorageError(
+            f"preparing data into {prepared_dir} failed reading or writing storage: {cause}"
+        ) from None
+    write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
+    return stats
 
+
+def _storage_cause(exc: BaseException) -> str | None:
+    """The first line of an I/O error behind `exc` (also inside a Ray task's error), or None.
+
+    Inputs were checked before preparing; an I/O error now means storage changed or failed
+    meanwhile (a deleted object, lost credentials, a full disk): a user problem, not a bug.
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            text = str(exc).strip()
+            return text.splitlines()[0] if text else type(exc).__name__
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _prepare_text(
+    spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
+) -> dict[str, Any]:
+    d = spec.data
     rows_in = _count_documents(train_files + eval_files)
     tagged = _read_documents(train_files, d.text_column).map_batches(
         _Clean(d, source="train"), batch_format="pyarrow"
@@ -293,7 +325,6 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
         )
         stats[f"{split}_sequences"] = stats[f"{split}_examples"] = sequences
         stats[f"{split}_tokens"] = sequences * d.seq_len
-    write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
     return stats
 
 

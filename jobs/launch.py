@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,7 @@ def launch(
     fresh: bool = False,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     verbose: bool = False,
+    trial: TrialHooks | None = None,
 ) -> dict[str, Any]:
     """Train `spec` on Ray and return the run's result (also written to `result.json`).
 
@@ -245,6 +247,7 @@ def launch(
         fresh: start over in a new run dir `<name>-<k>` instead of continuing `<name>`.
         on_metrics: called with each new `metrics.jsonl` row while training runs.
         verbose: forward the workers' own output (DeepSpeed, Ray Train) to this process.
+        trial: what a sweep trial adds (report callbacks, a checkpoint to start from).
 
     Raises:
         SpecError: the spec or its inputs are invalid (nothing is started).
@@ -306,7 +309,7 @@ def launch(
     started = time.time()
     tail = _MetricsTail(join(run_dir, m.METRICS_FILE), on_metrics) if on_metrics else None
     try:
-        result = _fit(spec, run_dir, prepared_dir, stats, per_worker)
+        result = _fit(spec, run_dir, prepared_dir, stats, per_worker, trial or TrialHooks())
     finally:
         if tail:
             tail.stop()
@@ -321,7 +324,30 @@ def launch(
     return summary
 
 
-def _fit(spec: TrainSpec, run_dir: str, prepared_dir: str, stats: dict, per_worker: dict) -> Any:
+@dataclass
+class TrialHooks:
+    """How a sweep trial's run differs from a plain `raygen train`.
+
+    Attributes:
+        callbacks: extra Ray Train callbacks (e.g. reporting each evaluation to Tune).
+        resume_from: a checkpoint (path or URI) of another run to start from (PBT).
+        keep_best: keep the checkpoints with the best (metric, mode) rather than the newest
+            (the newest is always kept too, for resumption).
+    """
+
+    callbacks: list[Any] = field(default_factory=list)
+    resume_from: str | None = None
+    keep_best: tuple[str, str] | None = None
+
+
+def _fit(
+    spec: TrainSpec,
+    run_dir: str,
+    prepared_dir: str,
+    stats: dict,
+    per_worker: dict,
+    trial: TrialHooks,
+) -> Any:
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -376,10 +402,17 @@ def _fit(spec: TrainSpec, run_dir: str, prepared_dir: str, stats: dict, per_work
             name=spec.name,
             storage_path=spec.run.storage,
             failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.run.keep_checkpoints),
-            callbacks=[FailureRecorder(run_dir)],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.run.keep_checkpoints,
+                checkpoint_score_attribute=trial.keep_best[0] if trial.keep_best else None,
+                checkpoint_score_order=trial.keep_best[1] if trial.keep_best else "max",
+            ),
+            callbacks=[FailureRecorder(run_dir), *trial.callbacks],
         ),
         datasets=datasets,
+        resume_from_checkpoint=(
+            ray.train.Checkpoint(trial.resume_from) if trial.resume_from else None
+        ),
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"],
             execution_options=options,
@@ -431,9 +464,7 @@ def _summarize(spec: TrainSpec, run_dir: str, result: Any, started: float) -> di
             "tensorboard": join(run_dir, m.TENSORBOARD_DIR),
             "checkpoint": checkpoint,
             "model": join(run_dir, MODEL_DIR) if error is None else None,
-            "samples": (
-                join(run_dir, m.SAMPLES_DIR) if spec.model.family == "diffusion" else None
-            ),
+            "samples": (join(run_dir, m.SAMPLES_DIR) if spec.model.family == "diffusion" else None),
         },
         "attempts": read_attempts(run_dir),
         "wall_time_s": round(time.time() - started, 1),

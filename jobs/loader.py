@@ -163,7 +163,14 @@ def _model_at(spec_cls: type[BaseModel], loc: list[str]) -> type[BaseModel] | No
     cls: Any = spec_cls
     for part in loc:
         model = _model_class(cls)
-        if model is None or part not in model.model_fields:
+        if model is None:
+            # A mapping of names to sections (e.g. a sweep's `search`): `part` is a name.
+            args = typing.get_args(cls) if typing.get_origin(cls) is dict else ()
+            if len(args) == 2 and _model_class(args[1]) is not None:
+                cls = args[1]
+                continue
+            return None
+        if part not in model.model_fields:
             return None
         cls = model.model_fields[part].annotation
     return _model_class(cls)

@@ -138,6 +138,84 @@ def data_prepare(
 
 @app.command()
 @user_errors
+def tune(
+    sweep: Annotated[Path, typer.Argument(help="Sweep spec (YAML).")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted sweep from its storage.")
+    ] = False,
+    export_best: Annotated[
+        str | None,
+        typer.Option("--export-best", help="Export the best trial's best checkpoint here."),
+    ] = None,
+) -> None:
+    """Search hyperparameters: every trial is a training run; bad ones stop early."""
+    _setup_logging()
+    from tuning.sweep import load_sweep, run_sweep
+
+    spec, base_raw = load_sweep(sweep, set_)
+    summary = run_sweep(
+        spec, base_raw, str(sweep), address=address, resume=resume, on_progress=out.print
+    )
+    _print_trials(summary, spec.metric)
+    if export_best:
+        from jobs.export import export_checkpoint
+
+        best = summary["best"]
+        export_checkpoint(best["run_dir"], best["checkpoint"], export_best)
+        out.print(f"exported the best checkpoint to {export_best}")
+
+
+@app.command("export")
+@user_errors
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A training run directory (or s3:// URI).")],
+    out_dir: Annotated[str, typer.Option("--out", help="Model directory to write.")],
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="Checkpoint dir to export. Default: the run's last."),
+    ] = None,
+) -> None:
+    """Export a checkpoint of a run as a model directory, as training does at its end."""
+    from jobs.export import export_checkpoint
+    from jobs.launch import read_result
+
+    if checkpoint is None:
+        result = read_result(run_dir) or {}
+        checkpoint = (result.get("paths") or {}).get("checkpoint")
+        if not checkpoint:
+            raise typer.BadParameter(f"{run_dir} has no finished checkpoint; give --checkpoint.")
+    export_checkpoint(run_dir, checkpoint, out_dir)
+    out.print(f"exported {checkpoint} to {out_dir}")
+
+
+def _print_trials(summary: dict[str, Any], metric: str) -> None:
+    from rich.table import Table
+
+    trials = summary["trials"]
+    table = Table(title=f"{len(trials)} trials")
+    searched = [k for k in trials[0] if k.startswith("config.")] if trials else []
+    for column in ["trial_id", "status", "iterations", f"best_{metric}", *searched]:
+        table.add_column(column.removeprefix("config."))
+    for row in trials:
+        cells = [row["trial_id"], row["status"], str(row["iterations"])]
+        for key in [f"best_{metric}", *searched]:
+            value = row[key]
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(*cells)
+    out.print(table)
+    best = summary["best"]
+    out.print(
+        f"[green]best[/]: trial {best['trial_id']} {metric} {best['value']:.4f} "
+        f"({', '.join(f'{k}={v}' for k, v in best['config'].items())})"
+    )
+    for name, path in summary["paths"].items():
+        out.print(f"  {name:<7} {path}")
+
+
+@app.command()
+@user_errors
 def sample(
     model_dir: Annotated[str, typer.Argument(help="A diffusion run's model/ dir (or s3:// URI).")],
     n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Images to generate.")] = 16,

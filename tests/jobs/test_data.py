@@ -120,3 +120,16 @@ def test_s3_input_errors_name_the_uri(ray_session, s3_endpoint, tmp_path):
     }
     with pytest.raises(StorageError, match="s3://missing-bucket-xyz/corpus/: bucket"):
         validate_train_spec(validate_spec(TrainSpec, raw, "t"), "t")
+
+
+def test_io_errors_inside_ray_tasks_become_storage_errors_and_bugs_stay_bugs():
+    from jobs.data import _storage_cause
+
+    class TaskError(Exception):  # stands in for Ray's RayTaskError, which has `.cause`
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    io = OSError("When reading s3://b/x.parquet: AWS Error NO_SUCH_KEY\nmore detail")
+    assert _storage_cause(TaskError(io)) == "When reading s3://b/x.parquet: AWS Error NO_SUCH_KEY"
+    assert _storage_cause(TaskError(KeyError("a bug"))) is None

@@ -336,3 +336,49 @@ def test_killed_diffusion_worker_is_replaced_and_training_resumes(
     assert result["status"] == "completed" and result["final_step"] == 300
     attempts = result["attempts"]
     assert len(attempts) == 2 and attempts[1]["resumed_from_step"] >= max(checkpointed) >= 10
+
+
+def test_fine_tune_starts_from_an_exported_pipeline(ray_session, tmp_path, unconditional_run):
+    _, base = unconditional_run
+    raw = tiny_diffusion_spec(
+        tmp_path,
+        model={"family": "diffusion", "pretrained": base["paths"]["model"]},
+        train__max_steps=5,
+        train__warmup_steps=0,
+        train__eval_every=5,
+        sampling__fid_samples=0,
+    )
+    result = launch(spec_of(raw))
+    first_base = read_metrics(Path(base["paths"]["metrics"]))[0]["train_loss"]
+    first_tuned = read_metrics(Path(result["paths"]["metrics"]))[0]["train_loss"]
+    assert first_tuned < 0.7 * first_base  # trained weights, not a fresh UNet
+
+
+def test_inception_extractor_is_a_local_torchscript_file(tmp_path):
+    """raygen feeds it 3-channel 299x299 images in [0, 255] and takes (N, D) features."""
+    import torch
+
+    from jobs.fid import load_extractor
+
+    class Probe(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            # (N, 3, 299, 299) -> (N, 4): size, channels and value range, as features
+            n = images.shape[0]
+            return torch.stack(
+                [
+                    torch.full((n,), float(images.shape[-1])),
+                    torch.full((n,), float(images.shape[1])),
+                    images.amin(dim=(1, 2, 3)),
+                    images.amax(dim=(1, 2, 3)),
+                ],
+                dim=1,
+            )
+
+    path = tmp_path / "inception.pt"
+    torch.jit.script(Probe()).save(str(path))
+    extractor = load_extractor("inception", str(tmp_path), str(path))
+    images = torch.linspace(-1, 1, 2 * 8 * 8).reshape(2, 1, 8, 8)
+    features = extractor(images)
+    assert features.shape == (2, 4)
+    assert features[0, 0] == 299 and features[0, 1] == 3
+    assert features[:, 2].min() >= 0 and features[:, 3].max() <= 255

@@ -64,4 +64,4 @@ def test_pretrained_dir_without_weights(tmp_path):
 
 def test_unknown_builtin_corpus():
     found = check([], data={"train": "builtin:wikipedia"})
-    assert "unknown builtin corpus 'builtin:wikipedia'" in found[0]
+    assert "unknown builtin data set 'builtin:wikipedia'; known: builtin:python-stdlib" in found[0]

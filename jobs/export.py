@@ -1,0 +1,126 @@
+"""Export any training checkpoint of a run as a `model/` directory, like the end of training.
+
+The DeepSpeed shards of every rank are consolidated on the CPU (no workers needed), so a
+sweep's best checkpoint, or any checkpoint a run kept, becomes a model that plain
+transformers/diffusers (and raygen's serving) load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cluster.storage import join, local_copy, read_text
+from jobs.errors import SpecError
+from jobs.spec import TrainSpec
+from jobs.worker import publish_dir
+
+logger = logging.getLogger(__name__)
+
+
+def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
+    """Write the weights of `checkpoint` (of the run in `run_dir`) as a model dir `out_dir`.
+
+    Diffusion runs with an EMA export the EMA weights, as training does. Returns `out_dir`.
+
+    Raises:
+        SpecError: the run or checkpoint is missing or unreadable.
+    """
+    text = read_text(join(run_dir, "spec.yaml"))
+    if text is None:
+        raise SpecError("export", f"{run_dir} has no spec.yaml; give a raygen run directory.")
+    spec = TrainSpec.model_validate(yaml.safe_load(text))
+    local = Path(local_copy(checkpoint))
+    tag_file = local / "latest"
+    if not tag_file.is_file():
+        raise SpecError(
+            "export", f"{checkpoint} is not a raygen training checkpoint (no `latest`)."
+        )
+    tag = tag_file.read_text().strip()
+    weights = _consolidated_weights(local, tag, spec.deepspeed.zero_stage)
+    if spec.model.pretrained:
+        model = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
+        spec = spec.model_copy(update={"model": model})
+
+    parent, name = os.path.split(out_dir.rstrip("/"))
+    if spec.model.family == "diffusion":
+        write = _diffusion_writer(spec, weights, local)
+    else:
+        write = _language_model_writer(spec, weights, run_dir)
+    publish_dir(parent or ".", name, write)
+    return out_dir
+
+
+def _consolidated_weights(local: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from every rank's shard of a DeepSpeed checkpoint."""
+    if zero_stage == 0:
+        states = torch.load(local / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
+
+
+def _language_model_writer(spec: TrainSpec, weights: dict, run_dir: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.models.causal_lm import build_config
+
+    prepared = spec.data.prepared or join(run_dir, "data")
+    tokenizer = AutoTokenizer.from_pretrained(local_copy(join(prepared, "tokenizer")))
+    config = build_config(spec.model, len(tokenizer), spec.data.seq_len, tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied - {"lm_head.weight"}:
+        raise SpecError(
+            "export", f"the checkpoint does not match the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})."
+        )  # fmt: skip
+    model.tie_weights()
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+
+    def write(out: str) -> None:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    return write
+
+
+def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:
+    from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
+
+    from jobs.models.diffusion import build_noise_scheduler, unet_config
+    from jobs.spec import NoiseSchedulerSpec
+
+    unet = UNet2DModel(**unet_config(spec.model))
+    ema = _ema_weights(local, [name for name, _ in unet.named_parameters()], unet)
+    unet.load_state_dict({**weights, **ema})
+    scheduler_spec = spec.model.scheduler or NoiseSchedulerSpec()
+    pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
+    pipeline = pipeline_cls(unet=unet, scheduler=build_noise_scheduler(scheduler_spec))
+    return lambda out: pipeline.save_pretrained(out)
+
+
+def _ema_weights(local: Path, names: list[str], unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The EMA of the weights from the ranks' states (partitions under ZeRO-3), or {}."""
+    files = sorted((local / "rank_state").glob("rank_*.pt"))
+    if not files:
+        return {}
+    shards = [torch.load(f, map_location="cpu", weights_only=True)["ema"]["shadow"] for f in files]
+    params = dict(unet.named_parameters())
+    out = {}
+    for i, name in enumerate(names):
+        shape = params[name].shape
+        first = shards[0][i]
+        if first.shape == shape:  # ZeRO 0-2: every rank holds the whole average
+            out[name] = first
+        else:  # ZeRO-3: rank r holds the r-th slice of the flattened parameter
+            flat = torch.cat([shard[i] for shard in shards])
+            out[name] = flat[: params[name].numel()].view(shape)
+    return out

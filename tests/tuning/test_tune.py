@@ -1,0 +1,145 @@
+"""Real sweeps on the session's local Ray: every trial is a raygen training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import tiny_lm_spec
+from tuning.spec import SweepSpec
+from tuning.sweep import run_sweep
+
+GOOD_LR, BAD_LR = 3e-3, 1e-7  # a learning rate that learns, and one that cannot
+
+
+def sweep_of(tmp_path: Path, prepared: Path, **fields) -> tuple[SweepSpec, dict]:
+    """A sweep over the tiny LM: 1 worker per trial, 30 steps, an evaluation every 10."""
+    base = tiny_lm_spec(
+        tmp_path,
+        prepared,
+        scaling__num_workers=1,
+        train__max_steps=30,
+        train__eval_every=10,
+        train__warmup_steps=0,
+        train__eval_batches=2,
+    )
+    raw = {
+        "name": "sweep",
+        "base": "unused.yaml",
+        "search": {"train.lr": {"grid": [GOOD_LR, BAD_LR]}},
+        "max_concurrent_trials": 1,
+        "run": {"storage": str(tmp_path / "sweeps")},
+        **fields,
+    }
+    return SweepSpec.model_validate(raw), base
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(ray_session, tmp_path_factory, shared_prepared):
+    tmp_path = tmp_path_factory.mktemp("asha")
+    sweep, base = sweep_of(tmp_path, shared_prepared, scheduler={"type": "asha", "grace_period": 1})
+    lines: list[str] = []
+    return sweep, run_sweep(sweep, base, "test", on_progress=lines.append), lines
+
+
+def test_asha_stops_the_clearly_bad_trial_early(asha_sweep):
+    _, summary, lines = asha_sweep
+    by_lr = {row["config.train.lr"]: row for row in summary["trials"]}
+    assert by_lr[GOOD_LR]["status"] == "completed" and by_lr[GOOD_LR]["iterations"] == 3
+    assert by_lr[BAD_LR]["status"] == "stopped_early" and by_lr[BAD_LR]["iterations"] == 1
+    assert any("eval_loss" in line and "best" in line for line in lines)  # live progress
+
+
+def test_trials_table_best_json_and_plot(asha_sweep):
+    sweep, summary, _ = asha_sweep
+    sweep_dir = Path(summary["sweep_dir"])
+    table = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert {
+        "trial_id", "status", "iterations", "best_eval_loss", "last_eval_loss", "checkpoint",
+        "config.train.lr",
+    } <= set(table[0])  # fmt: skip
+    best = json.loads((sweep_dir / "best.json").read_text())
+    assert best["value"] == min(row["best_eval_loss"] for row in table)
+    assert best["config"] == {"train.lr": GOOD_LR}
+    assert best["spec"]["train"]["lr"] == GOOD_LR
+    assert Path(best["checkpoint"]).name.startswith("checkpoint_")
+    assert (sweep_dir / "metric.png").stat().st_size > 1000
+    # Trial runs are named by trial id, never by time.
+    assert {p.name for p in (sweep_dir / "trials").iterdir()} == {r["trial_id"] for r in table}
+
+
+def test_best_checkpoint_exports_a_model_transformers_loads(asha_sweep, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.export import export_checkpoint
+
+    best = asha_sweep[1]["best"]
+    out = export_checkpoint(best["run_dir"], best["checkpoint"], str(tmp_path / "best"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("def f(x):\n", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_pbt_copies_the_good_trials_checkpoint_into_the_bad_one(
+    ray_session, tmp_path, shared_prepared
+):
+    sweep, base = sweep_of(
+        tmp_path,
+        shared_prepared,
+        search={"train.lr": {"choice": [GOOD_LR, BAD_LR]}},
+        num_samples=2,
+        seed=3,
+        max_concurrent_trials=2,
+        scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+    )
+    base["train"]["max_steps"] = 40
+    summary = run_sweep(sweep, base, "test")
+    trials_dir = Path(summary["sweep_dir"]) / "trials"
+    exploited = [p for p in trials_dir.iterdir() if "-from-" in p.name]
+    assert exploited, sorted(p.name for p in trials_dir.iterdir())
+    attempts = [json.loads(line) for line in (exploited[0] / "attempts.jsonl").open()]
+    donor_step = int(exploited[0].name.rsplit("-", 1)[1])
+    assert attempts[0]["resumed_from_step"] == donor_step > 0
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_prepared):
+    """Ctrl-C after the first trial finished; `--resume` runs only the second one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep, base = sweep_of(tmp_path, shared_prepared, scheduler={"type": "fifo"})
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    raw = sweep.model_dump(mode="json")
+    raw["base"] = "base.yaml"
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "raygen", "tune", str(tmp_path / "sweep.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    trials = tmp_path / "sweeps" / "sweep" / "trials"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(trials.glob("*/result.json")):
+        time.sleep(0.5)
+    done_first = [p.parent.name for p in trials.glob("*/result.json")]
+    assert len(done_first) == 1
+    time.sleep(3)  # the second trial is starting
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0].decode()
+    assert first.returncode == 130, output
+    assert "--resume" in output
+
+    again = subprocess.run([*command, "--resume"], env=env, capture_output=True, timeout=600)
+    assert again.returncode == 0, again.stdout.decode()[-3000:]
+    finished = {p.parent.name for p in trials.glob("*/result.json")}
+    assert len(finished) == 2
+    attempts = (trials / done_first[0] / "attempts.jsonl").read_text().splitlines()
+    assert len(attempts) == 1  # the finished trial was not run again
+    table = pq.read_table(tmp_path / "sweeps" / "sweep" / "trials.parquet").to_pylist()
+    assert sorted(r["status"] for r in table) == ["completed", "completed"]

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps over training jobs with Ray Tune."""

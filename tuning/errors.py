@@ -1,0 +1,11 @@
+"""User-facing errors of sweeps."""
+
+from __future__ import annotations
+
+from cluster.errors import RaygenError
+
+
+class SweepInterrupted(RaygenError):
+    """The sweep stopped (Ctrl-C) with trials unfinished; its state is saved for --resume."""
+
+    exit_code = 130

@@ -1,0 +1,561 @@
+"""Driver of a sweep: validate, prepare data once, run the trials with Ray Tune, summarize.
+
+Every trial is a raygen training run (`jobs.launch.launch`) started by a tiny Tune driver
+function; its TorchTrainer reports each evaluation back to Tune, so schedulers stop bad
+trials early. Trials live in `<storage>/<sweep>/trials/<trial id>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.train import UserCallback
+from ray.tune import Callback
+
+from cluster.storage import exists, is_remote, join, read_text, write_text
+from jobs.errors import SpecError
+from jobs.loader import check_key_path, load_spec, validate_spec
+from jobs.spec import TrainSpec
+from tuning.errors import SweepInterrupted
+from tuning.spec import SweepSpec
+
+logger = logging.getLogger(__name__)
+
+TRIALS_DIR = "trials"
+TRIALS_FILE = "trials.parquet"
+BEST_FILE = "best.json"
+PLOT_FILE = "metric.png"
+SWEEP_SPEC_FILE = "sweep.yaml"
+POINTER_FILE = "raygen_checkpoint.json"  # a Tune checkpoint: which training checkpoint
+# Keys a sweep may not search: they decide where and how big a trial runs, not how well.
+FIXED_KEYS = ("name", "run.storage", "scaling", "data.prepared")
+# Metrics each model family logs at every evaluation.
+EVAL_METRICS = {"causal-lm": ("eval_loss", "perplexity"), "diffusion": ("eval_loss", "fid")}
+
+
+def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, dict]:
+    """The sweep spec and its base train spec (as a raw dict with the sweep's overrides).
+
+    Raises:
+        SpecError: either file is missing or invalid, or a key is not a train-spec key.
+    """
+    sweep = load_spec(SweepSpec, path, overrides)
+    base_path = Path(path).parent / sweep.base
+    source = str(path)
+    if not base_path.is_file():
+        raise SpecError(source, f"`base`: {base_path} does not exist; give a train spec path.")
+    base_raw = yaml.safe_load(base_path.read_text()) or {}
+    problems = []
+    for section, keys in (("overrides", sweep.overrides), ("search", sweep.search)):
+        for key in keys:
+            problem = check_key_path(TrainSpec, key.split("."))
+            if problem:
+                problems.append(f"`{section}.{key}`: not a train-spec key: {problem}")
+            elif section == "search" and any(
+                key == fixed or key.startswith(fixed + ".") for fixed in FIXED_KEYS
+            ):
+                problems.append(
+                    f"`search.{key}`: cannot be searched (trials share "
+                    f"{', '.join(FIXED_KEYS)}); set it in the base spec."
+                )
+    if problems:
+        raise SpecError(source, problems)
+    for key, value in sweep.overrides.items():
+        set_key(base_raw, key, value)
+    return sweep, base_raw
+
+
+def sweep_problems(sweep: SweepSpec, base_raw: dict, source: str) -> list[str]:
+    """Everything wrong with a sweep found without Ray: each searched value is tried."""
+    from jobs.launch import resolve_paths, spec_problems
+
+    problems = []
+    for key, domain in sweep.search.items():
+        for value in domain.values_to_check():
+            raw = copy.deepcopy(base_raw)
+            set_key(raw, key, value)
+            try:
+                validate_spec(TrainSpec, raw, source)
+            except SpecError as exc:
+                problems += [f"`search.{key}` = {value!r}: {p}" for p in exc.problems]
+    if problems:
+        return problems
+    trial = copy.deepcopy(base_raw)
+    for key, domain in sweep.search.items():
+        set_key(trial, key, domain.values_to_check()[0])
+    try:
+        spec = resolve_paths(validate_spec(TrainSpec, trial, source))
+    except SpecError as exc:
+        return exc.problems
+    problems += spec_problems(spec)
+    known = EVAL_METRICS[spec.model.family]
+    if sweep.metric not in known:
+        problems.append(
+            f"`metric`: {sweep.metric!r} is not logged at eval steps of a "
+            f"{spec.model.family} run; use one of {', '.join(known)}."
+        )
+    if sweep.metric == "fid" and spec.sampling.fid_extractor == "none":
+        problems.append("`metric`: fid needs sampling.fid_extractor (classifier or inception).")
+    return problems
+
+
+def evaluations_of(spec: TrainSpec) -> int:
+    """Evaluations (Tune reports) in a full trial: every eval_every steps and the last."""
+    return math.ceil(spec.train.max_steps / spec.train.eval_every)
+
+
+def run_sweep(
+    sweep: SweepSpec,
+    base_raw: dict,
+    source: str = "sweep",
+    address: str | None = None,
+    resume: bool = False,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or with `resume`, continue) the sweep; returns its summary (also `best.json`).
+
+    Raises:
+        SpecError: the sweep or its base spec is invalid (nothing is started), or every
+            trial failed.
+    """
+    problems = sweep_problems(sweep, base_raw, source)
+    if problems:
+        raise SpecError(source, problems)
+    sweep_dir = join(_absolute(sweep.run.storage), sweep.name)
+    if resume and not exists(join(sweep_dir, "tuner.pkl")):
+        raise SpecError(
+            source, f"--resume: no sweep to continue at {sweep_dir}; run it without --resume."
+        )
+
+    from ray import tune
+
+    from cluster.connection import connect, total_resources
+    from jobs.data import prepare_data
+
+    connect(address)
+    base = _trial_spec(base_raw, sweep, {}, sweep_dir)
+    searched_data = any(k.startswith(("data.", "tokenizer.")) for k in sweep.search)
+    if not searched_data:
+        # One preparation shared by every trial (searched data keys: each trial its own).
+        prepare_data(base, base.data.prepared)
+    write_text(join(sweep_dir, SWEEP_SPEC_FILE), yaml.safe_dump(sweep.model_dump(mode="json")))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_driver, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
+            sweep_dir=sweep_dir, shared_data=not searched_data,
+        ),
+        {"cpu": 0.01},  # the driver only waits; its trial's workers hold the real CPUs
+    )  # fmt: skip
+    run_config = tune.RunConfig(
+        name=sweep.name,
+        storage_path=_absolute(sweep.run.storage),
+        failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
+        callbacks=[_Progress(sweep, on_progress)] if on_progress else [],
+        verbose=0,
+    )
+    if resume:
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(sweep),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                num_samples=sweep.num_samples,
+                scheduler=_scheduler(sweep, base),
+                search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed),
+                max_concurrent_trials=sweep.max_concurrent_trials
+                or _trials_that_fit(base, total_resources()),
+            ),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+    # Tune's private trial list is the only place that says which trials never finished.
+    unfinished = [
+        t.trial_id
+        for t in results._experiment_analysis.trials
+        if t.status not in ("TERMINATED", "ERROR")
+    ]
+    if unfinished:
+        raise SweepInterrupted(
+            f"sweep {sweep.name} interrupted with {len(unfinished)} trial(s) unfinished; its "
+            f"state is saved in {sweep_dir}. Continue it with: raygen tune {source} --resume"
+        )
+    return summarize(sweep, base, results, sweep_dir, source)
+
+
+def _absolute(path: str) -> str:
+    return path if is_remote(path) else str(Path(path).expanduser().resolve())
+
+
+def _trial_spec(base_raw: dict, sweep: SweepSpec, values: dict, sweep_dir: str) -> TrainSpec:
+    """A trial's train spec: the base, the searched values, and the sweep's fixed choices."""
+    from jobs.launch import resolve_paths
+
+    raw = copy.deepcopy(base_raw)
+    for key, value in values.items():
+        set_key(raw, key, value)
+    spec = resolve_paths(TrainSpec.model_validate(raw))
+    train = spec.train.model_copy(update={"checkpoint_every": spec.train.eval_every})
+    run = spec.run.model_copy(update={"storage": join(sweep_dir, TRIALS_DIR)})
+    data = spec.data
+    if not data.prepared:
+        data = data.model_copy(update={"prepared": join(sweep_dir, "data")})
+    # Each evaluation is a checkpoint, so every Tune report can be resumed or copied (PBT).
+    return spec.model_copy(update={"train": train, "run": run, "data": data})
+
+
+def _param_space(sweep: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    make = {
+        "choice": tune.choice,
+        "uniform": lambda b: tune.uniform(*b),
+        "loguniform": lambda b: tune.loguniform(*b),
+        "randint": lambda b: tune.randint(*b),
+        "grid": tune.grid_search,
+    }
+    return {key: make[d.kind](getattr(d, d.kind)) for key, d in sweep.search.items()}
+
+
+def _scheduler(sweep: SweepSpec, base: TrainSpec) -> Any:
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        MedianStoppingRule,
+        PopulationBasedTraining,
+    )
+
+    s = sweep.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=s.max_t or evaluations_of(base),
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+    if s.type == "median":
+        return MedianStoppingRule(
+            time_attr="training_iteration", grace_period=s.grace_period, min_samples_required=2
+        )
+    if s.type == "pbt":
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=_param_space(sweep),
+            quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability,
+            synch=False,
+        )
+    return FIFOScheduler()
+
+
+def _trials_that_fit(spec: TrainSpec, resources: dict[str, float]) -> int:
+    """Trials the cluster's CPUs and GPUs can run at once (at least 1)."""
+    per_worker = dict(spec.scaling.resources_per_worker or {"CPU": 1})
+    if spec.scaling.use_gpu:
+        per_worker.setdefault("GPU", 1)
+    fits = [
+        int(resources.get(name, 0) // (amount * spec.scaling.num_workers))
+        for name, amount in per_worker.items()
+        if amount > 0
+    ]
+    return max(1, min(fits) if fits else 1)
+
+
+# --- the trial -----------------------------------------------------------------------------
+
+
+def trial_driver(
+    config: dict[str, Any], base_raw: dict, sweep_raw: dict, sweep_dir: str, shared_data: bool
+) -> None:
+    """One trial (a Tune function trainable): a raygen training run reporting to Tune.
+
+    Training runs in a thread; this function turns each of its evaluations into a Tune
+    report whose checkpoint is a pointer to the training checkpoint (nothing is copied).
+    """
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from jobs.launch import TrialHooks, launch
+
+    sweep = SweepSpec.model_validate(sweep_raw)
+    trial_id = tune.get_context().get_trial_id()
+    spec = _trial_spec(base_raw, sweep, config, sweep_dir)
+    if not shared_data:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"prepared": None})})
+    name, resume_from = trial_id, None
+    restored = tune.get_checkpoint()
+    if restored:
+        with restored.as_directory() as path:
+            pointer = json.loads(Path(path, POINTER_FILE).read_text())
+        if pointer["trial"] != trial_id:  # PBT: continue another trial's checkpoint
+            name = f"{trial_id}-from-{pointer['trial']}-{pointer['step']}"
+            resume_from = pointer["checkpoint"]
+        else:  # Tune restarted this trial: its own run resumes its latest checkpoint
+            name = pointer["run"]
+    spec = spec.model_copy(update={"name": name})
+
+    queue: Queue = Queue(actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            hooks = TrialHooks(
+                callbacks=[ReportToQueue(queue)],
+                resume_from=resume_from,
+                keep_best=(sweep.metric, sweep.mode),
+            )
+            outcome["result"] = launch(spec, f"trial {trial_id}", trial=hooks)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the Tune thread below
+            outcome["error"] = exc
+        finally:
+            queue.put(None)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    run_dir = join(spec.run.storage, spec.name)
+    while (item := queue.get()) is not None:
+        metrics, checkpoint = item
+        with tempfile.TemporaryDirectory(prefix="raygen-pointer-") as tmp:
+            pointer = {
+                "trial": trial_id,
+                "run": spec.name,
+                "run_dir": run_dir,
+                "step": metrics.get("step"),
+                "checkpoint": _with_scheme(checkpoint, run_dir) if checkpoint else None,
+            }
+            Path(tmp, POINTER_FILE).write_text(json.dumps(pointer))
+            tune.report(
+                {**metrics, "run": spec.name},
+                checkpoint=tune.Checkpoint.from_directory(tmp) if checkpoint else None,
+            )
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _with_scheme(path: str, run_dir: str) -> str:
+    """Ray reports paths inside the filesystem; put the URI scheme back for object stores."""
+    if is_remote(run_dir) and "://" not in path:
+        return run_dir.split("://", 1)[0] + "://" + path
+    return path
+
+
+class ReportToQueue(UserCallback):
+    """Ray Train callback (in the trial's controller): each report goes to the trial's queue."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        numeric = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}
+        self.queue.put((numeric, checkpoint.path if checkpoint else None))
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def summarize(
+    sweep: SweepSpec, base: TrainSpec, results: Any, sweep_dir: str, source: str
+) -> dict[str, Any]:
+    """Write `trials.parquet`, `best.json` and the metric plot; return the summary."""
+    import pyarrow as pa
+
+    expected = evaluations_of(base)
+    rows, curves = [], {}
+    for result in results:
+        history = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        values = (
+            history[sweep.metric].dropna().tolist()
+            if history is not None and sweep.metric in history
+            else []
+        )
+        steps = history["step"].tolist() if values else []
+        curves[trial_id] = (steps, values)
+        iterations = len(values)
+        if result.error is not None:
+            status = "errored"
+        elif iterations < expected:
+            status = "stopped_early"
+        else:
+            status = "completed"
+        best_value = (min if sweep.mode == "min" else max)(values) if values else None
+        checkpoint = _best_pointer(result, sweep)
+        row = {
+            "trial_id": trial_id,
+            "status": status,
+            "iterations": iterations,
+            f"best_{sweep.metric}": best_value,
+            f"last_{sweep.metric}": values[-1] if values else None,
+            "checkpoint": checkpoint["checkpoint"] if checkpoint else None,
+            "run_dir": checkpoint["run_dir"] if checkpoint else None,
+            "error": _one_line(result.error) if result.error is not None else None,
+        }
+        for key in sweep.search:
+            row[f"config.{key}"] = (result.config or {}).get(key)
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial_id"])
+    table = pa.Table.from_pylist(rows)
+    _write_table(table, join(sweep_dir, TRIALS_FILE))
+    _plot(curves, sweep, join(sweep_dir, PLOT_FILE))
+
+    scored = [r for r in rows if r[f"best_{sweep.metric}"] is not None and r["checkpoint"]]
+    if not scored:
+        errors = "; ".join(f"{r['trial_id']}: {r['error']}" for r in rows if r["error"])
+        raise SpecError(source, f"every trial failed ({errors or 'no evaluation reported'}).")
+    pick = min if sweep.mode == "min" else max
+    best = pick(scored, key=lambda r: r[f"best_{sweep.metric}"])
+    best_spec = read_text(join(best["run_dir"], "spec.yaml"))
+    summary = {
+        "trial_id": best["trial_id"],
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "value": best[f"best_{sweep.metric}"],
+        "checkpoint": best["checkpoint"],
+        "run_dir": best["run_dir"],
+        "config": {k: best[f"config.{k}"] for k in sweep.search},
+        "spec": yaml.safe_load(best_spec) if best_spec else None,
+    }
+    write_text(join(sweep_dir, BEST_FILE), json.dumps(summary, indent=2))
+    return {
+        "sweep_dir": sweep_dir,
+        "best": summary,
+        "trials": rows,
+        "paths": {
+            "trials": join(sweep_dir, TRIALS_FILE),
+            "best": join(sweep_dir, BEST_FILE),
+            "plot": join(sweep_dir, PLOT_FILE),
+        },
+    }
+
+
+def _best_pointer(result: Any, sweep: SweepSpec) -> dict | None:
+    """The pointer of the trial's checkpoint with the best metric (None: no checkpoint)."""
+    try:
+        checkpoint = result.get_best_checkpoint(sweep.metric, sweep.mode)
+    except Exception:  # noqa: BLE001 - Ray raises when a trial reported no checkpoint
+        checkpoint = None
+    checkpoint = checkpoint or result.checkpoint
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        return json.loads(Path(path, POINTER_FILE).read_text())
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def _write_table(table: Any, uri: str) -> None:
+    import pyarrow.parquet as pq
+
+    from cluster.storage import resolve
+
+    fs, path = resolve(uri)
+    if not is_remote(uri):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def _plot(curves: dict[str, tuple[list, list]], sweep: SweepSpec, uri: str) -> None:
+    """The metric over training steps, one line per trial; early-stopped lines end early."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for trial_id, (steps, values) in sorted(curves.items()):
+        if values:
+            axes.plot(steps, values, marker="o", markersize=3, label=trial_id)
+    axes.set_xlabel("step")
+    axes.set_ylabel(sweep.metric)
+    axes.set_title(f"{sweep.name}: {sweep.metric} of every trial ({sweep.scheduler.type})")
+    axes.grid(alpha=0.3)
+    if len(curves) <= 12:
+        axes.legend(fontsize=7)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, PLOT_FILE)
+        figure.savefig(local, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        if is_remote(uri):
+            from cluster.storage import upload_file
+
+            upload_file(str(local), uri)
+        else:
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            local.replace(uri)
+
+
+class _Progress(Callback):
+    """Tune callback: one line per trial event, with the current best."""
+
+    def __init__(self, sweep: SweepSpec, emit: Callable[[str], None]):
+        self.sweep, self.emit = sweep, emit
+        self.best: tuple[float, str] | None = None
+        self.counts = {"running": 0, "stopped": 0, "done": 0, "errored": 0}
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best[0] if self.sweep.mode == "min" else value > self.best[0]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.counts["running"] += 1
+        self.emit(f"trial {trial.trial_id} started: {self._config(trial)}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+        value = result.get(self.sweep.metric)
+        if value is None:
+            return
+        if self._better(value):
+            self.best = (value, trial.trial_id)
+        self.emit(
+            f"trial {trial.trial_id} step {result.get('step')}: {self.sweep.metric} "
+            f"{value:.4f}  (best {self.best[0]:.4f} by {self.best[1]})"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.counts["running"] -= 1
+        self.counts["done"] += 1
+        self.emit(f"trial {trial.trial_id} finished  [{self._status()}]")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.counts["running"] -= 1
+        self.counts["errored"] += 1
+        self.emit(f"trial {trial.trial_id} errored  [{self._status()}]")
+
+    def _status(self) -> str:
+        return ", ".join(f"{n} {k}" for k, n in self.counts.items())
+
+    def _config(self, trial: Any) -> str:
+        return ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
