@@ -46,8 +46,9 @@ def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
                 runtime_env=runtime_env,
             )
         else:
+            # The dashboard serves Ray's State API, which Ray Train's placement-group
+            # cleaner needs to free a finished Tune trial's workers' CPUs.
             ray.init(
-                include_dashboard=False,
                 logging_level=logging.WARNING,
                 log_to_driver=log_to_driver,
                 runtime_env=runtime_env,

@@ -57,8 +57,14 @@ def save_and_report(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore_latest(engine: Any) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
-    """Load the latest Ray Train checkpoint into `engine`.
+def restore_latest(
+    engine: Any, start_from: str | None = None
+) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+    """Load the latest Ray Train checkpoint of this run into `engine`.
+
+    Args:
+        start_from: a checkpoint (path or URI) of another run, loaded when this run has
+            none of its own yet (a PBT trial continuing a better trial's weights).
 
     Returns:
         (step, client_state, this rank's rank_state or None); (0, {}, None) when there is
@@ -68,6 +74,8 @@ def restore_latest(engine: Any) -> tuple[int, dict[str, Any], dict[str, Any] | N
     import torch
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and start_from:
+        checkpoint = ray.train.Checkpoint(start_from)
     if checkpoint is None:
         return 0, {}, None
     with checkpoint.as_directory() as path:

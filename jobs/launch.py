@@ -333,11 +333,15 @@ class TrialHooks:
         resume_from: a checkpoint (path or URI) of another run to start from (PBT).
         keep_best: keep the checkpoints with the best (metric, mode) rather than the newest
             (the newest is always kept too, for resumption).
+        datasets: the prepared splits, already read into the object store by the sweep's
+            driver (Ray Data reads started inside a trial would compete with the other
+            trials' workers for CPUs, and can wait for one forever).
     """
 
     callbacks: list[Any] = field(default_factory=list)
     resume_from: str | None = None
     keep_best: tuple[str, str] | None = None
+    datasets: dict[str, Any] | None = None
 
 
 def _fit(
@@ -374,13 +378,13 @@ def _fit(
         }
 
     options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption
-    datasets = {
+    datasets = trial.datasets or {
         split: ray.data.read_parquet(join(prepared_dir, split)) for split in ("train", "eval")
     }
     spare_cpus = total_resources().get("CPU", 0) - spec.scaling.num_workers * per_worker.get(
         "CPU", 0
     )
-    if spare_cpus < 1:
+    if spare_cpus < 1 and not trial.datasets:
         # Ray Data's read tasks need a free CPU; with every CPU held by a training worker
         # they would never run, so read the shards into the object store up front.
         logger.info("No CPU left beside the workers: loading prepared data before training.")
@@ -391,6 +395,7 @@ def _fit(
             "spec": spec.model_dump(mode="json"),
             "run_dir": run_dir,
             "prepared": prepared,
+            "start_from": trial.resume_from,
         },
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -410,9 +415,6 @@ def _fit(
             callbacks=[FailureRecorder(run_dir), *trial.callbacks],
         ),
         datasets=datasets,
-        resume_from_checkpoint=(
-            ray.train.Checkpoint(trial.resume_from) if trial.resume_from else None
-        ),
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"],
             execution_options=options,

@@ -27,6 +27,7 @@ from jobs.models.diffusion import (
 from jobs.spec import NoiseSchedulerSpec, TrainSpec, global_batch_size
 from jobs.worker import (
     MODEL_DIR,
+    apply_peak_lr,
     build_optimizer,
     lr_lambda,
     micro_batches,
@@ -79,7 +80,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.precision, torch.float32)
     ema = WeightAverage(engine.module, spec.model.ema.decay) if spec.model.ema else None
 
-    start_step, _, rank_state = restore_latest(engine)
+    start_step, _, rank_state = restore_latest(engine, config.get("start_from"))
+    apply_peak_lr(scheduler, spec.train.lr)
     if ema and rank_state:
         ema.load_state_dict(rank_state["ema"])
     seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)

@@ -16,6 +16,7 @@ from jobs.models.causal_lm import build_causal_lm, build_config
 from jobs.spec import TrainSpec, global_batch_size
 from jobs.worker import (
     MODEL_DIR,
+    apply_peak_lr,
     build_optimizer,
     lr_lambda,
     micro_batches,
@@ -69,7 +70,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
     )
 
-    start_step, _, _ = restore_latest(engine)
+    start_step, _, _ = restore_latest(engine, config.get("start_from"))
+    apply_peak_lr(scheduler, spec.train.lr)
     seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
     if rank == 0:
         record_attempt(run_dir, start_step)

@@ -85,6 +85,18 @@ def lr_lambda(spec: TrainSpec):
     return factor
 
 
+def apply_peak_lr(scheduler: Any, lr: float) -> None:
+    """Make `lr` the peak of a LambdaLR schedule, also after restoring a checkpoint.
+
+    A checkpoint restores the LR it was saved with; a resumed run whose spec sets another LR
+    (`--set train.lr=...`, or a PBT trial continuing another trial's weights) uses its own.
+    """
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

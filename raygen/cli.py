@@ -211,7 +211,7 @@ def _print_trials(summary: dict[str, Any], metric: str) -> None:
         f"({', '.join(f'{k}={v}' for k, v in best['config'].items())})"
     )
     for name, path in summary["paths"].items():
-        out.print(f"  {name:<7} {path}")
+        out.print(f"  {name:<7} {path}", soft_wrap=True)
 
 
 @app.command()

@@ -62,7 +62,7 @@ def ray_session(s3_endpoint):
     from cluster.connection import connect
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False)  # with the dashboard: Ray Train's PG cleanup
     connect()  # no-op on an initialized Ray; applies raygen's logging defaults
     yield ray
     ray.shutdown()

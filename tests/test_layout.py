@@ -9,7 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imports flow one way: raygen -> tuning/serving -> jobs -> cluster.
-LAYERS = {"cluster": set(), "jobs": {"cluster"}, "raygen": {"cluster", "jobs", "tuning", "serving"}}
+LAYERS = {
+    "cluster": set(),
+    "jobs": {"cluster"},
+    "tuning": {"cluster", "jobs"},
+    "raygen": {"cluster", "jobs", "tuning", "serving"},
+}
 DISTRIBUTION = {"ray", "deepspeed", "torch.distributed"}
 
 

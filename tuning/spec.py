@@ -91,6 +91,11 @@ class SchedulerSpec(Section):
         le=1,
         description="pbt: chance a perturbed value is drawn anew from its domain.",
     )
+    synch: bool = Field(
+        True,
+        description="pbt: trials wait for each other at every perturbation (generations), "
+        "so trials that run one after another on a small cluster are still compared.",
+    )
 
 
 class SweepRunSpec(Section):

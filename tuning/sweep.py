@@ -36,8 +36,9 @@ BEST_FILE = "best.json"
 PLOT_FILE = "metric.png"
 SWEEP_SPEC_FILE = "sweep.yaml"
 POINTER_FILE = "raygen_checkpoint.json"  # a Tune checkpoint: which training checkpoint
-# Keys a sweep may not search: they decide where and how big a trial runs, not how well.
-FIXED_KEYS = ("name", "run.storage", "scaling", "data.prepared")
+# Keys a sweep may not search: where and how big a trial runs, and the data, which is
+# prepared and read once for all trials.
+FIXED_KEYS = ("name", "run", "scaling", "data", "tokenizer")
 # Metrics each model family logs at every evaluation.
 EVAL_METRICS = {"causal-lm": ("eval_loss", "perplexity"), "diffusion": ("eval_loss", "fid")}
 
@@ -75,8 +76,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
                 key == fixed or key.startswith(fixed + ".") for fixed in FIXED_KEYS
             ):
                 problems.append(
-                    f"`search.{key}`: cannot be searched (trials share "
-                    f"{', '.join(FIXED_KEYS)}); set it in the base spec."
+                    f"`search.{key}`: cannot be searched: every trial shares the sections "
+                    f"{', '.join(FIXED_KEYS)} (the data is prepared and read once for all "
+                    "trials); set it in the base spec or overrides."
                 )
     if problems:
         raise SpecError(source, problems)
@@ -147,6 +149,7 @@ def run_sweep(
             source, f"--resume: no sweep to continue at {sweep_dir}; run it without --resume."
         )
 
+    import ray.data
     from ray import tune
 
     from cluster.connection import connect, total_resources
@@ -154,16 +157,18 @@ def run_sweep(
 
     connect(address)
     base = _trial_spec(base_raw, sweep, {}, sweep_dir)
-    searched_data = any(k.startswith(("data.", "tokenizer.")) for k in sweep.search)
-    if not searched_data:
-        # One preparation shared by every trial (searched data keys: each trial its own).
-        prepare_data(base, base.data.prepared)
+    # Prepared and read once: every trial trains on these blocks in the object store.
+    prepare_data(base, base.data.prepared)
+    datasets = {
+        split: ray.data.read_parquet(join(base.data.prepared, split)).materialize()
+        for split in ("train", "eval")
+    }
     write_text(join(sweep_dir, SWEEP_SPEC_FILE), yaml.safe_dump(sweep.model_dump(mode="json")))
 
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_driver, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
-            sweep_dir=sweep_dir, shared_data=not searched_data,
+            sweep_dir=sweep_dir, datasets=datasets,
         ),
         {"cpu": 0.01},  # the driver only waits; its trial's workers hold the real CPUs
     )  # fmt: skip
@@ -185,25 +190,44 @@ def run_sweep(
                 mode=sweep.mode,
                 num_samples=sweep.num_samples,
                 scheduler=_scheduler(sweep, base),
-                search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed),
-                max_concurrent_trials=sweep.max_concurrent_trials
-                or _trials_that_fit(base, total_resources()),
+                # Tune ignores max_concurrent_trials next to a generator: limit it here.
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=sweep.seed,
+                    max_concurrent=sweep.max_concurrent_trials
+                    or _trials_that_fit(base, total_resources()),
+                ),
             ),
             run_config=run_config,
         )
     results = tuner.fit()
-    # Tune's private trial list is the only place that says which trials never finished.
-    unfinished = [
-        t.trial_id
-        for t in results._experiment_analysis.trials
-        if t.status not in ("TERMINATED", "ERROR")
-    ]
+    unfinished = _unfinished_trials(sweep_dir)
     if unfinished:
         raise SweepInterrupted(
             f"sweep {sweep.name} interrupted with {len(unfinished)} trial(s) unfinished; its "
             f"state is saved in {sweep_dir}. Continue it with: raygen tune {source} --resume"
         )
     return summarize(sweep, base, results, sweep_dir, source)
+
+
+def _unfinished_trials(sweep_dir: str) -> list[str]:
+    """Trials the saved experiment state has not finished (Ctrl-C stopped the sweep).
+
+    After an interruption Tune reports the stopped trials as terminated; only the state it
+    saved for `Tuner.restore` still says they were running.
+    """
+    from cluster.storage import list_files
+
+    states = [
+        f.uri
+        for f in list_files(sweep_dir, ".json")
+        if f.uri.rsplit("/", 1)[-1].startswith("experiment_state-")
+        and f.uri.rsplit("/", 1)[0].rstrip("/") == sweep_dir.rstrip("/")
+    ]
+    if not states:
+        return []
+    state = json.loads(read_text(max(states)) or "{}")
+    trials = [json.loads(entry[0]) for entry in state.get("trial_data", [])]
+    return [t["trial_id"] for t in trials if t.get("status") in ("PENDING", "RUNNING", "PAUSED")]
 
 
 def _absolute(path: str) -> str:
@@ -227,7 +251,8 @@ def _trial_spec(base_raw: dict, sweep: SweepSpec, values: dict, sweep_dir: str) 
     return spec.model_copy(update={"train": train, "run": run, "data": data})
 
 
-def _param_space(sweep: SweepSpec) -> dict[str, Any]:
+def _param_space(sweep: SweepSpec, grids_as_choices: bool = False) -> dict[str, Any]:
+    """Tune domains of the searched keys (PBT mutates over grids as choices)."""
     from ray import tune
 
     make = {
@@ -235,7 +260,7 @@ def _param_space(sweep: SweepSpec) -> dict[str, Any]:
         "uniform": lambda b: tune.uniform(*b),
         "loguniform": lambda b: tune.loguniform(*b),
         "randint": lambda b: tune.randint(*b),
-        "grid": tune.grid_search,
+        "grid": tune.choice if grids_as_choices else tune.grid_search,
     }
     return {key: make[d.kind](getattr(d, d.kind)) for key, d in sweep.search.items()}
 
@@ -264,10 +289,10 @@ def _scheduler(sweep: SweepSpec, base: TrainSpec) -> Any:
         return PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=s.perturbation_interval,
-            hyperparam_mutations=_param_space(sweep),
+            hyperparam_mutations=_param_space(sweep, grids_as_choices=True),
             quantile_fraction=s.quantile_fraction,
             resample_probability=s.resample_probability,
-            synch=False,
+            synch=s.synch,
         )
     return FIFOScheduler()
 
@@ -289,7 +314,7 @@ def _trials_that_fit(spec: TrainSpec, resources: dict[str, float]) -> int:
 
 
 def trial_driver(
-    config: dict[str, Any], base_raw: dict, sweep_raw: dict, sweep_dir: str, shared_data: bool
+    config: dict[str, Any], base_raw: dict, sweep_raw: dict, sweep_dir: str, datasets: dict
 ) -> None:
     """One trial (a Tune function trainable): a raygen training run reporting to Tune.
 
@@ -304,8 +329,6 @@ def trial_driver(
     sweep = SweepSpec.model_validate(sweep_raw)
     trial_id = tune.get_context().get_trial_id()
     spec = _trial_spec(base_raw, sweep, config, sweep_dir)
-    if not shared_data:
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"prepared": None})})
     name, resume_from = trial_id, None
     restored = tune.get_checkpoint()
     if restored:
@@ -327,6 +350,7 @@ def trial_driver(
                 callbacks=[ReportToQueue(queue)],
                 resume_from=resume_from,
                 keep_best=(sweep.metric, sweep.mode),
+                datasets=datasets,
             )
             outcome["result"] = launch(spec, f"trial {trial_id}", trial=hooks)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the Tune thread below
@@ -519,6 +543,11 @@ class _Progress(Callback):
         self.sweep, self.emit = sweep, emit
         self.best: tuple[float, str] | None = None
         self.counts = {"running": 0, "stopped": 0, "done": 0, "errored": 0}
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks with the experiment; a console printer does not pickle,
+        # so a restored sweep reports progress through the logger.
+        return {**self.__dict__, "emit": logger.info}
 
     def _better(self, value: float) -> bool:
         if self.best is None:

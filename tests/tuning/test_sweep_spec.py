@@ -69,6 +69,7 @@ def test_unknown_and_fixed_keys_are_errors_before_anything_runs(tmp_path):
         search={
             "train.lrr": {"choice": [1e-3]},
             "scaling.num_workers": {"choice": [1, 2]},
+            "data.seq_len": {"choice": [32, 64]},
         },
         overrides={"train.max_stepz": 10},
     )
@@ -81,6 +82,7 @@ def test_unknown_and_fixed_keys_are_errors_before_anything_runs(tmp_path):
     )
     assert "`overrides.train.max_stepz`: not a train-spec key" in message
     assert "`search.scaling.num_workers`: cannot be searched" in message
+    assert "`search.data.seq_len`: cannot be searched" in message
 
 
 def test_each_searched_value_is_validated_against_the_train_spec(tmp_path):

@@ -88,23 +88,31 @@ def test_best_checkpoint_exports_a_model_transformers_loads(asha_sweep, tmp_path
 def test_pbt_copies_the_good_trials_checkpoint_into_the_bad_one(
     ray_session, tmp_path, shared_prepared
 ):
+    """At the first evaluation the bad trial continues from the good one's checkpoint."""
     sweep, base = sweep_of(
         tmp_path,
         shared_prepared,
-        search={"train.lr": {"choice": [GOOD_LR, BAD_LR]}},
-        num_samples=2,
-        seed=3,
         max_concurrent_trials=2,
         scheduler={"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
     )
-    base["train"]["max_steps"] = 40
+    base["train"]["max_steps"] = 20
     summary = run_sweep(sweep, base, "test")
     trials_dir = Path(summary["sweep_dir"]) / "trials"
-    exploited = [p for p in trials_dir.iterdir() if "-from-" in p.name]
-    assert exploited, sorted(p.name for p in trials_dir.iterdir())
-    attempts = [json.loads(line) for line in (exploited[0] / "attempts.jsonl").open()]
-    donor_step = int(exploited[0].name.rsplit("-", 1)[1])
-    assert attempts[0]["resumed_from_step"] == donor_step > 0
+    # `<trial>-from-<donor>-<step>`: runs that continued another trial's checkpoint.
+    exploited = {
+        int(p.name.rsplit("-", 1)[1]): p for p in trials_dir.iterdir() if "-from-" in p.name
+    }
+    assert 10 in exploited, sorted(p.name for p in trials_dir.iterdir())
+    for step, run in exploited.items():
+        first = json.loads((run / "attempts.jsonl").read_text().splitlines()[0])
+        assert first["resumed_from_step"] == step
+    # The copy starts from trained weights: far below the bad trial's own loss.
+    rows = [json.loads(line) for line in (exploited[10] / "metrics.jsonl").open()]
+    assert rows[-1]["eval_loss"] < 6.0
+    # ... with its own (perturbed) learning rate, not the one saved in the donor's checkpoint:
+    # the cosine schedule ends at min_lr_ratio (0.1) x its peak.
+    lr = yaml.safe_load((exploited[10] / "spec.yaml").read_text())["train"]["lr"]
+    assert rows[-1]["step"] == 20 and rows[-1]["lr"] == pytest.approx(0.1 * lr)
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_prepared):
