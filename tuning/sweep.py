@@ -176,7 +176,7 @@ def run_sweep(
         name=sweep.name,
         storage_path=_absolute(sweep.run.storage),
         failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
-        callbacks=[_Progress(sweep, on_progress)] if on_progress else [],
+        callbacks=[_Progress(sweep, on_progress, evaluations_of(base))] if on_progress else [],
         verbose=0,
     )
     if resume:
@@ -539,10 +539,10 @@ def _plot(curves: dict[str, tuple[list, list]], sweep: SweepSpec, uri: str) -> N
 class _Progress(Callback):
     """Tune callback: one line per trial event, with the current best."""
 
-    def __init__(self, sweep: SweepSpec, emit: Callable[[str], None]):
-        self.sweep, self.emit = sweep, emit
+    def __init__(self, sweep: SweepSpec, emit: Callable[[str], None], evaluations: int):
+        self.sweep, self.emit, self.evaluations = sweep, emit, evaluations
         self.best: tuple[float, str] | None = None
-        self.counts = {"running": 0, "stopped": 0, "done": 0, "errored": 0}
+        self.counts = {"running": 0, "completed": 0, "stopped early": 0, "errored": 0}
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment; a console printer does not pickle,
@@ -570,9 +570,11 @@ class _Progress(Callback):
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        reports = (trial.last_result or {}).get("training_iteration", 0)
+        outcome = "completed" if reports >= self.evaluations else "stopped early"
         self.counts["running"] -= 1
-        self.counts["done"] += 1
-        self.emit(f"trial {trial.trial_id} finished  [{self._status()}]")
+        self.counts[outcome] += 1
+        self.emit(f"trial {trial.trial_id} {outcome}  [{self._status()}]")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.counts["running"] -= 1
