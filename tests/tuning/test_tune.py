@@ -151,3 +151,31 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     assert len(attempts) == 1  # the finished trial was not run again
     table = pq.read_table(tmp_path / "sweeps" / "sweep" / "trials.parquet").to_pylist()
     assert sorted(r["status"] for r in table) == ["completed", "completed"]
+
+
+def test_sweep_on_s3_writes_its_results_and_exports_from_there(
+    ray_session, tmp_path, shared_prepared, bucket
+):
+    """Sweep state, trial runs, trials.parquet, best.json and the plot live in the bucket."""
+    from transformers import AutoModelForCausalLM
+
+    from cluster.storage import exists, join, read_text
+    from jobs.export import export_checkpoint
+
+    sweep, base = sweep_of(
+        tmp_path,
+        shared_prepared,
+        search={"train.lr": {"grid": [GOOD_LR]}},
+        scheduler={"type": "fifo"},
+        run={"storage": f"s3://{bucket}/sweeps"},
+    )
+    base["train"]["max_steps"] = 10
+    summary = run_sweep(sweep, base, "test")
+    sweep_dir = f"s3://{bucket}/sweeps/sweep"
+    assert summary["sweep_dir"] == sweep_dir
+    for name in ("trials.parquet", "best.json", "metric.png", "sweep.yaml"):
+        assert exists(join(sweep_dir, name)), name
+    best = json.loads(read_text(join(sweep_dir, "best.json")))
+    assert best["checkpoint"].startswith(f"s3://{bucket}/sweeps/sweep/trials/")
+    out = export_checkpoint(best["run_dir"], best["checkpoint"], str(tmp_path / "best"))
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
