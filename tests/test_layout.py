@@ -13,6 +13,7 @@ LAYERS = {
     "cluster": set(),
     "jobs": {"cluster"},
     "tuning": {"cluster", "jobs"},
+    "serving": {"cluster", "jobs"},
     "raygen": {"cluster", "jobs", "tuning", "serving"},
 }
 DISTRIBUTION = {"ray", "deepspeed", "torch.distributed"}

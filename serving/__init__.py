@@ -1,0 +1,1 @@
+"""Ray Serve deployments of exported models, behind the audit gate."""
