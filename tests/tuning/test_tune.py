@@ -179,3 +179,20 @@ def test_sweep_on_s3_writes_its_results_and_exports_from_there(
     assert best["checkpoint"].startswith(f"s3://{bucket}/sweeps/sweep/trials/")
     out = export_checkpoint(best["run_dir"], best["checkpoint"], str(tmp_path / "best"))
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
+
+
+def test_an_errored_trial_is_reported_and_the_sweep_goes_on(ray_session, tmp_path, shared_prepared):
+    """A trial whose batch is larger than the data fails at its start; the other finishes."""
+    sweep, base = sweep_of(
+        tmp_path,
+        shared_prepared,
+        search={"train.micro_batch_size": {"grid": [8, 100_000]}},
+        scheduler={"type": "fifo"},
+    )
+    base["train"]["max_steps"] = 10
+    summary = run_sweep(sweep, base, "test")
+    by_batch = {row["config.train.micro_batch_size"]: row for row in summary["trials"]}
+    assert by_batch[8]["status"] == "completed"
+    assert by_batch[100_000]["status"] == "errored"
+    assert "one optimizer step takes micro_batch_size x grad_accum" in by_batch[100_000]["error"]
+    assert summary["best"]["config"] == {"train.micro_batch_size": 8}
