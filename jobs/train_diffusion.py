@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cluster.storage import local_copy
+from cluster.storage import join, local_copy
 from jobs import metrics as m
 from jobs.checkpoint import restore_latest, save_and_report
 from jobs.deepspeed_config import derive_deepspeed_config
@@ -93,7 +93,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and prepared.get("fid"):
         from jobs.fid import FID_DIR, load_extractor, load_reference
 
-        fid_dir = local_copy(prepared["dir"].rstrip("/") + "/" + FID_DIR)
+        fid_dir = local_copy(join(prepared["dir"], FID_DIR))
         kind = prepared["fid"]["extractor"]
         fid = (kind, load_extractor(kind, fid_dir, spec.sampling.inception_weights))
         fid_reference = load_reference(fid_dir, kind)

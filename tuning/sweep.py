@@ -144,9 +144,17 @@ def run_sweep(
     if problems:
         raise SpecError(source, problems)
     sweep_dir = join(_absolute(sweep.run.storage), sweep.name)
-    if resume and not exists(join(sweep_dir, "tuner.pkl")):
+    started = exists(join(sweep_dir, "tuner.pkl"))
+    if resume and not started:
         raise SpecError(
             source, f"--resume: no sweep to continue at {sweep_dir}; run it without --resume."
+        )
+    if started and not resume:
+        raise SpecError(
+            source,
+            f"`name`: a sweep {sweep.name!r} already ran in {sweep_dir} (results in "
+            f"{BEST_FILE}, {TRIALS_FILE}); continue it with --resume, or start another with "
+            f"--set name={sweep.name}-2.",
         )
 
     import ray.data

@@ -114,3 +114,16 @@ def test_shipped_sweep_examples_validate():
     for path in sorted((ROOT / "tuning" / "examples").glob("*.yaml")):
         sweep, base = load_sweep(path)
         assert sweep_problems(sweep, base, str(path)) == [], path.name
+
+
+def test_rerunning_a_sweep_without_resume_is_an_error_that_says_what_to_do(tmp_path):
+    from tuning.sweep import run_sweep
+
+    path = write_sweep(tmp_path, run={"storage": str(tmp_path / "sweeps")})
+    (tmp_path / "sweeps" / "s").mkdir(parents=True)
+    (tmp_path / "sweeps" / "s" / "tuner.pkl").write_bytes(b"")
+    sweep, base = load_sweep(path)
+    with pytest.raises(SpecError, match="already ran .* continue it with --resume"):
+        run_sweep(sweep, base, str(path))
+    with pytest.raises(SpecError, match="--resume: no sweep to continue"):
+        run_sweep(sweep.model_copy(update={"name": "other"}), base, str(path), resume=True)
