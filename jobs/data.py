@@ -273,7 +273,8 @@ def _prepare_text(
 
     eval_fraction = 0.0 if eval_files else d.eval_fraction
     docs = docs.map_batches(
-        _AssignSplit(eval_fraction, spec.train.seed), batch_format="pyarrow"
+        AssignSplit(eval_fraction, spec.train.seed, key="text", keep=["text"]),
+        batch_format="pyarrow",
     ).materialize()
     train_docs = docs.filter(expr="split == 'train'")
     eval_docs = docs.filter(expr="split == 'eval'")
@@ -421,21 +422,24 @@ def _one_per_hash(group: pa.Table) -> pa.Table:
     return group.slice(sources.index("eval") if "eval" in sources else 0, 1)
 
 
-class _AssignSplit:
-    def __init__(self, eval_fraction: float, seed: int):
-        self.eval_fraction, self.seed = eval_fraction, seed
+class AssignSplit:
+    """Tag each row `train` or `eval` by a hash of its `key` column (rows from data.eval stay
+    eval), keeping only the `keep` columns."""
+
+    def __init__(self, eval_fraction: float, seed: int, key: str, keep: list[str]):
+        self.eval_fraction, self.seed, self.key, self.keep = eval_fraction, seed, key, keep
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         splits = [
             "eval"
             if source == "eval"
-            or (self.eval_fraction > 0 and in_eval_split(text, self.eval_fraction, self.seed))
+            or (self.eval_fraction > 0 and in_eval_split(value, self.eval_fraction, self.seed))
             else "train"
-            for text, source in zip(
-                batch["text"].to_pylist(), batch["source"].to_pylist(), strict=True
+            for value, source in zip(
+                batch[self.key].to_pylist(), batch["source"].to_pylist(), strict=True
             )
         ]
-        return batch.select(["text"]).append_column("split", pa.array(splits, pa.string()))
+        return batch.select(self.keep).append_column("split", pa.array(splits, pa.string()))
 
 
 def _remove_near_duplicates(docs: Any, threshold: float) -> Any:

@@ -240,30 +240,11 @@ def batch_to_tensors(batch: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any
     return to_model_range(pixels.reshape(len(pixels), *shape)), batch["label"].long()
 
 
-class _AssignImageSplit:
-    def __init__(self, eval_fraction: float, seed: int):
-        self.eval_fraction, self.seed = eval_fraction, seed
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from jobs.data import in_eval_split
-
-        splits = [
-            "eval"
-            if source == "eval"
-            or (self.eval_fraction > 0 and in_eval_split(key, self.eval_fraction, self.seed))
-            else "train"
-            for key, source in zip(
-                batch["hash"].to_pylist(), batch["source"].to_pylist(), strict=True
-            )
-        ]
-        return batch.select(["pixels", "label"]).append_column("split", pa.array(splits))
-
-
 def prepare_images(
     spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
 ) -> dict[str, Any]:
     """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray)."""
-    from jobs.data import _one_per_hash
+    from jobs.data import AssignSplit, _one_per_hash
     from jobs.models.diffusion import image_shape, num_classes
 
     d = spec.data
@@ -304,7 +285,8 @@ def prepare_images(
 
     eval_fraction = 0.0 if eval_files else d.eval_fraction
     images = images.map_batches(
-        _AssignImageSplit(eval_fraction, spec.train.seed), batch_format="pyarrow"
+        AssignSplit(eval_fraction, spec.train.seed, key="hash", keep=["pixels", "label"]),
+        batch_format="pyarrow",
     ).materialize()
     counts = {"train": 0, "eval": 0}
     for split in counts:

@@ -117,6 +117,11 @@ def tiny_lm_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> d
     }
     if prepared is not None:
         spec["data"]["prepared"] = str(prepared)
+    return with_overrides(spec, overrides)
+
+
+def with_overrides(spec: dict, overrides: dict) -> dict:
+    """Set `a__b__c=value` overrides (double underscores for dots) in a raw spec, in place."""
     for key, value in overrides.items():
         node = spec
         *parents, leaf = key.split("__")

@@ -13,7 +13,7 @@ from jobs.errors import SpecError
 from jobs.launch import launch, validate_train_spec
 from jobs.metrics import read_metrics
 from jobs.spec import TrainSpec
-from tests.conftest import run_and_kill_rank0
+from tests.conftest import run_and_kill_rank0, with_overrides
 
 TINY_UNET = {
     "sample_size": 8,
@@ -57,13 +57,7 @@ def tiny_diffusion_spec(tmp_path: Path, prepared: Path | None = None, **override
     }
     if prepared is not None:
         spec["data"]["prepared"] = str(prepared)
-    for key, value in overrides.items():
-        node = spec
-        *parents, leaf = key.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return spec
+    return with_overrides(spec, overrides)
 
 
 def spec_of(raw: dict) -> TrainSpec:
