@@ -124,17 +124,15 @@ def build_reference(
     from jobs.image_data import read_prepared_pixels, to_model_range
 
     pixels, labels = read_prepared_pixels(prepared_dir, "train", shape, REFERENCE_IMAGES)
+    held_out, held_out_labels = read_prepared_pixels(prepared_dir, "eval", shape, REFERENCE_IMAGES)
     info: dict = {"extractor": kind, "reference_images": len(pixels)}
     with tempfile.TemporaryDirectory(prefix="raygen-fid-") as out:
         if kind == "classifier":
             from jobs.models.classifier import accuracy, train_classifier
 
             network = train_classifier(to_model_range(pixels), labels, num_classes, seed=seed)
-            eval_pixels, eval_labels = read_prepared_pixels(
-                prepared_dir, "eval", shape, REFERENCE_IMAGES
-            )
             info["classifier_eval_accuracy"] = round(
-                accuracy(network, to_model_range(eval_pixels), eval_labels), 4
+                accuracy(network, to_model_range(held_out), held_out_labels), 4
             )
             torch.save(
                 {
@@ -152,7 +150,6 @@ def build_reference(
         np.savez(Path(out, reference_file(kind)), mu=mu, sigma=sigma)
         info["feature_dim"] = int(features.shape[1])
         # The FID of held-out real images: what a perfect model would score (a floor).
-        held_out, _ = read_prepared_pixels(prepared_dir, "eval", shape, REFERENCE_IMAGES)
         if len(held_out) >= 2:
             eval_stats = feature_statistics(extractor(to_model_range(held_out)))
             info["eval_images_fid"] = round(frechet_distance(mu, sigma, *eval_stats), 4)
