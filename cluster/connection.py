@@ -120,3 +120,24 @@ def capacity_problems(per_worker: dict[str, float], num_workers: int, embedded: 
             logger.warning("%s (waiting for the cluster to scale up)", p)
         return []
     return problems
+
+
+def connect_existing(address: str | None = None) -> None:
+    """Connect to a running cluster: `address`, else RAY_ADDRESS, else one on this machine.
+
+    Raises:
+        ClusterError: no cluster is running there.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    check_reachable(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        raise ClusterError(
+            f"No running Ray cluster found at {address}: {exc}. Give --address (or "
+            "RAY_ADDRESS) of a cluster where the app was deployed with --detach."
+        ) from None

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from cluster.errors import RaygenError
 
@@ -27,6 +29,24 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+class _DeployByDefault(TyperGroup):
+    """`raygen serve SPEC` means `raygen serve deploy SPEC`; `status`, `shutdown` and
+    `build` are subcommands."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["deploy", *args]
+        return super().parse_args(ctx, args)
+
+
+serve_app = typer.Typer(
+    cls=_DeployByDefault,
+    help="Serve a trained model on Ray Serve: `raygen serve SPEC` deploys it.",
+    no_args_is_help=True,
+)
+app.add_typer(serve_app, name="serve")
 
 out = Console()
 err = Console(stderr=True)
@@ -253,6 +273,122 @@ def sample(
             suffix = f"_class{labels[i]}" if labels else ""
             save_png(image, out_dir / f"sample_{i:04d}{suffix}.png")
         out.print(f"wrote {n} PNGs to {out_dir}")
+
+
+@serve_app.command("deploy")
+@user_errors
+def serve_deploy(
+    spec: Annotated[Path, typer.Argument(help="Deploy spec (YAML).")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="Leave it running on the cluster and return."),
+    ] = False,
+) -> None:
+    """Deploy a model behind an autoscaling HTTP API; blocks until Ctrl-C (or --detach)."""
+    import os
+
+    from jobs.loader import load_spec
+    from serving.spec import DeploySpec
+
+    deploy_spec = load_spec(DeploySpec, spec, set_)
+    _setup_logging()
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if detach and embedded:
+        raise typer.BadParameter(
+            "--detach needs a running Ray cluster to leave the app on: give --address (or "
+            "RAY_ADDRESS), e.g. after `ray start --head`; without --detach, raygen serves "
+            "on a local Ray until Ctrl-C."
+        )
+    from cluster.connection import connect
+    from serving.deploy import block, deploy, resolve_deploy_spec
+
+    resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=embedded)
+    connect(address)
+    info = deploy(resolved, embedded=embedded)
+    _print_deployment(info, resolved)
+    if detach:
+        out.print(f"left running; stop it with `raygen serve shutdown {info['name']}`")
+        return
+    out.print("serving until Ctrl-C")
+    block(resolved, embedded, lambda line: out.print(line, highlight=False))
+
+
+@serve_app.command("status")
+@user_errors
+def serve_status(address: AddressOption = None) -> None:
+    """List the applications Serve runs on a cluster, with their replicas."""
+    from cluster.connection import connect_existing
+    from serving.deploy import status
+
+    connect_existing(address)
+    rows = status()
+    if not rows:
+        out.print("no applications are running")
+    for row in rows:
+        replicas = ", ".join(f"{n} {state.lower()}" for state, n in row["replicas"].items())
+        out.print(
+            f"{row['name']}  {row['status']}  {row['route_prefix']}  replicas: {replicas or '0'}"
+            + (f"  ({row['message']})" if row["message"] else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@serve_app.command("shutdown")
+@user_errors
+def serve_shutdown(
+    name: Annotated[str, typer.Argument(help="Application name (the deploy spec's `name`).")],
+    address: AddressOption = None,
+) -> None:
+    """Remove a deployed application from a cluster."""
+    from cluster.connection import connect_existing
+    from serving.deploy import shutdown
+
+    connect_existing(address)
+    shutdown(name)
+    out.print(f"shut down {name}")
+
+
+@serve_app.command("build")
+@user_errors
+def serve_build(
+    spec: Annotated[Path, typer.Argument(help="Deploy spec (YAML).")],
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Serve config file to write.")
+    ] = Path("serve-config.yaml"),
+    set_: SetOption = None,
+) -> None:
+    """Write a Ray Serve config file for `serve deploy` or a KubeRay RayService."""
+    from jobs.loader import load_spec
+    from serving.deploy import resolve_deploy_spec, write_serve_config
+    from serving.spec import DeploySpec
+
+    deploy_spec = load_spec(DeploySpec, spec, set_)
+    resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=False)
+    write_serve_config(resolved, out_path)
+    out.print(f"wrote {out_path}; deploy it with `serve deploy {out_path}`")
+
+
+def _print_deployment(info: dict[str, Any], spec: Any) -> None:
+    url = info["url"]
+    out.print(
+        f"[green]deployed[/] {info['name']} ({info['kind']}) in {info['deploy_s']:.0f} s at {url}",
+        soft_wrap=True,
+    )
+    endpoint = "/v1/completions" if info["kind"] == "language-model" else "/v1/images/generations"
+    out.print(f"  {endpoint:<24} POST   API docs: {url}/docs", highlight=False)
+    scaling = spec.autoscaling
+    out.print(
+        f"  replicas {scaling.min_replicas}..{scaling.max_replicas}"
+        + (
+            " (scales to zero: the first request waits for a cold start)"
+            if not scaling.min_replicas
+            else ""
+        ),
+        highlight=False,
+    )
 
 
 def _print_row(row: dict[str, Any]) -> None:

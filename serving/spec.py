@@ -78,6 +78,9 @@ class AuthSpec(Section):
 class LimitsSpec(Section):
     max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt accepted, in tokens.")
     max_tokens: int = Field(256, ge=1, description="Largest `max_tokens` a request may ask.")
+    max_choices: int = Field(
+        16, ge=1, description="Most completions one request may ask for (prompts x n)."
+    )
     max_images: int = Field(8, ge=1, description="Most images one request may ask for.")
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body accepted, in bytes."
@@ -91,8 +94,8 @@ class FiltersSpec(Section):
     )
     action: Literal["redact", "refuse"] = Field(
         "redact",
-        description="`redact`: replace matches with [REDACTED]; `refuse`: answer the request "
-        "with an error instead of the completion.",
+        description="`redact`: replace matches with [REDACTED]; `refuse`: withhold the whole "
+        "completion (empty text, finish_reason `content_filter`, as OpenAI's API does).",
     )
 
     @field_validator("blocklist")

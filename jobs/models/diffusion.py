@@ -88,17 +88,20 @@ def generate(
     noise: torch.Tensor,
     labels: torch.Tensor | None,
     steps: int,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` (N, C, H, W) in `steps` scheduler steps; returns images in [-1, 1].
 
     A DDIM scheduler is deterministic (eta = 0): the same noise gives the same images.
+    DDPM steps add fresh noise: drawn from `generators` (one per image) when given, so an
+    image does not depend on the batch it is generated in; else from torch's global RNG.
     """
     scheduler.set_timesteps(steps, device=noise.device)
     dtype = next(unet.parameters()).dtype
     sample = noise
     for t in scheduler.timesteps:
         model_output = unet(sample.to(dtype), t, class_labels=labels).sample.float()
-        sample = scheduler.step(model_output, t, sample).prev_sample
+        sample = scheduler.step(model_output, t, sample, generator=generators).prev_sample
     return sample.clamp(-1, 1)
 
 

@@ -1,0 +1,492 @@
+"""The Ray Serve application: a FastAPI ingress that batches requests into the model.
+
+`build_app(spec)` is the application builder (`serving.app:build_app` in a Serve config
+file; Serve validates the config's `args` into a `DeploySpec`). One deployment holds the
+model; Serve autoscales its replicas and `@serve.batch` runs concurrent requests as one
+batch. Language models answer OpenAI's `/v1/completions`, diffusion models
+`/v1/images/generations`.
+"""
+
+# No `from __future__ import annotations`: Serve ships the deployment class to replicas by
+# value, where FastAPI must still resolve the routes' annotations (Request) to classes.
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.metrics import Counter, Gauge
+
+from serving.api import ApiError, CompletionRequest, ImageRequest, parse_body
+from serving.spec import DeploySpec
+
+logger = logging.getLogger("ray.serve")
+
+REDACTED = "[REDACTED]"
+OPEN_PATHS = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+
+api = FastAPI(
+    title="raygen model server",
+    description="OpenAI-compatible completions (language models) and image generation "
+    "(diffusion models) for a raygen-trained model.",
+)
+
+
+def _body_schema(model: type) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+class OutputFilter:
+    """The deploy spec's blocklist: redacts matches, or withholds the whole output."""
+
+    def __init__(self, blocklist: list[str], action: str):
+        self.pattern = (
+            re.compile("|".join(f"(?:{p})" for p in blocklist), re.I) if blocklist else None
+        )
+        self.action = action
+
+    def apply(self, text: str) -> tuple[str, bool]:
+        """(the text to send, whether the blocklist matched)."""
+        if self.pattern is None or not self.pattern.search(text):
+            return text, False
+        if self.action == "refuse":
+            return "", True
+        return self.pattern.sub(REDACTED, text), True
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _api_keys(spec: DeploySpec) -> list[str]:
+    """The API keys from the environment variable the spec names (read on the replica)."""
+    name = spec.auth.api_keys_env
+    if not name:
+        return []
+    keys = [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
+    if not keys:
+        # Serving without the keys the spec asks for would be open to anyone: refuse.
+        raise RuntimeError(
+            f"auth.api_keys_env is {name}, but {name} is not set (or empty) on this node; set "
+            "it to comma-separated keys where the replicas run."
+        )
+    return keys
+
+
+# Registered before the class: serve.ingress takes the app as it is at decoration.
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.deployment(name="model")
+@serve.ingress(api)
+class ModelServer:
+    """One replica: the loaded model plus the HTTP API in front of it."""
+
+    def __init__(self, spec: dict[str, Any]):
+        import torch
+
+        from cluster.storage import local_copy
+        from serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
+
+        started = time.monotonic()
+        self.spec = DeploySpec.model_validate(spec)
+        self.keys = _api_keys(self.spec)
+        torch.set_num_threads(max(1, int(self.spec.replica.num_cpus)))
+        device = "cuda" if self.spec.replica.num_gpus > 0 else "cpu"
+        self.kind = detect_kind(self.spec.model)
+        local = local_copy(self.spec.model)
+        precision = self.spec.replica.precision
+        if self.kind == DIFFUSION:
+            self.model: Any = DiffusionModel(local, precision, device)
+        else:
+            self.model = LanguageModel(local, precision, device)
+        self.filter = OutputFilter(self.spec.filters.blocklist, self.spec.filters.action)
+        batching = self.spec.batching
+        for handler in (self._complete_batch, self._images_batch):
+            handler.set_max_batch_size(batching.max_batch_size)
+            handler.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.created = int(time.time())
+        self.load_s = time.monotonic() - started
+        # Serve tags every metric with application, deployment and replica.
+        self.tokens = Counter("raygen_completion_tokens", "Tokens generated.")
+        self.filtered = Counter(
+            "raygen_filtered_outputs", "Outputs the blocklist matched.", tag_keys=("action",)
+        )
+        Gauge("raygen_model_load_seconds", "Replica start to model loaded.").set(self.load_s)
+        logger.info(
+            "raygen: %s loaded %s (%s) in %.1f s",
+            self.spec.name,
+            self.spec.model,
+            self.kind,
+            self.load_s,
+        )
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if not self.keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = False
+        for key in self.keys:  # compare with every key: timing says nothing about which
+            ok |= hmac.compare_digest(given.strip().encode(), key.encode())
+        if scheme.lower() != "bearer" or not ok:
+            raise ApiError(
+                401,
+                "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def _read(self, request: Request, body_model: type) -> Any:
+        self._authorize(request)
+        limit = self.spec.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"The request body is {declared} bytes; the limit is {limit}.")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
+        body = parse_body(bytes(raw), body_model)
+        if body.model is not None and body.model != self.spec.name:
+            raise ApiError(
+                404,
+                f"The model `{body.model}` does not exist here; this server serves "
+                f"`{self.spec.name}`.",
+                "model",
+                code="model_not_found",
+            )
+        return body
+
+    def _require(self, kind: str, endpoint: str) -> None:
+        if self.kind != kind:
+            other = "/v1/images/generations" if endpoint == "/v1/completions" else "/v1/completions"
+            raise ApiError(
+                404,
+                f"`{self.spec.name}` is a {self.kind} model: it does not serve {endpoint}; use "
+                f"{other}.",
+            )
+
+    # --- routes ---------------------------------------------------------------------
+
+    @api.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        """Ready: this replica has its model loaded."""
+        return {"status": "ready", "model": self.spec.name, "kind": self.kind}
+
+    @api.get("/v1/models")
+    def models(self, request: Request) -> dict[str, Any]:
+        """The deployed model (OpenAI's model list)."""
+        self._authorize(request)
+        from serving.models import LANGUAGE_MODEL
+
+        about: dict[str, Any] = {
+            "kind": self.kind,
+            "source": self.spec.model,
+            "precision": self.spec.replica.precision,
+        }
+        if self.kind == LANGUAGE_MODEL:
+            about["context_length"] = self.model.context_length
+        else:
+            about["image_size"] = list(self.model.shape[1:])
+            about["channels"] = self.model.shape[0]
+            about["num_classes"] = self.model.num_classes
+        entry = {
+            "id": self.spec.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "raygen",
+            "raygen": about,
+        }
+        return {"object": "list", "data": [entry]}
+
+    @api.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(self, request: Request) -> Response:
+        """OpenAI-compatible text completions, streamed as server-sent events if asked."""
+        from serving.models import LANGUAGE_MODEL
+
+        body: CompletionRequest = await self._read(request, CompletionRequest)
+        self._require(LANGUAGE_MODEL, "/v1/completions")
+        body.check()
+        jobs, prompt_tokens = self._text_requests(body)
+        response_id = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                self._stream(response_id, jobs, prompt_tokens, include_usage),
+                media_type="text/event-stream",
+            )
+        texts = [""] * len(jobs)
+        finish: list[str | None] = [None] * len(jobs)
+        tokens = [0] * len(jobs)
+        batch_size = 0
+        async for deltas, size in self._complete_batch(jobs):
+            batch_size = size
+            for i, delta in enumerate(deltas):
+                if delta is not None:
+                    texts[i] += delta.text
+                    finish[i] = delta.finish_reason or finish[i]
+                    tokens[i] = delta.tokens
+        choices = []
+        for i, text in enumerate(texts):
+            text, reason = self._filtered(text, finish[i])
+            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        self.tokens.inc(sum(tokens))
+        content = {
+            "id": response_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.spec.name,
+            "choices": choices,
+            "usage": _usage(prompt_tokens, sum(tokens)),
+        }
+        return JSONResponse(content, headers={"x-raygen-batch-size": str(batch_size)})
+
+    @api.post("/v1/images/generations", openapi_extra=_body_schema(ImageRequest))
+    async def images(self, request: Request) -> Response:
+        """Generate images (base64 PNG) with a diffusion model."""
+        from serving.models import DIFFUSION
+        from serving.models import ImageRequest as Job
+
+        body: ImageRequest = await self._read(request, ImageRequest)
+        self._require(DIFFUSION, "/v1/images/generations")
+        job = Job(
+            n=body.n,
+            steps=body.num_inference_steps,
+            seed=body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "big"),
+            class_label=body.class_label,
+        )
+        self._check_image_request(body)
+        images, batch_size = await self._images_batch(job)
+        from serving.models import png_bytes
+
+        data = [{"b64_json": base64.b64encode(png_bytes(image)).decode()} for image in images]
+        return JSONResponse(
+            {"created": int(time.time()), "data": data},
+            headers={"x-raygen-batch-size": str(batch_size)},
+        )
+
+    # --- language models ------------------------------------------------------------
+
+    def _text_requests(self, body: CompletionRequest) -> tuple[list[Any], int]:
+        """One generation per (prompt, n) in OpenAI's choice order; checks the limits."""
+        from serving.models import TextRequest
+
+        limits = self.spec.limits
+        if body.max_tokens > limits.max_tokens:
+            raise ApiError(
+                400,
+                f"`max_tokens` is {body.max_tokens}; this server allows at most "
+                f"{limits.max_tokens}.",
+                "max_tokens",
+            )
+        prompts = body.prompts()
+        if len(prompts) * body.n > limits.max_choices:
+            raise ApiError(
+                400,
+                f"{len(prompts)} prompt(s) x n={body.n} asks for {len(prompts) * body.n} "
+                f"completions; this server allows at most {limits.max_choices} per request.",
+                "n",
+            )
+        jobs, prompt_tokens = [], 0
+        context = self.model.context_length
+        for p, prompt in enumerate(prompts):
+            ids = self.model.encode(prompt)
+            param = "prompt" if len(prompts) == 1 else f"prompt.{p}"
+            if len(ids) > limits.max_prompt_tokens:
+                raise ApiError(
+                    400,
+                    f"`{param}` is {len(ids)} tokens; this server allows at most "
+                    f"{limits.max_prompt_tokens}.",
+                    "prompt",
+                )
+            if len(ids) + body.max_tokens > context:
+                raise ApiError(
+                    400,
+                    f"`{param}` ({len(ids)} tokens) + `max_tokens` ({body.max_tokens}) is more "
+                    f"than the model's context of {context} tokens; shorten the prompt or lower "
+                    "max_tokens.",
+                    "max_tokens",
+                )
+            prompt_tokens += len(ids)
+            for k in range(body.n):
+                seed = None if body.seed is None else body.seed + p * body.n + k
+                jobs.append(
+                    TextRequest(
+                        ids, body.max_tokens, body.temperature, body.top_p, body.stops(), seed
+                    )
+                )
+        return jobs, prompt_tokens
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _complete_batch(self, batch: list[list[Any]]) -> AsyncIterator[list[Any]]:
+        """Generate every request's completions together, a token per step.
+
+        Yields per step, for each request, (its rows' deltas, batch size), then
+        StopIteration once a request has all its completions.
+        """
+        rows = [row for job in batch for row in job]
+        spans, start = [], 0
+        for job in batch:
+            spans.append((start, start + len(job)))
+            start += len(job)
+        steps = self.model.generate(rows)
+        finished = [False] * len(rows)
+        done = [False] * len(batch)
+        while True:
+            deltas = await asyncio.to_thread(next, steps, None)
+            if deltas is None:
+                return
+            out: list[Any] = []
+            for j, (a, b) in enumerate(spans):
+                if done[j]:
+                    out.append(StopIteration)
+                    continue
+                for i in range(a, b):
+                    if deltas[i] is not None and deltas[i].finish_reason:
+                        finished[i] = True
+                out.append((deltas[a:b], len(batch)))
+                done[j] = all(finished[a:b])
+            yield out
+
+    async def _stream(
+        self, response_id: str, jobs: list[Any], prompt_tokens: int, include_usage: bool
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        buffered = self.filter.pattern is not None  # check each choice whole before sending
+        texts = [""] * len(jobs)
+        tokens = [0] * len(jobs)
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+            body = {
+                "id": response_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.spec.name,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        async for deltas, _ in self._complete_batch(jobs):
+            choices = []
+            for i, delta in enumerate(deltas):
+                if delta is None:
+                    continue
+                tokens[i] = delta.tokens
+                text, reason = delta.text, delta.finish_reason
+                if buffered:
+                    texts[i] += text
+                    if reason is None:
+                        continue
+                    text, reason = self._filtered(texts[i], reason)
+                if text or reason:
+                    choices.append(
+                        {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                    )
+            if choices:
+                yield chunk(choices)
+        self.tokens.inc(sum(tokens))
+        if include_usage:
+            yield chunk([], _usage(prompt_tokens, sum(tokens)))
+        yield "data: [DONE]\n\n"
+
+    def _filtered(self, text: str, reason: str | None) -> tuple[str, str | None]:
+        text, matched = self.filter.apply(text)
+        if not matched:
+            return text, reason
+        self.filtered.inc(tags={"action": self.filter.action})
+        return text, "content_filter" if self.filter.action == "refuse" else reason
+
+    # --- diffusion models -----------------------------------------------------------
+
+    def _check_image_request(self, body: ImageRequest) -> None:
+        model, limits = self.model, self.spec.limits
+        if body.prompt is not None:
+            raise ApiError(
+                400,
+                "`prompt` is not supported: this diffusion model is not text-conditioned; use "
+                "`class_label` for a class-conditional model.",
+                "prompt",
+            )
+        if body.n > limits.max_images:
+            raise ApiError(
+                400, f"`n` is {body.n}; this server allows at most {limits.max_images}.", "n"
+            )
+        if body.num_inference_steps > model.num_train_timesteps:
+            raise ApiError(
+                400,
+                f"`num_inference_steps` is {body.num_inference_steps}; the model was trained "
+                f"with {model.num_train_timesteps} timesteps, the most it can take.",
+                "num_inference_steps",
+            )
+        if body.class_label is not None and not model.num_classes:
+            raise ApiError(
+                400, "`class_label`: this model is unconditional; leave it out.", "class_label"
+            )
+        if body.class_label is not None and body.class_label >= model.num_classes:
+            raise ApiError(
+                400,
+                f"`class_label` is {body.class_label}; the model knows classes "
+                f"0..{model.num_classes - 1}.",
+                "class_label",
+            )
+        size = f"{model.shape[2]}x{model.shape[1]}"
+        if body.size is not None and body.size != size:
+            raise ApiError(
+                400, f"`size` is {body.size!r}; this model generates {size} images.", "size"
+            )
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _images_batch(self, jobs: list[Any]) -> list[tuple[Any, int]]:
+        images = await asyncio.to_thread(self.model.generate, jobs)
+        return [(image, len(jobs)) for image in images]
+
+
+def autoscaling_config(spec: DeploySpec) -> dict[str, Any]:
+    """The spec's `autoscaling` section as Serve's autoscaling_config."""
+    a = spec.autoscaling
+    return {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
+    }
+
+
+def build_app(args: DeploySpec | dict[str, Any]) -> serve.Application:
+    """The Serve application for a deploy spec (the builder named in Serve config files,
+    whose `args` are a resolved deploy spec)."""
+    spec = args if isinstance(args, DeploySpec) else DeploySpec.model_validate(args)
+    replica = spec.replica
+    return ModelServer.options(
+        autoscaling_config=autoscaling_config(spec),
+        max_ongoing_requests=replica.max_ongoing_requests,
+        ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+    ).bind(spec.model_dump(mode="json"))

@@ -1,0 +1,247 @@
+"""Deploy, inspect and remove raygen applications on Ray Serve; write Serve config files.
+
+The deploy path: validate the spec and the model (before asking the cluster for
+anything) -> start Serve's HTTP proxy -> run the application -> wait until it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.storage import is_remote
+from jobs.errors import SpecError
+from serving.errors import DeployError
+from serving.spec import DeploySpec
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT = "model"  # the one deployment of every raygen application
+
+
+def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) -> DeploySpec:
+    """Check a deploy spec against its model and this machine; return it with the model's
+    local path made absolute (replicas do not share the caller's working directory).
+
+    Raises:
+        SpecError: every problem found, each naming its key.
+    """
+    from serving.models import detect_kind
+
+    problems: list[str] = []
+    model = spec.model if is_remote(spec.model) else str(Path(spec.model).resolve())
+    try:
+        detect_kind(model)
+    except SpecError as exc:
+        problems += [f"`model`: {p}" for p in exc.problems]
+    replica = spec.replica
+    if replica.precision == "fp16" and replica.num_gpus == 0:
+        problems.append(
+            "`replica.precision`: fp16 needs a GPU (set replica.num_gpus) ; use fp32 or bf16 "
+            "on CPU."
+        )
+    name = spec.auth.api_keys_env
+    if name and embedded and not os.environ.get(name, "").strip():
+        problems.append(
+            f"`auth.api_keys_env`: {name} is not set here; export {name}=key1,key2 (the API "
+            "keys clients must send) or remove `auth` to serve without keys."
+        )
+    if spec.audit is not None:
+        problems.append(
+            "`audit`: audit gating is not available yet (it arrives with `raygen audit`); "
+            "remove the key to deploy without it."
+        )
+    if problems:
+        raise SpecError(source, problems)
+    if not is_remote(spec.model) and not embedded:
+        logger.warning(
+            "model %s is a local path: every node of the cluster must see it there; use an "
+            "s3:// URI for a multi-node cluster.",
+            model,
+        )
+    return spec.model_copy(update={"model": model})
+
+
+def url_of(spec: DeploySpec) -> str:
+    host = spec.http.host if spec.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host}:{spec.http.port}{spec.route_prefix.rstrip('/')}"
+
+
+def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
+    """Run the application on the connected Ray and wait until its replicas are up.
+
+    Returns:
+        {"name", "url", "kind", "replicas", "deploy_s"}.
+
+    Raises:
+        DeployError: Serve could not start the application (the replica's error named).
+    """
+    from ray import serve
+
+    from serving.app import build_app
+    from serving.models import detect_kind
+
+    started = time.monotonic()
+    serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
+    try:
+        serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
+    except RuntimeError as exc:
+        app = serve.status().applications.get(spec.name)
+        deployment = app.deployments.get(DEPLOYMENT) if app else None
+        _delete_quietly(spec.name)
+        reason = _replica_error((deployment.message if deployment else "") or str(exc))
+        raise DeployError(f"{spec.name} failed to start: {reason}") from None
+    url = url_of(spec)
+    if embedded and spec.autoscaling.min_replicas > 0:
+        _wait_answering(url + "/healthz")
+    return {
+        "name": spec.name,
+        "url": url,
+        "kind": detect_kind(spec.model),
+        "replicas": replica_counts(spec.name),
+        "deploy_s": time.monotonic() - started,
+    }
+
+
+def block(spec: DeploySpec, embedded: bool, on_event: Callable[[str], None]) -> None:
+    """Serve until Ctrl-C (or SIGTERM), reporting replica count changes; then tear the
+    app down."""
+    import signal
+
+    from ray import serve
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    last = None
+    try:
+        while True:
+            counts = replica_counts(spec.name)
+            running = counts.get("RUNNING", 0)
+            if running != last:
+                on_event(f"{spec.name}: {running} replica(s) running")
+                last = running
+            time.sleep(1)
+    except KeyboardInterrupt:
+        on_event(f"shutting down {spec.name}")
+        _delete_quietly(spec.name)
+        if embedded:
+            serve.shutdown()
+        raise
+
+
+def replica_counts(name: str) -> dict[str, int]:
+    """Replicas of an application's model deployment by state (RUNNING, STARTING, ...)."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    if app is None or DEPLOYMENT not in app.deployments:
+        return {}
+    return {
+        str(k.value if hasattr(k, "value") else k): v
+        for k, v in app.deployments[DEPLOYMENT].replica_states.items()
+    }
+
+
+def status() -> list[dict[str, Any]]:
+    """Every application Serve runs on the connected cluster."""
+    from ray import serve
+
+    rows = []
+    for name, app in serve.status().applications.items():
+        deployment = app.deployments.get(DEPLOYMENT)
+        rows.append(
+            {
+                "name": name,
+                "status": str(getattr(app.status, "value", app.status)),
+                "route_prefix": app.route_prefix,
+                "replicas": replica_counts(name),
+                "message": app.message or (deployment.message if deployment else ""),
+            }
+        )
+    return rows
+
+
+def shutdown(name: str) -> None:
+    """Delete one application.
+
+    Raises:
+        DeployError: no application of that name runs here (the ones that do are named).
+    """
+    from ray import serve
+
+    names = list(serve.status().applications)
+    if name not in names:
+        running = ", ".join(names) or "none"
+        raise DeployError(f"No application named {name!r} is running (running: {running}).")
+    serve.delete(name)
+
+
+def write_serve_config(spec: DeploySpec, out: Path) -> dict[str, Any]:
+    """Write a Ray Serve config file (for `serve deploy` or a KubeRay RayService)."""
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": spec.http.host, "port": spec.http.port},
+        "applications": [
+            {
+                "name": spec.name,
+                "route_prefix": spec.route_prefix,
+                "import_path": "serving.app:build_app",
+                "args": spec.model_dump(mode="json"),
+            }
+        ],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        "# Ray Serve config written by `raygen serve build`; deploy with `serve deploy FILE`\n"
+        "# or paste `applications` into a KubeRay RayService's serveConfigV2.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    return config
+
+
+def _wait_answering(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise DeployError(
+                    f"The application runs, but {url} does not answer ({exc}). Serve's HTTP "
+                    "proxy may already listen on another host/port (started earlier on this "
+                    "cluster): check `http` in the spec, or `serve shutdown` first."
+                ) from None
+        time.sleep(0.5)
+
+
+def _delete_quietly(name: str) -> None:
+    from ray import serve
+
+    try:
+        serve.delete(name)
+    except Exception as exc:  # tearing down after a failure: report the first error only
+        logger.warning("could not delete %s: %s", name, exc)
+
+
+def _replica_error(message: str) -> str:
+    """The user-facing line of Serve's deploy failure (the replica's exception), not its
+    traceback."""
+    import re
+
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = re.match(r"^[\w.]*(?:Error|Exception|Failed): (.*)$", line)
+        if match:
+            return match.group(1)
+    return lines[-1] if lines else message

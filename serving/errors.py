@@ -1,0 +1,9 @@
+"""User-facing errors of serving: deployments that cannot start or be found."""
+
+from __future__ import annotations
+
+from cluster.errors import RaygenError
+
+
+class DeployError(RaygenError):
+    """A deployment could not start, or names an application that does not exist."""

@@ -1,0 +1,332 @@
+"""Served models: load an exported `model/` directory and generate from it.
+
+Pure torch / transformers / diffusers (no Ray): the Serve app in `serving/app.py` batches
+requests and calls these. Weights are read from safetensors files only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cluster.storage import exists, join, read_text
+from jobs.errors import SpecError
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_MODEL = "language-model"
+DIFFUSION = "diffusion"
+LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def detect_kind(model_dir: str) -> str:
+    """`language-model` or `diffusion`, told apart by the directory's files.
+
+    Raises:
+        SpecError: not an exported model directory, or weights that are not safetensors.
+    """
+    if exists(join(model_dir, "model_index.json")):
+        if not exists(join(model_dir, UNET_WEIGHTS)):
+            raise SpecError(
+                "model",
+                f"{model_dir} has no {UNET_WEIGHTS}; raygen serves safetensors weights only "
+                "(no pickled .bin files). Re-export the model with `raygen export`.",
+            )
+        return DIFFUSION
+    config = read_text(join(model_dir, "config.json"))
+    if config is None:
+        where = "does not exist" if not exists(model_dir) else "has no config.json"
+        raise SpecError(
+            "model",
+            f"{model_dir} {where}; give an exported model directory (the `model/` of a "
+            "training run, or what `raygen export` wrote), local or s3://.",
+        )
+    if "model_type" not in json.loads(config):
+        raise SpecError(
+            "model", f"{model_dir}/config.json is not a transformers config (no model_type)."
+        )
+    if not any(exists(join(model_dir, name)) for name in LM_WEIGHTS):
+        raise SpecError(
+            "model",
+            f"{model_dir} has no {LM_WEIGHTS[0]}; raygen serves safetensors weights only (no "
+            "pickled .bin files). Save the model with save_pretrained(safe_serialization=True).",
+        )
+    if not exists(join(model_dir, "tokenizer.json")):
+        raise SpecError(
+            "model", f"{model_dir} has no tokenizer.json; export the model with its tokenizer."
+        )
+    return LANGUAGE_MODEL
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return getattr(torch, DTYPES[precision])
+
+
+# --- language models ------------------------------------------------------------------
+
+
+@dataclass
+class TextRequest:
+    """One completion to generate: a tokenized prompt and how to sample its continuation."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class TextDelta:
+    """What one step added to one completion: new text, and why it ended (if it did)."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" | "length"
+    tokens: int = 0  # completion tokens so far
+
+
+class LanguageModel:
+    """A causal language model and its tokenizer, generating batches of completions."""
+
+    def __init__(self, local_dir: str, precision: str = "fp32", device: str = "cpu"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(local_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            local_dir, use_safetensors=True, dtype=torch_dtype(precision)
+        ).to(self.device)
+        self.model.eval()
+        config = self.model.config
+        self.context_length = int(
+            getattr(config, "max_position_embeddings", None) or config.n_positions
+        )
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def generate(self, requests: list[TextRequest]) -> Iterator[list[TextDelta | None]]:
+        """Generate all `requests` as one batch, a token per step.
+
+        Yields, after every step, one entry per request: the text it added (held back
+        while it could still turn into a stop sequence, or is an incomplete character),
+        or None once that request has finished.
+        """
+        import torch
+
+        rows = [_RowState(r, self._generator(r.seed)) for r in requests]
+        longest = max(len(r.prompt_ids) for r in requests)
+        # Left-pad so every row's next token comes out at position -1.
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(requests):
+            if r.prompt_ids:
+                input_ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+                mask[i, longest - len(r.prompt_ids) :] = 1
+        cache = None
+        with torch.inference_mode():
+            while True:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                if cache is not None:
+                    positions = positions[:, -1:]
+                out = self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=positions.to(self.device),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache = out.cache
+                logits = out.logits[:, -1, :].float().cpu()  # (B, vocab)
+                deltas: list[TextDelta | None] = []
+                next_ids = torch.full((len(rows),), self.pad_token_id, dtype=torch.long)
+                for i, row in enumerate(rows):
+                    if row.finished:
+                        deltas.append(None)
+                        continue
+                    token = _sample(logits[i], row.request, row.generator)
+                    next_ids[i] = token
+                    deltas.append(row.advance(token, self))
+                if all(row.finished for row in rows):
+                    yield deltas
+                    return
+                yield deltas
+                input_ids = next_ids[:, None]
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    @staticmethod
+    def _generator(seed: int | None):
+        import torch
+
+        return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+
+
+class _RowState:
+    """One completion in progress: its tokens, its text and how much of it was sent."""
+
+    def __init__(self, request: TextRequest, generator):
+        self.request = request
+        self.generator = generator
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the text already yielded
+        self.finished = False
+
+    def advance(self, token: int, model: LanguageModel) -> TextDelta:
+        request = self.request
+        finish = None
+        if token == model.eos_token_id:
+            finish = "stop"
+        else:
+            self.ids.append(token)
+        text = model.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        elif finish is None and len(self.ids) >= request.max_tokens:
+            finish = "length"
+        end = len(text) if finish else _safe_end(text, request.stop)
+        delta = text[self.sent : max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        self.finished = finish is not None
+        return TextDelta(delta, finish, len(self.ids))
+
+
+def _safe_end(text: str, stops: list[str]) -> int:
+    """How much of `text` can be sent: not an incomplete UTF-8 character at the end, nor a
+    tail that later tokens could complete into a stop sequence."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - k : end] == stop[:k]:
+                hold = max(hold, k)
+                break
+    return end - hold
+
+
+def _sample(logits, request: TextRequest, generator) -> int:
+    """Next token from (vocab,) logits: greedy at temperature 0, else nucleus sampling."""
+    import torch
+
+    if request.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / request.temperature, dim=-1)
+    if request.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set of tokens whose probability reaches top_p.
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= request.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# --- diffusion models -----------------------------------------------------------------
+
+
+@dataclass
+class ImageRequest:
+    """Images to generate: image i's noise depends only on (seed, i)."""
+
+    n: int
+    steps: int
+    seed: int
+    class_label: int | None = None
+
+
+class DiffusionModel:
+    """A raygen-exported diffusers pipeline (UNet + noise scheduler)."""
+
+    def __init__(self, local_dir: str, precision: str = "fp32", device: str = "cpu"):
+        import torch
+        from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+        root = Path(local_dir)
+        self.device = torch.device(device)
+        saved = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_cls = DDIMScheduler if saved["_class_name"] == "DDIMScheduler" else DDPMScheduler
+        self.scheduler_config = scheduler_cls.load_config(root / "scheduler")
+        self.scheduler_cls = scheduler_cls
+        self.unet = UNet2DModel.from_pretrained(
+            root / "unet", use_safetensors=True, torch_dtype=torch_dtype(precision)
+        ).to(self.device)
+        self.unet.eval()
+        config = self.unet.config
+        self.num_classes = int(config.num_class_embeds or 0)
+        self.shape = (config.in_channels, config.sample_size, config.sample_size)
+        self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
+
+    def generate(self, requests: list[ImageRequest]) -> list[np.ndarray]:
+        """uint8 images (n, H, W, C) for each request; requests with the same number of
+        steps are denoised together as one batch."""
+        import torch
+
+        from jobs.models.diffusion import generate, seeded_noise, to_uint8
+
+        results: list[np.ndarray | None] = [None] * len(requests)
+        by_steps: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_steps.setdefault(r.steps, []).append(i)
+        for steps, members in by_steps.items():
+            noise, labels, generators = [], [], []
+            for i in members:
+                r = requests[i]
+                noise.append(seeded_noise(self.shape, r.seed, list(range(r.n))))
+                labels += [
+                    r.class_label if r.class_label is not None else k % max(1, self.num_classes)
+                    for k in range(r.n)
+                ]
+                generators += [
+                    torch.Generator().manual_seed(r.seed * 7_919 + k) for k in range(r.n)
+                ]
+            label_tensor = torch.tensor(labels, device=self.device) if self.num_classes else None
+            scheduler = self.scheduler_cls.from_config(self.scheduler_config)
+            images = to_uint8(
+                generate(
+                    self.unet,
+                    scheduler,
+                    torch.cat(noise).to(self.device),
+                    label_tensor,
+                    steps,
+                    generators,
+                )
+            )
+            start = 0
+            for i in members:
+                results[i] = images[start : start + requests[i].n]
+                start += requests[i].n
+        return results  # type: ignore[return-value]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 (H, W, C) image as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
