@@ -329,8 +329,8 @@ def serve_status(address: AddressOption = None) -> None:
     for row in rows:
         replicas = ", ".join(f"{n} {state.lower()}" for state, n in row["replicas"].items())
         out.print(
-            f"{row['name']}  {row['status']}  {row['route_prefix']}  replicas: {replicas or '0'}"
-            + (f"  ({row['message']})" if row["message"] else ""),
+            f"{row['name']}  {row['status']}  replicas: {replicas or '0'}  "
+            f"deployed {row['deployed']}" + (f"  ({row['message']})" if row["message"] else ""),
             highlight=False,
             soft_wrap=True,
         )

@@ -162,7 +162,9 @@ def status() -> list[dict[str, Any]]:
             {
                 "name": name,
                 "status": str(getattr(app.status, "value", app.status)),
-                "route_prefix": app.route_prefix,
+                "deployed": time.strftime(
+                    "%Y-%m-%d %H:%M:%S", time.localtime(app.last_deployed_time_s)
+                ),
                 "replicas": replica_counts(name),
                 "message": app.message or (deployment.message if deployment else ""),
             }

@@ -108,7 +108,7 @@ class LanguageModel:
         self.model = AutoModelForCausalLM.from_pretrained(
             local_dir, use_safetensors=True, dtype=torch_dtype(precision)
         ).to(self.device)
-        self.model.eval()
+        self.model.eval().requires_grad_(False)
         config = self.model.config
         self.context_length = int(
             getattr(config, "max_position_embeddings", None) or config.n_positions
@@ -140,11 +140,12 @@ class LanguageModel:
                 input_ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
                 mask[i, longest - len(r.prompt_ids) :] = 1
         cache = None
-        with torch.inference_mode():
-            while True:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                if cache is not None:
-                    positions = positions[:, -1:]
+        while True:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            if cache is not None:
+                positions = positions[:, -1:]
+            # Per step: grad mode is per thread, and the server runs steps on a thread pool.
+            with torch.inference_mode():
                 out = self.model(
                     input_ids=input_ids.to(self.device),
                     attention_mask=mask.to(self.device),
@@ -164,12 +165,11 @@ class LanguageModel:
                     token = _sample(logits[i], row.request, row.generator)
                     next_ids[i] = token
                     deltas.append(row.advance(token, self))
-                if all(row.finished for row in rows):
-                    yield deltas
-                    return
-                yield deltas
-                input_ids = next_ids[:, None]
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            yield deltas
+            if all(row.finished for row in rows):
+                return
+            input_ids = next_ids[:, None]
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -273,7 +273,7 @@ class DiffusionModel:
         self.unet = UNet2DModel.from_pretrained(
             root / "unet", use_safetensors=True, torch_dtype=torch_dtype(precision)
         ).to(self.device)
-        self.unet.eval()
+        self.unet.eval().requires_grad_(False)
         config = self.unet.config
         self.num_classes = int(config.num_class_embeds or 0)
         self.shape = (config.in_channels, config.sample_size, config.sample_size)

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# API keys for serving tests: set before the session's Ray starts, so replicas inherit them.
+TEST_API_KEYS_ENV = "RAYGEN_TEST_API_KEYS"
+TEST_API_KEYS = ("sk-test-alpha-5f3e", "sk-test-beta-91c2")
+os.environ[TEST_API_KEYS_ENV] = ",".join(TEST_API_KEYS)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -68,6 +72,20 @@ def ray_session(s3_endpoint):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    """The port of Serve's HTTP proxy: one per Ray cluster, so one for the whole session."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
+    from ray import serve
+
+    serve.shutdown()
+
+
 @pytest.fixture
 def bucket(s3_endpoint) -> str:
     """A fresh, empty bucket on the test S3 endpoint; returns its name."""
@@ -118,6 +136,82 @@ def tiny_lm_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> d
     if prepared is not None:
         spec["data"]["prepared"] = str(prepared)
     return with_overrides(spec, overrides)
+
+
+TINY_UNET = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+}
+
+
+def tiny_diffusion_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> dict:
+    """A ~60k-parameter UNet on the 8x8 digits: a 2-worker run takes seconds per 10 steps."""
+    spec = {
+        "name": "tiny-ddpm",
+        "model": {
+            "family": "diffusion",
+            "arch": "unet2d",
+            "config": dict(TINY_UNET),
+            "scheduler": {"num_train_timesteps": 200, "beta_schedule": "squaredcos_cap_v2"},
+            "ema": {"decay": 0.99},
+        },
+        "data": {"train": "builtin:digits", "eval_fraction": 0.1},
+        "train": {
+            "max_steps": 40,
+            "micro_batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "weight_decay": 0.0,
+            "log_every": 5,
+            "eval_every": 20,
+            "eval_batches": 2,
+            "checkpoint_every": 20,
+        },
+        "sampling": {"steps": 10, "grid_images": 16, "fid_samples": 64},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2},
+        "run": {"storage": str(tmp_path / "runs")},
+    }
+    if prepared is not None:
+        spec["data"]["prepared"] = str(prepared)
+    return with_overrides(spec, overrides)
+
+
+@pytest.fixture(scope="session")
+def lm_run(ray_session, tmp_path_factory, shared_prepared):
+    """One 2-worker ZeRO-2 run of the tiny GPT-2 (40 steps), shared by the tests that
+    inspect, resume, fine-tune or serve it: (raw spec, result, run dir, metric rows)."""
+    from jobs.launch import launch
+    from jobs.loader import validate_spec
+    from jobs.spec import TrainSpec
+
+    tmp = tmp_path_factory.mktemp("zero2")
+    raw = tiny_lm_spec(tmp, shared_prepared)
+    seen: list[dict] = []
+    result = launch(validate_spec(TrainSpec, raw, "test"), on_metrics=seen.append)
+    return raw, result, Path(result["paths"]["run_dir"]), seen
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("digits") / "data"
+
+
+@pytest.fixture(scope="session")
+def diffusion_run(ray_session, tmp_path_factory, digits_prepared):
+    """One 2-worker run of the tiny unconditional UNet (40 steps): (tmp dir, result)."""
+    from jobs.launch import launch
+    from jobs.spec import TrainSpec
+
+    tmp_path = tmp_path_factory.mktemp("ddpm")
+    spec = TrainSpec.model_validate(tiny_diffusion_spec(tmp_path, digits_prepared))
+    return tmp_path, launch(spec)
 
 
 def with_overrides(spec: dict, overrides: dict) -> dict:

@@ -13,51 +13,7 @@ from jobs.errors import SpecError
 from jobs.launch import launch, validate_train_spec
 from jobs.metrics import read_metrics
 from jobs.spec import TrainSpec
-from tests.conftest import run_and_kill_rank0, with_overrides
-
-TINY_UNET = {
-    "sample_size": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [16, 32],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 8,
-}
-
-
-def tiny_diffusion_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> dict:
-    """A ~60k-parameter UNet on the 8x8 digits: a 2-worker run takes seconds per 10 steps."""
-    spec = {
-        "name": "tiny-ddpm",
-        "model": {
-            "family": "diffusion",
-            "arch": "unet2d",
-            "config": dict(TINY_UNET),
-            "scheduler": {"num_train_timesteps": 200, "beta_schedule": "squaredcos_cap_v2"},
-            "ema": {"decay": 0.99},
-        },
-        "data": {"train": "builtin:digits", "eval_fraction": 0.1},
-        "train": {
-            "max_steps": 40,
-            "micro_batch_size": 32,
-            "lr": 3e-3,
-            "warmup_steps": 5,
-            "weight_decay": 0.0,
-            "log_every": 5,
-            "eval_every": 20,
-            "eval_batches": 2,
-            "checkpoint_every": 20,
-        },
-        "sampling": {"steps": 10, "grid_images": 16, "fid_samples": 64},
-        "deepspeed": {"zero_stage": 2},
-        "scaling": {"num_workers": 2},
-        "run": {"storage": str(tmp_path / "runs")},
-    }
-    if prepared is not None:
-        spec["data"]["prepared"] = str(prepared)
-    return with_overrides(spec, overrides)
+from tests.conftest import TINY_UNET, run_and_kill_rank0, tiny_diffusion_spec
 
 
 def spec_of(raw: dict) -> TrainSpec:
@@ -227,19 +183,8 @@ def test_families_and_builtin_data_sets_must_match(tmp_path):
 # --- real runs ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_prepared(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("digits") / "data"
-
-
-@pytest.fixture(scope="module")
-def unconditional_run(ray_session, tmp_path_factory, digits_prepared):
-    tmp_path = tmp_path_factory.mktemp("ddpm")
-    return tmp_path, launch(spec_of(tiny_diffusion_spec(tmp_path, digits_prepared)))
-
-
-def test_two_worker_run_lowers_the_loss_and_logs_fid_and_samples(unconditional_run):
-    _, result = unconditional_run
+def test_two_worker_run_lowers_the_loss_and_logs_fid_and_samples(diffusion_run):
+    _, result = diffusion_run
     assert result["status"] == "completed" and result["final_step"] == 40
     rows = read_metrics(Path(result["paths"]["metrics"]))
     train = [r["train_loss"] for r in rows if "train_loss" in r]
@@ -252,21 +197,21 @@ def test_two_worker_run_lowers_the_loss_and_logs_fid_and_samples(unconditional_r
     assert [p.name for p in samples] == ["step_000020.png", "step_000040.png"]
 
 
-def test_exported_pipeline_loads_with_plain_diffusers_and_generates(unconditional_run):
+def test_exported_pipeline_loads_with_plain_diffusers_and_generates(diffusion_run):
     from diffusers import DDPMPipeline
 
-    _, result = unconditional_run
+    _, result = diffusion_run
     pipeline = DDPMPipeline.from_pretrained(result["paths"]["model"])
     images = pipeline(batch_size=2, num_inference_steps=5, output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
 
 
-def test_export_holds_the_ema_weights(unconditional_run):
+def test_export_holds_the_ema_weights(diffusion_run):
     """The EMA decays to the latest weights: export and final checkpoint differ, slightly."""
     import torch
     from diffusers import UNet2DModel
 
-    _, result = unconditional_run
+    _, result = diffusion_run
     exported = UNet2DModel.from_pretrained(Path(result["paths"]["model"]) / "unet")
     checkpoint = Path(result["paths"]["checkpoint"])
     ema_files = sorted((checkpoint / "rank_state").glob("rank_*.pt"))
@@ -332,8 +277,8 @@ def test_killed_diffusion_worker_is_replaced_and_training_resumes(
     assert len(attempts) == 2 and attempts[1]["resumed_from_step"] >= max(checkpointed) >= 10
 
 
-def test_fine_tune_starts_from_an_exported_pipeline(ray_session, tmp_path, unconditional_run):
-    _, base = unconditional_run
+def test_fine_tune_starts_from_an_exported_pipeline(ray_session, tmp_path, diffusion_run):
+    _, base = diffusion_run
     raw = tiny_diffusion_spec(
         tmp_path,
         model={"family": "diffusion", "pretrained": base["paths"]["model"]},

@@ -18,18 +18,8 @@ def spec_of(raw: dict) -> TrainSpec:
     return validate_spec(TrainSpec, raw, "test")
 
 
-@pytest.fixture(scope="module")
-def zero2_run(ray_session, tmp_path_factory, shared_prepared):
-    """One 2-worker ZeRO-2 run of 40 steps, shared by the tests that inspect it."""
-    tmp = tmp_path_factory.mktemp("zero2")
-    raw = tiny_lm_spec(tmp, shared_prepared)
-    seen = []
-    result = launch(spec_of(raw), on_metrics=seen.append)
-    return raw, result, Path(result["paths"]["run_dir"]), seen
-
-
-def test_zero2_run_lowers_the_loss_and_logs_every_metric(zero2_run):
-    _, result, run_dir, seen = zero2_run
+def test_lm_run_lowers_the_loss_and_logs_every_metric(lm_run):
+    _, result, run_dir, seen = lm_run
     assert result["status"] == "completed" and result["final_step"] == 40
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
@@ -45,8 +35,8 @@ def test_zero2_run_lowers_the_loss_and_logs_every_metric(zero2_run):
     assert json.loads((run_dir / "result.json").read_text())["final_step"] == 40
 
 
-def test_every_rank_shard_is_checkpointed_and_old_ones_pruned(zero2_run):
-    _, result, run_dir, _ = zero2_run
+def test_every_rank_shard_is_checkpointed_and_old_ones_pruned(lm_run):
+    _, result, run_dir, _ = lm_run
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert checkpoints == ["checkpoint_00000020", "checkpoint_00000040"]
     shards = {p.name for p in (run_dir / "checkpoint_00000040" / "step_00000040").iterdir()}
@@ -56,10 +46,10 @@ def test_every_rank_shard_is_checkpointed_and_old_ones_pruned(zero2_run):
     } <= shards
 
 
-def test_exported_model_loads_with_plain_transformers_and_generates(zero2_run):
+def test_exported_model_loads_with_plain_transformers_and_generates(lm_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = zero2_run[1]["paths"]["model"]
+    model_dir = lm_run[1]["paths"]["model"]
     assert (Path(model_dir) / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -69,8 +59,8 @@ def test_exported_model_loads_with_plain_transformers_and_generates(zero2_run):
     assert isinstance(tokenizer.decode(out[0]), str)
 
 
-def test_rerun_continues_from_the_latest_checkpoint(zero2_run):
-    raw, first, run_dir, _ = zero2_run
+def test_rerun_continues_from_the_latest_checkpoint(lm_run):
+    raw, first, run_dir, _ = lm_run
     again = launch(spec_of(raw))
     assert again.get("up_to_date") and again["final_step"] == 40  # nothing started
     raw = {**raw, "train": {**raw["train"], "max_steps": 50}}
@@ -81,8 +71,8 @@ def test_rerun_continues_from_the_latest_checkpoint(zero2_run):
     assert steps == sorted(set(steps)) and steps[-1] == 50
 
 
-def test_fresh_picks_a_new_run_dir(zero2_run):
-    raw = zero2_run[0]
+def test_fresh_picks_a_new_run_dir(lm_run):
+    raw = lm_run[0]
     assert fresh_name(spec_of(raw)) == "tiny-2"
 
 
@@ -182,9 +172,9 @@ def test_worker_shortfall_blocks_only_an_embedded_ray(ray_session):
     assert capacity_problems({"CPU": 1}, 64, embedded=False) == []  # may autoscale
 
 
-def test_fine_tune_a_pretrained_model_with_zero3(ray_session, tmp_path, zero2_run):
+def test_fine_tune_a_pretrained_model_with_zero3(ray_session, tmp_path, lm_run):
     """`model.pretrained` loads saved weights (partitioned while loading) and its tokenizer."""
-    base = zero2_run[1]["paths"]["model"]
+    base = lm_run[1]["paths"]["model"]
     raw = tiny_lm_spec(
         tmp_path,
         model={"pretrained": base},
@@ -195,7 +185,7 @@ def test_fine_tune_a_pretrained_model_with_zero3(ray_session, tmp_path, zero2_ru
         train__lr=1e-3,
     )
     result = launch(spec_of(raw))
-    first_before = read_metrics(Path(zero2_run[1]["paths"]["metrics"]))[0]["train_loss"]
+    first_before = read_metrics(Path(lm_run[1]["paths"]["metrics"]))[0]["train_loss"]
     rows = read_metrics(Path(result["paths"]["metrics"]))
     # Starting from trained weights: the first losses are far below a fresh model's.
     assert rows[0]["train_loss"] < first_before - 0.4

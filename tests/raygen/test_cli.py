@@ -107,3 +107,18 @@ def test_data_prepare_writes_shards_and_stats(tmp_path):
     assert stats["rows_out"] == stats["train_documents"] + stats["eval_documents"]
     again = raygen("data", "prepare", str(path))
     assert "is up to date" in again.stderr
+
+
+def test_serve_input_errors_exit_2_before_ray_starts(tmp_path):
+    spec = tmp_path / "deploy.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "model": str(tmp_path / "nope")}))
+    done = raygen("serve", str(spec))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "does not exist; give an exported model directory" in done.stderr
+    detached = raygen("serve", str(spec), "--detach")
+    assert detached.returncode == 2
+    assert "--detach needs a running Ray cluster" in detached.stderr
+    typo = raygen("serve", str(spec), "--set", "autoscaling.max_replica=3")
+    assert typo.returncode == 2 and "did you mean `max_replicas`?" in typo.stderr
+    nowhere = raygen("serve", "status", "--address", "127.0.0.1:1")
+    assert nowhere.returncode == 2 and "Cannot reach a Ray cluster at 127.0.0.1:1" in nowhere.stderr

@@ -45,3 +45,61 @@ def test_scale_to_zero_is_allowed():
         {"name": "d", "model": "m", "autoscaling": {"min_replicas": 0, "max_replicas": 2}}
     )
     assert spec.autoscaling.min_replicas == 0
+
+
+def test_model_dirs_are_checked_before_anything_starts(tmp_path, monkeypatch):
+    from serving.deploy import resolve_deploy_spec
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"model_type": "gpt2"}')
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    monkeypatch.delenv("RAYGEN_NO_SUCH_KEYS", raising=False)
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        str(pickled): "safetensors weights only (no pickled .bin files)",
+    }
+    for model, expected in cases.items():
+        spec = DeploySpec.model_validate(
+            {
+                "name": "d",
+                "model": model,
+                "replica": {"precision": "fp16"},
+                "auth": {"api_keys_env": "RAYGEN_NO_SUCH_KEYS"},
+            }
+        )
+        with pytest.raises(SpecError) as info:
+            resolve_deploy_spec(spec, "deploy.yaml")
+        message = str(info.value)
+        assert expected in message
+        assert "`replica.precision`: fp16 needs a GPU" in message
+        assert "RAYGEN_NO_SUCH_KEYS is not set here" in message
+
+
+def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path):
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import build_app
+    from serving.deploy import write_serve_config
+
+    model = tmp_path / "model"
+    model.mkdir()
+    spec = DeploySpec.model_validate(
+        {"name": "code-lm", "model": str(model), "autoscaling": {"max_replicas": 3}}
+    )
+    out = tmp_path / "serve-config.yaml"
+    write_serve_config(spec, out)
+    config = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(config)  # Serve's own schema for `serve deploy`
+    app = config["applications"][0]
+    assert app["import_path"] == "serving.app:build_app"
+    assert DeploySpec.model_validate(app["args"]) == spec
+    built = call_user_app_builder_with_args_if_necessary(build_app, app["args"])
+    deployment = built._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(Exception, match="max_replicas"):
+        call_user_app_builder_with_args_if_necessary(
+            build_app, {**app["args"], "autoscaling": {"max_replicas": 0}}
+        )
