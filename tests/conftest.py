@@ -66,21 +66,26 @@ def ray_session(s3_endpoint):
     from cluster.connection import connect
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(num_cpus=2, log_to_driver=False)  # with the dashboard: Ray Train's PG cleanup
+    # With the dashboard: Ray Train's placement-group cleanup needs it. Metrics exported on
+    # a known port so serving tests can read what Prometheus would scrape.
+    ray.init(num_cpus=2, log_to_driver=False, _metrics_export_port=free_port())
     connect()  # no-op on an initialized Ray; applies raygen's logging defaults
     yield ray
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def serve_port(ray_session) -> int:
-    """The port of Serve's HTTP proxy: one per Ray cluster, so one for the whole session."""
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    yield port
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    """The port of Serve's HTTP proxy: one per Ray cluster, so one for the whole session."""
+    yield free_port()
     from ray import serve
 
     serve.shutdown()

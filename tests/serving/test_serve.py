@@ -131,12 +131,25 @@ def test_stop_sequences_end_the_completion_before_them(client):
     assert "".join(c.choices[0].text for c in streamed) == cut.text
 
 
-def test_blocklisted_words_are_redacted(client):
+def test_blocklist_redacts_or_withholds_case_insensitively():
+    from serving.app import OutputFilter
+
+    redact = OutputFilter([r"\bdef\b", "secret[0-9]+"], "redact")
+    assert redact.apply("Def f(): SECRET42 undefined") == (
+        "[REDACTED] f(): [REDACTED] undefined",
+        True,
+    )
+    assert redact.apply("nothing here") == ("nothing here", False)
+    assert OutputFilter(["x"], "refuse").apply("a x b") == ("", True)
+    assert OutputFilter([], "refuse").apply("anything") == ("anything", False)
+
+
+def test_blocklisted_words_never_come_out(client):
     done = client.completions.create(
         model="code", prompt=["def f():\n"] * 4, max_tokens=40, temperature=1.0, seed=1
     )
     for choice in done.choices:
-        assert not any(word == "def" for word in choice.text.split())
+        assert "def" not in choice.text.lower().split()
 
 
 def test_models_lists_the_deployment_and_healthz_needs_no_key(lm_url):
@@ -211,14 +224,23 @@ def test_prompt_plus_max_tokens_beyond_the_models_context_is_refused(lm_run, ser
     config["n_positions"] = 32
     (model / "config.json").write_text(json.dumps(config))
     _shrink_positions(model, 32)
-    url = start("short", model, serve_port)
+    # Its blocklist matches any character: every completion is withheld, and counted.
+    refuse_all = {"blocklist": [r"[\s\S]"], "action": "refuse"}
+    url = start("short", model, serve_port, filters=refuse_all)
     try:
-        body = {"model": "short", "prompt": "import os\n", "max_tokens": 30}
+        body = {"model": "short", "prompt": "import os\n", "max_tokens": 30, "temperature": 0}
         response = httpx.post(f"{url}/v1/completions", json=body)
         assert response.status_code == 400
         assert "context of 32 tokens" in response.json()["error"]["message"]
         body["max_tokens"] = 8
-        assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
+        choice = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]
+        assert choice == {
+            "index": 0,
+            "text": "",
+            "logprobs": None,
+            "finish_reason": "content_filter",
+        }
+        assert wait_for_metrics("short", ["ray_raygen_filtered_outputs_total{", 'action="refuse"'])
     finally:
         stop("short")
 
@@ -243,6 +265,34 @@ def test_concurrent_requests_are_batched_and_all_answered(lm_url):
     assert [r.status_code for r in responses] == [200] * 32
     sizes = [int(r.headers["x-raygen-batch-size"]) for r in responses]
     assert max(sizes) > 1 and max(sizes) <= 8
+
+
+def test_batch_sizes_requests_latencies_and_tokens_reach_prometheus_metrics(lm_url):
+    for metric in [
+        "ray_serve_actual_batch_size_count",
+        "ray_serve_num_http_requests_total",
+        "ray_serve_http_request_latency_ms_count",
+        "ray_serve_deployment_replica_healthy",
+        "ray_raygen_completion_tokens_total",
+        "ray_raygen_model_load_seconds",
+    ]:
+        assert wait_for_metrics("code", [metric + "{"]), metric
+
+
+def wait_for_metrics(app: str, parts: list[str], timeout_s: float = 60) -> bool:
+    """Whether a line of Ray's Prometheus endpoint for `app` has all `parts` (metrics
+    are exported every few seconds)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        for line in text.splitlines():
+            if f'application="{app}"' in line and all(p in line for p in parts):
+                return True
+        time.sleep(2)
+    return False
 
 
 # --- images -------------------------------------------------------------------------------
