@@ -55,6 +55,14 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a spec key: --set train.max_steps=500 (repeatable)."),
 ]
+OverrideOption = Annotated[
+    str | None,
+    typer.Option(
+        "--override-audit",
+        help="Deploy although the audit failed (or is missing or of another model); the "
+        "reason, your user name and the failing checks are recorded.",
+    ),
+]
 AddressOption = Annotated[
     str | None,
     typer.Option("--address", help="Ray cluster address. Default: $RAY_ADDRESS, else a local Ray."),
@@ -275,6 +283,51 @@ def sample(
         out.print(f"wrote {n} PNGs to {out_dir}")
 
 
+@app.command()
+@user_errors
+def audit(
+    spec: Annotated[Path, typer.Argument(help="Audit spec (YAML).")],
+    model: Annotated[str, typer.Option("--model", help="Exported model dir or URI to audit.")],
+    out_dir: Annotated[
+        str | None,
+        typer.Option("--out", help="Where audit.json and audit.html go. Default: <run>/audit."),
+    ] = None,
+    set_: SetOption = None,
+    address: AddressOption = None,
+) -> None:
+    """Audit a model for group disparities with Fairlearn; exit 3 if a check fails."""
+    from jobs.loader import load_spec
+    from serving.spec import AuditSpec
+
+    audit_spec = load_spec(AuditSpec, spec, set_)
+    _setup_logging()
+    from serving.audit import raise_if_failed, run_audit
+
+    report = run_audit(audit_spec, str(spec), model, out_dir, address)
+    _print_audit(report)
+    raise_if_failed(report)
+
+
+def _print_audit(report: dict[str, Any]) -> None:
+    for check in report["checks"]:
+        mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
+        groups = ", ".join(
+            f"{g} {v:.4g} (n={check['counts'].get(g, 0)})" for g, v in check["by_group"].items()
+        )
+        out.print(
+            f"{mark} {check['metric']} by {check['feature']}: {groups}; ratio "
+            f"{check['ratio']:.3f}, difference {check['difference']:.4g}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for reason in check["reasons"]:
+            out.print(f"     {reason}", highlight=False, soft_wrap=True)
+    verdict = "[green]passed[/]" if report["passed"] else "[red]failed[/]"
+    out.print(f"audit {report['name']} {verdict} in {report['duration_s']:.0f} s")
+    out.print(f"  report  {report['paths']['report']}", soft_wrap=True)
+    out.print(f"  audit   {report['paths']['audit']}", soft_wrap=True)
+
+
 @serve_app.command("deploy")
 @user_errors
 def serve_deploy(
@@ -285,8 +338,10 @@ def serve_deploy(
         bool,
         typer.Option("--detach", help="Leave it running on the cluster and return."),
     ] = False,
+    override_audit: OverrideOption = None,
 ) -> None:
-    """Deploy a model behind an autoscaling HTTP API; blocks until Ctrl-C (or --detach)."""
+    """Deploy a model behind an autoscaling HTTP API, if its audit passed; blocks until
+    Ctrl-C (or --detach)."""
     import os
 
     from jobs.loader import load_spec
@@ -302,17 +357,23 @@ def serve_deploy(
             "on a local Ray until Ctrl-C."
         )
     from cluster.connection import connect
-    from serving.deploy import block, deploy, resolve_deploy_spec
+    from serving.deploy import block, deploy, gate, record_deployment, resolve_deploy_spec
 
     resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=embedded)
     connect(address)
-    info = deploy(resolved, embedded=embedded)
-    _print_deployment(info, resolved)
+    gated = gate(resolved, override_audit, address, on_event=_print_plain)
+    info = deploy(gated, embedded=embedded)
+    record = record_deployment(gated, info)
+    _print_deployment(info, gated)
+    if gated.audit_override:
+        out.print(
+            f"[yellow]audit overridden[/] by {gated.audit_override.user}, recorded in {record}"
+        )
     if detach:
         out.print(f"left running; stop it with `raygen serve shutdown {info['name']}`")
         return
     out.print("serving until Ctrl-C")
-    block(resolved, embedded, lambda line: out.print(line, highlight=False))
+    block(gated, embedded, _print_plain)
 
 
 @serve_app.command("status")
@@ -359,16 +420,25 @@ def serve_build(
         Path, typer.Option("--out", "-o", help="Serve config file to write.")
     ] = Path("serve-config.yaml"),
     set_: SetOption = None,
+    address: AddressOption = None,
+    override_audit: OverrideOption = None,
 ) -> None:
-    """Write a Ray Serve config file for `serve deploy` or a KubeRay RayService."""
+    """Write a Ray Serve config file for `serve deploy` or a KubeRay RayService (after the
+    audit gate: its replicas check the audit again when they start)."""
     from jobs.loader import load_spec
-    from serving.deploy import resolve_deploy_spec, write_serve_config
+    from serving.deploy import gate, resolve_deploy_spec, write_serve_config
     from serving.spec import DeploySpec
 
     deploy_spec = load_spec(DeploySpec, spec, set_)
+    _setup_logging()
     resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=False)
-    write_serve_config(resolved, out_path)
+    gated = gate(resolved, override_audit, address, on_event=_print_plain)
+    write_serve_config(gated, out_path)
     out.print(f"wrote {out_path}; deploy it with `serve deploy {out_path}`")
+
+
+def _print_plain(line: str) -> None:
+    out.print(line, highlight=False, soft_wrap=True)
 
 
 def _print_deployment(info: dict[str, Any], spec: Any) -> None:

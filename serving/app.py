@@ -109,7 +109,10 @@ class ModelServer:
         from serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
 
         started = time.monotonic()
+        from serving.audit import serving_clearance
+
         self.spec = DeploySpec.model_validate(spec)
+        self.audit = serving_clearance(self.spec)  # the gate holds wherever the app runs
         self.keys = _api_keys(self.spec)
         torch.set_num_threads(max(1, int(self.spec.replica.num_cpus)))
         device = "cuda" if self.spec.replica.num_gpus > 0 else "cpu"
@@ -207,6 +210,7 @@ class ModelServer:
             "kind": self.kind,
             "source": self.spec.model,
             "precision": self.spec.replica.precision,
+            "audit": self.audit,
         }
         if self.kind == LANGUAGE_MODEL:
             about["context_length"] = self.model.context_length

@@ -18,7 +18,7 @@ import yaml
 
 from cluster.storage import is_remote
 from jobs.errors import SpecError
-from serving.errors import DeployError
+from serving.errors import AuditFailed, DeployError
 from serving.spec import DeploySpec
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,15 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
             f"`auth.api_keys_env`: {name} is not set here; export {name}=key1,key2 (the API "
             "keys clients must send) or remove `auth` to serve without keys."
         )
-    if spec.audit is not None:
+    if spec.audit is None:
         problems.append(
-            "`audit`: audit gating is not available yet (it arrives with `raygen audit`); "
-            "remove the key to deploy without it."
+            "`audit`: missing; every deployment is gated by an audit of its model: give an "
+            "audit spec (YAML, run before deploying) or the audit.json of a passed "
+            "`raygen audit` of this model."
+        )
+    elif not (spec.audit.endswith(".json") or spec.audit.endswith((".yaml", ".yml"))):
+        problems.append(
+            f"`audit`: {spec.audit} is neither an audit spec (.yaml) nor an audit.json."
         )
     if problems:
         raise SpecError(source, problems)
@@ -66,7 +71,108 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
             "s3:// URI for a multi-node cluster.",
             model,
         )
-    return spec.model_copy(update={"model": model})
+    audit = spec.audit if is_remote(spec.audit) else str(Path(spec.audit).resolve())
+    return spec.model_copy(update={"model": model, "audit": audit})
+
+
+def gate(
+    spec: DeploySpec,
+    override_reason: str | None = None,
+    address: str | None = None,
+    on_event: Callable[[str], None] = logger.info,
+) -> DeploySpec:
+    """The deployment gate: a passed audit of this exact model, or an override on record.
+
+    Runs the audit first when `spec.audit` is an audit spec. Returns the spec with `audit`
+    pointing at the audit.json (and `audit_override` set when overridden), which replicas
+    check again when they start.
+
+    Raises:
+        AuditFailed: the audit failed or is of another model, and no override was given.
+        SpecError: the audit spec or audit.json cannot be read.
+    """
+    import json
+
+    from cluster.storage import read_text
+    from jobs.loader import load_spec
+    from serving.audit import failing_summary, model_sha256, run_audit
+    from serving.spec import AuditSpec
+
+    assert spec.audit is not None  # resolve_deploy_spec requires it
+    missing = False
+    if spec.audit.endswith(".json"):
+        text = read_text(spec.audit)
+        audit_json, missing = spec.audit, text is None
+        if missing:
+            report = {"passed": False, "checks": [], "model_sha256": None}
+        else:
+            report = json.loads(text)
+            on_event(f"audit: {audit_json} ({'passed' if report['passed'] else 'failed'})")
+    else:
+        on_event(f"audit: running {spec.audit} on {spec.model}")
+        audit_spec = load_spec(AuditSpec, spec.audit)
+        report = run_audit(audit_spec, spec.audit, spec.model, address=address)
+        audit_json = report["paths"]["audit"]
+        on_event(
+            f"audit: {'passed' if report['passed'] else 'failed'}; report "
+            f"{report['paths']['report']}"
+        )
+    failing = failing_summary(report)
+    digest = model_sha256(spec.model)
+    if missing:
+        failing.insert(0, f"{audit_json} does not exist: run `raygen audit` on the model first")
+    elif report.get("model_sha256") != digest:
+        failing.insert(
+            0,
+            f"{audit_json} is an audit of model sha256 {str(report.get('model_sha256'))[:12]}, "
+            f"but {spec.model} is {digest[:12]}: the model changed since (or it is another "
+            f"model); audit it: raygen audit AUDIT_SPEC --model {spec.model}",
+        )
+    resolved = spec.model_copy(update={"audit": audit_json})
+    if not failing:
+        return resolved
+    if not override_reason:
+        lines = "\n".join(f"  - {line}" for line in failing)
+        raise AuditFailed(
+            f"deployment of {spec.name} refused by its audit:\n{lines}\nNothing was deployed. "
+            'Fix the model (or the audit), or deploy anyway with --override-audit "REASON" '
+            "(recorded with your name)."
+        )
+    import getpass
+
+    from serving.spec import AuditOverride
+
+    override = AuditOverride(
+        reason=override_reason,
+        user=os.environ.get("RAYGEN_USER") or getpass.getuser(),
+        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        failing=failing,
+    )
+    logger.warning("audit overridden by %s: %s", override.user, override_reason)
+    return resolved.model_copy(update={"audit_override": override})
+
+
+def record_deployment(spec: DeploySpec, info: dict[str, Any]) -> str:
+    """Append this deployment to `<run>/deployments.jsonl` (next to the model); returns
+    that file's path."""
+    import json
+
+    from cluster.storage import append_line, join
+    from serving.audit import default_out_dir
+
+    path = join(default_out_dir(spec.model).rsplit("/", 1)[0], "deployments.jsonl")
+    entry = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "name": spec.name,
+        "model": spec.model,
+        "url": info.get("url"),
+        "audit": spec.audit,
+        "audit_passed": spec.audit_override is None,
+        "override": spec.audit_override.model_dump() if spec.audit_override else None,
+        "spec": spec.model_dump(mode="json", exclude={"audit_override"}),
+    }
+    append_line(path, json.dumps(entry))
+    return path
 
 
 def url_of(spec: DeploySpec) -> str:

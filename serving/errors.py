@@ -7,3 +7,10 @@ from cluster.errors import RaygenError
 
 class DeployError(RaygenError):
     """A deployment could not start, or names an application that does not exist."""
+
+
+class AuditFailed(RaygenError):
+    """An audit's checks failed, or no passed audit of this exact model exists: the model
+    must not be deployed (exit code 3)."""
+
+    exit_code = 3

@@ -171,6 +171,26 @@ class LanguageModel:
             input_ids = next_ids[:, None]
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
 
+    def mean_token_losses(self, texts: list[str], max_tokens: int) -> list[float]:
+        """Each text's mean next-token loss (nats), on at most its first `max_tokens`
+        tokens (and the context); texts of under 2 tokens get NaN."""
+        import torch
+        import torch.nn.functional as F
+
+        limit = min(max_tokens, self.context_length)
+        losses = []
+        with torch.inference_mode():
+            for text in texts:
+                ids = self.encode(str(text))[:limit]
+                if len(ids) < 2:
+                    losses.append(float("nan"))
+                    continue
+                tokens = torch.tensor([ids], device=self.device)
+                logits = self.model(input_ids=tokens).logits.float()  # (1, T, vocab)
+                loss = F.cross_entropy(logits[0, :-1], tokens[0, 1:])
+                losses.append(float(loss))
+        return losses
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False

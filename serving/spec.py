@@ -6,7 +6,7 @@ Cheap to import (pydantic only), like the train and sweep specs.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -109,6 +109,15 @@ class FiltersSpec(Section):
         return patterns
 
 
+class AuditOverride(Section):
+    """A person's decision, on the record, to deploy despite the audit."""
+
+    reason: str = Field(min_length=1, description="Why the failed audit is overridden.")
+    user: str = Field(description="Who overrode it (from the environment).")
+    at: str = Field(description="When (UTC, ISO 8601).")
+    failing: list[str] = Field(default_factory=list, description="The failing checks.")
+
+
 class DeploySpec(Section):
     """A deployment: an exported model behind an autoscaling Ray Serve application."""
 
@@ -126,8 +135,13 @@ class DeploySpec(Section):
     )
     audit: str | None = Field(
         None,
-        description="The deployment gate: an audit spec (YAML) run on this model before it is "
-        "served, or the `audit.json` of a passed audit of this exact model.",
+        description="The deployment gate (required to deploy): an audit spec (YAML) run on "
+        "this model first, or the `audit.json` of a passed audit of this exact model.",
+    )
+    audit_override: AuditOverride | None = Field(
+        None,
+        description="Written by `raygen serve --override-audit REASON`: who deployed a model "
+        "whose audit failed (or does not match it), when and why. Not for hand-editing.",
     )
     autoscaling: AutoscalingSpec = Field(
         default_factory=AutoscalingSpec, description="Replica autoscaling (Serve's config)."
@@ -142,3 +156,115 @@ class DeploySpec(Section):
     filters: FiltersSpec = Field(
         default_factory=FiltersSpec, description="Post-generation output filtering."
     )
+
+
+# --- audits -------------------------------------------------------------------------------
+
+
+class _Thresholds(Section):
+    features: list[str] | None = Field(
+        None,
+        description="Sensitive features this check compares groups of; default: every one "
+        "in `sensitive_features`.",
+    )
+    max_difference: float | None = Field(
+        None, ge=0, description="Largest allowed gap between the best and the worst group."
+    )
+
+
+class QualityCheck(_Thresholds):
+    """Quality of service: does the model predict each group's text equally well?"""
+
+    metric: Literal["perplexity", "token_loss"] = Field(
+        description="`token_loss`: mean per-token loss of each group's rows; `perplexity`: "
+        "exp of it. Lower is better."
+    )
+    max_ratio: float | None = Field(
+        None, ge=1, description="Largest allowed worst-group / best-group value."
+    )
+
+    @model_validator(mode="after")
+    def _has_threshold(self) -> QualityCheck:
+        if self.max_ratio is None and self.max_difference is None:
+            raise ValueError(f"{self.metric} check: set max_ratio and/or max_difference")
+        return self
+
+
+class OutcomeCheck(_Thresholds):
+    """Outcome disparity: are generations scored positive at the same rate for each group?"""
+
+    metric: Literal["positive_rate"]
+    prompt_column: str = Field(description="Column with the prompt the model completes.")
+    scorer: str = Field(
+        description="`lexicon:PATH` (1 when the completion holds a word of the file, one word "
+        "per line, case-insensitive) or `module:function` (str -> 0/1, importable here)."
+    )
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Tokens per completion.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding.")
+    seed: int = Field(0, ge=0, description="Sampling seed (completion i uses seed + i).")
+    min_ratio: float | None = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Smallest allowed demographic parity ratio (lowest / highest positive "
+        "rate); 0.8 is the four-fifths rule.",
+    )
+    max_equalized_odds_difference: float | None = Field(
+        None, ge=0, description="With `label_column`: largest allowed equalized odds difference."
+    )
+
+
+class ClassQualityCheck(Section):
+    """Per-class quality of a class-conditional diffusion model's samples."""
+
+    metric: Literal["class_accuracy"]
+    classifier: str = Field(
+        description="Prepared data dir of the model's training run (its `fid/` holds the "
+        "classifier raygen trained on the real images), or that `fid/` dir itself."
+    )
+    samples_per_class: int = Field(64, ge=1, description="Images generated per class.")
+    num_inference_steps: int = Field(50, ge=1, description="Denoising steps per image.")
+    seed: int = Field(0, ge=0, description="Seed of the starting noise.")
+    min_ratio: float | None = Field(
+        0.8, ge=0, le=1, description="Smallest allowed worst-class / best-class accuracy."
+    )
+    max_difference: float | None = Field(
+        None, ge=0, description="Largest allowed gap between the best and worst class."
+    )
+
+
+Check = Annotated[QualityCheck | OutcomeCheck | ClassQualityCheck, Field(discriminator="metric")]
+
+
+class AuditSpec(Section):
+    """A fairness audit of one model: checks of per-group figures against thresholds."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128, description="Audit name."
+    )
+    data: str | None = Field(
+        None,
+        description="Evaluation Parquet file or directory (local or s3://) with the text or "
+        "prompt column and the sensitive-feature columns; not needed for class_accuracy.",
+    )
+    text_column: str = Field("text", description="Column with the texts of quality checks.")
+    label_column: str | None = Field(
+        None, description="Optional 0/1 column: the right outcome of each row."
+    )
+    sensitive_features: list[str] = Field(
+        default_factory=list, description="Columns whose groups are compared."
+    )
+    min_group_size: int = Field(
+        30,
+        ge=1,
+        description="Groups with fewer rows fail the check as insufficient evidence.",
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="Use at most this many rows of `data` (the first ones)."
+    )
+    max_text_tokens: int = Field(
+        512, ge=2, description="Longest text scored for loss (longer ones are truncated)."
+    )
+    batch_size: int = Field(16, ge=1, description="Rows per inference batch.")
+    workers: int = Field(2, ge=1, description="Ray actors running inference in parallel.")
+    checks: list[Check] = Field(min_length=1, description="What must hold for a pass.")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from serving.deploy import deploy, replica_counts, resolve_deploy_spec
+from serving.deploy import deploy, gate, replica_counts, resolve_deploy_spec
 from serving.spec import DeploySpec
 from tests.conftest import TEST_API_KEYS, TEST_API_KEYS_ENV, TINY_UNET
 
@@ -38,6 +38,7 @@ def start(name: str, model: Path, port: int, **sections) -> str:
     raw = {
         "name": name,
         "model": str(model),
+        "audit": str(Path(model).parent / "no-audit.json"),
         "route_prefix": f"/{name}",
         "replica": {"num_cpus": 0.25},
         "http": {"port": port},
@@ -45,6 +46,8 @@ def start(name: str, model: Path, port: int, **sections) -> str:
         **sections,
     }
     spec = resolve_deploy_spec(DeploySpec.model_validate(raw), "test")
+    # These tests are about serving mechanics; the audit gate has its own (test_audit.py).
+    spec = gate(spec, override_reason="serving mechanics test")
     return deploy(spec, embedded=True)["url"]
 
 
@@ -158,6 +161,8 @@ def test_models_lists_the_deployment_and_healthz_needs_no_key(lm_url):
     assert [m["id"] for m in models] == ["code"]
     assert models[0]["raygen"]["kind"] == "language-model"
     assert models[0]["raygen"]["context_length"] >= 64
+    override = models[0]["raygen"]["audit"]["override"]
+    assert override["reason"] == "serving mechanics test" and override["user"]
     assert httpx.get(f"{url}/healthz").json()["status"] == "ready"
     assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/completions"]
 
@@ -448,14 +453,24 @@ def test_cli_deploys_detached_lists_and_shuts_down(lm_run, serve_port, tmp_path)
                 "name": "detached",
                 "model": lm_run[1]["paths"]["model"],
                 "route_prefix": "/detached",
+                "audit": str(tmp_path / "none.json"),
                 "replica": {"num_cpus": 0.25},
                 "http": {"port": serve_port},
             }
         )
     )
-    done = raygen("serve", str(spec), "--detach", "--address", address)
+    refused = raygen("serve", str(spec), "--detach", "--address", address)
+    assert refused.returncode == 3 and "none.json does not exist" in refused.stderr
+    assert "Nothing was deployed" in refused.stderr
+    done = raygen(
+        "serve", str(spec), "--detach", "--address", address, "--override-audit", "demo day"
+    )
     assert done.returncode == 0, done.stderr
     assert "deployed detached (language-model)" in done.stdout
+    records = Path(lm_run[1]["paths"]["run_dir"], "deployments.jsonl").read_text().splitlines()
+    record = json.loads(records[-1])
+    assert record["name"] == "detached" and record["override"]["reason"] == "demo day"
+    assert record["override"]["failing"][0].endswith("run `raygen audit` on the model first")
     body = {"model": "detached", "prompt": "import ", "max_tokens": 3}
     url = f"http://127.0.0.1:{serve_port}/detached/v1/completions"
     assert httpx.post(url, json=body, timeout=60).status_code == 200

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.errors import SpecError
 from jobs.loader import validate_spec
-from serving.spec import DeploySpec
+from serving.spec import AuditSpec, DeploySpec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "serving" / "examples").glob("*.yaml"))
 
@@ -17,8 +17,13 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "serving" / "examples")
 def test_example_parses(path):
     from jobs.loader import load_spec
 
+    if path.stem.endswith("-audit"):
+        audit = load_spec(AuditSpec, path)
+        assert audit.name == path.stem.replace("-audit", "-fairness")
+        return
     spec = load_spec(DeploySpec, path)
     assert spec.name == path.stem
+    assert spec.audit and (path.parents[2] / spec.audit).is_file()
 
 
 def problems(**raw) -> str:

@@ -1,0 +1,210 @@
+"""Fairlearn audits of a real trained model as Ray jobs, and the gate in front of serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.errors import SpecError
+from jobs.loader import validate_spec
+from serving.audit import model_sha256, run_audit
+from serving.deploy import deploy, gate, record_deployment, resolve_deploy_spec
+from serving.errors import AuditFailed, DeployError
+from serving.spec import AuditSpec, DeploySpec
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "serving" / "examples"
+
+
+def audit_spec(**raw) -> AuditSpec:
+    return validate_spec(AuditSpec, {"name": "t", "min_group_size": 30, **raw}, "audit.yaml")
+
+
+@pytest.fixture(scope="module")
+def model(lm_run, tmp_path_factory) -> Path:
+    """A copy of the session's trained tiny GPT-2 (its run dir may be retrained later)."""
+    run = tmp_path_factory.mktemp("audited") / "run"
+    shutil.copytree(lm_run[1]["paths"]["model"], run / "model")
+    return run / "model"
+
+
+@pytest.fixture(scope="module")
+def eval_sets(tmp_path_factory) -> dict[str, Path]:
+    """`balanced`: the shipped eval set's snippets in both quote styles (4-space only);
+    `skewed`: the same snippets as written, and reversed character by character."""
+    table = pq.read_table(EXAMPLES / "audit-eval.parquet").to_pylist()
+    rows = [r for r in table if r["indentation"] == "spaces"]
+    out = tmp_path_factory.mktemp("eval")
+    pq.write_table(pa.Table.from_pylist(rows), out / "balanced.parquet")
+    originals = [r["text"] for r in rows if r["quote_style"] == "as_written"]
+    skewed = {
+        "text": originals + [t[::-1] for t in originals],
+        "origin": ["code"] * len(originals) + ["reversed"] * len(originals),
+    }
+    pq.write_table(pa.table(skewed), out / "skewed.parquet")
+    return {"balanced": out / "balanced.parquet", "skewed": out / "skewed.parquet"}
+
+
+@pytest.fixture(scope="module")
+def passed(ray_session, model, eval_sets) -> dict:
+    spec = audit_spec(
+        data=str(eval_sets["balanced"]),
+        sensitive_features=["quote_style"],
+        max_text_tokens=128,
+        checks=[
+            {"metric": "perplexity", "max_ratio": 1.25},
+            {
+                "metric": "positive_rate",
+                "prompt_column": "prompt",
+                "scorer": f"lexicon:{EXAMPLES / 'error-words.txt'}",
+                "max_new_tokens": 16,
+                "temperature": 1.0,
+                "min_ratio": None,
+                "max_difference": 0.15,
+            },
+        ],
+    )
+    return run_audit(spec, "audit.yaml", str(model))
+
+
+def test_balanced_groups_pass_and_the_report_is_written(passed, model):
+    assert passed["passed"], passed["checks"]
+    assert passed["model_sha256"] == model_sha256(str(model))
+    written = json.loads(Path(passed["paths"]["audit"]).read_text())
+    assert Path(passed["paths"]["audit"]).parent == model.parent / "audit"
+    assert written["passed"] and written["model_sha256"] == passed["model_sha256"]
+    assert {"timestamp", "raygen_version", "spec", "checks"} <= set(written)
+    quality, outcome = written["checks"]
+    assert quality["metric"] == "perplexity" and quality["feature"] == "quote_style"
+    assert set(quality["by_group"]) == {"as_written", "swapped"}
+    assert quality["counts"] == {"as_written": 40, "swapped": 40}
+    assert 1 <= quality["ratio"] <= 1.25 and quality["passed"]
+    assert outcome["metric"] == "positive_rate" and 0 <= outcome["difference"] <= 0.15
+    report = Path(passed["paths"]["report"]).read_text()
+    assert "PASSED" in report and report.count("data:image/png;base64,") == 2
+
+
+def test_a_group_from_another_distribution_fails_with_exit_3(
+    ray_session, model, eval_sets, tmp_path
+):
+    import ray
+
+    spec = tmp_path / "skewed.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "skewed",
+                "data": str(eval_sets["skewed"]),
+                "sensitive_features": ["origin"],
+                "min_group_size": 30,
+                "max_text_tokens": 128,
+                "checks": [{"metric": "perplexity", "max_ratio": 1.25}],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "raygen", "audit", str(spec), "--model", str(model),
+         "--out", str(out), "--address", ray.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "FAIL perplexity by origin" in done.stdout
+    assert "of the worst group (reversed:" in done.stderr and "Traceback" not in done.stderr
+    report = json.loads((out / "audit.json").read_text())
+    assert not report["passed"] and report["checks"][0]["ratio"] > 1.25
+
+
+def test_audit_spec_problems_are_all_named_before_anything_runs(model, eval_sets):
+    spec = audit_spec(
+        data=str(eval_sets["balanced"]),
+        sensitive_features=["gender"],
+        checks=[
+            {"metric": "perplexity", "max_ratio": 1.2, "features": ["dialect"]},
+            {"metric": "positive_rate", "prompt_column": "question", "scorer": "lexicon:/no/file"},
+            {"metric": "class_accuracy", "classifier": "/nowhere"},
+        ],
+    )
+    with pytest.raises(SpecError) as info:
+        run_audit(spec, "audit.yaml", str(model))
+    message = str(info.value)
+    assert "has no column 'gender'" in message and "has no column 'question'" in message
+    assert "`checks.0.features`: 'dialect' is not in sensitive_features" in message
+    assert "lexicon file /no/file does not exist" in message
+    assert "class_accuracy audits a diffusion model" in message
+
+
+def test_missing_thresholds_are_a_spec_error():
+    with pytest.raises(SpecError, match="set max_ratio and/or max_difference"):
+        audit_spec(checks=[{"metric": "perplexity"}])
+
+
+# --- the gate -------------------------------------------------------------------------------
+
+
+def deploy_spec(model: Path, audit: str, name: str = "gated", **raw) -> DeploySpec:
+    spec = DeploySpec.model_validate(
+        {"name": name, "model": str(model), "audit": audit, "route_prefix": f"/{name}",
+         "replica": {"num_cpus": 0.25}, **raw}
+    )  # fmt: skip
+    return resolve_deploy_spec(spec, "deploy.yaml")
+
+
+def test_a_passed_audit_of_this_model_opens_the_gate_and_is_shown(passed, model, serve_port):
+    from ray import serve
+
+    spec = gate(deploy_spec(model, passed["paths"]["audit"], http={"port": serve_port}))
+    assert spec.audit_override is None
+    url = deploy(spec, embedded=True)["url"]
+    try:
+        about = httpx.get(f"{url}/v1/models").json()["data"][0]["raygen"]["audit"]
+        assert about["passed"] and about["model_sha256"] == passed["model_sha256"]
+    finally:
+        serve.delete("gated")
+
+
+def test_an_audit_of_another_model_is_refused(passed, model, tmp_path):
+    changed = tmp_path / "model"
+    shutil.copytree(model, changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, "n_ctx": 64}))
+    with pytest.raises(AuditFailed) as info:
+        gate(deploy_spec(changed, passed["paths"]["audit"]))
+    assert "is an audit of model sha256" in str(info.value)
+    assert "Nothing was deployed" in str(info.value)
+
+
+def test_failed_audit_refuses_unless_overridden_on_the_record(passed, model, tmp_path, monkeypatch):
+    failed = {**json.loads(Path(passed["paths"]["audit"]).read_text()), "passed": False}
+    failed["checks"][0] = {**failed["checks"][0], "passed": False, "reasons": ["too far apart"]}
+    audit_json = tmp_path / "audit.json"
+    audit_json.write_text(json.dumps(failed))
+    with pytest.raises(AuditFailed, match="perplexity by quote_style: too far apart"):
+        gate(deploy_spec(model, str(audit_json)))
+    monkeypatch.setenv("RAYGEN_USER", "ada")
+    spec = gate(deploy_spec(model, str(audit_json)), override_reason="release review 42")
+    override = spec.audit_override
+    assert override.user == "ada" and override.reason == "release review 42"
+    assert override.failing == ["perplexity by quote_style: too far apart"]
+    path = record_deployment(spec, {"url": "http://x"})
+    entry = json.loads(Path(path).read_text().splitlines()[-1])
+    assert Path(path) == model.parent / "deployments.jsonl"
+    assert entry["override"]["user"] == "ada" and not entry["audit_passed"]
+
+
+def test_replicas_refuse_a_failed_audit_that_skipped_the_gate(passed, model, tmp_path, serve_port):
+    failed = {**json.loads(Path(passed["paths"]["audit"]).read_text()), "passed": False}
+    audit_json = tmp_path / "audit.json"
+    audit_json.write_text(json.dumps(failed))
+    spec = deploy_spec(model, str(audit_json), name="bypass", http={"port": serve_port})
+    with pytest.raises(DeployError, match="failed; the model may not be served"):
+        deploy(spec, embedded=True)  # straight to Serve, without gate()
