@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
+# Train the tiny code LM, deploy it behind its Fairlearn audit on Ray Serve, ask it for
+# completions over HTTP, shut down (serving/examples/quickstart.py strings the commands).
 quickstart: install
-	$(VENV)/bin/raygen train jobs/examples/code-lm-tiny.yaml
+	$(PY) serving/examples/quickstart.py
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -356,24 +356,41 @@ def serve_deploy(
             "RAY_ADDRESS), e.g. after `ray start --head`; without --detach, raygen serves "
             "on a local Ray until Ctrl-C."
         )
+    import signal
+
     from cluster.connection import connect
-    from serving.deploy import block, deploy, gate, record_deployment, resolve_deploy_spec
+    from serving.deploy import (
+        block,
+        deploy,
+        gate,
+        record_deployment,
+        resolve_deploy_spec,
+        teardown,
+    )
 
     resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=embedded)
     connect(address)
+    # SIGTERM (containers, process managers) tears down like Ctrl-C does; set after
+    # connecting, as Ray installs a SIGTERM handler of its own there.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     gated = gate(resolved, override_audit, address, on_event=_print_plain)
-    info = deploy(gated, embedded=embedded)
-    record = record_deployment(gated, info)
-    _print_deployment(info, gated)
-    if gated.audit_override:
-        out.print(
-            f"[yellow]audit overridden[/] by {gated.audit_override.user}, recorded in {record}"
-        )
-    if detach:
-        out.print(f"left running; stop it with `raygen serve shutdown {info['name']}`")
-        return
-    out.print("serving until Ctrl-C")
-    block(gated, embedded, _print_plain)
+    try:
+        info = deploy(gated, embedded=embedded)
+        record = record_deployment(gated, info)
+        _print_deployment(info, gated)
+        if gated.audit_override:
+            out.print(
+                f"[yellow]audit overridden[/] by {gated.audit_override.user}, recorded in {record}"
+            )
+        if detach:
+            out.print(f"left running; stop it with `raygen serve shutdown {info['name']}`")
+            return
+        out.print("serving until Ctrl-C", highlight=False)
+        block(gated, _print_plain)
+    except KeyboardInterrupt:
+        out.print(f"shutting down {gated.name}")
+        teardown(gated.name, embedded)
+        raise
 
 
 @serve_app.command("status")

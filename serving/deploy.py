@@ -216,32 +216,25 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     }
 
 
-def block(spec: DeploySpec, embedded: bool, on_event: Callable[[str], None]) -> None:
-    """Serve until Ctrl-C (or SIGTERM), reporting replica count changes; then tear the
-    app down."""
-    import signal
+def block(spec: DeploySpec, on_event: Callable[[str], None]) -> None:
+    """Serve until interrupted, reporting replica count changes."""
+    last = None
+    while True:
+        counts = replica_counts(spec.name)
+        running = counts.get("RUNNING", 0)
+        if running != last:
+            on_event(f"{spec.name}: {running} replica(s) running")
+            last = running
+        time.sleep(1)
 
+
+def teardown(name: str, embedded: bool) -> None:
+    """Delete the application (and Serve itself on an embedded Ray)."""
     from ray import serve
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    last = None
-    try:
-        while True:
-            counts = replica_counts(spec.name)
-            running = counts.get("RUNNING", 0)
-            if running != last:
-                on_event(f"{spec.name}: {running} replica(s) running")
-                last = running
-            time.sleep(1)
-    except KeyboardInterrupt:
-        on_event(f"shutting down {spec.name}")
-        _delete_quietly(spec.name)
-        if embedded:
-            serve.shutdown()
-        raise
+    _delete_quietly(name)
+    if embedded:
+        serve.shutdown()
 
 
 def replica_counts(name: str) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,17 +41,14 @@ def model(lm_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def eval_sets(tmp_path_factory) -> dict[str, Path]:
     """`balanced`: the shipped eval set's snippets in both quote styles (4-space only);
-    `skewed`: the same snippets as written, and reversed character by character."""
+    `skewed`: the snippets as written, 4-space and tab-indented (the model was trained on
+    4-space code only)."""
     table = pq.read_table(EXAMPLES / "audit-eval.parquet").to_pylist()
     rows = [r for r in table if r["indentation"] == "spaces"]
     out = tmp_path_factory.mktemp("eval")
     pq.write_table(pa.Table.from_pylist(rows), out / "balanced.parquet")
-    originals = [r["text"] for r in rows if r["quote_style"] == "as_written"]
-    skewed = {
-        "text": originals + [t[::-1] for t in originals],
-        "origin": ["code"] * len(originals) + ["reversed"] * len(originals),
-    }
-    pq.write_table(pa.table(skewed), out / "skewed.parquet")
+    skewed = [r for r in table if r["quote_style"] == "as_written"]
+    pq.write_table(pa.Table.from_pylist(skewed), out / "skewed.parquet")
     return {"balanced": out / "balanced.parquet", "skewed": out / "skewed.parquet"}
 
 
@@ -104,7 +102,7 @@ def test_a_group_from_another_distribution_fails_with_exit_3(
             {
                 "name": "skewed",
                 "data": str(eval_sets["skewed"]),
-                "sensitive_features": ["origin"],
+                "sensitive_features": ["indentation"],
                 "min_group_size": 30,
                 "max_text_tokens": 128,
                 "checks": [{"metric": "perplexity", "max_ratio": 1.25}],
@@ -118,8 +116,8 @@ def test_a_group_from_another_distribution_fails_with_exit_3(
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
-    assert "FAIL perplexity by origin" in done.stdout
-    assert "of the worst group (reversed:" in done.stderr and "Traceback" not in done.stderr
+    assert "FAIL perplexity by indentation" in done.stdout
+    assert "of the worst group (tabs:" in done.stderr and "Traceback" not in done.stderr
     report = json.loads((out / "audit.json").read_text())
     assert not report["passed"] and report["checks"][0]["ratio"] > 1.25
 
@@ -208,3 +206,30 @@ def test_replicas_refuse_a_failed_audit_that_skipped_the_gate(passed, model, tmp
     spec = deploy_spec(model, str(audit_json), name="bypass", http={"port": serve_port})
     with pytest.raises(DeployError, match="failed; the model may not be served"):
         deploy(spec, embedded=True)  # straight to Serve, without gate()
+
+
+# --- the quickstart -------------------------------------------------------------------------
+
+
+def test_quickstart_trains_audits_serves_and_shuts_down(tmp_path):
+    """`make quickstart`'s script with less data and fewer steps, in a fresh working copy
+    (its own embedded Ray, as from a clean clone)."""
+    work = tmp_path / "work"
+    for part in ("jobs/examples", "serving/examples"):
+        shutil.copytree(ROOT / part, work / part)
+    reduced = ["--set", "train.max_steps=30", "--set", "data.max_bytes=400000",
+               "--set", "train.eval_every=30", "--set", "train.checkpoint_every=30",
+               "--set", "train.warmup_steps=5", "--set", "data.eval_fraction=0.2"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(work / "serving/examples/quickstart.py"), *reduced],
+        cwd=work, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "RAYGEN_API_KEYS": "sk-quickstart"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "reached step 30" in done.stdout
+    assert "audit: passed" in done.stdout and "audit passed: True" in done.stdout
+    assert done.stdout.count("--- completion (") == 3
+    assert "usage: {'prompt_tokens'" in done.stdout
+    assert (work / "runs/code-lm-tiny/audit/audit.html").is_file()
+    deployments = (work / "runs/code-lm-tiny/deployments.jsonl").read_text().splitlines()
+    assert json.loads(deployments[-1])["audit_passed"] is True
