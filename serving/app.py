@@ -106,11 +106,10 @@ class ModelServer:
         import torch
 
         from cluster.storage import local_copy
+        from serving.audit import serving_clearance
         from serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
 
         started = time.monotonic()
-        from serving.audit import serving_clearance
-
         self.spec = DeploySpec.model_validate(spec)
         self.audit = serving_clearance(self.spec)  # the gate holds wherever the app runs
         self.keys = _api_keys(self.spec)
@@ -277,13 +276,13 @@ class ModelServer:
 
         body: ImageRequest = await self._read(request, ImageRequest)
         self._require(DIFFUSION, "/v1/images/generations")
+        self._check_image_request(body)
         job = Job(
             n=body.n,
             steps=body.num_inference_steps,
             seed=body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "big"),
             class_label=body.class_label,
         )
-        self._check_image_request(body)
         images, batch_size = await self._images_batch(job)
         from serving.models import png_bytes
 
