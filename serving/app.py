@@ -68,6 +68,10 @@ class OutputFilter:
         return self.pattern.sub(REDACTED, text), True
 
 
+def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -253,20 +257,23 @@ class ModelServer:
                     texts[i] += delta.text
                     finish[i] = delta.finish_reason or finish[i]
                     tokens[i] = delta.tokens
-        choices = []
-        for i, text in enumerate(texts):
-            text, reason = self._filtered(text, finish[i])
-            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+        choices = [_choice(i, *self._filtered(text, finish[i])) for i, text in enumerate(texts)]
         self.tokens.inc(sum(tokens))
-        content = {
+        content = self._completion(response_id, choices, _usage(prompt_tokens, sum(tokens)))
+        return JSONResponse(content, headers={"x-raygen-batch-size": str(batch_size)})
+
+    def _completion(
+        self, response_id: str, choices: list[dict[str, Any]], usage: dict[str, int] | None
+    ) -> dict[str, Any]:
+        """A completion, or one streamed chunk of it, in OpenAI's shape."""
+        return {
             "id": response_id,
             "object": "text_completion",
             "created": int(time.time()),
             "model": self.spec.name,
             "choices": choices,
-            "usage": _usage(prompt_tokens, sum(tokens)),
+            "usage": usage,
         }
-        return JSONResponse(content, headers={"x-raygen-batch-size": str(batch_size)})
 
     @api.post("/v1/images/generations", openapi_extra=_body_schema(ImageRequest))
     async def images(self, request: Request) -> Response:
@@ -384,15 +391,9 @@ class ModelServer:
         tokens = [0] * len(jobs)
 
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            body = {
-                "id": response_id,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.spec.name,
-                "choices": choices,
-            }
-            if include_usage:
-                body["usage"] = usage
+            body = self._completion(response_id, choices, usage)
+            if not include_usage:
+                del body["usage"]
             return f"data: {json.dumps(body)}\n\n"
 
         async for deltas, _ in self._complete_batch(jobs):
@@ -408,9 +409,7 @@ class ModelServer:
                         continue
                     text, reason = self._filtered(texts[i], reason)
                 if text or reason:
-                    choices.append(
-                        {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                    )
+                    choices.append(_choice(i, text, reason))
             if choices:
                 yield chunk(choices)
         self.tokens.inc(sum(tokens))

@@ -234,6 +234,9 @@ def run_audit(
     connect(address)
     results: list[fairness.CheckResult] = []
     text_checks = [c for c in spec.checks if not isinstance(c, ClassQualityCheck)]
+    scorers = {
+        i: load_scorer(c.scorer) for i, c in enumerate(spec.checks) if isinstance(c, OutcomeCheck)
+    }
     if text_checks:
         table = _score_texts(spec, model)
         for check, feature in checks_by_feature(spec):
@@ -251,9 +254,9 @@ def run_audit(
                     )
                 )
             elif isinstance(check, OutcomeCheck):
-                scorer = load_scorer(check.scorer)
-                column = f"completion_{spec.checks.index(check)}"
-                scores = np.array([scorer(t) for t in table[column]], dtype=int)
+                index = spec.checks.index(check)
+                scorer = scorers[index]
+                scores = np.array([scorer(t) for t in table[f"completion_{index}"]], dtype=int)
                 labels = table[spec.label_column].to_numpy() if spec.label_column else None
                 results.append(
                     fairness.outcome_disparity(
@@ -298,6 +301,26 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def read_audit(uri: str) -> dict[str, Any] | None:
+    """A `raygen audit` report, or None when the file does not exist.
+
+    Raises:
+        SpecError: the file is not an audit.json.
+    """
+    text = read_text(uri)
+    if text is None:
+        return None
+    try:
+        report = json.loads(text)
+    except ValueError as exc:
+        raise SpecError(
+            "audit", f"{uri} is not JSON ({exc}); give the audit.json of `raygen audit`."
+        ) from None
+    if not isinstance(report, dict) or not {"passed", "model_sha256", "checks"} <= set(report):
+        raise SpecError("audit", f"{uri} is not an audit.json written by `raygen audit`.")
+    return report
 
 
 def failing_summary(report: dict[str, Any]) -> list[str]:
@@ -571,13 +594,12 @@ def serving_clearance(spec: Any) -> dict[str, Any]:
     """
     if spec.audit_override is not None:
         return {"passed": False, "audit": spec.audit, "override": spec.audit_override.model_dump()}
-    text = read_text(spec.audit) if spec.audit else None
-    if text is None:
+    report = read_audit(spec.audit) if spec.audit else None
+    if report is None:
         raise AuditFailed(
             f"no audit.json for {spec.model} (audit: {spec.audit}); deploy with `raygen serve`, "
             "which runs the gate, or `raygen serve build` after a passed `raygen audit`."
         )
-    report = json.loads(text)
     if report.get("model_sha256") != model_sha256(spec.model):
         raise AuditFailed(f"{spec.audit} is not an audit of the model at {spec.model}.")
     if not report.get("passed"):

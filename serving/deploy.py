@@ -91,22 +91,15 @@ def gate(
         AuditFailed: the audit failed or is of another model, and no override was given.
         SpecError: the audit spec or audit.json cannot be read.
     """
-    import json
-
-    from cluster.storage import read_text
     from jobs.loader import load_spec
-    from serving.audit import failing_summary, model_sha256, run_audit
+    from serving.audit import failing_summary, model_sha256, read_audit, run_audit
     from serving.spec import AuditSpec
 
     assert spec.audit is not None  # resolve_deploy_spec requires it
-    missing = False
     if spec.audit.endswith(".json"):
-        text = read_text(spec.audit)
-        audit_json, missing = spec.audit, text is None
-        if missing:
-            report = {"passed": False, "checks": [], "model_sha256": None}
-        else:
-            report = json.loads(text)
+        audit_json = spec.audit
+        report = read_audit(audit_json)
+        if report is not None:
             on_event(f"audit: {audit_json} ({'passed' if report['passed'] else 'failed'})")
     else:
         on_event(f"audit: running {spec.audit} on {spec.model}")
@@ -117,17 +110,20 @@ def gate(
             f"audit: {'passed' if report['passed'] else 'failed'}; report "
             f"{report['paths']['report']}"
         )
-    failing = failing_summary(report)
-    digest = model_sha256(spec.model)
-    if missing:
-        failing.insert(0, f"{audit_json} does not exist: run `raygen audit` on the model first")
-    elif report.get("model_sha256") != digest:
-        failing.insert(
-            0,
-            f"{audit_json} is an audit of model sha256 {str(report.get('model_sha256'))[:12]}, "
-            f"but {spec.model} is {digest[:12]}: the model changed since (or it is another "
-            f"model); audit it: raygen audit AUDIT_SPEC --model {spec.model}",
-        )
+    if report is None:
+        failing = [f"{audit_json} does not exist: run `raygen audit` on the model first"]
+    else:
+        failing = failing_summary(report)
+        # An audit run just now hashed this very model; an existing audit.json is checked.
+        ran_now = not spec.audit.endswith(".json")
+        digest = report["model_sha256"] if ran_now else model_sha256(spec.model)
+        if report["model_sha256"] != digest:
+            failing.insert(
+                0,
+                f"{audit_json} is an audit of model sha256 {report['model_sha256'][:12]}, but "
+                f"{spec.model} is {digest[:12]}: the model changed since (or it is another "
+                f"model); audit it: raygen audit AUDIT_SPEC --model {spec.model}",
+            )
     resolved = spec.model_copy(update={"audit": audit_json})
     if not failing:
         return resolved

@@ -199,6 +199,16 @@ def test_failed_audit_refuses_unless_overridden_on_the_record(passed, model, tmp
     assert entry["override"]["user"] == "ada" and not entry["audit_passed"]
 
 
+def test_a_file_that_is_not_an_audit_is_a_spec_error(model, tmp_path):
+    broken = tmp_path / "audit.json"
+    broken.write_text("{not json")
+    with pytest.raises(SpecError, match="is not JSON"):
+        gate(deploy_spec(model, str(broken)))
+    broken.write_text('{"passed": true}')
+    with pytest.raises(SpecError, match="is not an audit.json written by `raygen audit`"):
+        gate(deploy_spec(model, str(broken)))
+
+
 def test_replicas_refuse_a_failed_audit_that_skipped_the_gate(passed, model, tmp_path, serve_port):
     failed = {**json.loads(Path(passed["paths"]["audit"]).read_text()), "passed": False}
     audit_json = tmp_path / "audit.json"

@@ -147,14 +147,6 @@ def test_blocklist_redacts_or_withholds_case_insensitively():
     assert OutputFilter([], "refuse").apply("anything") == ("anything", False)
 
 
-def test_blocklisted_words_never_come_out(client):
-    done = client.completions.create(
-        model="code", prompt=["def f():\n"] * 4, max_tokens=40, temperature=1.0, seed=1
-    )
-    for choice in done.choices:
-        assert "def" not in choice.text.lower().split()
-
-
 def test_models_lists_the_deployment_and_healthz_needs_no_key(lm_url):
     url = lm_url[0]
     models = httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]
