@@ -56,6 +56,9 @@ TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
 # Documents per tokenize/pack batch: packing drops < seq_len tokens at each batch's end.
 _PACK_BATCH_DOCS = 512
+# Group weighting: the group of documents without a value, and the most groups allowed.
+GROUP_MISSING = "(missing)"
+MAX_GROUPS = 1000
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,9 @@ def _stdlib_sources() -> list[InputFile]:
     return [_input_file(p, "text") for p in paths]
 
 
-def check_text_column(files: list[InputFile], column: str, key: str) -> None:
-    """Raise a SpecError naming the available columns when a Parquet file lacks `column`."""
+def check_columns(files: list[InputFile], columns: dict[str, str], key: str) -> None:
+    """Raise a SpecError naming the available columns when a Parquet file lacks one of
+    `columns` (column -> the spec key that names it)."""
     for f in files:
         if f.kind != "parquet":
             continue
@@ -141,12 +145,13 @@ def check_text_column(files: list[InputFile], column: str, key: str) -> None:
                 names = pq.read_schema(handle).names
         except (pa.ArrowInvalid, OSError) as exc:
             raise SpecError(key, f"{f.path} is not a readable Parquet file: {exc}.") from None
-        if column not in names:
-            raise SpecError(
-                "data.text_column",
-                f"{f.path} has no column {column!r}; its columns are {', '.join(names)}. "
-                "Set `data.text_column` to the one holding the text.",
-            )
+        for column, spec_key in columns.items():
+            if column not in names:
+                raise SpecError(
+                    spec_key,
+                    f"{f.path} has no column {column!r}; its columns are {', '.join(names)}. "
+                    f"Set `{spec_key}` to the right one.",
+                )
 
 
 def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[InputFile]) -> str:
@@ -160,6 +165,8 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
         "tokenizer": spec.tokenizer.model_dump(),
         "pretrained": spec.model.pretrained,
         "seed": spec.train.seed,
+        # Packed blocks carry per-token groups when the run weights groups.
+        "group_column": spec.train.group_weighting.column if spec.train.group_weighting else None,
     }
     if spec.model.family == "diffusion":
         from jobs.models.diffusion import image_shape
@@ -245,13 +252,15 @@ def _prepare_text(
     spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
 ) -> dict[str, Any]:
     d = spec.data
+    weighting = spec.train.group_weighting
+    group_column = weighting.column if weighting else None
     rows_in = _count_documents(train_files + eval_files)
-    tagged = _read_documents(train_files, d.text_column).map_batches(
+    tagged = _read_documents(train_files, d.text_column, group_column).map_batches(
         _Clean(d, source="train"), batch_format="pyarrow"
     )
     if eval_files:
         tagged = tagged.union(
-            _read_documents(eval_files, d.text_column).map_batches(
+            _read_documents(eval_files, d.text_column, group_column).map_batches(
                 _Clean(d, source="eval"), batch_format="pyarrow"
             )
         )
@@ -272,8 +281,9 @@ def _prepare_text(
         removed["removed_near_duplicates"] = before - docs.count()
 
     eval_fraction = 0.0 if eval_files else d.eval_fraction
+    kept_columns = ["text", "group"] if weighting else ["text"]
     docs = docs.map_batches(
-        AssignSplit(eval_fraction, spec.train.seed, key="text", keep=["text"]),
+        AssignSplit(eval_fraction, spec.train.seed, key="text", keep=kept_columns),
         batch_format="pyarrow",
     ).materialize()
     train_docs = docs.filter(expr="split == 'train'")
@@ -293,6 +303,8 @@ def _prepare_text(
             f"{d.eval_fraction} held out none; raise data.eval_fraction or give data.eval.",
         )
 
+    group_names = _group_names(docs, group_column) if weighting else None
+
     tokenizer_dir = join(prepared_dir, TOKENIZER_DIR)
     with tempfile.TemporaryDirectory(prefix="raygen-tokenizer-") as tmp:
         _prepare_tokenizer(spec, train_docs, tmp)
@@ -303,7 +315,7 @@ def _prepare_text(
 
     for split, split_docs in (("train", train_docs), ("eval", eval_docs)):
         split_docs.map_batches(
-            _TokenizePack(tokenizer_dir, d.seq_len),
+            _TokenizePack(tokenizer_dir, d.seq_len, group_names),
             batch_size=_PACK_BATCH_DOCS,
             batch_format="pyarrow",
         ).write_parquet(join(prepared_dir, split))
@@ -326,7 +338,51 @@ def _prepare_text(
         )
         stats[f"{split}_sequences"] = stats[f"{split}_examples"] = sequences
         stats[f"{split}_tokens"] = sequences * d.seq_len
+    if weighting:
+        stats["groups"] = {
+            "column": group_column,
+            "names": group_names,
+            "train_documents": _documents_per_group(train_docs, group_names),
+            **{
+                f"{split}_tokens": _tokens_per_group(join(prepared_dir, split), group_names)
+                for split in ("train", "eval")
+            },
+        }
     return stats
+
+
+def _group_names(docs: Any, column: str) -> list[str]:
+    """The sorted distinct groups of the documents; a group id is an index into it."""
+    names = sorted(docs.unique("group"))
+    if len(names) > MAX_GROUPS:
+        raise SpecError(
+            "train.group_weighting.column",
+            f"column {column!r} has {len(names)} distinct values; group weighting is for a "
+            f"few groups (at most {MAX_GROUPS}). Choose a coarser column.",
+        )
+    return names
+
+
+def _documents_per_group(docs: Any, names: list[str]) -> dict[str, int]:
+    counts = {row["group"]: row["count()"] for row in docs.groupby("group").count().take_all()}
+    return {name: counts.get(name, 0) for name in names}
+
+
+def _tokens_per_group(split_dir: str, names: list[str]) -> dict[str, int]:
+    """Tokens of each group in the packed shards of one split."""
+    import ray.data
+
+    def count(batch: pa.Table) -> pa.Table:
+        ids = batch["group_ids"].combine_chunks().flatten().to_numpy()
+        return pa.table({"counts": [np.bincount(ids, minlength=len(names)).tolist()]})
+
+    parts = ray.data.read_parquet(split_dir, columns=["group_ids"]).map_batches(
+        count, batch_format="pyarrow"
+    )
+    total = np.zeros(len(names), dtype=np.int64)
+    for row in parts.take_all():
+        total += np.asarray(row["counts"], dtype=np.int64)
+    return dict(zip(names, total.tolist(), strict=True))
 
 
 def _count_documents(files: list[InputFile]) -> int:
@@ -336,18 +392,23 @@ def _count_documents(files: list[InputFile]) -> int:
     )
 
 
-def _read_documents(files: list[InputFile], text_column: str) -> Any:
-    """A Ray Dataset with one `text` column, one row per document."""
+def _read_documents(files: list[InputFile], text_column: str, group_column: str | None) -> Any:
+    """A Ray Dataset with a `text` column (and `group`, with a group column), one row per
+    document."""
     import ray.data
 
     parquet = [f.path for f in files if f.kind == "parquet"]
     texts = [f.path for f in files if f.kind == "text"]
+    columns = {text_column: "text"}
+    if group_column:
+        columns[group_column] = "group"
     parts = []
     # One read per scheme: Ray Data reads a list of paths through one filesystem.
-    for group in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
-        if group:
-            ds = ray.data.read_parquet(group, columns=[text_column])
-            parts.append(ds.rename_columns({text_column: "text"}) if text_column != "text" else ds)
+    for paths in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
+        if paths:
+            ds = ray.data.read_parquet(paths, columns=list(columns))
+            renames = {old: new for old, new in columns.items() if old != new}
+            parts.append(ds.rename_columns(renames) if renames else ds)
     if texts:
         parts.append(
             ray.data.from_items([{"path": p} for p in texts]).map_batches(
@@ -406,14 +467,18 @@ class _Clean:
             normalize_text(raw or "", self.d.collapse_whitespace)
             for raw in batch["text"].to_pylist()
         ]
-        return pa.table(
-            {
-                "text": pa.array(texts, pa.large_string()),
-                "hash": [content_hash(t) for t in texts],
-                "source": [self.source] * len(texts),
-                "reason": [self.reason(t) for t in texts],
-            }
-        )
+        columns = {
+            "text": pa.array(texts, pa.large_string()),
+            "hash": [content_hash(t) for t in texts],
+            "source": [self.source] * len(texts),
+            "reason": [self.reason(t) for t in texts],
+        }
+        if "group" in batch.column_names:
+            columns["group"] = pa.array(
+                [GROUP_MISSING if g is None else str(g) for g in batch["group"].to_pylist()],
+                pa.string(),
+            )
+        return pa.table(columns)
 
 
 def _one_per_hash(group: pa.Table) -> pa.Table:
@@ -494,23 +559,37 @@ def _remove_near_duplicates(docs: Any, threshold: float) -> Any:
 
 
 class _TokenizePack:
-    """Tokenize documents, join them with EOS and cut the stream into `seq_len` blocks."""
+    """Tokenize documents, join them with EOS and cut the stream into `seq_len` blocks.
 
-    def __init__(self, tokenizer_dir: str, seq_len: int):
+    With `group_names`, a parallel `group_ids` column gives each token's document group
+    (the EOS after a document belongs to it).
+    """
+
+    def __init__(self, tokenizer_dir: str, seq_len: int, group_names: list[str] | None = None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
         self.seq_len = seq_len
         self.eos = self.tokenizer.eos_token_id
+        self.group_ids = {name: i for i, name in enumerate(group_names or [])}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = self.tokenizer(batch["text"].to_pylist(), add_special_tokens=False)["input_ids"]
         stream = np.fromiter((t for doc in ids for t in (*doc, self.eos)), dtype=np.int32)
         n = len(stream) // self.seq_len
-        blocks = stream[: n * self.seq_len].reshape(n, self.seq_len)
-        return pa.table(
-            {"input_ids": pa.FixedSizeListArray.from_arrays(blocks.ravel(), self.seq_len)}
-        )
+        columns = {"input_ids": _blocks(stream, n, self.seq_len)}
+        if self.group_ids:
+            groups = np.repeat(
+                np.array([self.group_ids[g] for g in batch["group"].to_pylist()], np.int16),
+                [len(doc) + 1 for doc in ids],
+            )
+            columns["group_ids"] = _blocks(groups, n, self.seq_len)
+        return pa.table(columns)
+
+
+def _blocks(stream: np.ndarray, n: int, seq_len: int) -> pa.FixedSizeListArray:
+    """The first n x seq_len items of `stream` as n fixed-size lists."""
+    return pa.FixedSizeListArray.from_arrays(stream[: n * seq_len], seq_len)
 
 
 def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:

@@ -87,7 +87,7 @@ def _common_problems(spec: TrainSpec) -> list[str]:
 
 
 def _language_model_problems(spec: TrainSpec) -> list[str]:
-    from jobs.data import check_text_column, list_input_files
+    from jobs.data import check_columns, list_input_files
     from jobs.models.causal_lm import config_class_problems
 
     problems = []
@@ -118,9 +118,19 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
             "tokenizer_config.json); save one with tokenizer.save_pretrained(dir)."
         )
     d = spec.data
+    columns = {d.text_column: "data.text_column"}
+    weighting = spec.train.group_weighting
+    if weighting:
+        builtin = [e for e in d.train + (d.eval or []) if e.startswith(BUILTIN_PREFIX)]
+        if builtin:
+            problems.append(
+                f"`train.group_weighting`: {', '.join(builtin)} has no group column; group "
+                "weighting needs Parquet data with a column naming each document's group."
+            )
+        columns[weighting.column] = "train.group_weighting.column"
     for key, entries in (("data.train", d.train), ("data.eval", d.eval or [])):
         try:
-            check_text_column(list_input_files(entries, key, None), d.text_column, key)
+            check_columns(list_input_files(entries, key, None), columns, key)
         except SpecError as exc:
             problems += exc.problems
     return problems
@@ -133,6 +143,11 @@ def _diffusion_problems(spec: TrainSpec) -> list[str]:
 
     problems = []
     d, sampling = spec.data, spec.sampling
+    if spec.train.group_weighting:
+        problems.append(
+            "`train.group_weighting`: group weighting is for language models (per-token "
+            "losses); remove it, or audit the diffusion model's classes with class_accuracy."
+        )
     tokenizer = spec.tokenizer
     if tokenizer.path or tokenizer.train:
         problems.append("`tokenizer`: diffusion models have no tokenizer; remove the section.")
@@ -375,6 +390,7 @@ def _fit(
             "tokenizer": stats["tokenizer"],
             "train_sequences": stats["train_sequences"],
             "eval_sequences": stats["eval_sequences"],
+            "groups": stats.get("groups"),
         }
 
     options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption

@@ -18,6 +18,8 @@ TOKENS_PER_S = "tokens_per_s"
 STEP_TIME_S = "step_time_s"
 EVAL_LOSS = "eval_loss"
 PERPLEXITY = "perplexity"
+WORST_GROUP_EVAL_LOSS = "worst_group_eval_loss"  # runs with train.group_weighting
+GROUP_EVAL_LOSS_PREFIX = "eval_loss/"  # + the group's name: its mean eval token loss
 FID = "fid"
 FID_EXTRACTOR = "fid_extractor"  # the network whose features the FID compares
 

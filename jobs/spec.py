@@ -214,6 +214,25 @@ class TokenizerSpec(Section):
         return self
 
 
+class GroupWeightingSpec(Section):
+    column: str = Field(
+        description="Parquet column naming each document's group (e.g. dialect, language); "
+        "documents with no value form the group `(missing)`."
+    )
+    method: Literal["none", "inverse_frequency", "worst_group"] = Field(
+        description="`inverse_frequency`: weight each token by 1 / its group's share of the "
+        "training tokens, so every group counts equally. `worst_group`: group DRO, the "
+        "loss is a mix of the groups' losses that shifts towards the worst ones. `none`: "
+        "plain loss; the per-group evaluation losses are still logged."
+    )
+    step_size: float = Field(
+        0.01,
+        gt=0,
+        description="worst_group: how fast the mix moves to the worst groups (each step "
+        "q_g *= exp(step_size x group loss)).",
+    )
+
+
 class TrainSection(Section):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train for.")
     micro_batch_size: int = Field(
@@ -245,6 +264,12 @@ class TrainSection(Section):
     )
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     seed: int = Field(0, ge=0, description="Seed for weights, data order and dropout.")
+    group_weighting: GroupWeightingSpec | None = Field(
+        None,
+        description="Language models: per-token loss weights by a group column of the "
+        "Parquet data, so under-represented groups are not served worse; logs "
+        "`eval_loss/<group>` and `worst_group_eval_loss` at each evaluation.",
+    )
 
 
 class DeepSpeedSpec(Section):

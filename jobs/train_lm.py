@@ -13,6 +13,14 @@ from jobs import metrics as m
 from jobs.checkpoint import restore_latest, save_and_report
 from jobs.deepspeed_config import derive_deepspeed_config
 from jobs.models.causal_lm import build_causal_lm, build_config
+from jobs.models.group_loss import (
+    GroupDRO,
+    group_sums,
+    inverse_frequency_weights,
+    target_groups,
+    token_losses,
+    weighted_mean_loss,
+)
 from jobs.spec import TrainSpec, global_batch_size
 from jobs.worker import (
     MODEL_DIR,
@@ -70,7 +78,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
     )
 
-    start_step, _, _ = restore_latest(engine, config.get("start_from"))
+    start_step, client_state, _ = restore_latest(engine, config.get("start_from"))
     apply_peak_lr(scheduler, spec.train.lr)
     seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
     if rank == 0:
@@ -87,11 +95,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     )
     tokens_per_step = global_batch_size(spec, world) * spec.data.seq_len
     device = engine.device
+    groups = prepared.get("groups")
+    objective = GroupObjective(spec, groups, world, client_state.get(DRO_STATE)) if groups else None
 
     def evaluate() -> dict[str, float]:
         engine.eval()
         # (sum of batch losses, batches), on the device the collective backend expects
         total = torch.zeros(2, dtype=torch.float64, device=device)
+        # with groups: (sum of token losses, tokens) per group
+        by_group = torch.zeros(2, len(groups["names"]) if groups else 0, dtype=torch.float64)
+        by_group = by_group.to(device)
         with torch.no_grad():
             # Every rank runs the same number of forwards (ZeRO-3 gathers per forward).
             for i, batch in enumerate(
@@ -104,12 +117,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 if i % world != rank:
                     continue
                 ids = batch["input_ids"].long()
-                total[0] += engine(input_ids=ids, labels=ids).loss.double()
+                if groups:
+                    losses = token_losses(engine(input_ids=ids).logits, ids)
+                    sums, counts = group_sums(
+                        losses, target_groups(batch["group_ids"]), len(groups["names"])
+                    )
+                    by_group += torch.stack([sums, counts])
+                    total[0] += losses.mean().double()
+                else:
+                    total[0] += engine(input_ids=ids, labels=ids).loss.double()
                 total[1] += 1
         dist.all_reduce(total)
         engine.train()
         loss = (total[0] / total[1]).item()
-        return {m.EVAL_LOSS: loss, m.PERPLEXITY: m.perplexity(loss)}
+        out = {m.EVAL_LOSS: loss, m.PERPLEXITY: m.perplexity(loss)}
+        if groups:
+            dist.all_reduce(by_group)
+            out.update(group_eval_losses(groups["names"], by_group[0], by_group[1]))
+        return out
 
     engine.train()
     step = start_step
@@ -119,11 +144,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     last_metrics: dict[str, Any] = {}
     while step < spec.train.max_steps:
         for _ in range(spec.train.grad_accum):
-            ids = next(batches)["input_ids"].long()  # (B, T)
-            loss = engine(input_ids=ids, labels=ids).loss
+            batch = next(batches)
+            ids = batch["input_ids"].long()  # (B, T)
+            if objective:
+                losses = token_losses(engine(input_ids=ids).logits, ids)  # (B, T-1)
+                loss = objective(losses, target_groups(batch["group_ids"]))
+                plain = losses.mean()  # logged: comparable with and without weighting
+            else:
+                loss = plain = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
-            window_loss += loss.detach().double() / spec.train.grad_accum
+            window_loss += plain.detach().double() / spec.train.grad_accum
         step += 1
         window_steps += 1
 
@@ -150,7 +181,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if step % spec.train.checkpoint_every == 0 or is_last:
-            save_and_report(engine, step, dict(last_metrics), {"step": step})
+            state = {"step": step, **(objective.state() if objective else {})}
+            save_and_report(engine, step, dict(last_metrics), state)
             if log:
                 log.sync()
             window_start = time.perf_counter()  # checkpoint time is not step time
@@ -159,6 +191,59 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if log:
         log.close()
     del zero3
+
+
+DRO_STATE = "group_dro"
+
+
+class GroupObjective:
+    """The training loss of a run with `train.group_weighting`, from per-token losses.
+
+    Every rank holds the same state: the group-DRO mix is updated from group losses summed
+    over all ranks, and saved with each checkpoint.
+    """
+
+    def __init__(self, spec: TrainSpec, groups: dict[str, Any], world: int, dro_state: Any):
+        weighting = spec.train.group_weighting
+        counts = [groups["train_tokens"][name] for name in groups["names"]]
+        self.method, self.world, self.num_groups = weighting.method, world, len(counts)
+        self.weights = inverse_frequency_weights(counts)
+        self.dro = GroupDRO(len(counts), weighting.step_size, present=[c > 0 for c in counts])
+        if dro_state is not None:
+            self.dro.load_state(dro_state)
+
+    def __call__(self, losses: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate: (B, T-1) token losses and their groups -> scalar."""
+        if self.method == "none":
+            return losses.mean()
+        if self.method == "inverse_frequency":
+            return weighted_mean_loss(losses, groups, self.weights)
+        import torch.distributed as dist
+
+        sums, counts = group_sums(losses, groups, self.num_groups)
+        totals = torch.stack([sums.detach(), counts])
+        dist.all_reduce(totals)
+        self.dro.update(totals[0], totals[1])
+        # DeepSpeed averages gradients over ranks: x world makes the sum of every rank's
+        # share the gradient of q . (global group means).
+        return (self.dro.loss(sums, totals[1]) * self.world).float()
+
+    def state(self) -> dict[str, Any]:
+        return {DRO_STATE: self.dro.state()} if self.method == "worst_group" else {}
+
+
+def group_eval_losses(
+    names: list[str], sums: torch.Tensor, counts: torch.Tensor
+) -> dict[str, float]:
+    """`eval_loss/<group>` for each group with eval tokens, and the worst of them."""
+    out = {
+        m.GROUP_EVAL_LOSS_PREFIX + name: (total / n).item()
+        for name, total, n in zip(names, sums, counts, strict=True)
+        if n > 0
+    }
+    if out:
+        out[m.WORST_GROUP_EVAL_LOSS] = max(out.values())
+    return out
 
 
 def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stage: int) -> None:

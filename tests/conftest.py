@@ -230,10 +230,14 @@ def with_overrides(spec: dict, overrides: dict) -> dict:
     return spec
 
 
+KILL_RUN_STEPS = 100
+
+
 def run_and_kill_rank0(
     tmp_path: Path, raw: dict, max_failures: int
 ) -> tuple[dict, list[int], Path]:
-    """Launch `raw` for 300 steps in a thread, SIGKILL rank 0 once a checkpoint is registered.
+    """Launch `raw` for KILL_RUN_STEPS steps in a thread, checkpointing every 10; SIGKILL
+    rank 0 as soon as the first checkpoint is registered (about 90 steps before the end).
 
     Returns the launch outcome ({"result": ...} or {"error": ...}), the checkpoint steps
     registered before the kill, and the run dir.
@@ -241,7 +245,7 @@ def run_and_kill_rank0(
     from jobs.launch import launch
     from jobs.spec import TrainSpec
 
-    raw = {**raw, "train": {**raw["train"], "max_steps": 300, "checkpoint_every": 10}}
+    raw = {**raw, "train": {**raw["train"], "max_steps": KILL_RUN_STEPS, "checkpoint_every": 10}}
     raw["run"] = {**raw["run"], "max_failures": max_failures}
     run_dir = Path(raw["run"]["storage"]) / raw["name"]
     outcome: dict = {}

@@ -13,7 +13,7 @@ from jobs.errors import SpecError
 from jobs.launch import launch, validate_train_spec
 from jobs.metrics import read_metrics
 from jobs.spec import TrainSpec
-from tests.conftest import TINY_UNET, run_and_kill_rank0, tiny_diffusion_spec
+from tests.conftest import KILL_RUN_STEPS, TINY_UNET, run_and_kill_rank0, tiny_diffusion_spec
 
 
 def spec_of(raw: dict) -> TrainSpec:
@@ -272,7 +272,7 @@ def test_killed_diffusion_worker_is_replaced_and_training_resumes(
     raw = tiny_diffusion_spec(tmp_path, digits_prepared, train__eval_every=1000)
     outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, raw, max_failures=1)
     result = outcome["result"]
-    assert result["status"] == "completed" and result["final_step"] == 300
+    assert result["status"] == "completed" and result["final_step"] == KILL_RUN_STEPS
     attempts = result["attempts"]
     assert len(attempts) == 2 and attempts[1]["resumed_from_step"] >= max(checkpointed) >= 10
 

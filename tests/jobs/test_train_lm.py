@@ -11,7 +11,7 @@ from jobs.launch import fresh_name, launch
 from jobs.loader import validate_spec
 from jobs.metrics import read_metrics
 from jobs.spec import TrainSpec
-from tests.conftest import run_and_kill_rank0, tiny_lm_spec
+from tests.conftest import KILL_RUN_STEPS, run_and_kill_rank0, tiny_lm_spec
 
 
 def spec_of(raw: dict) -> TrainSpec:
@@ -114,14 +114,14 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, s
     outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, raw, max_failures=1)
 
     result = outcome["result"]
-    assert result["status"] == "completed" and result["final_step"] == 300
+    assert result["status"] == "completed" and result["final_step"] == KILL_RUN_STEPS
     attempts = result["attempts"]
     assert len(attempts) == 2
     assert attempts[0]["resumed_from_step"] == 0
     assert attempts[1]["resumed_from_step"] >= max(checkpointed) >= 10
     assert attempts[1]["previous_error"].startswith("rank 0: worker process died")
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    assert steps == sorted(set(steps)) and steps[-1] == 300
+    assert steps == sorted(set(steps)) and steps[-1] == KILL_RUN_STEPS
 
 
 def test_failure_beyond_max_failures_is_reported_with_the_last_checkpoint(

@@ -65,3 +65,33 @@ def test_pretrained_dir_without_weights(tmp_path):
 def test_unknown_builtin_corpus():
     found = check([], data={"train": "builtin:wikipedia"})
     assert "unknown builtin data set 'builtin:wikipedia'; known: builtin:python-stdlib" in found[0]
+
+
+def test_group_weighting_needs_parquet_with_the_group_column(tmp_path):
+    weighting = {"group_weighting": {"column": "dialect", "method": "inverse_frequency"}}
+    found = check([], train=weighting)
+    assert found == [
+        "`train.group_weighting`: builtin:python-stdlib has no group column; group weighting "
+        "needs Parquet data with a column naming each document's group."
+    ]
+    table = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "lang": ["x", "y"]}), table)
+    found = check([], data={"train": str(table)}, train=weighting)
+    assert len(found) == 1
+    assert "has no column 'dialect'; its columns are text, lang" in found[0]
+    assert "Set `train.group_weighting.column`" in found[0]
+
+
+def test_group_weighting_method_is_named_and_diffusion_has_none():
+    raw = {"name": "x", "model": {"arch": "gpt2"}, "data": {"train": "builtin:python-stdlib"}}
+    with pytest.raises(SpecError) as info:
+        validate_spec(TrainSpec, raw, "s", ["train.group_weighting.column=dialect"])
+    assert info.value.problems == ["`train.group_weighting.method`: missing; this key is required."]
+    found = check(
+        ["train.group_weighting.column=dialect", "train.group_weighting.method=worst_group"],
+        model={"family": "diffusion", "arch": "unet2d", "config": {"sample_size": 8}},
+        data={"train": "builtin:digits"},
+    )
+    assert any(
+        p.startswith("`train.group_weighting`: group weighting is for language") for p in found
+    )
