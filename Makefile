@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 # `make TORCH_SPEC=torch install` to take the CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ quickstart: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# The benchmarks (not tests): each prints a table and writes benchmarks/results/<name>.json.
+bench: install
+	$(PY) benchmarks/run_all.py
 
 lint: install
 	$(VENV)/bin/ruff check .

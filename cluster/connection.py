@@ -10,6 +10,8 @@ from cluster.errors import ClusterError
 from cluster.storage import forwarded_env
 
 logger = logging.getLogger(__name__)
+# Set by Ray's job supervisor in the driver of a job submitted through the Jobs API.
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
@@ -36,7 +38,10 @@ def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     if address:
         check_reachable(address)
     # Workers reach the same object store as this process (never written to any file).
-    runtime_env = {"env_vars": forwarded_env()}
+    # Inside a job submitted through the Jobs API, the job's runtime env already carries
+    # them (`raygen submit` forwards them), and Ray refuses a second one naming the same keys.
+    in_submitted_job = SUBMITTED_JOB_ENV in os.environ
+    runtime_env = None if in_submitted_job else {"env_vars": forwarded_env()}
     try:
         if address:
             ray.init(

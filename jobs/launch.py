@@ -56,6 +56,12 @@ def spec_problems(spec: TrainSpec) -> list[str]:
     return problems + _language_model_problems(spec)
 
 
+def portable_problems(spec: TrainSpec) -> list[str]:
+    """Problems found from the spec alone, without reading any file (checked before a
+    spec is submitted to a cluster, whose files may differ from this machine's)."""
+    return _common_problems(spec)
+
+
 def _common_problems(spec: TrainSpec) -> list[str]:
     problems: list[str] = []
     t, ds, sc = spec.train, spec.deepspeed, spec.scaling

@@ -454,6 +454,354 @@ def serve_build(
     out.print(f"wrote {out_path}; deploy it with `serve deploy {out_path}`")
 
 
+SUBMIT_KINDS = ("train", "tune", "audit", "serve")
+JobsAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="The cluster's Jobs API, http://HEAD:8265. Default: $RAY_API_SERVER_ADDRESS.",
+    ),
+]
+
+
+@app.command()
+@user_errors
+def submit(
+    kind: Annotated[str, typer.Argument(help="What to run: train, tune, audit or serve.")],
+    spec: Annotated[Path, typer.Argument(help="The command's spec, inside the working dir.")],
+    set_: SetOption = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="audit: the model to audit (on the cluster).")
+    ] = None,
+    address: JobsAddressOption = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream the logs until the job ends.")
+    ] = False,
+    working_dir: Annotated[
+        Path, typer.Option("--working-dir", help="Uploaded and run from. Default: here.")
+    ] = Path("."),
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", help="Also forward this environment variable (repeatable)."),
+    ] = None,
+) -> None:
+    """Run `raygen KIND SPEC` on a Ray cluster through its Jobs API."""
+    from cluster.jobs import submit as submit_job
+
+    command = _cluster_command(kind, spec, set_ or [], model, working_dir.resolve())
+    job = submit_job(command, address, working_dir.resolve(), env, required=[command[1]])
+    out.print(f"submitted {job['job_id']}: {job['entrypoint']}", highlight=False, soft_wrap=True)
+    out.print(
+        f"  uploaded {job['upload_bytes'] / 2**20:.1f} MiB from {working_dir.resolve()}; "
+        f"environment forwarded: {', '.join(job['env']) or 'none'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not follow:
+        out.print(f"  follow it with `raygen jobs logs {job['job_id']} --follow`", highlight=False)
+        return
+    _follow(job["job_id"], address)
+
+
+def _cluster_command(
+    kind: str, spec: Path, overrides: list[str], model: str | None, working_dir: Path
+) -> list[str]:
+    """The raygen command a job runs, after checking what can be checked here: the spec
+    is valid, inside the uploaded dir, and its outputs go where they outlive the job."""
+    from jobs.errors import SpecError
+    from jobs.loader import load_spec
+
+    if kind not in SUBMIT_KINDS:
+        raise typer.BadParameter(f"KIND is {kind!r}; one of {', '.join(SUBMIT_KINDS)}.")
+    try:
+        relative = spec.resolve().relative_to(working_dir)
+    except ValueError:
+        raise SpecError(
+            str(spec),
+            f"is outside the working directory {working_dir}, which is what gets uploaded; "
+            "move it there or pass --working-dir.",
+        ) from None
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    storage = None
+    if kind == "train":
+        from jobs.launch import portable_problems
+        from jobs.spec import TrainSpec
+
+        train_spec = load_spec(TrainSpec, spec, overrides)
+        problems = portable_problems(train_spec)
+        if problems:
+            raise SpecError(str(spec), problems)
+        storage = ("run.storage", train_spec.run.storage)
+    elif kind == "tune":
+        from tuning.sweep import load_sweep
+
+        storage = ("run.storage", load_sweep(spec, overrides)[0].run.storage)
+    elif kind == "audit":
+        from serving.spec import AuditSpec
+
+        load_spec(AuditSpec, spec, overrides)
+        if not model:
+            raise typer.BadParameter("audit needs --model: the model dir or URI to audit.")
+        sets += ["--model", model]
+    else:
+        from serving.spec import DeploySpec
+
+        load_spec(DeploySpec, spec, overrides)
+        sets.append("--detach")  # the job deploys and ends; the app stays on the cluster
+    if storage and not ("://" in storage[1] or Path(storage[1]).is_absolute()):
+        raise SpecError(
+            str(spec),
+            f"`{storage[0]}`: {storage[1]!r} is relative: on the cluster it would be inside "
+            "the job's temporary copy of the working directory, and lost. Give storage every "
+            f"node and you can reach: --set {storage[0]}=s3://BUCKET/runs (or an absolute "
+            "path on a shared filesystem).",
+        )
+    return [kind, str(relative), *sets]
+
+
+def _follow(job_id: str, address: str | None) -> None:
+    from cluster.jobs import follow
+
+    status = follow(address, job_id, _print_plain)
+    colour = "green" if status == "SUCCEEDED" else "red"
+    out.print(f"job {job_id} [{colour}]{status.lower()}[/]")
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(help="Jobs on a Ray cluster (submitted with `raygen submit`).")
+app.add_typer(jobs_app, name="jobs")
+JobIdArgument = Annotated[str, typer.Argument(help="The job's id (from submit or list).")]
+
+
+@jobs_app.command("list")
+@user_errors
+def jobs_list(address: JobsAddressOption = None) -> None:
+    """Every job of the cluster, oldest first."""
+    from cluster.jobs import list_jobs
+
+    rows = list_jobs(address)
+    if not rows:
+        out.print("no jobs")
+    for row in rows:
+        out.print(f"{row['job_id']}  {row['status']}  {row['entrypoint']}", highlight=False)
+
+
+@jobs_app.command("status")
+@user_errors
+def jobs_status(job_id: JobIdArgument, address: JobsAddressOption = None) -> None:
+    """A job's status and message; exit 1 if it failed or was stopped."""
+    from cluster.jobs import job_status
+
+    row = job_status(address, job_id)
+    out.print(f"{row['job_id']}  {row['status']}  {row['message'] or ''}", highlight=False)
+    if row["status"] in {"FAILED", "STOPPED"}:
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+@user_errors
+def jobs_logs(
+    job_id: JobIdArgument,
+    address: JobsAddressOption = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Until the job ends.")] = False,
+) -> None:
+    """A job's output so far (or, with --follow, as it comes)."""
+    from cluster.jobs import job_logs
+
+    if follow:
+        _follow(job_id, address)
+        return
+    out.print(job_logs(address, job_id), end="", highlight=False, markup=False)
+
+
+@jobs_app.command("stop")
+@user_errors
+def jobs_stop(job_id: JobIdArgument, address: JobsAddressOption = None) -> None:
+    """Stop a running job."""
+    from cluster.jobs import stop_job
+
+    stopped = stop_job(address, job_id)
+    out.print(f"stopping {job_id}" if stopped else f"{job_id} had already ended")
+
+
+cluster_app = typer.Typer(
+    help="Ray clusters: validate configs, start and stop them on a cloud, simulate autoscaling.",
+    no_args_is_help=True,
+)
+app.add_typer(cluster_app, name="cluster")
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Cluster launcher config (YAML).")
+]
+SHIPPED_CLUSTER_CONFIGS = (
+    "ray-cluster.yaml",
+    "cluster/clouds/gcp.yaml",
+    "cluster/clouds/azure.yaml",
+)
+
+
+@cluster_app.command("validate")
+@user_errors
+def cluster_validate(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Cluster configs. Default: raygen's (AWS, GCP, Azure)."),
+    ] = None,
+    spec: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--spec", help="Train specs the cluster must fit. Default: jobs/examples/*.yaml."
+        ),
+    ] = None,
+) -> None:
+    """Check cluster configs against Ray's schema and raygen's rules; exit 2 if any fails."""
+    from cluster.configs import config_problems, load_cluster_config
+    from cluster.errors import ClusterError
+
+    files = files or [Path(f) for f in SHIPPED_CLUSTER_CONFIGS]
+    shapes = _job_shapes(spec or sorted(Path("jobs/examples").glob("*.yaml")))
+    failed = []
+    for path in files:
+        try:
+            problems = config_problems(load_cluster_config(path), shapes)
+        except ClusterError as exc:
+            problems = [str(exc)]
+        if problems:
+            failed.append(str(path))
+            err.print(f"[red]{path}[/]:", highlight=False)
+            for problem in problems:
+                err.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
+        else:
+            out.print(f"{path}: valid (fits {len(shapes)} job specs)", highlight=False)
+    if failed:
+        raise ClusterError(f"{len(failed)} of {len(files)} cluster configs are invalid.")
+
+
+def _job_shapes(paths: list[Path]) -> list[Any]:
+    """What each train spec asks a cluster for."""
+    from cluster.configs import JobShape
+    from jobs.loader import load_spec
+    from jobs.spec import TrainSpec
+
+    shapes = []
+    for path in paths:
+        scaling = load_spec(TrainSpec, path).scaling
+        per_worker = dict(scaling.resources_per_worker or {"CPU": 1})
+        if scaling.use_gpu:
+            per_worker.setdefault("GPU", 1)
+        shapes.append(JobShape(str(path), scaling.num_workers, per_worker))
+    return shapes
+
+
+@cluster_app.command("up")
+@user_errors
+def cluster_up(
+    config: ConfigOption = Path("ray-cluster.yaml"),
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask to confirm.")] = False,
+    no_restart: Annotated[
+        bool, typer.Option("--no-restart", help="Update files and setup without restarting Ray.")
+    ] = False,
+) -> None:
+    """Create or update the cluster on its cloud (Ray's `ray up`), after checking the config,
+    the cloud's credentials and the cluster token."""
+    from cluster.launcher import up
+
+    raise typer.Exit(up(config, yes, no_restart))
+
+
+@cluster_app.command("down")
+@user_errors
+def cluster_down(
+    config: ConfigOption = Path("ray-cluster.yaml"),
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask to confirm.")] = False,
+) -> None:
+    """Terminate every node of the cluster (Ray's `ray down`)."""
+    from cluster.launcher import down
+
+    raise typer.Exit(down(config, yes))
+
+
+@cluster_app.command("status")
+@user_errors
+def cluster_status(config: ConfigOption = Path("ray-cluster.yaml")) -> None:
+    """The head's address, the nodes and the autoscaler's view (`ray status` on the head)."""
+    from cluster.launcher import status
+
+    head, code = status(config)
+    out.print(f"head node: {head}  (dashboard: `raygen cluster dashboard --config {config}`)")
+    raise typer.Exit(code)
+
+
+@cluster_app.command("attach")
+@user_errors
+def cluster_attach(config: ConfigOption = Path("ray-cluster.yaml")) -> None:
+    """Open a shell on the head node (Ray's `ray attach`)."""
+    from cluster.launcher import attach
+
+    raise typer.Exit(attach(config))
+
+
+@cluster_app.command("dashboard")
+@user_errors
+def cluster_dashboard(
+    config: ConfigOption = Path("ray-cluster.yaml"),
+    port: Annotated[int, typer.Option("--port", help="Local port of the tunnel.")] = 8265,
+) -> None:
+    """Tunnel the head's dashboard and Jobs API to http://127.0.0.1:PORT over SSH."""
+    from cluster.launcher import dashboard
+
+    out.print(f"dashboard and Jobs API on http://127.0.0.1:{port} until Ctrl-C")
+    raise typer.Exit(dashboard(config, port))
+
+
+@cluster_app.command("simulate")
+@user_errors
+def cluster_simulate(
+    config: ConfigOption = Path("ray-cluster.yaml"),
+    idle_timeout_minutes: Annotated[
+        float | None,
+        typer.Option("--idle-timeout-minutes", help="Override the config's idle timeout."),
+    ] = None,
+    cpus_per_node: Annotated[
+        int | None,
+        typer.Option("--cpus-per-node", help="CPUs of each simulated node. Default: half of here."),
+    ] = None,
+) -> None:
+    """Run the config's autoscaling on this machine (Ray's fake multi-node provider) until
+    Ctrl-C: submit jobs to it and watch worker nodes come and go."""
+    from cluster import simulate
+    from cluster.launcher import checked_config
+
+    fake, rows = simulate.simulation_config(
+        checked_config(config), idle_timeout_minutes, cpus_per_node
+    )
+    cluster = simulate.start(fake)
+    out.print(f"simulated {config} on this machine (head: 0 CPUs):", highlight=False)
+    for row in rows:
+        out.print(
+            f"  {row['type']}: {row['cloud']} -> {row['simulated']}, "
+            f"{row['min_workers']}-{row['max_workers']} nodes",
+            highlight=False,
+        )
+    out.print(
+        f"idle timeout {fake['idle_timeout_minutes']} min. Submit with "
+        f"`raygen submit train SPEC --address {cluster['dashboard']}`; Ctrl-C stops it all.",
+        highlight=False,
+    )
+
+    def report(nodes: list | None, error: str | None) -> None:
+        import time
+
+        if nodes is not None:
+            out.print(f"{time.strftime('%H:%M:%S')}  worker nodes: {len(nodes)}", highlight=False)
+
+    try:
+        simulate.watch(cluster["dashboard"], report)
+    except KeyboardInterrupt:
+        out.print("stopping the simulated cluster")
+        simulate.stop()
+
+
 def _print_plain(line: str) -> None:
     out.print(line, highlight=False, soft_wrap=True)
 

@@ -1,0 +1,234 @@
+"""Serving: `/v1/completions` of raygen on Ray Serve against (a) a plain FastAPI + uvicorn app
+calling the same model one request at a time, and (b) raygen with batching off.
+
+    python benchmarks/serving.py      # ~6 min on 2 cores
+
+The model is the quickstart's code LM shape, trained briefly here. Every server gets one
+CPU (one replica of 1 CPU; uvicorn with torch on 1 thread). Each request asks for 16
+greedy tokens of a different stdlib snippet; 1, 8 and 32 clients send requests back to
+back. Reported: requests/s and p50/p99 latency. Also measured: the cold start of a
+scale-from-zero deployment (first request until its answer) and the time for the
+autoscaler to add a second replica under load. Targets: at 32 clients raygen >= 2x (a)'s
+throughput; at 1 client raygen's p50 <= (a)'s + 5 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, print_table, write_results  # noqa: E402
+
+MAX_TOKENS, CONCURRENCY = 16, (1, 8, 32)
+PLAIN_APP = """
+import threading, torch
+from fastapi import FastAPI
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+lock = threading.Lock()
+app = FastAPI()
+
+@app.post("/v1/completions")
+def complete(body: dict) -> dict:
+    ids = tokenizer(body["prompt"], return_tensors="pt").input_ids
+    with lock, torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=body["max_tokens"], do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:])
+    return {"choices": [{"text": text, "index": 0}]}
+"""
+
+
+def prompts(n: int) -> list[str]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.glob("*.py")):
+        lines = path.read_text(errors="ignore").splitlines()
+        for i in range(0, len(lines) - 3, 40):
+            out.append("\n".join(lines[i : i + 3]) + "\n")
+            if len(out) == n:
+                return out
+    return out
+
+
+async def load(url: str, clients: int, requests: int, texts: list[str]) -> dict[str, float]:
+    """`clients` concurrent clients sending `requests` in all; rps and latency percentiles."""
+    import httpx
+
+    latencies: list[float] = []
+    queue = list(range(requests))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue:
+            i = queue.pop()
+            body = {"prompt": texts[i % len(texts)], "max_tokens": MAX_TOKENS, "temperature": 0}
+            start = time.perf_counter()
+            reply = await http.post(f"{url}/v1/completions", json=body)
+            reply.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+
+    async with httpx.AsyncClient(timeout=300) as http:
+        # One warm-up request, not counted.
+        await http.post(f"{url}/v1/completions", json={"prompt": "import", "max_tokens": 4})
+        began = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "rps": requests / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def train_model(work: Path) -> Path:
+    import yaml
+
+    from jobs.launch import launch
+    from jobs.loader import validate_spec
+    from jobs.spec import TrainSpec
+
+    spec = yaml.safe_load((ROOT / "jobs/examples/code-lm-tiny.yaml").read_text())
+    spec["train"].update(max_steps=60, eval_every=60, checkpoint_every=60, warmup_steps=5)
+    spec["run"] = {"storage": str(work / "runs")}
+    result = launch(validate_spec(TrainSpec, spec, "bench"))
+    return Path(result["paths"]["model"])
+
+
+def deploy(model: Path, name: str, port: int, batch: int, **autoscaling: Any) -> str:
+    from serving.deploy import deploy as serve_deploy
+    from serving.deploy import gate, resolve_deploy_spec
+    from serving.spec import DeploySpec
+
+    raw = {
+        "name": name,
+        "model": str(model),
+        "audit": str(model.parent / "no-audit.json"),
+        "route_prefix": f"/{name}",
+        "replica": {"num_cpus": 1, "max_ongoing_requests": 64},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1, **autoscaling},
+        "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.005},
+        "limits": {"max_prompt_tokens": 256},
+        "http": {"port": port},
+    }
+    spec = resolve_deploy_spec(DeploySpec.model_validate(raw), "bench")
+    # A throughput measurement, not a deployment: the override is recorded as such.
+    spec = gate(spec, override_reason="benchmark: throughput only")
+    return serve_deploy(spec, embedded=True)["url"]
+
+
+def main() -> None:
+    import httpx
+    import ray
+    from ray import serve
+
+    from cluster.simulate import free_port
+    from serving.deploy import replica_counts
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    model = train_model(work)
+    texts = prompts(256)
+    rows: list[dict[str, Any]] = []
+
+    def measure(server: str, url: str) -> None:
+        for clients in CONCURRENCY:
+            figures = asyncio.run(load(url, clients, max(16, 4 * clients), texts))
+            rows.append({"server": server, "clients": clients, **figures})
+            print(json.dumps(rows[-1]), flush=True)
+
+    port = free_port()
+    measure("raygen", deploy(model, "batched", port, batch=32))
+    serve.delete("batched")
+    measure("raygen, batching off", deploy(model, "unbatched", port, batch=1))
+    serve.delete("unbatched")
+
+    plain_port = free_port()
+    (work / "plain_app.py").write_text(PLAIN_APP.replace("MODEL_DIR", repr(str(model))))
+    plain = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "plain_app:app", "--port", str(plain_port)],
+        cwd=work,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    plain_url = f"http://127.0.0.1:{plain_port}"
+    for _ in range(120):
+        try:
+            httpx.post(f"{plain_url}/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    try:
+        measure("FastAPI + uvicorn, one at a time", plain_url)
+    finally:
+        plain.terminate()
+        plain.wait()
+
+    # Scale from zero: the first request waits for a replica to start.
+    url = deploy(
+        model, "cold", port, batch=32, min_replicas=0, max_replicas=1, downscale_delay_s=600
+    )
+    started = time.perf_counter()
+    httpx.post(f"{url}/v1/completions", json={"prompt": "import", "max_tokens": 4}, timeout=300)
+    cold_start = time.perf_counter() - started
+    serve.delete("cold")
+    # Scale-up under load: 32 clients against 1 replica that may grow to 2.
+    url = deploy(
+        model, "grow", port, batch=8, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0
+    )
+    began = time.perf_counter()
+
+    async def until_two() -> float:
+        task = asyncio.create_task(load(url, 32, 100_000, texts))
+        while replica_counts("grow").get("RUNNING", 0) < 2 and time.perf_counter() - began < 300:
+            await asyncio.sleep(0.25)
+        task.cancel()
+        return time.perf_counter() - began
+
+    scale_up = asyncio.run(until_two())
+    serve.delete("grow")
+    ray.shutdown()
+
+    by = {(r["server"], r["clients"]): r for r in rows}
+    plain_name = "FastAPI + uvicorn, one at a time"
+    ratio_32 = by[("raygen", 32)]["rps"] / by[(plain_name, 32)]["rps"]
+    p50_gap = by[("raygen", 1)]["p50_ms"] - by[(plain_name, 1)]["p50_ms"]
+    print()
+    print_table(rows, ["server", "clients", "rps", "p50_ms", "p99_ms"])
+    print(
+        f"\nraygen / plain at 32 clients: {ratio_32:.2f}x requests/s; p50 at 1 client: "
+        f"{p50_gap:+.1f} ms; cold start {cold_start:.1f} s; second replica after {scale_up:.1f} s"
+    )
+    path = write_results(
+        "serving",
+        rows,
+        {
+            "max_tokens": MAX_TOKENS,
+            "throughput_ratio_32_clients": ratio_32,
+            "p50_gap_1_client_ms": p50_gap,
+            "cold_start_s": cold_start,
+            "scale_up_s": scale_up,
+            "targets": {"throughput_ratio_32_clients": 2.0, "p50_gap_1_client_ms": 5.0},
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

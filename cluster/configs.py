@@ -1,0 +1,218 @@
+"""Ray cluster launcher configs: loading, and validation against Ray's schema and raygen's
+own rules (GPU counts that match the instance types, workers that fit the jobs, nothing
+that exposes the Jobs API to the internet, token authentication on every node).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.errors import ClusterError
+
+# GPUs per instance type, for the types raygen's users reach for (unknown types are not
+# checked). AWS InstanceType, GCP machineType, Azure vmSize.
+KNOWN_GPUS = {
+    "aws": {
+        "p4d.24xlarge": 8,
+        "p4de.24xlarge": 8,
+        "p5.48xlarge": 8,
+        "p5e.48xlarge": 8,
+        "p5en.48xlarge": 8,
+        "g5.xlarge": 1,
+        "g5.2xlarge": 1,
+        "g5.12xlarge": 4,
+        "g5.48xlarge": 8,
+        "g6e.xlarge": 1,
+        "g6e.12xlarge": 4,
+        "g6e.48xlarge": 8,
+    },
+    "gcp": {
+        "a2-highgpu-1g": 1,
+        "a2-highgpu-2g": 2,
+        "a2-highgpu-4g": 4,
+        "a2-highgpu-8g": 8,
+        "a2-megagpu-16g": 16,
+        "a2-ultragpu-8g": 8,
+        "a3-highgpu-8g": 8,
+        "a3-megagpu-8g": 8,
+        "g2-standard-4": 1,
+    },
+    "azure": {
+        "Standard_NC24ads_A100_v4": 1,
+        "Standard_NC96ads_A100_v4": 4,
+        "Standard_ND96asr_v4": 8,
+        "Standard_ND96amsr_A100_v4": 8,
+        "Standard_ND96isr_H100_v5": 8,
+    },
+}
+# Ports that must not be open to the internet: dashboard / Jobs API, Ray Client, GCS.
+PRIVATE_PORTS = {8265: "the dashboard and Jobs API", 10001: "Ray Client", 6379: "the GCS"}
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What a job asks the cluster for: `workers` bundles of `per_worker` resources."""
+
+    name: str
+    workers: int
+    per_worker: dict[str, float]
+
+
+def ray_schema() -> dict[str, Any]:
+    """Ray's JSON schema of cluster launcher configs, as shipped in the installed wheel."""
+    spec = importlib.util.find_spec("ray")
+    assert spec and spec.submodule_search_locations, "ray is a dependency"
+    path = Path(next(iter(spec.submodule_search_locations)), "autoscaler", "ray-schema.json")
+    return json.loads(path.read_text())
+
+
+def load_cluster_config(path: str | Path) -> dict[str, Any]:
+    """Read a cluster config YAML.
+
+    Raises:
+        ClusterError: missing, unreadable, not YAML, or not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ClusterError(
+            f"{path}: no such cluster config; ray-cluster.yaml (AWS) and cluster/clouds/ "
+            "(GCP, Azure) are raygen's."
+        ) from None
+    except OSError as exc:
+        raise ClusterError(f"{path}: cannot read it: {exc.strerror}.") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ClusterError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}.") from None
+    if not isinstance(config, dict):
+        raise ClusterError(f"{path}: a cluster config is a mapping of keys (cluster_name, ...).")
+    return config
+
+
+def config_problems(config: dict[str, Any], jobs: list[JobShape] = ()) -> list[str]:
+    """Everything wrong with a cluster config: Ray's schema first, then raygen's rules."""
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(ray_schema())
+    problems = [
+        f"`{'.'.join(str(p) for p in error.absolute_path) or '(top level)'}`: {error.message}"
+        for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    ]
+    if problems:
+        return problems  # raygen's rules assume the shape Ray's schema guarantees
+    provider = config["provider"]["type"]
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    if not types or head not in types:
+        return [
+            "`head_node_type`: must name one of `available_node_types` (raygen's configs "
+            "declare their node types, so the autoscaler knows what each can run)."
+        ]
+    for name, node in types.items():
+        problems += _gpu_problems(provider, name, node)
+        low, high = node.get("min_workers", 0), node.get("max_workers", 0)
+        if name != head and low > high:
+            problems.append(
+                f"`available_node_types.{name}`: min_workers {low} > max_workers {high}."
+            )
+    minimum = sum(n.get("min_workers", 0) for k, n in types.items() if k != head)
+    if minimum > config.get("max_workers", minimum):
+        problems.append(
+            f"`max_workers`: {config['max_workers']} is below the {minimum} workers the node "
+            "types keep running (their min_workers)."
+        )
+    problems += _exposure_problems(config)
+    problems += _token_problems(config)
+    problems += fit_problems(config, jobs)
+    return problems
+
+
+def _gpu_problems(provider: str, name: str, node: dict[str, Any]) -> list[str]:
+    key = f"`available_node_types.{name}`"
+    declared = node["resources"].get("GPU", 0)
+    node_config = node.get("node_config") or {}
+    instance = (
+        node_config.get("InstanceType")
+        or node_config.get("machineType")
+        or (node_config.get("azure_arm_parameters") or {}).get("vmSize")
+    )
+    problems = []
+    real = KNOWN_GPUS.get(provider, {}).get(instance)
+    if real is not None and declared != real:
+        problems.append(
+            f"{key}: resources.GPU is {declared}, but a {instance} has {real} GPUs; set "
+            f"GPU: {real} (the autoscaler schedules by the declared count)."
+        )
+    attached = sum(a.get("acceleratorCount", 0) for a in node_config.get("guestAccelerators", []))
+    if provider == "gcp" and attached and attached != declared:
+        problems.append(
+            f"{key}: guestAccelerators attach {attached} GPUs but resources.GPU is {declared}; "
+            "make them equal."
+        )
+    return problems
+
+
+def _exposure_problems(config: dict[str, Any]) -> list[str]:
+    problems = []
+    group = config["provider"].get("security_group") or {}
+    for rule in group.get("IpPermissions", []):
+        public = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
+        low, high = rule.get("FromPort", 0), rule.get("ToPort", 65535)
+        for port, what in PRIVATE_PORTS.items():
+            if public and low <= port <= high:
+                problems.append(
+                    f"`provider.security_group`: port {port} ({what}) is open to 0.0.0.0/0: "
+                    "anyone who reaches it can run code on the cluster. Keep it closed and use "
+                    "`raygen cluster dashboard` (an SSH tunnel), or allow only your network."
+                )
+    return problems
+
+
+def _token_problems(config: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        commands = " ".join(config.get(key) or [])
+        if "ray start" in commands and not re.search(r"RAY_AUTH_MODE=token", commands):
+            problems.append(
+                f"`{key}`: Ray starts without token authentication; set RAY_AUTH_MODE=token "
+                "before `ray start` (and mount the token file, ~/.ray/auth_token, on every "
+                "node), so only holders of the token can use the cluster."
+            )
+    return problems
+
+
+def fit_problems(config: dict[str, Any], jobs: list[JobShape]) -> list[str]:
+    """Jobs that no combination of the config's worker nodes can run."""
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    problems = []
+    for job in jobs:
+        capacity = 0
+        for name, node in types.items():
+            count = _bundles(node["resources"], job.per_worker)
+            limit = 1 if name == head else node.get("max_workers", 0)
+            capacity += count * limit
+        if capacity < job.workers:
+            ask = ", ".join(f"{k}: {v:g}" for k, v in job.per_worker.items())
+            problems.append(
+                f"{job.name}: needs {job.workers} workers of {{{ask}}}, but the node types fit "
+                f"{capacity} at most; add a node type with these resources or raise max_workers."
+            )
+    return problems
+
+
+def _bundles(resources: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many copies of `bundle` fit on a node with `resources`."""
+    fits = [int(resources.get(k, 0) // v) for k, v in bundle.items() if v > 0]
+    return min(fits) if fits else 0

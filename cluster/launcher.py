@@ -1,0 +1,139 @@
+"""Cloud clusters through Ray's cluster launcher: up, down, status, attach, dashboard.
+
+raygen checks what it can before handing over to Ray (the config, the cloud's
+credentials and SDK, the cluster token) so a mistake is one clear line, not a stack trace
+from a cloud SDK halfway through creating instances.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from cluster.configs import JobShape, config_problems, load_cluster_config
+from cluster.errors import ClusterError
+
+# The Python packages each provider's node provider imports, and how to get them.
+PROVIDER_PACKAGES = {
+    "aws": (["boto3"], "pip install boto3"),
+    "gcp": (["googleapiclient", "google.auth"], "pip install google-api-python-client"),
+    "azure": (
+        ["azure.identity", "azure.mgmt.compute", "azure.mgmt.network", "azure.mgmt.resource"],
+        "pip install azure-identity azure-mgmt-compute azure-mgmt-network azure-mgmt-resource",
+    ),
+}
+TOKEN_FILE_MOUNT = "~/.ray/auth_token"
+
+
+def checked_config(path: str | Path, jobs: list[JobShape] = ()) -> dict[str, Any]:
+    """Load a cluster config and raise one ClusterError listing every problem."""
+    config = load_cluster_config(path)
+    problems = config_problems(config, jobs)
+    _raise_if(problems, str(path))
+    return config
+
+
+def _raise_if(problems: list[str], what: str) -> None:
+    if problems:
+        raise ClusterError(f"{what}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def launch_problems(config: dict[str, Any]) -> list[str]:
+    """What would stop `ray up` on this machine: the provider's SDK, credentials, token."""
+    provider = config["provider"]["type"]
+    problems = []
+    modules, install = PROVIDER_PACKAGES.get(provider, ([], ""))
+    missing = [m for m in modules if not _importable(m)]
+    if missing:
+        problems.append(f"Ray's {provider} provider needs {', '.join(missing)}: `{install}`.")
+    elif provider == "aws":
+        import boto3
+
+        if boto3.Session().get_credentials() is None:
+            problems.append(
+                "no AWS credentials: run `aws configure`, or set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
+            )
+    elif provider == "gcp":
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            google.auth.default()
+        except DefaultCredentialsError:
+            problems.append(
+                "no Google Cloud credentials: run `gcloud auth application-default login`."
+            )
+    mounts = config.get("file_mounts") or {}
+    if TOKEN_FILE_MOUNT in mounts.values() and not Path(TOKEN_FILE_MOUNT).expanduser().is_file():
+        problems.append(
+            f"the config copies your cluster token ({TOKEN_FILE_MOUNT}) to every node, and "
+            "there is none yet: create it with `ray get-auth-token --generate`."
+        )
+    return problems
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _ray(*args: str) -> int:
+    """Run Ray's own CLI (the one installed with raygen), with the terminal attached."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli) if ray_cli.exists() else "ray", *args]
+    return subprocess.call(command, env=os.environ.copy())
+
+
+def up(path: str | Path, yes: bool = False, no_restart: bool = False) -> int:
+    """Create or update the cluster (`ray up`); returns Ray's exit code."""
+    config = checked_config(path)
+    problems = launch_problems(config)
+    _raise_if(problems, f"cannot start {path}")
+    return _ray(
+        "up", str(path), *(["--yes"] if yes else []), *(["--no-restart"] if no_restart else [])
+    )
+
+
+def down(path: str | Path, yes: bool = False) -> int:
+    """Terminate every node of the cluster (`ray down`)."""
+    config = checked_config(path)
+    problems = [p for p in launch_problems(config) if "token" not in p]
+    _raise_if(problems, f"cannot reach {path}'s cloud")
+    return _ray("down", str(path), *(["--yes"] if yes else []))
+
+
+def status(path: str | Path) -> tuple[str, int]:
+    """(head IP, exit code of `ray status` run on the head): the nodes, pending demand and
+    what the autoscaler is doing."""
+    from ray.autoscaler.sdk import get_head_node_ip
+
+    config = checked_config(path)
+    problems = [p for p in launch_problems(config) if "token" not in p]
+    _raise_if(problems, f"cannot reach {path}'s cloud")
+    try:
+        head = get_head_node_ip(str(path))
+    except RuntimeError as exc:  # Ray's "Head node of cluster (...) not found!"
+        raise ClusterError(
+            f"{path}: {exc} Start it with `raygen cluster up --config {path}`."
+        ) from None
+    return head, _ray("exec", str(path), "ray status")
+
+
+def attach(path: str | Path) -> int:
+    """An SSH shell on the head node (`ray attach`)."""
+    checked_config(path)
+    return _ray("attach", str(path))
+
+
+def dashboard(path: str | Path, port: int = 8265) -> int:
+    """Forward the head's dashboard / Jobs API to http://127.0.0.1:PORT over SSH until Ctrl-C
+    (`ray dashboard`); `raygen submit --address http://127.0.0.1:PORT` then reaches it."""
+    checked_config(path)
+    return _ray("dashboard", str(path), "--port", str(port))

@@ -1,0 +1,157 @@
+"""Cluster launcher configs: the shipped ones are valid, mistakes are named; the cloud
+commands check config, credentials and token before Ray's launcher runs (clouds are not
+reachable from CI, so only their refusals run here)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.configs import JobShape, config_problems, load_cluster_config
+from cluster.simulate import SIMULATED_GPU, simulation_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = [
+    ROOT / "ray-cluster.yaml",
+    ROOT / "cluster/clouds/gcp.yaml",
+    ROOT / "cluster/clouds/azure.yaml",
+]
+
+
+def raygen(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raygen", *args], capture_output=True, text=True, cwd=cwd, env=env
+    )
+
+
+@pytest.fixture
+def aws() -> dict:
+    return load_cluster_config(ROOT / "ray-cluster.yaml")
+
+
+def test_every_shipped_config_is_valid_and_fits_the_example_specs():
+    done = raygen("cluster", "validate")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("valid (fits 4 job specs)") == 3
+    for path in SHIPPED:
+        config = load_cluster_config(path)
+        assert config["provider"]["type"] in {"aws", "gcp", "azure"}
+        gpu_types = [
+            n for n in config["available_node_types"].values() if n["resources"].get("GPU")
+        ]
+        assert gpu_types and all(n["min_workers"] == 0 for n in gpu_types)
+        assert config["idle_timeout_minutes"] > 0
+
+
+def test_schema_errors_name_the_key(aws):
+    aws["max_workers"] = "eight"
+    del aws["provider"]["type"]
+    problems = config_problems(aws)
+    assert "`max_workers`: 'eight' is not of type 'integer'" in problems
+    assert "`provider`: 'type' is a required property" in problems
+
+
+def test_gpu_counts_must_match_the_instance_type(aws):
+    aws["available_node_types"]["gpu_a100"]["resources"]["GPU"] = 4
+    gcp = load_cluster_config(ROOT / "cluster/clouds/gcp.yaml")
+    gcp["available_node_types"]["gpu_a100"]["node_config"]["guestAccelerators"][0][
+        "acceleratorCount"
+    ] = 4
+    assert config_problems(aws) == [
+        "`available_node_types.gpu_a100`: resources.GPU is 4, but a p4d.24xlarge has 8 GPUs; "
+        "set GPU: 8 (the autoscaler schedules by the declared count)."
+    ]
+    assert config_problems(gcp) == [
+        "`available_node_types.gpu_a100`: guestAccelerators attach 4 GPUs but resources.GPU "
+        "is 8; make them equal."
+    ]
+
+
+def test_public_jobs_api_and_missing_token_auth_are_refused(aws):
+    aws["provider"]["security_group"]["IpPermissions"].append(
+        {
+            "FromPort": 8265,
+            "ToPort": 8265,
+            "IpProtocol": "tcp",
+            "IpRanges": [{"CidrIp": "0.0.0.0/0"}],
+        }
+    )
+    aws["worker_start_ray_commands"] = ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]
+    problems = config_problems(aws)
+    assert len(problems) == 2
+    assert problems[0].startswith(
+        "`provider.security_group`: port 8265 (the dashboard and Jobs API)"
+    )
+    assert problems[1].startswith("`worker_start_ray_commands`: Ray starts without token")
+
+
+def test_a_job_the_node_types_cannot_hold_is_named(aws):
+    jobs = [
+        JobShape("llama.yaml", 32, {"CPU": 8, "GPU": 1}),  # 8 per node x 8 nodes: fits
+        JobShape("huge.yaml", 65, {"CPU": 8, "GPU": 1}),
+        JobShape("fat.yaml", 1, {"CPU": 8, "GPU": 16}),
+    ]
+    assert config_problems(aws, jobs) == [
+        "huge.yaml: needs 65 workers of {CPU: 8, GPU: 1}, but the node types fit 64 at most; "
+        "add a node type with these resources or raise max_workers.",
+        "fat.yaml: needs 1 workers of {CPU: 8, GPU: 16}, but the node types fit 0 at most; "
+        "add a node type with these resources or raise max_workers.",
+    ]
+
+
+def test_validate_cli_reports_each_bad_file_and_exits_2(tmp_path, aws):
+    broken = copy.deepcopy(aws)
+    broken["available_node_types"]["gpu_a100_spot"]["min_workers"] = 9
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    (tmp_path / "notyaml.yaml").write_text("cluster_name: [unclosed\n")
+    done = raygen(
+        "cluster",
+        "validate",
+        str(ROOT / "ray-cluster.yaml"),
+        str(tmp_path / "broken.yaml"),
+        str(tmp_path / "notyaml.yaml"),
+        str(tmp_path / "missing.yaml"),
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "ray-cluster.yaml: valid" in done.stdout
+    assert "min_workers 9 > max_workers 4" in done.stderr
+    assert "not valid YAML at line 2" in done.stderr
+    assert "missing.yaml: no such cluster config" in done.stderr
+    assert "3 of 4 cluster configs are invalid" in done.stderr
+
+
+def test_cloud_commands_check_credentials_and_token_before_ray_runs(tmp_path):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),  # no ~/.aws, no ~/.ray/auth_token
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    done = raygen("cluster", "up", "--config", str(ROOT / "ray-cluster.yaml"), "--yes", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no AWS credentials: run `aws configure`" in done.stderr
+    assert "create it with `ray get-auth-token --generate`" in done.stderr
+    done = raygen("cluster", "status", "--config", str(ROOT / "cluster/clouds/gcp.yaml"), env=env)
+    assert done.returncode == 2
+    assert "Ray's gcp provider needs googleapiclient" in done.stderr
+    assert "pip install google-api-python-client" in done.stderr
+    done = raygen("cluster", "attach", "--config", str(tmp_path / "nope.yaml"), env=env)
+    assert done.returncode == 2 and "nope.yaml: no such cluster config" in done.stderr
+
+
+def test_simulation_mirrors_the_node_types_without_gpus(aws):
+    fake, rows = simulation_config(aws, idle_timeout_minutes=0.1, cpus_per_node=1, max_nodes=3)
+    assert fake["provider"]["type"] == "fake_multinode"
+    assert fake["idle_timeout_minutes"] == 0.1 and fake["max_workers"] == 3
+    worker = fake["available_node_types"]["gpu_a100"]
+    assert worker["resources"]["CPU"] == 1 and worker["resources"][SIMULATED_GPU] == 8
+    assert "GPU" not in worker["resources"] and worker["max_workers"] == 3
+    assert fake["available_node_types"]["ray.head.default"]["max_workers"] == 0
+    assert [r["type"] for r in rows] == ["gpu_a100", "gpu_a100_spot"]
+    assert rows[0]["cloud"] == {"CPU": 96, "GPU": 8}
