@@ -171,8 +171,9 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
     if spec.model.family == "diffusion":
         from jobs.models.diffusion import image_shape
 
-        # The images are resized to the UNet's input, and the FID reference is built from them.
-        identity["tokenizer"] = None
+        # The images are resized to the UNet's input, and the FID reference is built from them;
+        # which weights the UNet starts from does not matter (fine-tuning reuses the data).
+        identity["tokenizer"] = identity["pretrained"] = None
         identity["image_shape"] = image_shape(spec.model)
         identity["fid"] = (spec.sampling.fid_extractor, spec.sampling.inception_weights)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

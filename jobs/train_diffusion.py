@@ -66,7 +66,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     conditional = classes > 0
     grid_n = _grid_size(spec.sampling.grid_images, classes)
     # Every rank must agree on how many images to sample (rank 0 alone computes the FID).
-    n_samples = max(grid_n, spec.sampling.fid_samples if prepared.get("fid") else 0)
+    # FID when the prepared data has a reference and the spec asks for samples (prepared data
+    # is shared: a run with fid_samples: 0 may reuse data prepared with a reference).
+    with_fid = bool(prepared.get("fid")) and spec.sampling.fid_samples > 0
+    n_samples = max(grid_n, spec.sampling.fid_samples if with_fid else 0)
 
     unet = build_unet(spec.model)
     ds_config = derive_deepspeed_config(spec, world)
@@ -90,7 +93,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     log = m.MetricsLog(run_dir, start_step) if rank == 0 else None
 
     fid = None
-    if rank == 0 and prepared.get("fid"):
+    if rank == 0 and with_fid:
         from jobs.fid import FID_DIR, load_extractor, load_reference
 
         fid_dir = local_copy(join(prepared["dir"], FID_DIR))

@@ -277,10 +277,14 @@ def test_killed_diffusion_worker_is_replaced_and_training_resumes(
     assert len(attempts) == 2 and attempts[1]["resumed_from_step"] >= max(checkpointed) >= 10
 
 
-def test_fine_tune_starts_from_an_exported_pipeline(ray_session, tmp_path, diffusion_run):
+def test_fine_tune_starts_from_an_exported_pipeline(
+    ray_session, tmp_path, diffusion_run, digits_prepared
+):
     _, base = diffusion_run
+    stats_before = (digits_prepared / "data_stats.json").read_text()
     raw = tiny_diffusion_spec(
         tmp_path,
+        digits_prepared,  # the same images: prepared once, whichever weights start
         model={"family": "diffusion", "pretrained": base["paths"]["model"]},
         train__max_steps=5,
         train__warmup_steps=0,
@@ -288,6 +292,7 @@ def test_fine_tune_starts_from_an_exported_pipeline(ray_session, tmp_path, diffu
         sampling__fid_samples=0,
     )
     result = launch(spec_of(raw))
+    assert (digits_prepared / "data_stats.json").read_text() == stats_before  # not redone
     first_base = read_metrics(Path(base["paths"]["metrics"]))[0]["train_loss"]
     first_tuned = read_metrics(Path(result["paths"]["metrics"]))[0]["train_loss"]
     assert first_tuned < 0.7 * first_base  # trained weights, not a fresh UNet
