@@ -141,8 +141,14 @@ def test_cloud_commands_check_credentials_and_token_before_ray_runs(tmp_path):
     assert done.returncode == 2
     assert "Ray's gcp provider needs googleapiclient" in done.stderr
     assert "pip install google-api-python-client" in done.stderr
-    done = raygen("cluster", "attach", "--config", str(tmp_path / "nope.yaml"), env=env)
-    assert done.returncode == 2 and "nope.yaml: no such cluster config" in done.stderr
+    done = raygen("cluster", "down", "--config", str(ROOT / "ray-cluster.yaml"), env=env)
+    assert (
+        done.returncode == 2 and "ray-cluster.yaml's cloud:\n  - no AWS credentials" in done.stderr
+    )
+    assert "token" not in done.stderr  # tearing down needs no token
+    for command in ("attach", "dashboard", "simulate"):
+        done = raygen("cluster", command, "--config", str(tmp_path / "nope.yaml"), env=env)
+        assert done.returncode == 2 and "nope.yaml: no such cluster config" in done.stderr
 
 
 def test_simulation_mirrors_the_node_types_without_gpus(aws):
