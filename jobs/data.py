@@ -191,10 +191,14 @@ def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
     return int.from_bytes(digest.digest(), "little") / 2**64 < eval_fraction
 
 
-def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dict[str, Any]:
-    """Prepare the spec's corpus into `prepared_dir` (needs a connected Ray) unless fresh.
+def prepare_data(
+    spec: TrainSpec, prepared_dir: str, force: bool = False, address: str | None = None
+) -> dict[str, Any]:
+    """Prepare the spec's corpus into `prepared_dir` unless it is up to date.
 
     `spec` must have passed `jobs.launch.validate_train_spec` (inputs and columns checked).
+    Ray is needed only to prepare: this process connects then (to `address`, else
+    $RAY_ADDRESS, else an embedded local Ray; nothing when already connected).
 
     Returns:
         The data stats (also written to `prepared_dir/data_stats.json`).
@@ -212,6 +216,9 @@ def prepare_data(spec: TrainSpec, prepared_dir: str, force: bool = False) -> dic
         logger.info("Prepared data in %s is up to date (fingerprint %s).", prepared_dir, fp)
         return stats
 
+    from cluster.connection import connect
+
+    connect(address)
     logger.info("Preparing data into %s ...", prepared_dir)
     remove_dir(prepared_dir)
     try:

@@ -154,13 +154,11 @@ def data_prepare(
 
     train_spec = load_spec(TrainSpec, spec, set_)
     _setup_logging()
-    from cluster.connection import connect
     from jobs.data import prepare_data
     from jobs.launch import prepared_dir_of, validate_train_spec
 
     resolved = validate_train_spec(train_spec, str(spec))
-    connect(address)
-    stats = prepare_data(resolved, prepared_dir_of(resolved), force=force)
+    stats = prepare_data(resolved, prepared_dir_of(resolved), force=force, address=address)
     out.print_json(json.dumps(stats))
 
 
