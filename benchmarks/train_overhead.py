@@ -112,7 +112,11 @@ def handwritten_per_worker(config: dict[str, Any]) -> None:
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - start)
-    ray.train.report({"step_times": times, "threads": torch.get_num_threads()})
+    if ray.train.get_context().get_world_rank() == 0:
+        # Ray Train V2 keeps only metrics reported with a checkpoint: a file on this machine.
+        Path(config["out"]).write_text(
+            json.dumps({"step_times": times, "threads": torch.get_num_threads()})
+        )
 
 
 def run_handwritten(prepared: Path, model: dict, world: int, zero: int, precision: str, steps: int):
@@ -120,19 +124,26 @@ def run_handwritten(prepared: Path, model: dict, world: int, zero: int, precisio
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    out = Path(tempfile.mkdtemp(prefix="bench-hand-out-")) / "steps.json"
     trainer = TorchTrainer(
         handwritten_per_worker,
-        train_loop_config={"model": model, "ds": ds_config(world, zero, precision), "steps": steps},
+        train_loop_config={
+            "model": model,
+            "ds": ds_config(world, zero, precision),
+            "steps": steps,
+            "out": str(out),
+        },
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=world),
         run_config=ray.train.RunConfig(storage_path=tempfile.mkdtemp(prefix="bench-hand-")),
         datasets={"train": ray.data.read_parquet(str(prepared / "train")).materialize()},
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    trainer.fit()
     wall = time.perf_counter() - started
-    times = result.metrics["step_times"]
-    return window_rate(times, world), wall - sum(times[WARMUP_STEPS:]), result.metrics["threads"]
+    reported = json.loads(out.read_text())
+    times = reported["step_times"]
+    return window_rate(times, world), wall - sum(times[WARMUP_STEPS:]), reported["threads"]
 
 
 def run_raygen(spec: dict, world: int, zero: int, precision: str) -> tuple[float, float]:
@@ -235,7 +246,8 @@ def main() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    spec = base_spec(work / "runs", work / "prepared", args.steps)
+    # Prepared once per machine: reruns reuse it (raygen checks its fingerprint).
+    spec = base_spec(work / "runs", Path(tempfile.gettempdir(), "raygen-bench-data"), args.steps)
     began = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
     ray_start = time.perf_counter() - began
@@ -247,7 +259,7 @@ def main() -> None:
     for world, zero, precision in QUICK if args.quick else FULL:
         ours, ours_start = run_raygen(spec, world, zero, precision)
         hand, hand_start, threads = run_handwritten(
-            work / "prepared", model, world, zero, precision, args.steps
+            Path(spec["data"]["prepared"]), model, world, zero, precision, args.steps
         )
         row = {
             "workers": world,
@@ -261,7 +273,9 @@ def main() -> None:
             "threads_per_worker": threads,
         }
         if world == 1:
-            bare, bare_start = run_bare(work / "prepared", model, zero, precision, args.steps)
+            bare, bare_start = run_bare(
+                Path(spec["data"]["prepared"]), model, zero, precision, args.steps
+            )
             row.update(bare_tok_s=bare, vs_bare=ours / bare, bare_startup_s=bare_start)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -776,15 +776,13 @@ def cluster_simulate(
     cluster = simulate.start(fake)
     out.print(f"simulated {config} on this machine (head: 0 CPUs):", highlight=False)
     for row in rows:
-        out.print(
+        _print_plain(
             f"  {row['type']}: {row['cloud']} -> {row['simulated']}, "
-            f"{row['min_workers']}-{row['max_workers']} nodes",
-            highlight=False,
+            f"{row['min_workers']}-{row['max_workers']} nodes"
         )
-    out.print(
+    _print_plain(
         f"idle timeout {fake['idle_timeout_minutes']} min. Submit with "
-        f"`raygen submit train SPEC --address {cluster['dashboard']}`; Ctrl-C stops it all.",
-        highlight=False,
+        f"`raygen submit train SPEC --address {cluster['dashboard']}`; Ctrl-C stops it all."
     )
 
     def report(nodes: list | None, error: str | None) -> None:
