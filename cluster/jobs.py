@@ -114,8 +114,8 @@ def _explained(address: str) -> Iterator[None]:
         raise ClusterError(f"cannot reach the Jobs API at {address}: {exc}") from None
 
 
-def client(address: str | None) -> Any:
-    """A JobSubmissionClient for the cluster, sending the token when there is one."""
+def client(address: str | None) -> tuple[Any, str]:
+    """(a JobSubmissionClient sending the token when there is one, the Jobs API's URL)."""
     url = jobs_address(address)
     _check_port(url)
     from ray.job_submission import JobSubmissionClient
@@ -123,7 +123,7 @@ def client(address: str | None) -> Any:
     token, _ = find_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with _explained(url):
-        return JobSubmissionClient(url, headers=headers)
+        return JobSubmissionClient(url, headers=headers), url
 
 
 def _check_port(url: str, timeout_s: float = 5.0) -> None:
@@ -224,11 +224,11 @@ def submit(
     Raises:
         ClusterError: no address, unreachable, token missing or refused, upload too large.
     """
-    jobs = client(address)
+    jobs, url = client(address)
     size = check_package(working_dir, EXCLUDES, required or [])
     env = forwarded_secrets(env_names)
     entrypoint = shlex.join(["raygen", *command])
-    with _explained(jobs_address(address)):
+    with _explained(url):
         job_id = jobs.submit_job(
             entrypoint=entrypoint,
             runtime_env={
@@ -240,7 +240,7 @@ def submit(
         )
     return {
         "job_id": job_id,
-        "address": jobs_address(address),
+        "address": url,
         "entrypoint": entrypoint,
         "upload_bytes": size,
         "env": sorted(env),
@@ -251,14 +251,14 @@ def follow(address: str | None, job_id: str, on_line: Callable[[str], None]) -> 
     """Stream a job's logs to `on_line` until it ends; return its final status."""
     import asyncio
 
-    jobs = client(address)
+    jobs, url = client(address)
 
     async def tail() -> None:
         async for chunk in jobs.tail_job_logs(job_id):
             for line in chunk.splitlines():
                 on_line(line)
 
-    with _explained(jobs_address(address)):
+    with _explained(url):
         _require_job(jobs, job_id)
         asyncio.run(tail())
         status = str(jobs.get_job_status(job_id).value)
@@ -269,29 +269,29 @@ def follow(address: str | None, job_id: str, on_line: Callable[[str], None]) -> 
 
 
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
-    jobs = client(address)
-    with _explained(jobs_address(address)):
+    jobs, url = client(address)
+    with _explained(url):
         details = jobs.list_jobs()
     return [_job_row(d) for d in sorted(details, key=lambda d: d.start_time or 0)]
 
 
 def job_status(address: str | None, job_id: str) -> dict[str, Any]:
-    jobs = client(address)
-    with _explained(jobs_address(address)):
+    jobs, url = client(address)
+    with _explained(url):
         return _job_row(_require_job(jobs, job_id))
 
 
 def job_logs(address: str | None, job_id: str) -> str:
-    jobs = client(address)
-    with _explained(jobs_address(address)):
+    jobs, url = client(address)
+    with _explained(url):
         _require_job(jobs, job_id)
         return jobs.get_job_logs(job_id)
 
 
 def stop_job(address: str | None, job_id: str) -> bool:
     """Ask the job to stop; True if it was running."""
-    jobs = client(address)
-    with _explained(jobs_address(address)):
+    jobs, url = client(address)
+    with _explained(url):
         _require_job(jobs, job_id)
         return bool(jobs.stop_job(job_id))
 
@@ -304,7 +304,7 @@ def _require_job(jobs: Any, job_id: str) -> Any:
             raise ClusterError(
                 f"no job {job_id!r} on this cluster; `raygen jobs list` shows the jobs."
             ) from None
-        raise
+        raise ClusterError(f"the Jobs API could not answer for job {job_id!r}: {exc}") from None
 
 
 def _job_row(details: Any) -> dict[str, Any]:

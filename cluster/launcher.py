@@ -42,8 +42,9 @@ def _raise_if(problems: list[str], what: str) -> None:
         raise ClusterError(f"{what}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def launch_problems(config: dict[str, Any]) -> list[str]:
-    """What would stop `ray up` on this machine: the provider's SDK, credentials, token."""
+def launch_problems(config: dict[str, Any], need_token: bool = True) -> list[str]:
+    """What would stop Ray's launcher on this machine: the provider's SDK, credentials and
+    (to start nodes, `need_token`) the cluster token the config copies to them."""
     provider = config["provider"]["type"]
     problems = []
     modules, install = PROVIDER_PACKAGES.get(provider, ([], ""))
@@ -69,7 +70,8 @@ def launch_problems(config: dict[str, Any]) -> list[str]:
                 "no Google Cloud credentials: run `gcloud auth application-default login`."
             )
     mounts = config.get("file_mounts") or {}
-    if TOKEN_FILE_MOUNT in mounts.values() and not Path(TOKEN_FILE_MOUNT).expanduser().is_file():
+    token_missing = not Path(TOKEN_FILE_MOUNT).expanduser().is_file()
+    if need_token and TOKEN_FILE_MOUNT in mounts.values() and token_missing:
         problems.append(
             f"the config copies your cluster token ({TOKEN_FILE_MOUNT}) to every node, and "
             "there is none yet: create it with `ray get-auth-token --generate`."
@@ -104,7 +106,7 @@ def up(path: str | Path, yes: bool = False, no_restart: bool = False) -> int:
 def down(path: str | Path, yes: bool = False) -> int:
     """Terminate every node of the cluster (`ray down`)."""
     config = checked_config(path)
-    problems = [p for p in launch_problems(config) if "token" not in p]
+    problems = launch_problems(config, need_token=False)
     _raise_if(problems, f"cannot reach {path}'s cloud")
     return _ray("down", str(path), *(["--yes"] if yes else []))
 
@@ -115,7 +117,7 @@ def status(path: str | Path) -> tuple[str, int]:
     from ray.autoscaler.sdk import get_head_node_ip
 
     config = checked_config(path)
-    problems = [p for p in launch_problems(config) if "token" not in p]
+    problems = launch_problems(config, need_token=False)
     _raise_if(problems, f"cannot reach {path}'s cloud")
     try:
         head = get_head_node_ip(str(path))

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from cluster.storage import local_copy
 from jobs import metrics as m
@@ -43,7 +44,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     import deepspeed
     import ray.train
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
     ctx = ray.train.get_context()
@@ -218,8 +218,6 @@ class GroupObjective:
             return losses.mean()
         if self.method == "inverse_frequency":
             return weighted_mean_loss(losses, groups, self.weights)
-        import torch.distributed as dist
-
         sums, counts = group_sums(losses, groups, self.num_groups)
         totals = torch.stack([sums.detach(), counts])
         dist.all_reduce(totals)

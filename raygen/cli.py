@@ -788,8 +788,11 @@ def cluster_simulate(
     def report(nodes: list | None, error: str | None) -> None:
         import time
 
-        if nodes is not None:
-            out.print(f"{time.strftime('%H:%M:%S')}  worker nodes: {len(nodes)}", highlight=False)
+        stamp = time.strftime("%H:%M:%S")
+        if nodes is None:
+            err.print(f"{stamp}  cannot reach the head: {error}", highlight=False, markup=False)
+        else:
+            out.print(f"{stamp}  worker nodes: {len(nodes)}", highlight=False)
 
     try:
         simulate.watch(cluster["dashboard"], report)
