@@ -55,28 +55,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if spec.model.pretrained:  # an s3:// model is read from a local, content-keyed cache
         model_spec = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
         spec = spec.model_copy(update={"model": model_spec})
-    model_config = build_config(
-        spec.model, len(tokenizer), spec.data.seq_len, tokenizer.eos_token_id
-    )
-    ds_config = derive_deepspeed_config(spec, world)
-    zero3 = None
-    if spec.deepspeed.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # While this object lives, transformers builds (and loads pretrained weights) under
-        # deepspeed.zero.Init: parameters are partitioned as they are created, so no rank
-        # ever holds the full model.
-        zero3 = HfDeepSpeedConfig(ds_config)
-    model = build_causal_lm(spec.model, model_config)
-    model.generation_config.pad_token_id = tokenizer.eos_token_id
-
-    # The schedule is built on DeepSpeed's wrapped optimizer (ZeRO regroups parameters).
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=build_optimizer(spec, model),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec)),
-        config=ds_config,
-    )
+    engine, scheduler, zero3 = build_engine(spec, len(tokenizer), tokenizer.eos_token_id, world)
 
     start_step, client_state, _ = restore_latest(engine, config.get("start_from"))
     apply_peak_lr(scheduler, spec.train.lr)
@@ -194,6 +173,36 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 DRO_STATE = "group_dro"
+
+
+def build_engine(spec: TrainSpec, vocab_size: int, eos_token_id: int, world: int) -> tuple:
+    """The model wrapped in its DeepSpeed engine, with raygen's optimizer and LR schedule.
+
+    Returns (engine, scheduler, zero3): under ZeRO-3, `zero3` is the transformers hook that
+    must stay alive while the engine is used (it gathers partitioned weights on export).
+    """
+    import deepspeed
+
+    model_config = build_config(spec.model, vocab_size, spec.data.seq_len, eos_token_id)
+    ds_config = derive_deepspeed_config(spec, world)
+    zero3 = None
+    if spec.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # While this object lives, transformers builds (and loads pretrained weights) under
+        # deepspeed.zero.Init: parameters are partitioned as they are created, so no rank
+        # ever holds the full model.
+        zero3 = HfDeepSpeedConfig(ds_config)
+    model = build_causal_lm(spec.model, model_config)
+    model.generation_config.pad_token_id = eos_token_id
+    # The schedule is built on DeepSpeed's wrapped optimizer (ZeRO regroups parameters).
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(spec, model),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec)),
+        config=ds_config,
+    )
+    return engine, scheduler, zero3
 
 
 class GroupObjective:
