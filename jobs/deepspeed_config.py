@@ -9,11 +9,26 @@ from jobs.spec import TrainSpec, global_batch_size
 
 # DeepSpeed prints every `steps_per_print` steps; raygen logs its own metrics.
 _QUIET_STEPS = 10**9
+# DeepSpeed's default gradient bucket (elements), allocated whole on every rank whatever the
+# model's size (ZeRO-3 always, ZeRO-1/2 with overlap_comm: twice): 1 GB in bf16.
+DEEPSPEED_BUCKET = 500_000_000
+# Below this, more buckets mean more, smaller all-reduces for no memory worth saving (8 MB bf16).
+MIN_BUCKET = 2**22
 
 
-def derive_deepspeed_config(spec: TrainSpec, world_size: int) -> dict[str, Any]:
+def bucket_elements(largest_param: int) -> int:
+    """Gradient bucket size: one whole largest tensor, within [MIN_BUCKET, DeepSpeed's]."""
+    return int(min(DEEPSPEED_BUCKET, max(MIN_BUCKET, largest_param)))
+
+
+def derive_deepspeed_config(
+    spec: TrainSpec, world_size: int, largest_param: int | None = None
+) -> dict[str, Any]:
     """Build the DeepSpeed config for `spec` on `world_size` workers.
 
+    With `largest_param` (elements of the model's largest parameter tensor), gradient
+    buckets are sized to the model instead of DeepSpeed's fixed 5e8 elements, which would
+    otherwise be a per-rank buffer several times a small model's whole training state.
     `deepspeed.overrides` is deep-merged last. The optimizer and LR schedule are built
     by raygen (client objects), so they are not part of this config.
     """
@@ -29,6 +44,11 @@ def derive_deepspeed_config(spec: TrainSpec, world_size: int) -> dict[str, Any]:
     if ds.zero_stage == 3:
         # Export gathers the full 16-bit weights from every rank's partition.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if largest_param and ds.zero_stage >= 1:
+        bucket = bucket_elements(largest_param)
+        zero["reduce_bucket_size"] = bucket
+        if ds.zero_stage < 3:
+            zero["allgather_bucket_size"] = bucket
 
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -72,7 +72,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     n_samples = max(grid_n, spec.sampling.fid_samples if with_fid else 0)
 
     unet = build_unet(spec.model)
-    ds_config = derive_deepspeed_config(spec, world)
+    ds_config = derive_deepspeed_config(spec, world, max(p.numel() for p in unet.parameters()))
     engine, _, _, scheduler = deepspeed.initialize(
         model=unet,
         optimizer=build_optimizer(spec, unet),

@@ -13,7 +13,7 @@ from cluster.storage import local_copy
 from jobs import metrics as m
 from jobs.checkpoint import restore_latest, save_and_report
 from jobs.deepspeed_config import derive_deepspeed_config
-from jobs.models.causal_lm import build_causal_lm, build_config
+from jobs.models.causal_lm import build_causal_lm, build_config, largest_parameter
 from jobs.models.group_loss import (
     GroupDRO,
     group_sums,
@@ -184,7 +184,7 @@ def build_engine(spec: TrainSpec, vocab_size: int, eos_token_id: int, world: int
     import deepspeed
 
     model_config = build_config(spec.model, vocab_size, spec.data.seq_len, eos_token_id)
-    ds_config = derive_deepspeed_config(spec, world)
+    ds_config = derive_deepspeed_config(spec, world, largest_parameter(model_config))
     zero3 = None
     if spec.deepspeed.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig

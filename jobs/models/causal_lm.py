@@ -34,6 +34,13 @@ def build_config(
     return config
 
 
+def largest_parameter(config: PretrainedConfig) -> int:
+    """Elements of the network's largest parameter tensor, counted without allocating it."""
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    return max(p.numel() for p in net.parameters())
+
+
 def build_causal_lm(model: ModelSpec, config: PretrainedConfig) -> PreTrainedModel:
     """Instantiate the network: random weights for `arch`, saved weights for `pretrained`."""
     kwargs: dict[str, Any] = {"attn_implementation": model.attn_implementation}

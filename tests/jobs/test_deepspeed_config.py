@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from jobs.deepspeed_config import deep_merge, deepspeed_config_problems, derive_deepspeed_config
+from jobs.deepspeed_config import (
+    DEEPSPEED_BUCKET,
+    MIN_BUCKET,
+    deep_merge,
+    deepspeed_config_problems,
+    derive_deepspeed_config,
+)
 from jobs.loader import validate_spec
 from jobs.spec import TrainSpec
 
@@ -39,11 +45,30 @@ def test_zero3_with_offload():
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+def test_gradient_buckets_are_sized_to_the_largest_tensor():
+    for stage in (1, 2, 3):
+        zero = derive_deepspeed_config(spec_with(deepspeed={"zero_stage": stage}), 2, 10**7)
+        assert zero["zero_optimization"]["reduce_bucket_size"] == 10**7
+        assert zero["zero_optimization"].get("allgather_bucket_size") == (
+            10**7 if stage < 3 else None
+        )
+    spec = spec_with(deepspeed={"zero_stage": 2})
+    assert derive_deepspeed_config(spec, 2, 10)["zero_optimization"]["reduce_bucket_size"] == (
+        MIN_BUCKET
+    )
+    huge = derive_deepspeed_config(spec, 2, 10**10)["zero_optimization"]
+    assert huge["reduce_bucket_size"] == DEEPSPEED_BUCKET
+    # without a model (validation), or with no ZeRO, DeepSpeed's own defaults stand
+    assert "reduce_bucket_size" not in derive_deepspeed_config(spec, 2)["zero_optimization"]
+    zero0 = derive_deepspeed_config(spec_with(deepspeed={"zero_stage": 0}), 2, 10**7)
+    assert "reduce_bucket_size" not in zero0["zero_optimization"]
+
+
 def test_overrides_are_deep_merged_last():
     spec = spec_with(
         deepspeed={"zero_stage": 2, "overrides": {"zero_optimization": {"reduce_bucket_size": 7}}}
     )
-    zero = derive_deepspeed_config(spec, 2)["zero_optimization"]
+    zero = derive_deepspeed_config(spec, 2, 10**7)["zero_optimization"]
     assert zero == {**zero, "stage": 2, "reduce_bucket_size": 7}
 
 
