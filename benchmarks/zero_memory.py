@@ -131,7 +131,6 @@ def per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from jobs.deepspeed_config import derive_deepspeed_config
     from jobs.spec import TrainSpec
     from jobs.train_lm import build_engine
 
@@ -155,7 +154,7 @@ def per_worker(config: dict[str, Any]) -> None:
         psi=psi,
         rss_peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         rss_start=rss_start,
-        zero_optimization=derive_deepspeed_config(spec, world)["zero_optimization"],
+        reduce_bucket_size=engine.zero_reduce_bucket_size(),
     )
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(measured, default=str))
 
@@ -211,10 +210,10 @@ def main() -> None:
                 <= 0.01 * measured_total
                 for r in ranks
             ),
-            "zero_optimization": r0["zero_optimization"],
+            "reduce_bucket_size": r0["reduce_bucket_size"],
         }
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "zero_optimization"}), flush=True)
+        print(json.dumps(row), flush=True)
     ray.shutdown()
     print()
     print_table(
