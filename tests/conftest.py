@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.simulate import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 # API keys for serving tests: set before the session's Ray starts, so replicas inherit them.
 TEST_API_KEYS_ENV = "RAYGEN_TEST_API_KEYS"
@@ -72,14 +74,6 @@ def ray_session(s3_endpoint):
     connect()  # no-op on an initialized Ray; applies raygen's logging defaults
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -106,18 +106,17 @@ def submitted(cluster, project) -> dict:
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
-    done = raygen(
-        "submit",
-        "train",
-        "specs/tiny.yaml",
-        "--address",
-        cluster["dashboard"],
-        "--follow",
-        cwd=project,
-    )
+    done = submit_tiny(cluster["dashboard"], "--follow", cwd=project)
     stop.set()
     watcher.join()
     return {"done": done, "workers_seen": seen}
+
+
+def submit_tiny(address: str, *extra: str, cwd: Path, env: dict | None = None):
+    """`raygen submit train specs/tiny.yaml --address ADDRESS EXTRA...` in `cwd`."""
+    return raygen(
+        "submit", "train", "specs/tiny.yaml", "--address", address, *extra, cwd=cwd, env=env
+    )
 
 
 def test_submitted_training_job_launches_workers_and_succeeds(submitted, project):
@@ -177,62 +176,26 @@ def test_missing_or_wrong_token_is_explained(cluster, project, tmp_path):
 
 
 def test_bad_address_and_oversized_upload_are_explained(cluster, project, tmp_path):
-    done = raygen(
-        "submit", "train", "specs/tiny.yaml", "--address", "http://127.0.0.1:9", cwd=project
-    )
+    done = submit_tiny("http://127.0.0.1:9", cwd=project)
     assert done.returncode == 2 and "nothing answers at http://127.0.0.1:9" in done.stderr
     big = tmp_path / "big"
     (big / "specs").mkdir(parents=True)
     (big / "specs" / "tiny.yaml").write_text((project / "specs" / "tiny.yaml").read_text())
     (big / "weights.bin").write_bytes(os.urandom(3 * 2**20))
-    done = raygen(
-        "submit",
-        "train",
-        "specs/tiny.yaml",
-        "--address",
-        cluster["dashboard"],
-        cwd=big,
-        env={"RAY_max_grpc_message_size": str(2**20)},
-    )
+    done = submit_tiny(cluster["dashboard"], cwd=big, env={"RAY_max_grpc_message_size": "1048576"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "over Ray's upload limit of 1.0 MiB" in done.stderr
     assert "weights.bin (3.0 MiB)" in done.stderr and ".rayignore" in done.stderr
     (big / ".rayignore").write_text("weights.bin\n")
     (big / "specs" / ".gitignore").write_text("tiny.yaml\n")
-    done = raygen(
-        "submit",
-        "train",
-        "specs/tiny.yaml",
-        "--address",
-        cluster["dashboard"],
-        cwd=big,
-        env={"RAY_max_grpc_message_size": str(2**20)},
-    )
+    done = submit_tiny(cluster["dashboard"], cwd=big, env={"RAY_max_grpc_message_size": "1048576"})
     assert done.returncode == 2 and "specs/tiny.yaml would not be uploaded" in done.stderr
 
 
 def test_submit_checks_the_spec_before_contacting_anything(project, tmp_path):
-    done = raygen(
-        "submit",
-        "train",
-        "specs/tiny.yaml",
-        "--set",
-        "train.warmup_steps=50",
-        "--address",
-        "http://127.0.0.1:9",
-        cwd=project,
-    )
+    done = submit_tiny("http://127.0.0.1:9", "--set", "train.warmup_steps=50", cwd=project)
     assert done.returncode == 2 and "`train.warmup_steps`: 50 warm-up steps" in done.stderr
-    done = raygen(
-        "submit",
-        "train",
-        "specs/tiny.yaml",
-        "--set",
-        "run.storage=runs",
-        "--address",
-        "http://127.0.0.1:9",
-        cwd=project,
-    )
+    done = submit_tiny("http://127.0.0.1:9", "--set", "run.storage=runs", cwd=project)
     assert done.returncode == 2 and "`run.storage`: 'runs' is relative" in done.stderr
     done = raygen(
         "submit", "train", str(tmp_path / "elsewhere.yaml"), "--address", "x:1", cwd=project
@@ -240,7 +203,5 @@ def test_submit_checks_the_spec_before_contacting_anything(project, tmp_path):
     assert done.returncode == 2 and "outside the working directory" in done.stderr
     done = raygen("submit", "deploy", "specs/tiny.yaml", cwd=project)
     assert done.returncode == 2 and "one of train, tune, audit, serve" in done.stderr
-    done = raygen(
-        "submit", "train", "specs/tiny.yaml", "--address", "ray://head:10001", cwd=project
-    )
+    done = submit_tiny("ray://head:10001", cwd=project)
     assert done.returncode == 2 and "not to a ray:// client address" in done.stderr
