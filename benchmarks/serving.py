@@ -9,7 +9,8 @@ greedy tokens of a different stdlib snippet; 1, 8 and 32 clients send requests b
 back. Reported: requests/s and p50/p99 latency. Also measured: the cold start of a
 scale-from-zero deployment (first request until its answer) and the time for the
 autoscaler to add a second replica under load. Targets: at 32 clients raygen >= 2x (a)'s
-throughput; at 1 client raygen's p50 <= (a)'s + 5 ms.
+throughput; at 1 client raygen's p50 <= (a)'s + 5 ms. To tell Ray Serve's own cost from
+raygen's, the same route with an empty handler is timed on Serve and on uvicorn (1 client).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def complete(body: dict) -> dict:
                              pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:])
     return {"choices": [{"text": text, "index": 0}]}
+
+@app.post("/empty/v1/completions")
+def empty(body: dict) -> dict:
+    return {"choices": [{"text": "", "index": 0}]}
 """
 
 
@@ -65,7 +70,9 @@ def prompts(n: int) -> list[str]:
     return out
 
 
-async def load(url: str, clients: int, requests: int, texts: list[str]) -> dict[str, float]:
+async def load(
+    url: str, model: str, clients: int, requests: int, texts: list[str]
+) -> dict[str, float]:
     """`clients` concurrent clients sending `requests` in all; rps and latency percentiles."""
     import httpx
 
@@ -75,15 +82,24 @@ async def load(url: str, clients: int, requests: int, texts: list[str]) -> dict[
     async def client(http: httpx.AsyncClient) -> None:
         while queue:
             i = queue.pop()
-            body = {"prompt": texts[i % len(texts)], "max_tokens": MAX_TOKENS, "temperature": 0}
+            body = {
+                "model": model,
+                "prompt": texts[i % len(texts)],
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+            }
             start = time.perf_counter()
             reply = await http.post(f"{url}/v1/completions", json=body)
-            reply.raise_for_status()
+            if reply.status_code != 200:
+                raise RuntimeError(f"{url}: {reply.status_code} {reply.text}")
             latencies.append(time.perf_counter() - start)
 
     async with httpx.AsyncClient(timeout=300) as http:
         # One warm-up request, not counted.
-        await http.post(f"{url}/v1/completions", json={"prompt": "import", "max_tokens": 4})
+        warm = {"model": model, "prompt": "import", "max_tokens": 4}
+        reply = await http.post(f"{url}/v1/completions", json=warm)
+        if reply.status_code != 200:
+            raise RuntimeError(f"{url}: {reply.status_code} {reply.text}")
         began = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - began
@@ -131,6 +147,25 @@ def deploy(model: Path, name: str, port: int, batch: int, **autoscaling: Any) ->
     return serve_deploy(spec, embedded=True)["url"]
 
 
+def serve_floor(port: int) -> str:
+    """A Ray Serve app with the same route and JSON but no model: the fixed cost of Serve's
+    HTTP proxy and the hop to a replica, which every Serve application pays."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1})
+    @serve.ingress(app)
+    class Empty:
+        @app.post("/v1/completions")
+        def complete(self, body: dict) -> dict:
+            return {"choices": [{"text": "", "index": 0}]}
+
+    serve.run(Empty.bind(), name="floor", route_prefix="/floor")
+    return f"http://127.0.0.1:{port}/floor"
+
+
 def main() -> None:
     import httpx
     import ray
@@ -146,17 +181,21 @@ def main() -> None:
     texts = prompts(256)
     rows: list[dict[str, Any]] = []
 
-    def measure(server: str, url: str) -> None:
+    def measure(server: str, url: str, name: str) -> None:
         for clients in CONCURRENCY:
-            figures = asyncio.run(load(url, clients, max(16, 4 * clients), texts))
+            figures = asyncio.run(load(url, name, clients, max(16, 4 * clients), texts))
             rows.append({"server": server, "clients": clients, **figures})
             print(json.dumps(rows[-1]), flush=True)
 
     port = free_port()
-    measure("raygen", deploy(model, "batched", port, batch=32))
+    measure("raygen", deploy(model, "batched", port, batch=32), "batched")
     serve.delete("batched")
-    measure("raygen, batching off", deploy(model, "unbatched", port, batch=1))
+    measure("raygen, batching off", deploy(model, "unbatched", port, batch=1), "unbatched")
     serve.delete("unbatched")
+    floor_url = serve_floor(port)
+    rows.append({"server": "Ray Serve, empty handler", "clients": 1})
+    rows[-1].update(asyncio.run(load(floor_url, "floor", 1, 64, texts)))
+    serve.delete("floor")
 
     plain_port = free_port()
     (work / "plain_app.py").write_text(PLAIN_APP.replace("MODEL_DIR", repr(str(model))))
@@ -175,7 +214,9 @@ def main() -> None:
         except httpx.HTTPError:
             time.sleep(0.5)
     try:
-        measure("FastAPI + uvicorn, one at a time", plain_url)
+        measure("FastAPI + uvicorn, one at a time", plain_url, "plain")
+        rows.append({"server": "FastAPI + uvicorn, empty handler", "clients": 1})
+        rows[-1].update(asyncio.run(load(f"{plain_url}/empty", "plain", 1, 64, texts)))
     finally:
         plain.terminate()
         plain.wait()
@@ -185,7 +226,8 @@ def main() -> None:
         model, "cold", port, batch=32, min_replicas=0, max_replicas=1, downscale_delay_s=600
     )
     started = time.perf_counter()
-    httpx.post(f"{url}/v1/completions", json={"prompt": "import", "max_tokens": 4}, timeout=300)
+    first = {"model": "cold", "prompt": "import", "max_tokens": 4}
+    httpx.post(f"{url}/v1/completions", json=first, timeout=300).raise_for_status()
     cold_start = time.perf_counter() - started
     serve.delete("cold")
     # Scale-up under load: 32 clients against 1 replica that may grow to 2.
@@ -195,7 +237,7 @@ def main() -> None:
     began = time.perf_counter()
 
     async def until_two() -> float:
-        task = asyncio.create_task(load(url, 32, 100_000, texts))
+        task = asyncio.create_task(load(url, "grow", 32, 100_000, texts))
         while replica_counts("grow").get("RUNNING", 0) < 2 and time.perf_counter() - began < 300:
             await asyncio.sleep(0.25)
         task.cancel()
@@ -209,11 +251,17 @@ def main() -> None:
     plain_name = "FastAPI + uvicorn, one at a time"
     ratio_32 = by[("raygen", 32)]["rps"] / by[(plain_name, 32)]["rps"]
     p50_gap = by[("raygen", 1)]["p50_ms"] - by[(plain_name, 1)]["p50_ms"]
+    # What of that gap any Ray Serve app pays (proxy + hop), the rest is raygen's own.
+    floor_gap = (
+        by[("Ray Serve, empty handler", 1)]["p50_ms"]
+        - by[("FastAPI + uvicorn, empty handler", 1)]["p50_ms"]
+    )
     print()
     print_table(rows, ["server", "clients", "rps", "p50_ms", "p99_ms"])
     print(
         f"\nraygen / plain at 32 clients: {ratio_32:.2f}x requests/s; p50 at 1 client: "
-        f"{p50_gap:+.1f} ms; cold start {cold_start:.1f} s; second replica after {scale_up:.1f} s"
+        f"{p50_gap:+.1f} ms, of which Ray Serve's floor {floor_gap:+.1f} ms; cold start "
+        f"{cold_start:.1f} s; second replica after {scale_up:.1f} s"
     )
     path = write_results(
         "serving",
@@ -222,6 +270,7 @@ def main() -> None:
             "max_tokens": MAX_TOKENS,
             "throughput_ratio_32_clients": ratio_32,
             "p50_gap_1_client_ms": p50_gap,
+            "serve_floor_gap_1_client_ms": floor_gap,
             "cold_start_s": cold_start,
             "scale_up_s": scale_up,
             "targets": {"throughput_ratio_32_clients": 2.0, "p50_gap_1_client_ms": 5.0},
