@@ -138,7 +138,9 @@ class ModelServer:
         self.filtered = Counter(
             "raygen_filtered_outputs", "Outputs the blocklist matched.", tag_keys=("action",)
         )
-        Gauge("raygen_model_load_seconds", "Replica start to model loaded.").set(self.load_s)
+        # Kept referenced: a metric object that is garbage-collected may never be exported.
+        self.load_gauge = Gauge("raygen_model_load_seconds", "Replica start to model loaded.")
+        self.load_gauge.set(self.load_s)
         logger.info(
             "raygen: %s loaded %s (%s) in %.1f s",
             self.spec.name,
