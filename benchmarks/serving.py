@@ -79,27 +79,22 @@ async def load(
     latencies: list[float] = []
     queue = list(range(requests))
 
+    async def complete(http: httpx.AsyncClient, body: dict[str, Any]) -> None:
+        reply = await http.post(f"{url}/v1/completions", json={"model": model, **body})
+        if reply.status_code != 200:
+            raise RuntimeError(f"{url}: {reply.status_code} {reply.text}")
+
     async def client(http: httpx.AsyncClient) -> None:
         while queue:
             i = queue.pop()
-            body = {
-                "model": model,
-                "prompt": texts[i % len(texts)],
-                "max_tokens": MAX_TOKENS,
-                "temperature": 0,
-            }
+            body = {"prompt": texts[i % len(texts)], "max_tokens": MAX_TOKENS, "temperature": 0}
             start = time.perf_counter()
-            reply = await http.post(f"{url}/v1/completions", json=body)
-            if reply.status_code != 200:
-                raise RuntimeError(f"{url}: {reply.status_code} {reply.text}")
+            await complete(http, body)
             latencies.append(time.perf_counter() - start)
 
     async with httpx.AsyncClient(timeout=300) as http:
         # One warm-up request, not counted.
-        warm = {"model": model, "prompt": "import", "max_tokens": 4}
-        reply = await http.post(f"{url}/v1/completions", json=warm)
-        if reply.status_code != 200:
-            raise RuntimeError(f"{url}: {reply.status_code} {reply.text}")
+        await complete(http, {"prompt": "import", "max_tokens": 4})
         began = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - began
