@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cluster.storage import is_remote, join, list_files, open_input
@@ -38,7 +39,10 @@ def digits_table() -> pa.Table:
         buffer = io.BytesIO()
         Image.fromarray(image, mode="L").save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
-    return pa.table({"image": pa.array(encoded, pa.binary()), "label": digits.target})
+    rows = np.arange(len(encoded), dtype=np.uint64) + np.uint64(0xD1617)  # fixed row ids
+    return pa.table(
+        {"image": pa.array(encoded, pa.binary()), "label": digits.target, "row_hash": rows}
+    )
 
 
 def fit_image(data: bytes, channels: int, size: int) -> np.ndarray:
@@ -71,11 +75,22 @@ def image_bytes(value: Any) -> bytes | None:
 
 
 class _DecodeImages:
-    """Decode, resize and hash each image; tag rows to remove with a reason ('' when kept)."""
+    """Decode, resize and hash each image; tag rows to remove with a reason ('' when kept)
+    and each with its split (held out by a hash of its pixels)."""
 
-    def __init__(self, channels: int, size: int, source: str):
+    def __init__(self, channels: int, size: int, source: str, eval_fraction: float, seed: int):
         self.channels, self.size, self.source = channels, size, source
+        self.eval_fraction, self.seed = eval_fraction, seed
         self.pixels_per_image = channels * size * size
+
+    def split(self, digest: str) -> str:
+        from jobs.data import in_eval_split
+
+        if self.source == "eval" or (
+            self.eval_fraction > 0 and in_eval_split(digest, self.eval_fraction, self.seed)
+        ):
+            return "eval"
+        return "train"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pixels, hashes, reasons = [], [], []
@@ -104,14 +119,17 @@ class _DecodeImages:
                     if labels is not None
                     else pa.array([NO_LABEL] * len(pixels), pa.int64())
                 ),
-                "source": [self.source] * len(pixels),
-                "reason": reasons,
+                "source": pa.array([self.source] * len(pixels), pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+                "split": pa.array([self.split(h) for h in hashes], pa.string()),
+                "row_hash": batch["row_hash"],
             }
         )
 
 
-def read_images(files: list[Any], spec: TrainSpec, source: str) -> Any:
-    """A Ray Dataset of decoded images of `files` (InputFile) with hash/label/reason columns."""
+def read_images(files: list[Any], spec: TrainSpec, source: str, eval_fraction: float) -> Any:
+    """A Ray Dataset of decoded images of `files` (InputFile) with the tags of
+    `jobs.data._TAGS` (hash, reason, source, split, row_hash) and `label`."""
     import ray.data
 
     from jobs.models.diffusion import image_shape
@@ -126,10 +144,11 @@ def read_images(files: list[Any], spec: TrainSpec, source: str) -> Any:
     renames = {d.image_column: "image", **({d.label_column: "label"} if d.label_column else {})}
     for group in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
         if group:
-            ds = ray.data.read_parquet(group, columns=columns)
+            ds = ray.data.read_parquet(group, columns=columns, include_row_hash=True)
             parts.append(ds.rename_columns({k: v for k, v in renames.items() if k != v}))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    return ds.map_batches(_DecodeImages(channels, size, source), batch_format="pyarrow")
+    decode = _DecodeImages(channels, size, source, eval_fraction, spec.train.seed)
+    return ds.map_batches(decode, batch_format="pyarrow")
 
 
 def to_training_rows(batch: pa.Table) -> pa.Table:
@@ -243,29 +262,28 @@ def batch_to_tensors(batch: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any
 def prepare_images(
     spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
 ) -> dict[str, Any]:
-    """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray)."""
-    from jobs.data import AssignSplit, _one_per_hash
+    """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray):
+    decode and tag in one pass, decide the drops from the tags here, drop, write."""
+    from jobs.data import KeepRows, exact_duplicates, kept_mask, read_columns
     from jobs.models.diffusion import image_shape, num_classes
 
     d = spec.data
     shape = image_shape(spec.model)
     rows_in = count_rows(train_files + eval_files)
-    tagged = read_images(train_files, spec, "train")
+    eval_fraction = 0.0 if eval_files else d.eval_fraction
+    tagged = read_images(train_files, spec, "train", eval_fraction)
     if eval_files:
-        tagged = tagged.union(read_images(eval_files, spec, "eval"))
+        tagged = tagged.union(read_images(eval_files, spec, "eval", eval_fraction))
     tagged = tagged.materialize()
-    removed = {"removed_undecodable": 0, "removed_duplicates": 0}
-    for row in tagged.groupby("reason").count().take_all():
-        if row["reason"]:
-            removed[row["reason"]] = row["count()"]
-
-    images = tagged.filter(expr="reason == ''").materialize()
-    if d.dedupe != "none":
-        before = images.count()
-        images = images.groupby("hash").map_groups(_one_per_hash, batch_format="pyarrow")
-        images = images.materialize()
-        removed["removed_duplicates"] = before - images.count()
-    if images.count() == 0:
+    tags = read_columns(tagged, ["hash", "reason", "source", "split", "row_hash", "label"])
+    reasons = tags["reason"].to_numpy(zero_copy_only=False)
+    drop = exact_duplicates(tags) if d.dedupe != "none" else np.empty(0, np.uint64)
+    removed = {
+        "removed_undecodable": int((reasons == "removed_undecodable").sum()),
+        "removed_duplicates": len(drop),
+    }
+    kept = tags.filter(kept_mask(tags, drop))
+    if kept.num_rows == 0:
         raise SpecError(
             "data.train",
             f"no images left ({rows_in} read, {removed['removed_undecodable']} undecodable); "
@@ -274,7 +292,7 @@ def prepare_images(
     labelled = d.train == [DIGITS] or d.label_column is not None
     classes = num_classes(spec.model)
     if labelled:
-        low, high = images.min("label"), images.max("label")
+        low, high = pc.min(kept["label"]).as_py(), pc.max(kept["label"]).as_py()
         if low < 0 or (classes and high >= classes):
             raise SpecError(
                 "data.label_column",
@@ -282,25 +300,22 @@ def prepare_images(
                 f"{classes}: labels must be 0..{classes - 1 if classes else 'K-1'}; fix the "
                 "labels or model.config.num_class_embeds.",
             )
-
-    eval_fraction = 0.0 if eval_files else d.eval_fraction
-    images = images.map_batches(
-        AssignSplit(eval_fraction, spec.train.seed, key="hash", keep=["pixels", "label"]),
-        batch_format="pyarrow",
-    ).materialize()
-    counts = {"train": 0, "eval": 0}
-    for split in counts:
-        part = images.filter(expr=f"split == '{split}'")
-        counts[split] = part.count()
-        if counts[split] == 0:
+    splits = kept["split"].to_numpy(zero_copy_only=False)
+    counts = {split: int((splits == split).sum()) for split in ("train", "eval")}
+    for split, count in counts.items():
+        if count == 0:
             raise SpecError(
                 "data.eval_fraction" if split == "eval" else "data.train",
-                f"no {split} images after the split ({images.count()} images, eval_fraction="
+                f"no {split} images after the split ({kept.num_rows} images, eval_fraction="
                 f"{d.eval_fraction}); add images or change data.eval_fraction.",
             )
-        part.map_batches(to_training_rows, batch_format="pyarrow").write_parquet(
-            join(prepared_dir, split)
-        )
+    images = tagged.map_batches(
+        KeepRows(drop, ["pixels", "label", "split"]), batch_format="pyarrow"
+    ).materialize()
+    for split in counts:
+        images.filter(expr=f"split == '{split}'").map_batches(
+            to_training_rows, batch_format="pyarrow"
+        ).write_parquet(join(prepared_dir, split))
     return {
         "fingerprint": fp,
         "kind": "images",
