@@ -5,6 +5,7 @@ Cheap to import (pydantic only), like the train spec.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -58,23 +59,34 @@ class Domain(Section):
 
 
 class SchedulerSpec(Section):
-    type: Literal["asha", "median", "pbt", "fifo"] = Field(
+    type: Literal["asha", "successive_halving", "median", "pbt", "fifo"] = Field(
         "asha",
-        description="Early stopping: `asha` (successive halving), `median` (stop trials "
-        "below the median), `pbt` (population based training: bad trials copy a good "
-        "trial's checkpoint and perturb its searched values), `fifo` (none).",
+        description="Early stopping: `asha` (asynchronous successive halving: a trial goes "
+        "on if it is in the best 1/reduction_factor of those that reached its rung so far), "
+        "`successive_halving` (synchronous: trials pause at each rung until all have "
+        "reached it, then only the best 1/reduction_factor go on; fewer trial-steps than "
+        "asha with few trials, one restart per rung), `median` (stop trials below the "
+        "median), `pbt` (population based training: bad trials copy a good trial's "
+        "checkpoint and perturb its searched values), `fifo` (none).",
     )
     grace_period: int = Field(
-        1, ge=1, description="asha/median: evaluations a trial always gets before it may stop."
+        1,
+        ge=1,
+        description="asha/successive_halving/median: evaluations a trial always gets before "
+        "it may stop (the first rung).",
     )
     reduction_factor: float = Field(
-        2, gt=1, description="asha: keep 1/reduction_factor of the trials at each rung."
+        2,
+        gt=1,
+        description="asha/successive_halving: keep 1/reduction_factor of the trials at each "
+        "rung; rungs are at grace_period x reduction_factor^k evaluations.",
     )
     max_t: int | None = Field(
         None,
         ge=1,
-        description="asha: evaluations of the longest trial. Default: the base spec's "
-        "max_steps / eval_every.",
+        description="asha: evaluations of the longest trial; successive_halving: rungs lie "
+        "below it (the last survivors run to the end). Default: the base spec's max_steps / "
+        "eval_every.",
     )
     perturbation_interval: int = Field(
         1, ge=1, description="pbt: evaluations between exploit/explore decisions."
@@ -145,6 +157,11 @@ class SweepSpec(Section):
         default_factory=SchedulerSpec, description="Early stopping / population based training."
     )
     run: SweepRunSpec = Field(default_factory=SweepRunSpec, description="Storage and retries.")
+
+    def trials(self) -> int:
+        """Trials the sweep runs: num_samples x every combination of the grid keys."""
+        combinations = math.prod(len(d.grid) for d in self.search.values() if d.kind == "grid")
+        return self.num_samples * combinations
 
     @field_validator("search")
     @classmethod

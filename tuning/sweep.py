@@ -26,6 +26,7 @@ from jobs.errors import SpecError
 from jobs.loader import check_key_path, load_spec, validate_spec
 from jobs.spec import TrainSpec
 from tuning.errors import SweepInterrupted
+from tuning.halving import SuccessiveHalving, rungs
 from tuning.spec import SweepSpec
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,9 @@ def run_sweep(
         callbacks=[_Progress(sweep, on_progress, evaluations_of(base))] if on_progress else [],
         verbose=0,
     )
+    at_once = sweep.max_concurrent_trials or _trials_that_fit(base, total_resources())
+    # Tune ignores max_concurrent_trials next to a generator: limit it here.
+    generator = tune.search.BasicVariantGenerator(random_state=sweep.seed, max_concurrent=at_once)
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
     else:
@@ -197,13 +201,8 @@ def run_sweep(
                 metric=sweep.metric,
                 mode=sweep.mode,
                 num_samples=sweep.num_samples,
-                scheduler=_scheduler(sweep, base),
-                # Tune ignores max_concurrent_trials next to a generator: limit it here.
-                search_alg=tune.search.BasicVariantGenerator(
-                    random_state=sweep.seed,
-                    max_concurrent=sweep.max_concurrent_trials
-                    or _trials_that_fit(base, total_resources()),
-                ),
+                scheduler=_scheduler(sweep, base, generator, at_once),
+                search_alg=generator,
             ),
             run_config=run_config,
         )
@@ -273,7 +272,7 @@ def _param_space(sweep: SweepSpec, grids_as_choices: bool = False) -> dict[str, 
     return {key: make[d.kind](getattr(d, d.kind)) for key, d in sweep.search.items()}
 
 
-def _scheduler(sweep: SweepSpec, base: TrainSpec) -> Any:
+def _scheduler(sweep: SweepSpec, base: TrainSpec, generator: Any, at_once: int) -> Any:
     from ray.tune.schedulers import (
         ASHAScheduler,
         FIFOScheduler,
@@ -288,6 +287,16 @@ def _scheduler(sweep: SweepSpec, base: TrainSpec) -> Any:
             max_t=s.max_t or evaluations_of(base),
             grace_period=s.grace_period,
             reduction_factor=s.reduction_factor,
+        )
+    if s.type == "successive_halving":
+        return SuccessiveHalving(
+            generator,
+            trials=sweep.trials(),
+            milestones=rungs(s.grace_period, s.reduction_factor, s.max_t or evaluations_of(base)),
+            reduction_factor=s.reduction_factor,
+            max_running=at_once,
+            metric=sweep.metric,
+            mode=sweep.mode,
         )
     if s.type == "median":
         return MedianStoppingRule(
