@@ -357,12 +357,15 @@ class TrialHooks:
         datasets: the prepared splits, already read into the object store by the sweep's
             driver (Ray Data reads started inside a trial would compete with the other
             trials' workers for CPUs, and can wait for one forever).
+        gate: a queue the workers wait on after each report until Tune lets the trial go on
+            (schedulers that pause trials; see `jobs.worker.wait_for_scheduler`).
     """
 
     callbacks: list[Any] = field(default_factory=list)
     resume_from: str | None = None
     keep_best: tuple[str, str] | None = None
     datasets: dict[str, Any] | None = None
+    gate: Any = None
 
 
 def _fit(
@@ -418,6 +421,7 @@ def _fit(
             "run_dir": run_dir,
             "prepared": prepared,
             "start_from": trial.resume_from,
+            "gate": trial.gate,
         },
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

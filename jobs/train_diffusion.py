@@ -34,6 +34,7 @@ from jobs.worker import (
     publish_dir,
     record_attempt,
     seed_everything,
+    wait_for_scheduler,
 )
 
 logger = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             save_and_report(engine, step, numeric, {"step": step}, rank_state)
             if log:
                 log.sync()
+            if not is_last:
+                wait_for_scheduler(config.get("gate"), rank)
             window_start = time.perf_counter()  # checkpoint time is not step time
 
     export_pipeline(engine, ema, scheduler_spec, run_dir, rank, spec.deepspeed.zero_stage)

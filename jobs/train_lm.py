@@ -32,6 +32,7 @@ from jobs.worker import (
     publish_dir,
     record_attempt,
     seed_everything,
+    wait_for_scheduler,
 )
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             save_and_report(engine, step, dict(last_metrics), state)
             if log:
                 log.sync()
+            if not is_last:
+                wait_for_scheduler(config.get("gate"), rank)
             window_start = time.perf_counter()  # checkpoint time is not step time
 
     export_model(engine, tokenizer, run_dir, rank, spec.deepspeed.zero_stage)

@@ -132,3 +132,20 @@ def publish_dir(run_dir: str, name: str, write: Callable[[str], None]) -> None:
     write(str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     tmp.replace(final)
+
+
+def wait_for_scheduler(gate: Any, rank: int) -> None:
+    """In a sweep trial whose scheduler pauses trials (successive halving, PBT): hold every
+    rank after a report until the trial's driver says Tune let the trial go on.
+
+    A paused or stopped trial is killed with its workers; without the wait they would train
+    past the last report Tune holds, and the run, resumed later from its own newest
+    checkpoint, would be ahead of what the scheduler compared.
+    """
+    if gate is None:
+        return
+    import torch.distributed as dist
+
+    if rank == 0:
+        gate.get()
+    dist.barrier()

@@ -36,6 +36,7 @@ TRIALS_FILE = "trials.parquet"
 BEST_FILE = "best.json"
 PLOT_FILE = "metric.png"
 SWEEP_SPEC_FILE = "sweep.yaml"
+PAUSING_SCHEDULERS = ("successive_halving", "pbt")
 POINTER_FILE = "raygen_checkpoint.json"  # a Tune checkpoint: which training checkpoint
 # Keys a sweep may not search: where and how big a trial runs, and the data, which is
 # prepared and read once for all trials.
@@ -359,6 +360,9 @@ def trial_driver(
     spec = spec.model_copy(update={"name": name})
 
     queue: Queue = Queue(actor_options={"num_cpus": 0})
+    # Schedulers that pause trials: the workers wait after each report for Tune's go-ahead.
+    pausing = sweep.scheduler.type in PAUSING_SCHEDULERS
+    gate: Queue | None = Queue(actor_options={"num_cpus": 0}) if pausing else None
     outcome: dict[str, Any] = {}
 
     def train() -> None:
@@ -368,6 +372,7 @@ def trial_driver(
                 resume_from=resume_from,
                 keep_best=(sweep.metric, sweep.mode),
                 datasets=datasets,
+                gate=gate,
             )
             outcome["result"] = launch(spec, f"trial {trial_id}", trial=hooks)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the Tune thread below
@@ -392,7 +397,9 @@ def trial_driver(
             tune.report(
                 {**metrics, "run": spec.name},
                 checkpoint=tune.Checkpoint.from_directory(tmp) if checkpoint else None,
-            )
+            )  # returns only when Tune wants the next result (not when it pauses or stops)
+        if gate is not None:
+            gate.put(True)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]

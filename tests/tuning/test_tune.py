@@ -85,6 +85,26 @@ def test_best_checkpoint_exports_a_model_transformers_loads(asha_sweep, tmp_path
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
+def test_successive_halving_pauses_at_the_rung_and_resumes_the_winner(
+    ray_session, tmp_path, shared_prepared
+):
+    """One trial at a time: the good one pauses at its first evaluation until the bad one
+    has had its own; then the bad one stops and the good one continues from its checkpoint."""
+    sweep, base = sweep_of(
+        tmp_path,
+        shared_prepared,
+        scheduler={"type": "successive_halving", "grace_period": 1, "reduction_factor": 2},
+    )
+    summary = run_sweep(sweep, base, "test")
+    by_lr = {row["config.train.lr"]: row for row in summary["trials"]}
+    assert by_lr[GOOD_LR]["status"] == "completed" and by_lr[GOOD_LR]["iterations"] == 3
+    assert by_lr[BAD_LR]["status"] == "stopped_early" and by_lr[BAD_LR]["iterations"] == 1
+    run = Path(summary["sweep_dir"]) / "trials" / by_lr[GOOD_LR]["trial_id"]
+    attempts = [json.loads(line) for line in (run / "attempts.jsonl").open()]
+    assert [a["resumed_from_step"] for a in attempts] == [0, 10]  # paused, then resumed
+    assert summary["best"]["config"] == {"train.lr": GOOD_LR}
+
+
 def test_pbt_copies_the_good_trials_checkpoint_into_the_bad_one(
     ray_session, tmp_path, shared_prepared
 ):
