@@ -138,10 +138,24 @@ class SuccessiveHalving(FIFOScheduler):
             if trial is current:
                 action = TrialScheduler.STOP
             else:
-                tune_controller.stop_trial(trial)
+                _stop_paused(tune_controller, trial)
         for trial in ranked[:keep]:
             if trial is current:
                 action = TrialScheduler.CONTINUE
             else:
                 self.promoted.add(trial)
         return action
+
+
+def _stop_paused(tune_controller: Any, trial: Trial) -> None:
+    """Stop a paused trial, and have Tune save its new status.
+
+    Tune (2.60) marks a stopped trial's state to be saved again only when the trial had a
+    running actor; a paused one would stay PAUSED in the saved experiment state, so
+    `--resume` would run it again and the sweep would look interrupted.
+    """
+    tune_controller.stop_trial(trial)
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)  # unwrapped
+    mark = getattr(controller, "_mark_trial_to_checkpoint", None)
+    if mark is not None:
+        mark(trial)

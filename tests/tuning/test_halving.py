@@ -23,6 +23,7 @@ class FakeTrial:
 class FakeController:
     trials: list[FakeTrial]
     stopped: list[str] = field(default_factory=list)
+    marked: list[str] = field(default_factory=list)  # to be saved again (Tune's state file)
 
     def get_trials(self) -> list[FakeTrial]:
         return self.trials
@@ -30,6 +31,9 @@ class FakeController:
     def stop_trial(self, trial: FakeTrial) -> None:
         trial.status = "TERMINATED"
         self.stopped.append(trial.trial_id)
+
+    def _mark_trial_to_checkpoint(self, trial: FakeTrial) -> None:
+        self.marked.append(trial.trial_id)
 
 
 class FakeGenerator:
@@ -74,6 +78,7 @@ def test_trials_wait_at_the_rung_then_only_the_best_third_goes_on():
     # after a resume; the other three stop.
     assert report(sha, controller, trials[4], 2, losses[4]) == CONTINUE
     assert sorted(controller.stopped) == ["t0", "t2", "t3"]
+    assert controller.marked == controller.stopped  # their new status reaches the state file
     assert sha.choose_trial_to_run(controller) is trials[1]
     trials[1].status = "PENDING"
     assert sha.choose_trial_to_run(controller) is trials[1]  # pending first, nothing else
