@@ -93,6 +93,8 @@ class _DecodeImages:
         return "train"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from jobs.data import source_row_hash
+
         pixels, hashes, reasons = [], [], []
         for value in batch["image"].to_pylist():
             data = image_bytes(value)
@@ -122,7 +124,7 @@ class _DecodeImages:
                 "source": pa.array([self.source] * len(pixels), pa.string()),
                 "reason": pa.array(reasons, pa.string()),
                 "split": pa.array([self.split(h) for h in hashes], pa.string()),
-                "row_hash": batch["row_hash"],
+                "row_hash": source_row_hash(batch["row_hash"], self.source),
             }
         )
 

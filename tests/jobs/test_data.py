@@ -133,3 +133,40 @@ def test_io_errors_inside_ray_tasks_become_storage_errors_and_bugs_stay_bugs():
     io = OSError("When reading s3://b/x.parquet: AWS Error NO_SUCH_KEY\nmore detail")
     assert _storage_cause(TaskError(io)) == "When reading s3://b/x.parquet: AWS Error NO_SUCH_KEY"
     assert _storage_cause(TaskError(KeyError("a bug"))) is None
+
+
+def test_exact_dedupe_keeps_the_held_out_copy_then_the_first_group_and_one_of_each():
+    """The choice made from the tags alone: no Ray. A file given both as data.train and
+    data.eval has equal row hashes in both; the source tells the copies apart."""
+    import numpy as np
+
+    from jobs.data import exact_duplicates, kept_mask, source_row_hash
+
+    rows = pa.array([1, 2, 3, 4, 5, 6], pa.uint64())
+    tags = pa.table(
+        {
+            "hash": ["a", "a", "b", "b", "b", "c"],
+            "reason": ["", "", "", "", "", ""],
+            "source": ["train", "eval", "train", "train", "train", "train"],
+            "group": ["x", "x", "z", "y", "y", "x"],
+            "row_hash": rows,
+        }
+    )
+    drop = exact_duplicates(tags)
+    kept = tags.filter(kept_mask(tags, drop))
+    # a: the eval copy; b: group y, the lower row hash; c: alone.
+    assert kept["row_hash"].to_pylist() == [2, 4, 6]
+
+    same_file = pa.table(
+        {
+            "hash": ["a", "a"],
+            "reason": ["", ""],
+            "source": ["train", "eval"],
+            "row_hash": pa.concat_arrays(
+                [source_row_hash(rows[:1], "train"), source_row_hash(rows[:1], "eval")]
+            ),
+        }
+    )
+    kept = same_file.filter(kept_mask(same_file, exact_duplicates(same_file)))
+    assert kept["source"].to_pylist() == ["eval"]
+    assert np.array_equal(source_row_hash(rows, "train"), rows)
