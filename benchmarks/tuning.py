@@ -173,8 +173,8 @@ def main() -> None:
         rows,
         {
             "sweep": str(SWEEP.relative_to(ROOT)),
-            "trial_steps": "evaluations reached x eval_every, summed over trials (steps a "
-            "paused trial ran past its rung before it stopped are not counted)",
+            "trial_steps": "evaluations reached x eval_every, summed over trials (a paused "
+            "trial's workers wait at its rung: no step runs past it)",
             "targets": {"steps_vs_fifo": 0.5, "best_vs_fifo": 0.02},
             "asha_replayed_on_fifo_curves": replayed,
         },

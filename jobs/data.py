@@ -192,6 +192,14 @@ def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
     return int.from_bytes(digest.digest(), "little") / 2**64 < eval_fraction
 
 
+def split_of(key: str, source: str, eval_fraction: float, seed: int) -> str:
+    """`eval` for everything from data.eval and the held-out share of data.train (chosen by
+    a hash of `key`: a document's text, an image's pixel hash), else `train`."""
+    if source == "eval" or (eval_fraction > 0 and in_eval_split(key, eval_fraction, seed)):
+        return "eval"
+    return "train"
+
+
 def prepare_data(
     spec: TrainSpec, prepared_dir: str, force: bool = False, address: str | None = None
 ) -> dict[str, Any]:
@@ -420,14 +428,16 @@ class KeepRows:
     def __init__(self, drop: np.ndarray, columns: list[str]):
         import ray
 
-        self.drop = ray.put(drop) if len(drop) else None
+        self.drop_ref = ray.put(drop) if len(drop) else None
         self.columns = columns
+        self.drop: np.ndarray | None = None  # fetched once per task, not per batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import ray
 
-        drop = ray.get(self.drop) if self.drop is not None else np.empty(0, np.uint64)
-        return batch.filter(kept_mask(batch, drop)).select(self.columns)
+        if self.drop is None:
+            self.drop = ray.get(self.drop_ref) if self.drop_ref else np.empty(0, np.uint64)
+        return batch.filter(kept_mask(batch, self.drop)).select(self.columns)
 
 
 def _group_names(tags: pa.Table, column: str) -> list[str]:
@@ -521,13 +531,6 @@ class _Clean:
     def __init__(self, d: DataSpec, source: str, eval_fraction: float, seed: int):
         self.d, self.source, self.eval_fraction, self.seed = d, source, eval_fraction, seed
 
-    def split(self, text: str) -> str:
-        if self.source == "eval" or (
-            self.eval_fraction > 0 and in_eval_split(text, self.eval_fraction, self.seed)
-        ):
-            return "eval"
-        return "train"
-
     def reason(self, text: str) -> str:
         d = self.d
         if not text.strip():
@@ -558,7 +561,10 @@ class _Clean:
             "hash": pa.array([content_hash(t) for t in texts], pa.string()),
             "source": pa.array([self.source] * len(texts), pa.string()),
             "reason": pa.array([self.reason(t) for t in texts], pa.string()),
-            "split": pa.array([self.split(t) for t in texts], pa.string()),
+            "split": pa.array(
+                [split_of(t, self.source, self.eval_fraction, self.seed) for t in texts],
+                pa.string(),
+            ),
             "row_hash": source_row_hash(batch["row_hash"], self.source),
         }
         if "group" in batch.column_names:

@@ -83,17 +83,8 @@ class _DecodeImages:
         self.eval_fraction, self.seed = eval_fraction, seed
         self.pixels_per_image = channels * size * size
 
-    def split(self, digest: str) -> str:
-        from jobs.data import in_eval_split
-
-        if self.source == "eval" or (
-            self.eval_fraction > 0 and in_eval_split(digest, self.eval_fraction, self.seed)
-        ):
-            return "eval"
-        return "train"
-
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from jobs.data import source_row_hash
+        from jobs.data import source_row_hash, split_of
 
         pixels, hashes, reasons = [], [], []
         for value in batch["image"].to_pylist():
@@ -123,15 +114,18 @@ class _DecodeImages:
                 ),
                 "source": pa.array([self.source] * len(pixels), pa.string()),
                 "reason": pa.array(reasons, pa.string()),
-                "split": pa.array([self.split(h) for h in hashes], pa.string()),
+                "split": pa.array(
+                    [split_of(h, self.source, self.eval_fraction, self.seed) for h in hashes],
+                    pa.string(),
+                ),
                 "row_hash": source_row_hash(batch["row_hash"], self.source),
             }
         )
 
 
 def read_images(files: list[Any], spec: TrainSpec, source: str, eval_fraction: float) -> Any:
-    """A Ray Dataset of decoded images of `files` (InputFile) with the tags of
-    `jobs.data._TAGS` (hash, reason, source, split, row_hash) and `label`."""
+    """A Ray Dataset of decoded images of `files` (InputFile): `pixels`, `label` and the tags
+    `hash`, `reason`, `source`, `split`, `row_hash` (as the text pipeline's)."""
     import ray.data
 
     from jobs.models.diffusion import image_shape

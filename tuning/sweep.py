@@ -118,6 +118,13 @@ def sweep_problems(sweep: SweepSpec, base_raw: dict, source: str) -> list[str]:
             f"`metric`: {sweep.metric!r} is not logged at eval steps of a "
             f"{spec.model.family} run; use one of {', '.join(known)}."
         )
+    s = sweep.scheduler
+    if s.type == "successive_halving" and not _milestones(s, spec):
+        problems.append(
+            f"`scheduler.grace_period`: {s.grace_period} evaluations leave no rung below the "
+            f"trial's {s.max_t or evaluations_of(spec)} (max_t, or max_steps / eval_every): "
+            "successive halving would stop nothing; lower grace_period or use fifo."
+        )
     if sweep.metric == "fid" and spec.sampling.fid_extractor == "none":
         problems.append("`metric`: fid needs sampling.fid_extractor (classifier or inception).")
     return problems
@@ -189,12 +196,14 @@ def run_sweep(
         callbacks=[_Progress(sweep, on_progress, evaluations_of(base))] if on_progress else [],
         verbose=0,
     )
-    at_once = sweep.max_concurrent_trials or _trials_that_fit(base, total_resources())
-    # Tune ignores max_concurrent_trials next to a generator: limit it here.
-    generator = tune.search.BasicVariantGenerator(random_state=sweep.seed, max_concurrent=at_once)
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
     else:
+        at_once = sweep.max_concurrent_trials or _trials_that_fit(base, total_resources())
+        # Tune ignores max_concurrent_trials next to a generator: limit it here.
+        generator = tune.search.BasicVariantGenerator(
+            random_state=sweep.seed, max_concurrent=at_once
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(sweep),
@@ -293,7 +302,7 @@ def _scheduler(sweep: SweepSpec, base: TrainSpec, generator: Any, at_once: int) 
         return SuccessiveHalving(
             generator,
             trials=sweep.trials(),
-            milestones=rungs(s.grace_period, s.reduction_factor, s.max_t or evaluations_of(base)),
+            milestones=_milestones(s, base),
             reduction_factor=s.reduction_factor,
             max_running=at_once,
             metric=sweep.metric,
@@ -313,6 +322,10 @@ def _scheduler(sweep: SweepSpec, base: TrainSpec, generator: Any, at_once: int) 
             synch=s.synch,
         )
     return FIFOScheduler()
+
+
+def _milestones(s: Any, base: TrainSpec) -> list[int]:
+    return rungs(s.grace_period, s.reduction_factor, s.max_t or evaluations_of(base))
 
 
 def _trials_that_fit(spec: TrainSpec, resources: dict[str, float]) -> int:

@@ -127,3 +127,16 @@ def test_rerunning_a_sweep_without_resume_is_an_error_that_says_what_to_do(tmp_p
         run_sweep(sweep, base, str(path))
     with pytest.raises(SpecError, match="--resume: no sweep to continue"):
         run_sweep(sweep.model_copy(update={"name": "other"}), base, str(path), resume=True)
+
+
+def test_successive_halving_without_a_rung_is_an_error(tmp_path):
+    """The base trains 300 steps with an evaluation every 100: 3 evaluations in all."""
+    scheduler = {"type": "successive_halving", "grace_period": 3}
+    sweep, base = load_sweep(write_sweep(tmp_path, scheduler=scheduler))
+    problems = sweep_problems(sweep, base, "s")
+    assert any(
+        "`scheduler.grace_period`: 3 evaluations leave no rung below the trial's 3" in p
+        for p in problems
+    ), problems
+    scheduler["grace_period"] = 2
+    assert sweep_problems(*load_sweep(write_sweep(tmp_path, scheduler=scheduler)), "s") == []
