@@ -132,7 +132,7 @@ def deploy(model: Path, name: str, port: int, batch: int, **autoscaling: Any) ->
         "route_prefix": f"/{name}",
         "replica": {"num_cpus": 1, "max_ongoing_requests": 64},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1, **autoscaling},
-        "batching": {"max_batch_size": batch, "batch_wait_timeout_s": 0.005},
+        "batching": {"max_batch_size": batch},
         "limits": {"max_prompt_tokens": 256},
         "http": {"port": port},
     }

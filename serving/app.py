@@ -2,9 +2,9 @@
 
 `build_app(spec)` is the application builder (`serving.app:build_app` in a Serve config
 file; Serve validates the config's `args` into a `DeploySpec`). One deployment holds the
-model; Serve autoscales its replicas and `@serve.batch` runs concurrent requests as one
-batch. Language models answer OpenAI's `/v1/completions`, diffusion models
-`/v1/images/generations`.
+model; Serve autoscales its replicas, and on each replica an engine thread
+(`serving/engine.py`) runs the model on batches of concurrent requests. Language models
+answer OpenAI's `/v1/completions`, diffusion models `/v1/images/generations`.
 """
 
 # No `from __future__ import annotations`: Serve ships the deployment class to replicas by
@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve.metrics import Counter, Gauge
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from serving.api import ApiError, CompletionRequest, ImageRequest, parse_body
 from serving.spec import DeploySpec
@@ -111,6 +111,7 @@ class ModelServer:
 
         from cluster.storage import local_copy
         from serving.audit import serving_clearance
+        from serving.engine import ImageEngine, TextEngine
         from serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
 
         started = time.monotonic()
@@ -127,10 +128,26 @@ class ModelServer:
         else:
             self.model = LanguageModel(local, precision, device)
         self.filter = OutputFilter(self.spec.filters.blocklist, self.spec.filters.action)
+        self.batch_sizes = Histogram(
+            "raygen_batch_size",
+            "Completions decoded together per token, or images denoised together.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+        )
         batching = self.spec.batching
-        for handler in (self._complete_batch, self._images_batch):
-            handler.set_max_batch_size(batching.max_batch_size)
-            handler.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        if self.kind == DIFFUSION:
+            self.engine: Any = ImageEngine(
+                self.model.generate,
+                batching.max_batch_size,
+                batching.batch_wait_timeout_s,
+                self.batch_sizes.observe,
+            )
+        else:
+            self.engine = TextEngine(
+                self.model,
+                batching.max_batch_size,
+                batching.batch_wait_timeout_s,
+                self.batch_sizes.observe,
+            )
         self.created = int(time.time())
         self.load_s = time.monotonic() - started
         # Serve tags every metric with application, deployment and replica.
@@ -248,17 +265,12 @@ class ModelServer:
                 self._stream(response_id, jobs, prompt_tokens, include_usage),
                 media_type="text/event-stream",
             )
-        texts = [""] * len(jobs)
-        finish: list[str | None] = [None] * len(jobs)
-        tokens = [0] * len(jobs)
-        batch_size = 0
-        async for deltas, size in self._complete_batch(jobs):
-            batch_size = size
-            for i, delta in enumerate(deltas):
-                if delta is not None:
-                    texts[i] += delta.text
-                    finish[i] = delta.finish_reason or finish[i]
-                    tokens[i] = delta.tokens
+        async for update in self._generate(jobs, stream=False):
+            whole = update
+        texts = [delta.text for delta in whole.deltas]
+        finish = [delta.finish_reason for delta in whole.deltas]
+        tokens = [delta.tokens for delta in whole.deltas]
+        batch_size = whole.batch_size
         choices = [_choice(i, *self._filtered(text, finish[i])) for i, text in enumerate(texts)]
         self.tokens.inc(sum(tokens))
         content = self._completion(response_id, choices, _usage(prompt_tokens, sum(tokens)))
@@ -292,7 +304,22 @@ class ModelServer:
             seed=body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "big"),
             class_label=body.class_label,
         )
-        images, batch_size = await self._images_batch(job)
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+
+        def deliver(outcome: Any) -> None:
+            loop.call_soon_threadsafe(lambda: result.done() or result.set_result(outcome))
+
+        ticket = self.engine.submit(job, job.n, deliver)
+        try:
+            outcome = await result
+        finally:
+            self.engine.cancel(ticket)  # no-op once done; else the client went away
+        if isinstance(outcome, Exception):
+            raise ApiError(
+                500, f"Generation failed: {type(outcome).__name__}: {outcome}", kind="server_error"
+            )
+        images, batch_size = outcome
         from serving.models import png_bytes
 
         data = [{"b64_json": base64.b64encode(png_bytes(image)).decode()} for image in images]
@@ -353,36 +380,24 @@ class ModelServer:
                 )
         return jobs, prompt_tokens
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _complete_batch(self, batch: list[list[Any]]) -> AsyncIterator[list[Any]]:
-        """Generate every request's completions together, a token per step.
-
-        Yields per step, for each request, (its rows' deltas, batch size), then
-        StopIteration once a request has all its completions.
-        """
-        rows = [row for job in batch for row in job]
-        spans, start = [], 0
-        for job in batch:
-            spans.append((start, start + len(job)))
-            start += len(job)
-        steps = self.model.generate(rows)
-        finished = [False] * len(rows)
-        done = [False] * len(batch)
-        while True:
-            deltas = await asyncio.to_thread(next, steps, None)
-            if deltas is None:
-                return
-            out: list[Any] = []
-            for j, (a, b) in enumerate(spans):
-                if done[j]:
-                    out.append(StopIteration)
-                    continue
-                for i in range(a, b):
-                    if deltas[i] is not None and deltas[i].finish_reason:
-                        finished[i] = True
-                out.append((deltas[a:b], len(batch)))
-                done[j] = all(finished[a:b])
-            yield out
+    async def _generate(self, jobs: list[Any], stream: bool) -> AsyncIterator[Any]:
+        """The engine's `Update`s for one request's completions: every step's if streamed,
+        else one with the whole completions. Stops the generation if the client leaves."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue = asyncio.Queue()
+        ticket = self.engine.submit(
+            jobs, lambda update: loop.call_soon_threadsafe(updates.put_nowait, update), stream
+        )
+        try:
+            while True:
+                update = await updates.get()
+                if update.error:
+                    raise ApiError(500, f"Generation failed: {update.error}", kind="server_error")
+                yield update
+                if update.done:
+                    return
+        finally:
+            self.engine.cancel(ticket)  # no-op once done; else the client went away
 
     async def _stream(
         self, response_id: str, jobs: list[Any], prompt_tokens: int, include_usage: bool
@@ -398,22 +413,26 @@ class ModelServer:
                 del body["usage"]
             return f"data: {json.dumps(body)}\n\n"
 
-        async for deltas, _ in self._complete_batch(jobs):
-            choices = []
-            for i, delta in enumerate(deltas):
-                if delta is None:
-                    continue
-                tokens[i] = delta.tokens
-                text, reason = delta.text, delta.finish_reason
-                if buffered:
-                    texts[i] += text
-                    if reason is None:
+        try:
+            async for update in self._generate(jobs, stream=True):
+                choices = []
+                for i, delta in enumerate(update.deltas):
+                    if delta is None:
                         continue
-                    text, reason = self._filtered(texts[i], reason)
-                if text or reason:
-                    choices.append(_choice(i, text, reason))
-            if choices:
-                yield chunk(choices)
+                    tokens[i] = delta.tokens
+                    text, reason = delta.text, delta.finish_reason
+                    if buffered:
+                        texts[i] += text
+                        if reason is None:
+                            continue
+                        text, reason = self._filtered(texts[i], reason)
+                    if text or reason:
+                        choices.append(_choice(i, text, reason))
+                if choices:
+                    yield chunk(choices)
+        except ApiError as exc:  # the status is sent: the error goes in the stream
+            yield f"data: {json.dumps(exc.body())}\n\n"
+            return
         self.tokens.inc(sum(tokens))
         if include_usage:
             yield chunk([], _usage(prompt_tokens, sum(tokens)))
@@ -464,11 +483,6 @@ class ModelServer:
             raise ApiError(
                 400, f"`size` is {body.size!r}; this model generates {size} images.", "size"
             )
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _images_batch(self, jobs: list[Any]) -> list[tuple[Any, int]]:
-        images = await asyncio.to_thread(self.model.generate, jobs)
-        return [(image, len(jobs)) for image in images]
 
 
 def autoscaling_config(spec: DeploySpec) -> dict[str, Any]:

@@ -117,6 +117,9 @@ class LanguageModel:
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
+        self.bos_token_id = self.tokenizer.bos_token_id
+        if self.bos_token_id is None:
+            self.bos_token_id = self.pad_token_id
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -128,48 +131,32 @@ class LanguageModel:
         while it could still turn into a stop sequence, or is an incomplete character),
         or None once that request has finished.
         """
+        batch = DecodeBatch(self)
+        rows = batch.add(requests)
+        while batch.rows or batch.joining:
+            deltas = batch.step()  # for batch.rows as they are after the step
+            step = dict(zip(batch.rows, deltas, strict=True))
+            yield [step.get(row) for row in rows]
+            batch.drop(lambda row: row.finished)
+
+    def forward(self, input_ids, mask, positions, cache):
+        """Next-token logits (B, vocab) on the CPU, and the KV cache holding `input_ids`.
+
+        Args: input_ids, positions (B, T); mask (B, cached + T): 1 where a token is real.
+        """
         import torch
 
-        rows = [_RowState(r, self._generator(r.seed)) for r in requests]
-        longest = max(len(r.prompt_ids) for r in requests)
-        # Left-pad so every row's next token comes out at position -1.
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, r in enumerate(requests):
-            if r.prompt_ids:
-                input_ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-                mask[i, longest - len(r.prompt_ids) :] = 1
-        cache = None
-        while True:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            if cache is not None:
-                positions = positions[:, -1:]
-            # Per step: grad mode is per thread, and the server runs steps on a thread pool.
-            with torch.inference_mode():
-                out = self.model(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=positions.to(self.device),
-                    cache=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-                cache = out.cache
-                logits = out.logits[:, -1, :].float().cpu()  # (B, vocab)
-                deltas: list[TextDelta | None] = []
-                next_ids = torch.full((len(rows),), self.pad_token_id, dtype=torch.long)
-                for i, row in enumerate(rows):
-                    if row.finished:
-                        deltas.append(None)
-                        continue
-                    token = _sample(logits[i], row.request, row.generator)
-                    next_ids[i] = token
-                    deltas.append(row.advance(token, self))
-            yield deltas
-            if all(row.finished for row in rows):
-                return
-            input_ids = next_ids[:, None]
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        # Per call: grad mode is per thread, and servers decode on a thread of their own.
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1, :].float().cpu(), out.cache
 
     def mean_token_losses(self, texts: list[str], max_tokens: int) -> list[float]:
         """Each text's mean next-token loss (nats), on at most its first `max_tokens`
@@ -206,9 +193,10 @@ class LanguageModel:
 class _RowState:
     """One completion in progress: its tokens, its text and how much of it was sent."""
 
-    def __init__(self, request: TextRequest, generator):
+    def __init__(self, request: TextRequest, generator, owner: object = None):
         self.request = request
         self.generator = generator
+        self.owner = owner  # whoever asked for it (the server's request)
         self.ids: list[int] = []
         self.sent = 0  # characters of the text already yielded
         self.finished = False
@@ -231,6 +219,136 @@ class _RowState:
         self.sent = max(end, self.sent)
         self.finished = finish is not None
         return TextDelta(delta, finish, len(self.ids))
+
+
+class DecodeBatch:
+    """Completions decoded together, a token per step, sharing one KV cache.
+
+    Rows join between steps (continuous batching: a new row's prompt is run on its own and
+    its cache merged in) and leave when they finish. Merging needs the plain per-layer
+    caches of full-attention models; with any other cache (sliding windows, ...) rows join
+    only an empty batch and stay until all have finished, as in static batching.
+    """
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+        self.rows: list[_RowState] = []  # decoding, in cache order
+        self.joining: list[_RowState] = []  # added, prompt not yet run
+        self.cache = None
+        self.mask = None  # (B, cached): 1 where the cache holds a real token of the row
+        self.next_ids = None  # (B,): each row's latest token, fed at the next step
+        self.mergeable = True
+
+    def can_join(self) -> bool:
+        return not self.rows or self.mergeable
+
+    def add(self, requests: list[TextRequest], owner: object = None) -> list[_RowState]:
+        """Rows for `requests`, which join at the next step (check `can_join` first)."""
+        assert self.can_join()
+        rows = [_RowState(r, self.model._generator(r.seed), owner) for r in requests]
+        self.joining += rows
+        return rows
+
+    def step(self) -> list[TextDelta | None]:
+        """Decode one token of every row (the first of those joining); what each of
+        `self.rows` (joined ones last) added, None for rows already finished."""
+        import torch
+
+        deltas: list[TextDelta | None] = []
+        if self.rows:
+            ones = torch.ones((len(self.rows), 1), dtype=torch.long)
+            mask = torch.cat([self.mask, ones], dim=1)
+            positions = self.mask.sum(-1, keepdim=True)  # real tokens before this one
+            logits, self.cache = self.model.forward(
+                self.next_ids[:, None], mask, positions, self.cache
+            )
+            self.mask = mask
+            self.next_ids = self._sample(self.rows, logits, deltas)
+        if self.joining:
+            joining = self.joining
+            # A row with no prompt starts from the beginning-of-text token.
+            prompts = [r.request.prompt_ids or [self.model.bos_token_id] for r in joining]
+            longest = max(len(p) for p in prompts)
+            # Left-padded, so every row's next token comes out at position -1.
+            ids = torch.full((len(joining), longest), self.model.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(joining), longest), dtype=torch.long)
+            for i, prompt in enumerate(prompts):
+                ids[i, longest - len(prompt) :] = torch.tensor(prompt)
+                mask[i, longest - len(prompt) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, cache = self.model.forward(ids, mask, positions, None)
+            next_ids = self._sample(joining, logits, deltas)
+            if self.rows:
+                self.cache, self.mask = _merge_caches(self.cache, self.mask, cache, mask)
+                self.next_ids = torch.cat([self.next_ids, next_ids])
+            else:
+                self.cache, self.mask, self.next_ids = cache, mask, next_ids
+                self.mergeable = _mergeable(cache)
+            self.rows, self.joining = self.rows + joining, []
+        return deltas
+
+    def drop(self, leaving) -> None:
+        """Take out the rows for which `leaving(row)` is true (all at once, once all
+        have finished, when rows cannot join and leave one by one)."""
+        import torch
+
+        keep = [i for i, row in enumerate(self.rows) if not leaving(row)]
+        if len(keep) == len(self.rows) or (keep and not self.mergeable):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.cache.batch_select_indices(torch.tensor(keep, device=self.model.device))
+        self.mask, self.next_ids = self.mask[keep], self.next_ids[keep]
+        # Columns no remaining row attends to (the left padding of rows that left).
+        first = int(self.mask.any(0).int().argmax())
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+
+    def _sample(self, rows: list[_RowState], logits, deltas: list[TextDelta | None]):
+        """Each row's next token (B,) from its logits (B, vocab); appends the rows' deltas."""
+        import torch
+
+        next_ids = torch.full((len(rows),), self.model.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row.finished:
+                deltas.append(None)
+                continue
+            token = _sample(logits[i], row.request, row.generator)
+            next_ids[i] = token
+            deltas.append(row.advance(token, self.model))
+        return next_ids
+
+
+def _mergeable(cache) -> bool:
+    """Whether rows can join a batch with this cache: one plain key/value tensor pair
+    (B, heads, T, head_dim) per layer, as full attention keeps."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(
+        type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers
+    )
+
+
+def _merge_caches(cache, mask, other, other_mask):
+    """`cache` with `other`'s rows appended, both left-padded to the longer; and the mask."""
+    import torch
+    import torch.nn.functional as F
+
+    length = max(mask.shape[1], other_mask.shape[1])
+
+    def pad(x, dim_from_end: int):
+        missing = length - x.shape[-dim_from_end]
+        return F.pad(x, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else x
+
+    for layer, joining in zip(cache.layers, other.layers, strict=True):  # (B, H, T, D)
+        layer.keys = torch.cat([pad(layer.keys, 2), pad(joining.keys, 2)])
+        layer.values = torch.cat([pad(layer.values, 2), pad(joining.values, 2)])
+    return cache, torch.cat([pad(mask, 1), pad(other_mask, 1)])
 
 
 def _safe_end(text: str, stops: list[str]) -> int:

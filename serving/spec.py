@@ -54,10 +54,16 @@ class ReplicaSpec(Section):
 
 class BatchingSpec(Section):
     max_batch_size: int = Field(
-        8, ge=1, description="Concurrent requests run as one forward pass, at most."
+        8,
+        ge=1,
+        description="Completions decoded together (language models: requests that arrive "
+        "while others run join them at the next token), or images denoised together, at most.",
     )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="Seconds a request waits for others to fill a batch."
+        0.0,
+        ge=0,
+        description="Seconds an idle replica waits after a request for others to start with "
+        "it. Under load batches form while the model is busy, without waiting.",
     )
 
 

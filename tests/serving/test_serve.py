@@ -266,7 +266,7 @@ def test_concurrent_requests_are_batched_and_all_answered(lm_url):
 
 def test_batch_sizes_requests_latencies_and_tokens_reach_prometheus_metrics(lm_url):
     for metric in [
-        "ray_serve_actual_batch_size_count",
+        "ray_raygen_batch_size_count",
         "ray_serve_num_http_requests_total",
         "ray_serve_http_request_latency_ms_count",
         "ray_serve_deployment_replica_healthy",

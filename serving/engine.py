@@ -1,0 +1,233 @@
+"""Batching on a replica: one thread runs the model; requests that arrive while it is busy
+form the next batch, or, for language models, join the running one at the next token.
+
+Pure Python threads around the models of `serving/models.py` (no Ray, no asyncio): a
+caller submits its work with a `deliver` callback, which the engine thread calls with
+what the work produced (the Serve app hands it to its event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serving.models import DecodeBatch, LanguageModel, TextDelta, TextRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Update:
+    """What one request got: from one step (streamed), or its whole completions."""
+
+    deltas: list[TextDelta | None]  # one per completion; None: nothing new this step
+    batch_size: int  # completions decoded together (at the end: the most while it ran)
+    done: bool
+    error: str | None = None  # generation failed; the request gets nothing more
+
+
+class Ticket:
+    """One request's work in an engine: what it asked for and where results go."""
+
+    def __init__(self, work: Any, size: int, deliver: Callable[[Any], None], stream: bool):
+        self.work = work
+        self.size = size  # rows (completions, images) it adds to a batch
+        self.deliver = deliver
+        self.stream = stream
+        self.cancelled = False
+        self.rows: list[Any] = []  # its rows in the running batch
+        self.so_far: list[Any] = [None] * size  # what each row produced, not yet delivered
+        self.most = 0  # the largest batch it ran in
+
+
+class _Engine:
+    """The thread and its queue: `_run_once(tickets)` is given what was admitted."""
+
+    def __init__(
+        self,
+        name: str,
+        max_batch_size: int,
+        wait_s: float,
+        on_step: Callable[[int], None] | None,
+    ):
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self.on_step = on_step  # called with the batch size of every step
+        self._pending: deque[Ticket] = deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _submit(self, ticket: Ticket) -> Ticket:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._pending.append(ticket)
+            self._lock.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop working for `ticket` (its client went away); nothing more is delivered."""
+        ticket.cancelled = True
+
+    def close(self) -> None:
+        """Finish what is running, refuse new work and stop the thread."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        self._thread.join()
+
+    def _admit(self, busy: int, can_join: bool) -> list[Ticket] | None:
+        """Pending tickets that fit next to `busy` running rows, FIFO; waits while idle.
+        None once closed and idle."""
+        with self._lock:
+            if not busy:
+                while not self._pending and not self._closed:
+                    self._lock.wait()
+                if not self._pending:
+                    return None
+                # Idle: give requests sent together a moment to start together.
+                deadline = time.monotonic() + self.wait_s
+                while sum(t.size for t in self._pending) < self.max_batch_size:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._closed:
+                        break
+                    self._lock.wait(left)
+            room = self.max_batch_size - busy if can_join else 0
+            admitted: list[Ticket] = []
+            while self._pending:
+                ticket = self._pending[0]
+                if ticket.cancelled:
+                    self._pending.popleft()
+                    continue
+                # FIFO: a request bigger than the room waits (alone if bigger than a batch).
+                if ticket.size > room and (admitted or busy):
+                    break
+                admitted.append(self._pending.popleft())
+                room -= ticket.size
+            return admitted
+
+    def _send(self, ticket: Ticket, update: Any) -> None:
+        try:
+            ticket.deliver(update)
+        except Exception:  # the receiver is gone (e.g. its event loop closed)
+            logger.warning("raygen: could not deliver a result; dropping the request")
+            ticket.cancelled = True
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class TextEngine(_Engine):
+    """Continuous batching of completions: every running completion gets a token per
+    step, and requests that arrive meanwhile join at the next step (up to
+    `max_batch_size` completions decoded together)."""
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        max_batch_size: int,
+        wait_s: float = 0.0,
+        on_step: Callable[[int], None] | None = None,
+    ):
+        self.model = model
+        super().__init__("raygen-text-engine", max_batch_size, wait_s, on_step)
+
+    def submit(
+        self, requests: list[TextRequest], deliver: Callable[[Update], None], stream: bool
+    ) -> Ticket:
+        """Generate `requests` (one request's completions). `deliver` is called on the
+        engine's thread: streamed, with every step's `Update`; else once, at the end."""
+        return self._submit(Ticket(requests, len(requests), deliver, stream))
+
+    def _run(self) -> None:
+        batch = DecodeBatch(self.model)
+        while True:
+            admitted = self._admit(len(batch.rows), batch.can_join())
+            if admitted is None:
+                return
+            for ticket in admitted:
+                ticket.rows = batch.add(ticket.work, owner=ticket)
+            for row in batch.rows:
+                if row.owner.cancelled:
+                    row.finished = True
+            try:
+                deltas = batch.step()  # for batch.rows as they are after the step
+                step = dict(zip(batch.rows, deltas, strict=True))
+            except Exception as exc:  # e.g. out of memory: fail these requests, go on
+                logger.exception("raygen: generation failed")
+                for ticket in {row.owner for row in batch.rows + batch.joining}:
+                    self._send(ticket, Update([], 0, True, f"{type(exc).__name__}: {exc}"))
+                batch = DecodeBatch(self.model)
+                continue
+            if self.on_step is not None:
+                self.on_step(len(batch.rows))
+            self._deliver(step, len(batch.rows))
+            batch.drop(lambda row: row.finished)
+
+    def _deliver(self, step: dict[Any, TextDelta | None], size: int) -> None:
+        """Hand each request what this step added (streamed) or, once all its completions
+        have finished, all of them."""
+        for ticket in {row.owner: None for row in step}:  # in batch order
+            if ticket.cancelled:
+                continue
+            ticket.most = max(ticket.most, size)
+            done = all(row.finished for row in ticket.rows)
+            deltas = [step.get(row) for row in ticket.rows]
+            if ticket.stream:
+                self._send(ticket, Update(deltas, size, done))
+                continue
+            for i, delta in enumerate(deltas):
+                if delta is not None:
+                    before = ticket.so_far[i].text if ticket.so_far[i] else ""
+                    ticket.so_far[i] = TextDelta(
+                        before + delta.text, delta.finish_reason, delta.tokens
+                    )
+            if done:
+                self._send(ticket, Update(ticket.so_far, ticket.most, True))
+
+
+class ImageEngine(_Engine):
+    """Batches of image requests: the requests waiting when the model is free are
+    denoised together (up to `max_batch_size` images)."""
+
+    def __init__(
+        self,
+        generate: Callable[[list[Any]], list[Any]],
+        max_batch_size: int,
+        wait_s: float = 0.0,
+        on_step: Callable[[int], None] | None = None,
+    ):
+        self.generate = generate  # jobs -> one result per job
+        super().__init__("raygen-image-engine", max_batch_size, wait_s, on_step)
+
+    def submit(self, job: Any, images: int, deliver: Callable[[Any], None]) -> Ticket:
+        """Generate `job` (of `images` images); `deliver` is called on the engine's thread
+        with (its result, images in the batch), or the exception that failed the batch."""
+        return self._submit(Ticket(job, images, deliver, stream=False))
+
+    def _run(self) -> None:
+        while True:
+            admitted = self._admit(0, True)
+            if admitted is None:
+                return
+            if not admitted:
+                continue
+            images = sum(ticket.size for ticket in admitted)
+            try:
+                results = self.generate([ticket.work for ticket in admitted])
+            except Exception as exc:
+                logger.exception("raygen: generation failed")
+                results = [exc] * len(admitted)
+            if self.on_step is not None:
+                self.on_step(images)
+            for ticket, result in zip(admitted, results, strict=True):
+                if not ticket.cancelled:
+                    failed = isinstance(result, Exception)
+                    self._send(ticket, result if failed else (result, images))

@@ -1,0 +1,232 @@
+"""Continuous batching (serving/engine.py, DecodeBatch in serving/models.py), without Ray:
+a tiny random GPT-2 and a BPE tokenizer trained here on stdlib text."""
+
+from __future__ import annotations
+
+import queue
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.engine import ImageEngine, TextEngine, Update
+from serving.models import DecodeBatch, LanguageModel, TextRequest
+
+PROMPTS = [
+    "import os\n",
+    "def main():\n    return",
+    "class Parser(object):\n    def __init__(self",
+    "x = [i * i for i in range(10)]\nprint(",
+    "# Copyright",
+    "for key, value in sorted(items.items()):\n        if",
+]
+
+
+def _save_model(out: Path, arch: str, **config) -> Path:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    bpe = ByteLevelBPETokenizer()
+    texts = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:20]]
+    bpe.train_from_iterator(texts, vocab_size=300, special_tokens=["<|endoftext|>"])
+    eos = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token=eos, bos_token=eos, pad_token=eos
+    )
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(arch, vocab_size=len(tokenizer), eos_token_id=0, **config)
+    )
+    net.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> LanguageModel:
+    out = tmp_path_factory.mktemp("gpt2")
+    _save_model(out, "gpt2", n_layer=2, n_embd=32, n_head=2, n_positions=256)
+    return LanguageModel(str(out))
+
+
+def _alone(lm: LanguageModel, request: TextRequest) -> str:
+    return "".join(d[0].text for d in lm.generate([request]) if d[0] is not None)
+
+
+def _requests(lm: LanguageModel, temperature: float = 0.0) -> list[TextRequest]:
+    return [
+        TextRequest(lm.encode(p), 5 + 4 * i, temperature, seed=i) for i, p in enumerate(PROMPTS)
+    ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_joining_a_running_batch_generate_what_they_would_alone(lm, temperature):
+    requests = _requests(lm, temperature)
+    alone = [_alone(lm, r) for r in requests]
+    batch, texts, widths = DecodeBatch(lm), {}, []
+    waiting = list(enumerate(requests))
+    while waiting or batch.rows:
+        if waiting:  # one joins at every step, while the others run and finish
+            i, request = waiting.pop(0)
+            batch.add([request], owner=i)
+            texts[i] = ""
+        deltas = batch.step()
+        for row, delta in zip(batch.rows, deltas, strict=True):
+            texts[row.owner] += delta.text if delta else ""
+        batch.drop(lambda row: row.finished)
+        widths.append(batch.mask.shape[1] if batch.rows else 0)
+    assert [texts[i] for i in range(len(requests))] == alone
+    assert batch.mergeable and max(widths) > 0
+    # Finished rows left, and the columns only they used went with them: the cache is not
+    # longer than the longest running row's tokens.
+    assert widths[-2] <= max(len(r.prompt_ids) for r in requests) + max(
+        r.max_tokens for r in requests
+    )
+
+
+def test_sliding_window_models_batch_without_merging(tmp_path):
+    out = _save_model(
+        tmp_path,
+        "mistral",
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=4,
+    )
+    lm = LanguageModel(str(out))
+    requests = _requests(lm)[:3]
+    alone = [_alone(lm, r) for r in requests]
+    batch = DecodeBatch(lm)
+    batch.add(requests[:2])
+    batch.step()
+    assert not batch.mergeable and not batch.can_join()  # the others wait for an empty batch
+    steps = list(lm.generate(requests[:2]))
+    together = ["".join(step[i].text for step in steps if step[i]) for i in range(2)]
+    assert together == alone[:2]
+
+
+class Collector:
+    """Receives an engine's deliveries (on its thread) for the test to wait on."""
+
+    def __init__(self):
+        self.updates: queue.Queue = queue.Queue()
+
+    def __call__(self, update) -> None:
+        self.updates.put(update)
+
+    def until_done(self, timeout: float = 60) -> list[Update]:
+        out = []
+        while not out or not out[-1].done:
+            out.append(self.updates.get(timeout=timeout))
+        return out
+
+
+def test_engine_answers_whole_or_streamed_completions_joining_at_the_next_token(lm):
+    sizes: list[int] = []
+    engine = TextEngine(lm, max_batch_size=4, on_step=sizes.append)
+    try:
+        requests = _requests(lm)
+        alone = [_alone(lm, r) for r in requests]
+        long = Collector()
+        engine.submit([TextRequest(lm.encode("import"), 60, 0.0)], long, stream=True)
+        long.updates.put(long.updates.get(timeout=60))  # it is decoding
+        whole, streamed = [Collector() for _ in requests], [Collector() for _ in requests]
+        for request, w, s in zip(requests, whole, streamed, strict=True):
+            engine.submit([request], w, stream=False)
+            engine.submit([request], s, stream=True)
+        for i, (w, s) in enumerate(zip(whole, streamed, strict=True)):
+            (final,) = w.until_done()
+            assert final.deltas[0].text == alone[i]
+            steps = s.until_done()
+            assert "".join(u.deltas[0].text for u in steps if u.deltas[0]) == alone[i]
+            assert steps[-1].deltas[0].finish_reason == final.deltas[0].finish_reason
+        long.until_done()
+    finally:
+        engine.close()
+    assert max(sizes) == 4  # later requests joined the running one, up to the cap
+
+
+def test_a_request_for_several_completions_gets_them_together(lm):
+    engine = TextEngine(lm, max_batch_size=2)
+    try:
+        requests = _requests(lm)[:3]  # more than a batch: it runs alone, all at once
+        got = Collector()
+        engine.submit(requests, got, stream=False)
+        (final,) = got.until_done()
+    finally:
+        engine.close()
+    assert [d.text for d in final.deltas] == [_alone(lm, r) for r in requests]
+    assert final.batch_size == 3
+
+
+def test_a_cancelled_request_stops_being_decoded(lm):
+    sizes: list[int] = []
+    engine = TextEngine(lm, max_batch_size=8, on_step=sizes.append)
+    try:
+        gone, stays = Collector(), Collector()
+        ticket = engine.submit([TextRequest(lm.encode("import"), 100, 0.0)], gone, stream=True)
+        gone.updates.get(timeout=60)
+        engine.submit([TextRequest(lm.encode("import"), 30, 0.0)], stays, stream=True)
+        stays.updates.get(timeout=60)
+        engine.cancel(ticket)
+        delivered = gone.updates.qsize()
+        stays.until_done()
+    finally:
+        engine.close()
+    assert sizes[-1] == 1  # the other request was decoded alone after the cancel
+    assert gone.updates.qsize() <= delivered + 1  # at most the step under way
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(lm, monkeypatch):
+    engine = TextEngine(lm, max_batch_size=8)
+    real = lm.forward
+    try:
+        monkeypatch.setattr(lm, "forward", lambda *a: (_ for _ in ()).throw(MemoryError("oom")))
+        failed = Collector()
+        engine.submit(_requests(lm)[:1], failed, stream=False)
+        (update,) = failed.until_done()
+        assert update.error == "MemoryError: oom"
+        monkeypatch.setattr(lm, "forward", real)
+        ok = Collector()
+        engine.submit(_requests(lm)[:1], ok, stream=False)
+        (update,) = ok.until_done()
+        assert update.error is None and update.deltas[0].text == _alone(lm, _requests(lm)[0])
+    finally:
+        engine.close()
+
+
+def test_image_requests_waiting_while_the_model_runs_form_the_next_batch():
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    batches: list[list[int]] = []
+
+    def generate(jobs: list[int]) -> list[int]:
+        batches.append(jobs)
+        started.set()
+        release.wait(timeout=60)
+        if -1 in jobs:
+            raise ValueError("bad job")
+        return [job * 10 for job in jobs]
+
+    engine = ImageEngine(generate, max_batch_size=3)
+    try:
+        results = [Collector() for _ in range(5)]
+        engine.submit(0, 1, results[0])
+        started.wait(timeout=60)
+        for job in range(1, 5):  # arrive while job 0 runs
+            engine.submit(job, 1, results[job])
+        release.set()
+        got = [r.updates.get(timeout=60) for r in results]
+        failed = Collector()
+        engine.submit(-1, 1, failed)
+        error = failed.updates.get(timeout=60)
+    finally:
+        engine.close()
+    assert batches[:3] == [[0], [1, 2, 3], [4]]
+    assert got == [(0, 1), (10, 3), (20, 3), (30, 3), (40, 1)]
+    assert isinstance(error, ValueError)
