@@ -40,6 +40,7 @@ class Ticket:
         self.deliver = deliver
         self.stream = stream
         self.cancelled = False
+        self.done = False  # all delivered
         self.rows: list[Any] = []  # its rows in the running batch
         self.so_far: list[Any] = [None] * size  # what each row produced, not yet delivered
         self.most = 0  # the largest batch it ran in
@@ -113,6 +114,14 @@ class _Engine:
                 room -= ticket.size
             return admitted
 
+    def _observe(self, batch_size: int) -> None:
+        if self.on_step is None:
+            return
+        try:
+            self.on_step(batch_size)
+        except Exception:  # a metric must not stop the engine
+            logger.warning("raygen: could not record the batch size", exc_info=True)
+
     def _send(self, ticket: Ticket, update: Any) -> None:
         try:
             ticket.deliver(update)
@@ -159,26 +168,24 @@ class TextEngine(_Engine):
                     row.finished = True
             try:
                 deltas = batch.step()  # for batch.rows as they are after the step
-                step = dict(zip(batch.rows, deltas, strict=True))
+                self._observe(len(batch.rows))
+                self._deliver(dict(zip(batch.rows, deltas, strict=True)), len(batch.rows))
+                batch.drop(lambda row: row.finished)
             except Exception as exc:  # e.g. out of memory: fail these requests, go on
                 logger.exception("raygen: generation failed")
                 for ticket in {row.owner for row in batch.rows + batch.joining}:
-                    self._send(ticket, Update([], 0, True, f"{type(exc).__name__}: {exc}"))
+                    if not ticket.done:
+                        self._send(ticket, Update([], 0, True, f"{type(exc).__name__}: {exc}"))
                 batch = DecodeBatch(self.model)
-                continue
-            if self.on_step is not None:
-                self.on_step(len(batch.rows))
-            self._deliver(step, len(batch.rows))
-            batch.drop(lambda row: row.finished)
 
     def _deliver(self, step: dict[Any, TextDelta | None], size: int) -> None:
         """Hand each request what this step added (streamed) or, once all its completions
         have finished, all of them."""
         for ticket in {row.owner: None for row in step}:  # in batch order
-            if ticket.cancelled:
+            if ticket.cancelled or ticket.done:  # (rows that cannot leave stay till the end)
                 continue
             ticket.most = max(ticket.most, size)
-            done = all(row.finished for row in ticket.rows)
+            done = ticket.done = all(row.finished for row in ticket.rows)
             deltas = [step.get(row) for row in ticket.rows]
             if ticket.stream:
                 self._send(ticket, Update(deltas, size, done))
@@ -225,8 +232,7 @@ class ImageEngine(_Engine):
             except Exception as exc:
                 logger.exception("raygen: generation failed")
                 results = [exc] * len(admitted)
-            if self.on_step is not None:
-                self.on_step(images)
+            self._observe(images)
             for ticket, result in zip(admitted, results, strict=True):
                 if not ticket.cancelled:
                     failed = isinstance(result, Exception)

@@ -107,6 +107,20 @@ def test_sliding_window_models_batch_without_merging(tmp_path):
     steps = list(lm.generate(requests[:2]))
     together = ["".join(step[i].text for step in steps if step[i]) for i in range(2)]
     assert together == alone[:2]
+    # Through the engine: rows that finish early stay in the batch, their requests are
+    # answered once.
+    engine = TextEngine(lm, max_batch_size=8, wait_s=0.5)
+    try:
+        whole, streamed = [Collector() for _ in requests], [Collector() for _ in requests]
+        for request, w, st in zip(requests, whole, streamed, strict=True):
+            engine.submit([request], w, stream=False)
+            engine.submit([request], st, stream=True)
+        for i, (w, st) in enumerate(zip(whole, streamed, strict=True)):
+            assert [u.deltas[0].text for u in w.until_done()] == [alone[i]]
+            assert "".join(u.deltas[0].text for u in st.until_done() if u.deltas[0]) == alone[i]
+    finally:
+        engine.close()
+    assert all(c.updates.empty() for c in whole + streamed)
 
 
 class Collector:
