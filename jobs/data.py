@@ -57,7 +57,6 @@ TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
 # Documents per tokenize/pack batch: packing drops < seq_len tokens at each batch's end.
 _PACK_BATCH_DOCS = 512
-_MIN_BLOCK_BYTES = 4 * 2**20  # smallest data block the preparation asks Ray Data for
 # Group weighting: the group of documents without a value, and the most groups allowed.
 GROUP_MISSING = "(missing)"
 MAX_GROUPS = 1000
@@ -500,17 +499,7 @@ def _read_documents(files: list[InputFile], text_column: str, group_column: str 
                 _read_text_files, batch_format="pyarrow"
             )
         )
-    docs = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    # Ray Data reads Parquet in blocks of up to 128 MiB whatever the cluster: a 300 MB
-    # corpus became 3 blocks, so at most 3 tasks tokenized it, unevenly (on 2 CPUs one
-    # worker idled a fifth of the time; on a large cluster all but 3). Blocks of about an
-    # eighth of a CPU's share of the input keep every CPU busy to the end.
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    share = sum(f.size for f in files) // (8 * cpus)
-    docs.context.target_max_block_size = int(
-        min(docs.context.target_max_block_size or share, max(_MIN_BLOCK_BYTES, share))
-    )
-    return docs
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
 def _read_text_files(batch: pa.Table) -> pa.Table:
