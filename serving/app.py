@@ -166,6 +166,14 @@ class ModelServer:
             self.load_s,
         )
 
+    def check_health(self) -> None:
+        """Serve's periodic health check (every 10 s): a replica whose engine thread has
+        stopped cannot answer, and Serve replaces it. Also re-records the load time: Ray
+        stops exporting a gauge that was not recorded for two metric report intervals."""
+        if not self.engine.alive():
+            raise RuntimeError("the model's engine thread has stopped; replace this replica")
+        self.load_gauge.set(self.load_s)
+
     # --- plumbing -------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
@@ -272,7 +280,7 @@ class ModelServer:
         tokens = [delta.tokens for delta in whole.deltas]
         batch_size = whole.batch_size
         choices = [_choice(i, *self._filtered(text, finish[i])) for i, text in enumerate(texts)]
-        self.tokens.inc(sum(tokens))
+        self._count_tokens(sum(tokens))
         content = self._completion(response_id, choices, _usage(prompt_tokens, sum(tokens)))
         return JSONResponse(content, headers={"x-raygen-batch-size": str(batch_size)})
 
@@ -433,10 +441,15 @@ class ModelServer:
         except ApiError as exc:  # the status is sent: the error goes in the stream
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
-        self.tokens.inc(sum(tokens))
+        self._count_tokens(sum(tokens))
         if include_usage:
             yield chunk([], _usage(prompt_tokens, sum(tokens)))
         yield "data: [DONE]\n\n"
+
+    def _count_tokens(self, n: int) -> None:
+        # Ray's Counter refuses 0, which a completion ending at once (EOS first) adds.
+        if n > 0:
+            self.tokens.inc(n)
 
     def _filtered(self, text: str, reason: str | None) -> tuple[str, str | None]:
         text, matched = self.filter.apply(text)

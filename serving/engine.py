@@ -73,6 +73,10 @@ class _Engine:
             self._lock.notify()
         return ticket
 
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it ends only when closed, or by a bug)."""
+        return self._thread.is_alive()
+
     def cancel(self, ticket: Ticket) -> None:
         """Stop working for `ticket` (its client went away); nothing more is delivered."""
         ticket.cancelled = True

@@ -171,8 +171,10 @@ def test_a_request_for_several_completions_gets_them_together(lm):
         got = Collector()
         engine.submit(requests, got, stream=False)
         (final,) = got.until_done()
+        assert engine.alive()
     finally:
         engine.close()
+    assert not engine.alive()  # what the replica's health check looks at
     assert [d.text for d in final.deltas] == [_alone(lm, r) for r in requests]
     assert final.batch_size == 3
 
