@@ -47,7 +47,7 @@ class Ticket:
 
 
 class _Engine:
-    """The thread and its queue: `_run_once(tickets)` is given what was admitted."""
+    """The thread and its queue of tickets; a subclass's `_run` loops on `_admit`."""
 
     def __init__(
         self,
@@ -171,9 +171,9 @@ class TextEngine(_Engine):
                 if row.owner.cancelled:
                     row.finished = True
             try:
-                deltas = batch.step()  # for batch.rows as they are after the step
-                self._observe(len(batch.rows))
-                self._deliver(dict(zip(batch.rows, deltas, strict=True)), len(batch.rows))
+                step = batch.step()
+                self._observe(len(step))
+                self._deliver(step, len(step))
                 batch.drop(lambda row: row.finished)
             except Exception as exc:  # e.g. out of memory: fail these requests, go on
                 logger.exception("raygen: generation failed")

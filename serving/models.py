@@ -134,8 +134,7 @@ class LanguageModel:
         batch = DecodeBatch(self)
         rows = batch.add(requests)
         while batch.rows or batch.joining:
-            deltas = batch.step()  # for batch.rows as they are after the step
-            step = dict(zip(batch.rows, deltas, strict=True))
+            step = batch.step()
             yield [step.get(row) for row in rows]
             batch.drop(lambda row: row.finished)
 
@@ -182,12 +181,6 @@ class LanguageModel:
         return self.tokenizer.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
-
-    @staticmethod
-    def _generator(seed: int | None):
-        import torch
-
-        return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
 
 
 class _RowState:
@@ -245,16 +238,16 @@ class DecodeBatch:
     def add(self, requests: list[TextRequest], owner: object = None) -> list[_RowState]:
         """Rows for `requests`, which join at the next step (check `can_join` first)."""
         assert self.can_join()
-        rows = [_RowState(r, self.model._generator(r.seed), owner) for r in requests]
+        rows = [_RowState(r, _row_generator(r.seed), owner) for r in requests]
         self.joining += rows
         return rows
 
-    def step(self) -> list[TextDelta | None]:
-        """Decode one token of every row (the first of those joining); what each of
-        `self.rows` (joined ones last) added, None for rows already finished."""
+    def step(self) -> dict[_RowState, TextDelta | None]:
+        """Decode one token of every row (the first of those joining); what each row
+        added, None for rows already finished."""
         import torch
 
-        deltas: list[TextDelta | None] = []
+        deltas: dict[_RowState, TextDelta | None] = {}
         if self.rows:
             ones = torch.ones((len(self.rows), 1), dtype=torch.long)
             mask = torch.cat([self.mask, ones], dim=1)
@@ -309,19 +302,25 @@ class DecodeBatch:
                 layer.keys = layer.keys[:, :, first:]
                 layer.values = layer.values[:, :, first:]
 
-    def _sample(self, rows: list[_RowState], logits, deltas: list[TextDelta | None]):
-        """Each row's next token (B,) from its logits (B, vocab); appends the rows' deltas."""
+    def _sample(self, rows: list[_RowState], logits, deltas: dict):
+        """Each row's next token (B,) from its logits (B, vocab); records the rows' deltas."""
         import torch
 
         next_ids = torch.full((len(rows),), self.model.pad_token_id, dtype=torch.long)
         for i, row in enumerate(rows):
-            if row.finished:
-                deltas.append(None)
-                continue
-            token = _sample(logits[i], row.request, row.generator)
-            next_ids[i] = token
-            deltas.append(row.advance(token, self.model))
+            deltas[row] = None
+            if not row.finished:
+                token = _sample(logits[i], row.request, row.generator)
+                next_ids[i] = token
+                deltas[row] = row.advance(token, self.model)
         return next_ids
+
+
+def _row_generator(seed: int | None):
+    """The random generator of one completion: seeded, or from fresh entropy."""
+    import torch
+
+    return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
 
 
 def _mergeable(cache) -> bool:
