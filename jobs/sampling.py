@@ -65,11 +65,11 @@ def sample_model(
     if classes:
         labels = [class_label if class_label is not None else i % classes for i in range(n)]
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    torch.manual_seed(seed)  # DDPM steps draw fresh noise
     images = []
     for start in range(0, n, 64):
         indices = list(range(start, min(n, start + 64)))
         label_tensor = torch.tensor([labels[i] for i in indices]) if labels else None
-        noise = seeded_noise(shape, seed, indices)
-        images.append(generate(unet, sampler, noise, label_tensor, steps))
+        # The image API's rule: image i depends only on (seed, i), DDPM's fresh noise too.
+        noise, generators = seeded_noise(shape, seed, indices)
+        images.append(generate(unet, sampler, noise, label_tensor, steps, generators))
     return to_uint8(torch.cat(images)), labels

@@ -159,9 +159,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         out = []
         for chunk in range(0, per_rank, _GENERATE_BATCH):
             part = indices[chunk : chunk + _GENERATE_BATCH]
-            noise = seeded_noise(shape, spec.train.seed, part).to(device)
+            noise, _ = seeded_noise(shape, spec.train.seed, part)  # DDIM: deterministic
             labels = torch.tensor(part, device=device) % classes if conditional else None
-            out.append(generate(engine.module, sampler, noise, labels, spec.sampling.steps))
+            out.append(
+                generate(engine.module, sampler, noise.to(device), labels, spec.sampling.steps)
+            )
         mine = torch.cat(out).float().contiguous()
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)

@@ -357,14 +357,8 @@ def serve_deploy(
     import signal
 
     from cluster.connection import connect
-    from serving.deploy import (
-        block,
-        deploy,
-        gate,
-        record_deployment,
-        resolve_deploy_spec,
-        teardown,
-    )
+    from serving.deploy import block, deploy, gate, resolve_deploy_spec, teardown
+    from serving.gate import record_deployment
 
     resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=embedded)
     connect(address)
@@ -378,7 +372,9 @@ def serve_deploy(
         _print_deployment(info, gated)
         if gated.audit_override:
             out.print(
-                f"[yellow]audit overridden[/] by {gated.audit_override.user}, recorded in {record}"
+                f"[yellow]audit overridden[/], on the record: {gated.audit_override.record}; "
+                f"deployment recorded in {record}",
+                soft_wrap=True,
             )
         if detach:
             out.print(f"left running; stop it with `raygen serve shutdown {info['name']}`")
@@ -449,6 +445,8 @@ def serve_build(
     resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=False)
     gated = gate(resolved, override_audit, address, on_event=_print_plain)
     write_serve_config(gated, out_path)
+    if gated.audit_override:
+        out.print(f"[yellow]audit overridden[/], on the record: {gated.audit_override.record}")
     out.print(f"wrote {out_path}; deploy it with `serve deploy {out_path}`")
 
 

@@ -1,5 +1,10 @@
 """The HTTP API's request bodies and errors, in OpenAI's shapes so existing clients work.
 
+Every field is bounded here, where the API is defined: the same models validate requests
+and write `/openapi.json`, so the schema states exactly what is accepted. The bounds that
+depend on the deployment (its name, limits and model) are set per deployment by
+`completion_request_for` and `image_request_for`.
+
 Bodies are validated strictly (no "5" for 5) and every problem becomes a 4xx JSON error
 `{"error": {"message", "type", "param", "code"}}` naming the field, as OpenAI's API does.
 """
@@ -7,9 +12,17 @@ Bodies are validated strictly (no "5" for 5) and every problem becomes a 4xx JSO
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's `seed` is a signed 64-bit integer
+MAX_N = 128  # OpenAI's cap on `n`
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+MAX_USER_CHARS = 512
+MAX_JSON_DEPTH = 32  # request bodies nest 3 deep; deeper JSON is refused before validation
+UNSUPPORTED = "is not supported by this server; leave it out"
 
 
 class ApiError(Exception):
@@ -22,6 +35,7 @@ class ApiError(Exception):
         param: str | None = None,
         kind: str = "invalid_request_error",
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -29,6 +43,7 @@ class ApiError(Exception):
         self.param = param
         self.kind = kind
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -43,13 +58,50 @@ class ApiError(Exception):
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    # What to say, instead of pydantic's words, when a field is refused.
+    field_hints: ClassVar[dict[str, str]] = {}
+
+
+def _unicode(text: str) -> str:
+    """JSON can carry lone UTF-16 surrogates (`"\\ud800"`), which are not text: tokenizers
+    cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("unicode_escape").decode()
+        raise ValueError(f"holds {bad}, a lone UTF-16 surrogate, which is not text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Stop = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+class StreamOptions(_Body):
+    include_usage: bool = Field(False, description="A last chunk with the token counts.")
 
 
 class CompletionRequest(_Body):
     """POST /v1/completions (OpenAI's legacy completions API)."""
 
-    model: str = Field(description="The deployment's name (see GET /v1/models).")
-    prompt: str | list[str] = Field(description="A prompt, or a list of prompts.")
+    field_hints: ClassVar[dict[str, str]] = {
+        name: UNSUPPORTED
+        for name in (
+            "echo",
+            "logprobs",
+            "best_of",
+            "suffix",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+        )
+    }
+
+    model: str = Field(max_length=256, description="The deployment's name (GET /v1/models).")
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_N)] = Field(
+        description="A prompt, or a list of prompts."
+    )
     max_tokens: int = Field(16, ge=1, description="Most tokens to generate per completion.")
     temperature: float = Field(
         1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy decoding."
@@ -57,26 +109,28 @@ class CompletionRequest(_Body):
     top_p: float = Field(
         1.0, gt=0, le=1, description="Nucleus sampling: smallest token set with this mass."
     )
-    n: int = Field(1, ge=1, description="Completions per prompt.")
-    stop: str | list[str] | None = Field(
+    n: int = Field(1, ge=1, le=MAX_N, description="Completions per prompt.")
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = Field(
         None, description="Up to 4 sequences that end a completion (not included in it)."
     )
-    seed: int | None = Field(
-        None, ge=0, description="Makes sampling repeatable: completion i depends on (seed, i)."
+    seed: Seed | None = Field(
+        None, description="Makes sampling repeatable: completion i depends on (seed, i)."
     )
     stream: bool = Field(False, description="Send tokens as server-sent events as they come.")
-    stream_options: dict[str, bool] | None = Field(
-        None, description="`{include_usage: true}`: a last chunk with the token counts."
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
+    user: str | None = Field(
+        None, max_length=MAX_USER_CHARS, description="An end-user id (accepted, not used)."
     )
-    user: str | None = Field(None, description="An end-user id (accepted, not used).")
     # Accepted for compatibility only at their defaults.
-    echo: bool = Field(False, description="Not supported: must be false.")
-    logprobs: int | None = Field(None, description="Not supported: must be null.")
-    best_of: int | None = Field(None, description="Not supported: must be null or 1.")
-    suffix: str | None = Field(None, description="Not supported: must be null.")
-    presence_penalty: float = Field(0.0, description="Not supported: must be 0.")
-    frequency_penalty: float = Field(0.0, description="Not supported: must be 0.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be null.")
+    echo: Literal[False] = Field(False, description="Not supported: must be false.")
+    logprobs: None = Field(None, description="Not supported: must be null.")
+    best_of: Literal[1] | None = Field(None, description="Not supported: must be null or 1.")
+    suffix: None = Field(None, description="Not supported: must be null.")
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
+        None, description="Not supported: must be null or empty."
+    )
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -86,45 +140,37 @@ class CompletionRequest(_Body):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def check(self) -> None:
-        """What pydantic's field constraints cannot say.
+    def check(self, max_choices: int) -> None:
+        """What a schema cannot say.
 
         Raises:
             ApiError: 400 naming the field.
         """
-        unsupported = {
-            "echo": self.echo,
-            "logprobs": self.logprobs is not None,
-            "best_of": self.best_of not in (None, 1),
-            "suffix": self.suffix is not None,
-            "presence_penalty": self.presence_penalty != 0,
-            "frequency_penalty": self.frequency_penalty != 0,
-            "logit_bias": bool(self.logit_bias),
-        }
-        for name, used in unsupported.items():
-            if used:
-                raise ApiError(
-                    400, f"`{name}` is not supported by this server; leave it out.", name
-                )
-        if not self.prompts():
-            raise ApiError(400, "`prompt` is an empty list; give at least one prompt.", "prompt")
-        stops = self.stops()
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ApiError(400, "`stop` takes up to 4 non-empty strings.", "stop")
         if self.stream_options is not None and not self.stream:
             raise ApiError(
                 400, "`stream_options` is only allowed with `stream: true`.", "stream_options"
+            )
+        prompts = len(self.prompts())
+        if prompts * self.n > max_choices:
+            raise ApiError(
+                400,
+                f"{prompts} prompt(s) x n={self.n} asks for {prompts * self.n} completions; "
+                f"this server allows at most {max_choices} per request.",
+                "n",
             )
 
 
 class ImageRequest(_Body):
     """POST /v1/images/generations (the shape of OpenAI's images API)."""
 
-    model: str | None = Field(None, description="The deployment's name; optional.")
+    field_hints: ClassVar[dict[str, str]] = {
+        "prompt": "is not supported: this diffusion model is not text-conditioned; use "
+        "`class_label` for a class-conditional model"
+    }
+
+    model: str | None = Field(None, max_length=256, description="The deployment's name.")
     n: int = Field(1, ge=1, description="Images to generate.")
-    seed: int | None = Field(
-        None, ge=0, description="Image i's starting noise depends only on (seed, i)."
-    )
+    seed: Seed | None = Field(None, description="Image i depends only on (seed, i).")
     num_inference_steps: int = Field(50, ge=1, description="Denoising steps.")
     class_label: int | None = Field(
         None, ge=0, description="Class of every image (class-conditional models)."
@@ -133,30 +179,137 @@ class ImageRequest(_Body):
     response_format: Literal["b64_json"] = Field(
         "b64_json", description="Images come back as base64-encoded PNG."
     )
-    prompt: str | None = Field(
+    prompt: None = Field(
         None, description="Not supported: raygen's diffusion models are not text-conditioned."
     )
+
+
+def completion_request_for(name: str, max_tokens: int, max_choices: int) -> type[CompletionRequest]:
+    """The completion body of one deployment: its name, and its limits on `max_tokens`
+    (already capped by the model's context) and on completions per request."""
+    most = max(1, max_tokens)
+    choices = min(MAX_N, max_choices)
+    return create_model(
+        "CompletionRequest",
+        __base__=CompletionRequest,
+        model=(
+            str,
+            Field(description="The deployment's name.", json_schema_extra={"enum": [name]}),
+        ),
+        max_tokens=(
+            int,
+            Field(min(16, most), ge=1, le=most, description="Most tokens per completion."),
+        ),
+        n=(int, Field(1, ge=1, le=choices, description="Completions per prompt.")),
+        prompt=(
+            Text | Annotated[list[Text], Field(min_length=1, max_length=choices)],
+            Field(description=f"A prompt, or a list of prompts (prompts x n <= {choices})."),
+        ),
+    )
+
+
+def image_request_for(
+    name: str, max_images: int, max_steps: int, num_classes: int, size: str
+) -> type[ImageRequest]:
+    """The image body of one deployment: its name, limits and model (timesteps, classes,
+    image size)."""
+    if num_classes:
+        label: Any = (
+            int | None,
+            Field(None, ge=0, le=num_classes - 1, description="Class of every image."),
+        )
+        hints = ImageRequest.field_hints
+    else:
+        label = (None, Field(None, description="Not accepted: the model is unconditional."))
+        unconditional = "this model is unconditional; leave it out"
+        hints = {**ImageRequest.field_hints, "class_label": unconditional}
+    model = create_model(
+        "ImageRequest",
+        __base__=ImageRequest,
+        model=(
+            str | None,
+            Field(
+                None, description="The deployment's name.", json_schema_extra={"enum": [name, None]}
+            ),
+        ),
+        n=(int, Field(1, ge=1, le=max_images, description="Images to generate.")),
+        num_inference_steps=(
+            int,
+            Field(min(50, max_steps), ge=1, le=max_steps, description="Denoising steps."),
+        ),
+        class_label=label,
+        size=(Literal[size] | None, Field(None, description="The model's size, `WxH`.")),  # type: ignore[valid-type]
+    )
+    model.field_hints = hints
+    return model
 
 
 def parse_body(raw: bytes, model: type[_Body]) -> Any:
     """Validate a JSON request body.
 
     Raises:
-        ApiError: 400 for malformed JSON, wrong types, bad values or unknown fields.
+        ApiError: 400 for malformed or too deeply nested JSON, wrong types, bad values or
+        unknown fields.
     """
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:  # nested past Python's recursion limit
+        data = _TOO_DEEP
+    if data is _TOO_DEEP or _depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"The request body nests JSON more than {MAX_JSON_DEPTH} levels deep.")
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"][:1]) or None
-        return_msg = _describe(first)
-        raise ApiError(400, f"`{param}`: {return_msg}" if param else return_msg, param) from None
+        errors = exc.errors()
+        param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
+        # Of a union's alternatives, the one that got furthest into the value, else the
+        # one of the value's own kind (a list for a list), says most.
+        first = max(
+            (e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]),
+            key=lambda e: (len(e["loc"]), _same_kind(e)),
+        )
+        path = ".".join(str(p) for p in first["loc"] if not _union_tag(p)) or None
+        hint = model.field_hints.get(param or "")
+        if hint:
+            message = f"{hint} (got {json.dumps(first.get('input'))[:80]})."
+        else:
+            message = _describe(first)
+        raise ApiError(400, f"`{path}`: {message}" if path else message, param) from None
+
+
+def _same_kind(error: dict[str, Any]) -> bool:
+    listed = any(str(part).startswith("list") for part in error["loc"])
+    return isinstance(error.get("input"), list) == listed
+
+
+def _union_tag(part: Any) -> bool:
+    """Whether a part of pydantic's error location names a union's alternative (`str`,
+    `list[str]`...) rather than a field or an index."""
+    return isinstance(part, str) and (
+        any(c in part for c in "[(") or part in ("str", "int", "float", "bool", "none")
+    )
+
+
+_TOO_DEEP = object()
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            stack += [(child, depth + 1) for child in item]
+    return deepest
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -166,4 +319,5 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         return "is not a parameter of this endpoint."
     value = json.dumps(error.get("input"))[:80]
-    return f"{error['msg'][:1].lower()}{error['msg'][1:]} (got {value})."
+    text = error["msg"].removeprefix("Value error, ")
+    return f"{text[:1].lower()}{text[1:]} (got {value})."

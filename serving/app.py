@@ -14,7 +14,9 @@ import base64
 import hmac
 import json
 import logging
+import math
 import os
+import random
 import re
 import time
 import uuid
@@ -22,32 +24,63 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from serving.api import ApiError, CompletionRequest, ImageRequest, parse_body
+from serving.api import (
+    ApiError,
+    CompletionRequest,
+    ImageRequest,
+    completion_request_for,
+    image_request_for,
+    parse_body,
+)
 from serving.spec import DeploySpec
 
 logger = logging.getLogger("ray.serve")
 
 REDACTED = "[REDACTED]"
-OPEN_PATHS = {"/healthz", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+COMPLETIONS = "/v1/completions"
+IMAGES = "/v1/images/generations"
 
+# /openapi.json and /docs are routes of the deployment: the schema states this
+# deployment's own name, limits and model (`ModelServer._openapi`).
 api = FastAPI(
     title="raygen model server",
     description="OpenAI-compatible completions (language models) and image generation "
     "(diffusion models) for a raygen-trained model.",
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 
 
-def _body_schema(model: type) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every refusal, in OpenAI's error shape."""
+
+    error: _ErrorDetail
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {
+        400: "The request is invalid; `error.param` names the field.",
+        401: "Missing or invalid API key.",
+        404: "No such model here, or this model does not serve this endpoint.",
+        413: "The request body is over the limit.",
+        503: "Overloaded, or not answered in time: retry after `Retry-After` seconds.",
     }
+    return {s: {"model": ErrorBody, "description": reasons[s]} for s in statuses}
 
 
 class OutputFilter:
@@ -98,7 +131,14 @@ def _api_keys(spec: DeploySpec) -> list[str]:
 # Registered before the class: serve.ingress takes the app as it is at decoration.
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _failure(status: int, error: str) -> ApiError:
+    """A generation failure as an API error: the request's fault (4xx) or ours (5xx)."""
+    if status < 500:
+        return ApiError(status, f"The model cannot take this request: {error}")
+    return ApiError(status, f"Generation failed: {error}", kind="server_error")
 
 
 @serve.deployment(name="model")
@@ -110,8 +150,8 @@ class ModelServer:
         import torch
 
         from cluster.storage import local_copy
-        from serving.audit import serving_clearance
         from serving.engine import ImageEngine, TextEngine
+        from serving.gate import serving_clearance
         from serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
 
         started = time.monotonic()
@@ -127,6 +167,27 @@ class ModelServer:
             self.model: Any = DiffusionModel(local, precision, device)
         else:
             self.model = LanguageModel(local, precision, device)
+        limits = self.spec.limits
+        if self.kind == DIFFUSION:
+            facts = self.model
+            self.body_model: type = image_request_for(
+                self.spec.name,
+                limits.max_images,
+                facts.num_train_timesteps,
+                facts.num_classes,
+                f"{facts.shape[2]}x{facts.shape[1]}",
+            )
+            self.endpoint = IMAGES
+        else:
+            # No completion fits past the context, whatever the limit says.
+            most_tokens = min(limits.max_tokens, self.model.context_length - 1)
+            self.body_model = completion_request_for(
+                self.spec.name, most_tokens, limits.max_choices
+            )
+            self.endpoint = COMPLETIONS
+        # Answer before Serve's proxy would cut the request off (it times out on its own
+        # clock, which started earlier), so clients get an error they can read.
+        self.deadline_s = max(1.0, self.spec.http.request_timeout_s - 1.0)
         self.filter = OutputFilter(self.spec.filters.blocklist, self.spec.filters.action)
         self.batch_sizes = Histogram(
             "raygen_batch_size",
@@ -168,11 +229,24 @@ class ModelServer:
 
     def check_health(self) -> None:
         """Serve's periodic health check (every 10 s): a replica whose engine thread has
-        stopped cannot answer, and Serve replaces it. Also re-records the load time: Ray
-        stops exporting a gauge that was not recorded for two metric report intervals."""
-        if not self.engine.alive():
-            raise RuntimeError("the model's engine thread has stopped; replace this replica")
+        stopped, or has made no progress on its work for `replica.stall_timeout_s`, cannot
+        answer, and Serve replaces it. Also re-records the load time: Ray stops exporting
+        a gauge that was not recorded for two metric report intervals."""
+        problem = self._unhealthy()
+        if problem:
+            raise RuntimeError(f"{problem}; replace this replica")
         self.load_gauge.set(self.load_s)
+
+    def _unhealthy(self) -> str | None:
+        if not self.engine.alive():
+            return "the model's engine thread has stopped"
+        stalled = self.engine.stalled_for()
+        if stalled > self.spec.replica.stall_timeout_s:
+            return (
+                f"the model has made no progress on its work for {stalled:.0f} s "
+                f"(replica.stall_timeout_s is {self.spec.replica.stall_timeout_s:g})"
+            )
+        return None
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -192,8 +266,10 @@ class ModelServer:
                 code="invalid_api_key",
             )
 
-    async def _read(self, request: Request, body_model: type) -> Any:
+    async def _read(self, request: Request, endpoint: str) -> Any:
+        """The request's body, validated, once its key and endpoint are right."""
         self._authorize(request)
+        self._require(endpoint)
         limit = self.spec.limits.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -203,7 +279,7 @@ class ModelServer:
             raw += chunk
             if len(raw) > limit:
                 raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
-        body = parse_body(bytes(raw), body_model)
+        body = parse_body(bytes(raw), self.body_model)
         if body.model is not None and body.model != self.spec.name:
             raise ApiError(
                 404,
@@ -214,40 +290,115 @@ class ModelServer:
             )
         return body
 
-    def _require(self, kind: str, endpoint: str) -> None:
-        if self.kind != kind:
-            other = "/v1/images/generations" if endpoint == "/v1/completions" else "/v1/completions"
+    def _require(self, endpoint: str) -> None:
+        if self.endpoint != endpoint:
             raise ApiError(
                 404,
                 f"`{self.spec.name}` is a {self.kind} model: it does not serve {endpoint}; use "
-                f"{other}.",
+                f"{self.endpoint}.",
             )
+
+    async def _within_deadline(self, awaitable: Any, started: float, cancel: Any) -> Any:
+        """`awaitable`'s result, or a 503 once the request has taken `deadline_s` (its work
+        is then cancelled): no request waits on the engine without a bound."""
+        left = self.deadline_s - (time.monotonic() - started)
+        try:
+            return await asyncio.wait_for(awaitable, timeout=max(0.0, left))
+        except asyncio.TimeoutError:
+            cancel()
+            timeout = self.spec.http.request_timeout_s
+            raise ApiError(
+                503,
+                f"The model did not answer within the server's request timeout ({timeout:g} "
+                "s); it is overloaded or the request asks for too much. Retry later, or ask "
+                "for fewer tokens.",
+                kind="server_error",
+                code="timeout",
+                headers={"Retry-After": str(math.ceil(self.spec.replica.retry_after_s))},
+            ) from None
 
     # --- routes ---------------------------------------------------------------------
 
     @api.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
-        """Ready: this replica has its model loaded."""
-        return {"status": "ready", "model": self.spec.name, "kind": self.kind}
+    def healthz(self) -> Response:
+        """Ready: this replica has its model loaded and its engine makes progress (503 when
+        not); with the requests waiting for the model and the rows it is working on."""
+        problem = self._unhealthy()
+        about = {
+            "status": "unhealthy" if problem else "ready",
+            "model": self.spec.name,
+            "kind": self.kind,
+            "queued": self.engine.queued(),
+            "running": self.engine.running,
+        }
+        if problem:
+            about["reason"] = problem
+        return JSONResponse(about, status_code=503 if problem else 200)
 
-    @api.get("/v1/models")
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> dict[str, Any]:
+        """This deployment's OpenAPI schema: its model's name, every bound and enum."""
+        return self._openapi(request.scope.get("root_path", ""))
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=api.title)
+
+    def _openapi(self, root_path: str) -> dict[str, Any]:
+        schema = get_openapi(
+            title=api.title,
+            version="1",
+            description=api.description,
+            routes=[r for r in api.routes if getattr(r, "path", "") not in self._other_paths()],
+            servers=[{"url": root_path}] if root_path else None,
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        body = self.body_model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        schema["paths"][self.endpoint]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body}},
+        }
+        if self.keys:
+            schema["components"]["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer"}
+            }
+            for path, operations in schema["paths"].items():
+                if path != "/healthz":
+                    for operation in operations.values():
+                        operation["security"] = [{"apiKey": []}]
+        return schema
+
+    def _other_paths(self) -> set[str]:
+        return {COMPLETIONS, IMAGES} - {self.endpoint}
+
+    @api.get("/v1/models", responses=_errors(401))
     def models(self, request: Request) -> dict[str, Any]:
-        """The deployed model (OpenAI's model list)."""
+        """The deployed model (OpenAI's model list): what it is, its limits, its audit."""
         self._authorize(request)
         from serving.models import LANGUAGE_MODEL
 
-        about: dict[str, Any] = {
-            "kind": self.kind,
-            "source": self.spec.model,
-            "precision": self.spec.replica.precision,
-            "audit": self.audit,
-        }
+        limits = self.spec.limits
+        about: dict[str, Any] = {"kind": self.kind, "precision": self.spec.replica.precision}
         if self.kind == LANGUAGE_MODEL:
             about["context_length"] = self.model.context_length
+            about["limits"] = {
+                "max_prompt_tokens": limits.max_prompt_tokens,
+                "max_tokens": limits.max_tokens,
+                "max_choices": limits.max_choices,
+                "max_body_bytes": limits.max_body_bytes,
+            }
         else:
             about["image_size"] = list(self.model.shape[1:])
             about["channels"] = self.model.shape[0]
             about["num_classes"] = self.model.num_classes
+            about["limits"] = {
+                "max_images": limits.max_images,
+                "max_inference_steps": self.model.num_train_timesteps,
+                "max_body_bytes": limits.max_body_bytes,
+            }
+        about["audit"] = self.audit
         entry = {
             "id": self.spec.name,
             "object": "model",
@@ -257,18 +408,15 @@ class ModelServer:
         }
         return {"object": "list", "data": [entry]}
 
-    @api.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    @api.post(COMPLETIONS, responses=_errors(400, 401, 404, 413, 503))
     async def completions(self, request: Request) -> Response:
         """OpenAI-compatible text completions, streamed as server-sent events if asked."""
-        from serving.models import LANGUAGE_MODEL
-
-        body: CompletionRequest = await self._read(request, CompletionRequest)
-        self._require(LANGUAGE_MODEL, "/v1/completions")
-        body.check()
+        body: CompletionRequest = await self._read(request, COMPLETIONS)
+        body.check(self.spec.limits.max_choices)
         jobs, prompt_tokens = self._text_requests(body)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 self._stream(response_id, jobs, prompt_tokens, include_usage),
                 media_type="text/event-stream",
@@ -297,19 +445,17 @@ class ModelServer:
             "usage": usage,
         }
 
-    @api.post("/v1/images/generations", openapi_extra=_body_schema(ImageRequest))
+    @api.post(IMAGES, responses=_errors(400, 401, 404, 413, 503))
     async def images(self, request: Request) -> Response:
         """Generate images (base64 PNG) with a diffusion model."""
-        from serving.models import DIFFUSION
         from serving.models import ImageRequest as Job
 
-        body: ImageRequest = await self._read(request, ImageRequest)
-        self._require(DIFFUSION, "/v1/images/generations")
-        self._check_image_request(body)
+        started = time.monotonic()
+        body: ImageRequest = await self._read(request, IMAGES)
         job = Job(
             n=body.n,
             steps=body.num_inference_steps,
-            seed=body.seed if body.seed is not None else int.from_bytes(os.urandom(4), "big"),
+            seed=body.seed if body.seed is not None else random.getrandbits(63),
             class_label=body.class_label,
         )
         loop = asyncio.get_running_loop()
@@ -320,13 +466,15 @@ class ModelServer:
 
         ticket = self.engine.submit(job, job.n, deliver)
         try:
-            outcome = await result
+            outcome = await self._within_deadline(
+                result, started, lambda: self.engine.cancel(ticket)
+            )
         finally:
             self.engine.cancel(ticket)  # no-op once done; else the client went away
         if isinstance(outcome, Exception):
-            raise ApiError(
-                500, f"Generation failed: {type(outcome).__name__}: {outcome}", kind="server_error"
-            )
+            from serving.engine import describe, error_status
+
+            raise _failure(error_status(outcome), describe(outcome))
         images, batch_size = outcome
         from serving.models import png_bytes
 
@@ -340,24 +488,11 @@ class ModelServer:
 
     def _text_requests(self, body: CompletionRequest) -> tuple[list[Any], int]:
         """One generation per (prompt, n) in OpenAI's choice order; checks the limits."""
+        from jobs.seeding import derive_seed
         from serving.models import TextRequest
 
         limits = self.spec.limits
-        if body.max_tokens > limits.max_tokens:
-            raise ApiError(
-                400,
-                f"`max_tokens` is {body.max_tokens}; this server allows at most "
-                f"{limits.max_tokens}.",
-                "max_tokens",
-            )
         prompts = body.prompts()
-        if len(prompts) * body.n > limits.max_choices:
-            raise ApiError(
-                400,
-                f"{len(prompts)} prompt(s) x n={body.n} asks for {len(prompts) * body.n} "
-                f"completions; this server allows at most {limits.max_choices} per request.",
-                "n",
-            )
         jobs, prompt_tokens = [], 0
         context = self.model.context_length
         for p, prompt in enumerate(prompts):
@@ -380,7 +515,8 @@ class ModelServer:
                 )
             prompt_tokens += len(ids)
             for k in range(body.n):
-                seed = None if body.seed is None else body.seed + p * body.n + k
+                # Completion i of the response depends only on (seed, i): jobs/seeding.py.
+                seed = None if body.seed is None else derive_seed(body.seed, p * body.n + k)
                 jobs.append(
                     TextRequest(
                         ids, body.max_tokens, body.temperature, body.top_p, body.stops(), seed
@@ -391,6 +527,7 @@ class ModelServer:
     async def _generate(self, jobs: list[Any], stream: bool) -> AsyncIterator[Any]:
         """The engine's `Update`s for one request's completions: every step's if streamed,
         else one with the whole completions. Stops the generation if the client leaves."""
+        started = time.monotonic()
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         ticket = self.engine.submit(
@@ -398,9 +535,11 @@ class ModelServer:
         )
         try:
             while True:
-                update = await updates.get()
+                update = await self._within_deadline(
+                    updates.get(), started, lambda: self.engine.cancel(ticket)
+                )
                 if update.error:
-                    raise ApiError(500, f"Generation failed: {update.error}", kind="server_error")
+                    raise _failure(update.status, update.error)
                 yield update
                 if update.done:
                     return
@@ -458,45 +597,6 @@ class ModelServer:
         self.filtered.inc(tags={"action": self.filter.action})
         return text, "content_filter" if self.filter.action == "refuse" else reason
 
-    # --- diffusion models -----------------------------------------------------------
-
-    def _check_image_request(self, body: ImageRequest) -> None:
-        model, limits = self.model, self.spec.limits
-        if body.prompt is not None:
-            raise ApiError(
-                400,
-                "`prompt` is not supported: this diffusion model is not text-conditioned; use "
-                "`class_label` for a class-conditional model.",
-                "prompt",
-            )
-        if body.n > limits.max_images:
-            raise ApiError(
-                400, f"`n` is {body.n}; this server allows at most {limits.max_images}.", "n"
-            )
-        if body.num_inference_steps > model.num_train_timesteps:
-            raise ApiError(
-                400,
-                f"`num_inference_steps` is {body.num_inference_steps}; the model was trained "
-                f"with {model.num_train_timesteps} timesteps, the most it can take.",
-                "num_inference_steps",
-            )
-        if body.class_label is not None and not model.num_classes:
-            raise ApiError(
-                400, "`class_label`: this model is unconditional; leave it out.", "class_label"
-            )
-        if body.class_label is not None and body.class_label >= model.num_classes:
-            raise ApiError(
-                400,
-                f"`class_label` is {body.class_label}; the model knows classes "
-                f"0..{model.num_classes - 1}.",
-                "class_label",
-            )
-        size = f"{model.shape[2]}x{model.shape[1]}"
-        if body.size is not None and body.size != size:
-            raise ApiError(
-                400, f"`size` is {body.size!r}; this model generates {size} images.", "size"
-            )
-
 
 def autoscaling_config(spec: DeploySpec) -> dict[str, Any]:
     """The spec's `autoscaling` section as Serve's autoscaling_config."""
@@ -514,10 +614,15 @@ def autoscaling_config(spec: DeploySpec) -> dict[str, Any]:
 def build_app(args: DeploySpec | dict[str, Any]) -> serve.Application:
     """The Serve application for a deploy spec (the builder named in Serve config files,
     whose `args` are a resolved deploy spec)."""
+    from ray.serve.config import BackpressureConfig
+
     spec = args if isinstance(args, DeploySpec) else DeploySpec.model_validate(args)
     replica = spec.replica
     return ModelServer.options(
         autoscaling_config=autoscaling_config(spec),
         max_ongoing_requests=replica.max_ongoing_requests,
+        # Overload is shed at the proxy, at once: 503 with Retry-After past the queue.
+        max_queued_requests=replica.max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=replica.retry_after_s),
         ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
     ).bind(spec.model_dump(mode="json"))

@@ -7,7 +7,6 @@ Fairlearn (`serving/fairness.py`) and written as `audit.json` and `audit.html`.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import importlib
 import json
@@ -25,7 +24,9 @@ import numpy as np
 
 from cluster.storage import exists, is_remote, join, local_copy, read_text, write_text
 from jobs.errors import SpecError
+from jobs.seeding import derive_seed
 from serving.errors import AuditFailed
+from serving.gate import MODEL_HASH_FORMAT, failing_summary, model_home, model_sha256
 from serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
 
 logger = logging.getLogger(__name__)
@@ -36,31 +37,35 @@ REPORT_FILE = "audit.html"
 
 def default_out_dir(model: str) -> str:
     """`<run>/audit` for a model at `<run>/model`."""
-    return join(model.rstrip("/").rsplit("/", 1)[0] if "/" in model.rstrip("/") else ".", "audit")
+    return join(model_home(model), "audit")
 
 
-def model_sha256(model_dir: str) -> str:
-    """SHA-256 over every file of a model directory (relative names and contents), so an
-    audit names exactly the weights, config and tokenizer it judged."""
-    root = Path(local_copy(model_dir))
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def checks_by_feature(spec: AuditSpec) -> list[tuple[Any, str]]:
-    """(check, feature) pairs: a check runs once per sensitive feature it names."""
-    pairs = []
+def checks_by_feature(spec: AuditSpec) -> list[tuple[Any, tuple[str, ...]]]:
+    """(check, features) pairs: a check runs once per sensitive feature it names, and once
+    more on their intersection when it names several (each combination of groups a cell)."""
+    pairs: list[tuple[Any, tuple[str, ...]]] = []
     for check in spec.checks:
         if isinstance(check, ClassQualityCheck):
-            pairs.append((check, "class"))
-        else:
-            pairs += [(check, f) for f in (check.features or spec.sensitive_features)]
+            pairs.append((check, ("class",)))
+            continue
+        features = check.features or spec.sensitive_features
+        pairs += [(check, (f,)) for f in features]
+        if len(features) > 1:
+            pairs.append((check, tuple(features)))
     return pairs
+
+
+def evidence_of(spec: AuditSpec) -> Any:
+    """The spec's rules of evidence, for `serving.fairness`."""
+    from serving.fairness import Evidence
+
+    return Evidence(
+        min_group_size=spec.min_group_size,
+        n_boot=spec.n_boot,
+        confidence=spec.confidence,
+        seed=spec.bootstrap_seed,
+        decision=spec.decision,
+    )
 
 
 def audit_problems(spec: AuditSpec, model: str) -> list[str]:
@@ -237,18 +242,20 @@ def run_audit(
     scorers = {
         i: load_scorer(c.scorer) for i, c in enumerate(spec.checks) if isinstance(c, OutcomeCheck)
     }
+    evidence = evidence_of(spec)
     if text_checks:
         table = _score_texts(spec, model)
-        for check, feature in checks_by_feature(spec):
+        for check, features in checks_by_feature(spec):
+            name = fairness.INTERSECTION.join(features)
             if isinstance(check, QualityCheck):
                 scored = table[table["loss"].notna()]  # texts of under two tokens have none
                 results.append(
                     fairness.quality_of_service(
                         scored["loss"].to_numpy(),
-                        scored[feature].to_numpy(),
+                        fairness.group_labels([scored[f].to_numpy() for f in features]),
                         check.metric,
-                        feature,
-                        spec.min_group_size,
+                        name,
+                        evidence,
                         check.max_ratio,
                         check.max_difference,
                     )
@@ -261,9 +268,9 @@ def run_audit(
                 results.append(
                     fairness.outcome_disparity(
                         scores,
-                        table[feature].to_numpy(),
-                        feature,
-                        spec.min_group_size,
+                        fairness.group_labels([table[f].to_numpy() for f in features]),
+                        name,
+                        evidence,
                         check.min_ratio,
                         check.max_difference,
                         labels,
@@ -275,7 +282,7 @@ def run_audit(
             classes, correct = _classify_samples(spec, check, model)
             results.append(
                 fairness.class_quality(
-                    correct, classes, spec.min_group_size, check.min_ratio, check.max_difference
+                    correct, classes, evidence, check.min_ratio, check.max_difference
                 )
             )
     from importlib.metadata import version
@@ -285,6 +292,7 @@ def run_audit(
         "passed": all(r.passed for r in results),
         "model": model,
         "model_sha256": digest,
+        "model_hash_format": MODEL_HASH_FORMAT,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "raygen_version": version("raygen"),
         "duration_s": round(time.monotonic() - started, 1),
@@ -301,35 +309,6 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def read_audit(uri: str) -> dict[str, Any] | None:
-    """A `raygen audit` report, or None when the file does not exist.
-
-    Raises:
-        SpecError: the file is not an audit.json.
-    """
-    text = read_text(uri)
-    if text is None:
-        return None
-    try:
-        report = json.loads(text)
-    except ValueError as exc:
-        raise SpecError(
-            "audit", f"{uri} is not JSON ({exc}); give the audit.json of `raygen audit`."
-        ) from None
-    if not isinstance(report, dict) or not {"passed", "model_sha256", "checks"} <= set(report):
-        raise SpecError("audit", f"{uri} is not an audit.json written by `raygen audit`.")
-    return report
-
-
-def failing_summary(report: dict[str, Any]) -> list[str]:
-    """One line per failed check: metric, feature and its reasons."""
-    lines = []
-    for check in report["checks"]:
-        if not check["passed"]:
-            lines.append(f"{check['metric']} by {check['feature']}: {'; '.join(check['reasons'])}")
-    return lines
 
 
 def raise_if_failed(report: dict[str, Any]) -> None:
@@ -414,7 +393,7 @@ class _TextScorer:
             for prompt in batch[column]:
                 ids = self.model.encode(str(prompt))[-(context - max_new) :]
                 # Seeded by the prompt itself: the same whatever batch or actor it lands in.
-                row_seed = seed + zlib.crc32(str(prompt).encode())
+                row_seed = derive_seed(seed, zlib.crc32(str(prompt).encode()))
                 requests.append(TextRequest(ids, max_new, temperature, 1.0, [], row_seed))
             texts = [""] * len(requests)
             for deltas in self.model.generate(requests):
@@ -480,9 +459,7 @@ class _ImageClassifier:
         images = []
         for label, index in zip(batch["label"], batch["index"], strict=True):
             # Image `index` of class `label`: its own seed, whatever batch it lands in.
-            request = ImageRequest(
-                1, self.steps, self.seed + int(label) * 100_003 + int(index), int(label)
-            )
+            request = ImageRequest(1, self.steps, derive_seed(self.seed, label, index), int(label))
             images.append(self.model.generate([request])[0][0])
         pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
@@ -515,23 +492,34 @@ def render_html(report: dict[str, Any]) -> str:
             f"<h2>{html.escape(check['metric'])} by {html.escape(check['feature'])}: {status}</h2>"
         )
         parts.append(f"<img alt='chart' src='data:image/png;base64,{_chart(check)}'>")
+        intervals = check.get("intervals") or {}
+        level = f"{intervals['confidence']:.0%} interval" if intervals else "interval"
         rows = "".join(
             f"<tr><td>{html.escape(g)}</td><td>{v:.4g}</td>"
+            f"<td>{_span(intervals.get('by_group', {}).get(g))}</td>"
             f"<td>{check['counts'].get(g, 0)}</td></tr>"
             for g, v in check["by_group"].items()
         )
-        parts.append(f"<table><tr><th>group</th><th>value</th><th>rows</th></tr>{rows}</table>")
+        parts.append(
+            f"<table><tr><th>group</th><th>value</th><th>{level}</th><th>rows</th></tr>"
+            f"{rows}</table>"
+        )
         figures = {
-            "overall": check["overall"],
-            "ratio": check["ratio"],
-            "difference": check["difference"],
+            name: f"{check[name]:.4g}" + (f" {_span(intervals[name])}" if name in intervals else "")
+            for name in ("overall", "ratio", "difference")
         }
-        figures.update(check.get("extra", {}))
+        figures.update({k: f"{v:.4g}" for k, v in check.get("extra", {}).items()})
+        evidence = (
+            f"; {intervals['n_boot']} bootstrap resamples, decision {check.get('decision')}"
+            if intervals
+            else ""
+        )
         parts.append(
             "<p>"
-            + ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+            + ", ".join(f"{k} {v}" for k, v in figures.items())
             + "; thresholds "
             + (", ".join(f"{k} {v}" for k, v in check["thresholds"].items()) or "none")
+            + evidence
             + "</p>"
         )
         if check["reasons"]:
@@ -540,8 +528,13 @@ def render_html(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _span(interval: list[float] | None) -> str:
+    return f"[{interval[0]:.4g}, {interval[1]:.4g}]" if interval else ""
+
+
 def _chart(check: dict[str, Any]) -> str:
-    """A bar per group, with the threshold each group must meet as a dashed line."""
+    """A bar per group with its confidence interval as an error bar, and the threshold
+    each group must meet as a dashed line."""
     import base64
     import io
 
@@ -558,7 +551,16 @@ def _chart(check: dict[str, Any]) -> str:
     for value in values:
         beyond = limit is not None and (value > limit[0] if limit[2] else value < limit[0])
         colors.append("#cf222e" if beyond else "#0969da")
-    ax.bar(groups, values, color=colors)
+    spans = (check.get("intervals") or {}).get("by_group")
+    errors = None
+    if spans:  # distances below and above each value
+        errors = [
+            [max(0.0, v - spans[g][0]) for g, v in zip(groups, values, strict=True)],
+            [max(0.0, spans[g][1] - v) for g, v in zip(groups, values, strict=True)],
+        ]
+    ax.bar(groups, values, color=colors, yerr=errors, capsize=4)
+    if len(groups) > 4:
+        ax.tick_params(axis="x", labelrotation=30)
     if limit is not None:
         ax.axhline(limit[0], linestyle="--", color="black", label=limit[1])
         ax.legend(loc="lower right")
@@ -583,31 +585,3 @@ def _group_limit(check: dict[str, Any]) -> tuple[float, str, bool] | None:
         limit = thresholds["min_ratio"]
         return max(values) * limit, f"best x min_ratio {limit}", False
     return None
-
-
-def serving_clearance(spec: Any) -> dict[str, Any]:
-    """Check, where the model is served, that a passed audit of this exact model exists or
-    that a person overrode the audit on the record; returns what `/v1/models` shows.
-
-    Raises:
-        AuditFailed: neither holds (the replica then refuses to start).
-    """
-    if spec.audit_override is not None:
-        return {"passed": False, "audit": spec.audit, "override": spec.audit_override.model_dump()}
-    report = read_audit(spec.audit) if spec.audit else None
-    if report is None:
-        raise AuditFailed(
-            f"no audit.json for {spec.model} (audit: {spec.audit}); deploy with `raygen serve`, "
-            "which runs the gate, or `raygen serve build` after a passed `raygen audit`."
-        )
-    if report.get("model_sha256") != model_sha256(spec.model):
-        raise AuditFailed(f"{spec.audit} is not an audit of the model at {spec.model}.")
-    if not report.get("passed"):
-        raise AuditFailed(f"the audit in {spec.audit} failed; the model may not be served.")
-    return {
-        "passed": True,
-        "audit": spec.audit,
-        "name": report.get("name"),
-        "model_sha256": report["model_sha256"],
-        "timestamp": report.get("timestamp"),
-    }

@@ -18,7 +18,7 @@ import yaml
 
 from cluster.storage import is_remote
 from jobs.errors import SpecError
-from serving.errors import AuditFailed, DeployError
+from serving.errors import DeployError
 from serving.spec import DeploySpec
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,16 @@ def gate(
     """The deployment gate: a passed audit of this exact model, or an override on record.
 
     Runs the audit first when `spec.audit` is an audit spec. Returns the spec with `audit`
-    pointing at the audit.json (and `audit_override` set when overridden), which replicas
-    check again when they start.
+    pointing at the audit.json (and `audit_override` at the override's record when
+    overridden), which replicas check again when they start (`serving/gate.py`).
 
     Raises:
         AuditFailed: the audit failed or is of another model, and no override was given.
         SpecError: the audit spec or audit.json cannot be read.
     """
     from jobs.loader import load_spec
-    from serving.audit import failing_summary, model_sha256, read_audit, run_audit
+    from serving.audit import run_audit
+    from serving.gate import clear, model_sha256, read_audit
     from serving.spec import AuditSpec
 
     assert spec.audit is not None  # resolve_deploy_spec requires it
@@ -110,65 +111,15 @@ def gate(
             f"audit: {'passed' if report['passed'] else 'failed'}; report "
             f"{report['paths']['report']}"
         )
-    if report is None:
-        failing = [f"{audit_json} does not exist: run `raygen audit` on the model first"]
-    else:
-        failing = failing_summary(report)
-        # An audit run just now hashed this very model; an existing audit.json is checked.
-        ran_now = not spec.audit.endswith(".json")
-        digest = report["model_sha256"] if ran_now else model_sha256(spec.model)
-        if report["model_sha256"] != digest:
-            failing.insert(
-                0,
-                f"{audit_json} is an audit of model sha256 {report['model_sha256'][:12]}, but "
-                f"{spec.model} is {digest[:12]}: the model changed since (or it is another "
-                f"model); audit it: raygen audit AUDIT_SPEC --model {spec.model}",
-            )
     resolved = spec.model_copy(update={"audit": audit_json})
-    if not failing:
-        return resolved
-    if not override_reason:
-        lines = "\n".join(f"  - {line}" for line in failing)
-        raise AuditFailed(
-            f"deployment of {spec.name} refused by its audit:\n{lines}\nNothing was deployed. "
-            'Fix the model (or the audit), or deploy anyway with --override-audit "REASON" '
-            "(recorded with your name)."
-        )
-    import getpass
-
-    from serving.spec import AuditOverride
-
-    override = AuditOverride(
-        reason=override_reason,
-        user=os.environ.get("RAYGEN_USER") or getpass.getuser(),
-        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        failing=failing,
-    )
-    logger.warning("audit overridden by %s: %s", override.user, override_reason)
-    return resolved.model_copy(update={"audit_override": override})
+    return clear(resolved, report, model_sha256(spec.model), override_reason)
 
 
-def record_deployment(spec: DeploySpec, info: dict[str, Any]) -> str:
-    """Append this deployment to `<run>/deployments.jsonl` (next to the model); returns
-    that file's path."""
-    import json
-
-    from cluster.storage import append_line, join
-    from serving.audit import default_out_dir
-
-    path = join(default_out_dir(spec.model).rsplit("/", 1)[0], "deployments.jsonl")
-    entry = {
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "name": spec.name,
-        "model": spec.model,
-        "url": info.get("url"),
-        "audit": spec.audit,
-        "audit_passed": spec.audit_override is None,
-        "override": spec.audit_override.model_dump() if spec.audit_override else None,
-        "spec": spec.model_dump(mode="json", exclude={"audit_override"}),
-    }
-    append_line(path, json.dumps(entry))
-    return path
+def http_options(spec: DeploySpec) -> dict[str, Any]:
+    """Serve's HTTP proxy options. The proxy is shared by every application on a cluster:
+    the first deployment's options hold until Serve is shut down."""
+    http = spec.http
+    return {"host": http.host, "port": http.port, "request_timeout_s": http.request_timeout_s}
 
 
 def url_of(spec: DeploySpec) -> str:
@@ -180,7 +131,7 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     """Run the application on the connected Ray and wait until its replicas are up.
 
     Returns:
-        {"name", "url", "kind", "replicas", "deploy_s"}.
+        {"name", "url", "model_sha256", "kind", "replicas", "deploy_s"}.
 
     Raises:
         DeployError: Serve could not start the application (the replica's error named).
@@ -191,7 +142,7 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     from serving.models import detect_kind
 
     started = time.monotonic()
-    serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
+    serve.start(http_options=http_options(spec))
     try:
         serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
     except RuntimeError as exc:
@@ -203,9 +154,12 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     url = url_of(spec)
     if embedded and spec.autoscaling.min_replicas > 0:
         _wait_answering(url + "/healthz")
+    from serving.gate import model_sha256
+
     return {
         "name": spec.name,
         "url": url,
+        "model_sha256": model_sha256(spec.model),
         "kind": detect_kind(spec.model),
         "replicas": replica_counts(spec.name),
         "deploy_s": time.monotonic() - started,
@@ -286,7 +240,7 @@ def write_serve_config(spec: DeploySpec, out: Path) -> dict[str, Any]:
     """Write a Ray Serve config file (for `serve deploy` or a KubeRay RayService)."""
     config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": spec.http.host, "port": spec.http.port},
+        "http_options": http_options(spec),
         "applications": [
             {
                 "name": spec.name,

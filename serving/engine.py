@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serving.models import DecodeBatch, LanguageModel, TextDelta, TextRequest
+from serving.models import DecodeBatch, InputError, LanguageModel, TextDelta, TextRequest
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,16 @@ class Update:
     batch_size: int  # completions decoded together (at the end: the most while it ran)
     done: bool
     error: str | None = None  # generation failed; the request gets nothing more
+    status: int = 500  # with `error`: 400 when the request's own input caused it
+
+
+def error_status(exc: BaseException) -> int:
+    """The HTTP status of a generation failure: 400 for the request's input, else 500."""
+    return 400 if isinstance(exc, InputError) else 500
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Ticket:
@@ -62,6 +72,8 @@ class _Engine:
         self._pending: deque[Ticket] = deque()
         self._lock = threading.Condition()
         self._closed = False
+        self.running = 0  # rows (completions, images) the model is working on
+        self._progress_at = time.monotonic()  # last step done, or work arriving at an idle engine
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -69,6 +81,8 @@ class _Engine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
+            if not self._pending and not self.running:
+                self._progress_at = time.monotonic()  # idle until now is not a stall
             self._pending.append(ticket)
             self._lock.notify()
         return ticket
@@ -76,6 +90,20 @@ class _Engine:
     def alive(self) -> bool:
         """Whether the engine thread runs (it ends only when closed, or by a bug)."""
         return self._thread.is_alive()
+
+    def queued(self) -> int:
+        """Requests waiting for the model."""
+        return len(self._pending)
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has had work without finishing a step (0 when idle)."""
+        if not self._pending and not self.running:
+            return 0.0
+        return time.monotonic() - self._progress_at
+
+    def _progressed(self, running: int) -> None:
+        self.running = running
+        self._progress_at = time.monotonic()
 
     def cancel(self, ticket: Ticket) -> None:
         """Stop working for `ticket` (its client went away); nothing more is delivered."""
@@ -133,6 +161,18 @@ class _Engine:
             logger.warning("raygen: could not deliver a result; dropping the request")
             ticket.cancelled = True
 
+    def _fail(self, ticket: Ticket, exc: BaseException) -> None:
+        """Answer `ticket` with `exc` (once) and stop working for it."""
+        if ticket.done or ticket.cancelled:
+            return
+        ticket.done = ticket.cancelled = True
+        if error_status(exc) >= 500:
+            logger.error("raygen: generation failed: %s", describe(exc), exc_info=exc)
+        self._send(ticket, self._failure(exc))
+
+    def _failure(self, exc: BaseException) -> Any:
+        raise NotImplementedError
+
     def _run(self) -> None:
         raise NotImplementedError
 
@@ -159,34 +199,48 @@ class TextEngine(_Engine):
         engine's thread: streamed, with every step's `Update`; else once, at the end."""
         return self._submit(Ticket(requests, len(requests), deliver, stream))
 
+    def _failure(self, exc: BaseException) -> Update:
+        return Update([], 0, True, describe(exc), error_status(exc))
+
     def _run(self) -> None:
         batch = DecodeBatch(self.model)
         while True:
             admitted = self._admit(len(batch.rows), batch.can_join())
             if admitted is None:
                 return
-            for ticket in admitted:
-                ticket.rows = batch.add(ticket.work, owner=ticket)
-            for row in batch.rows:
-                if row.owner.cancelled:
-                    row.finished = True
             try:
+                for ticket in admitted:
+                    try:
+                        ticket.rows = batch.add(ticket.work, owner=ticket)
+                    except Exception as exc:  # this request's input: it alone fails
+                        self._fail(ticket, exc)
+                for row in batch.rows:
+                    if row.owner.cancelled:
+                        row.finished = True
+                self.running = len(batch.rows) + len(batch.joining)
                 step = batch.step()
+                self._progressed(len(batch.rows))
                 self._observe(len(step))
                 self._deliver(step, len(step))
                 batch.drop(lambda row: row.finished)
+                self.running = len(batch.rows)
             except Exception as exc:  # e.g. out of memory: fail these requests, go on
-                logger.exception("raygen: generation failed")
-                for ticket in {row.owner for row in batch.rows + batch.joining}:
-                    if not ticket.done:
-                        self._send(ticket, Update([], 0, True, f"{type(exc).__name__}: {exc}"))
+                for ticket in {row.owner for row in batch.rows + batch.joining} | set(admitted):
+                    self._fail(ticket, exc)
                 batch = DecodeBatch(self.model)
+                self._progressed(0)
 
     def _deliver(self, step: dict[Any, TextDelta | None], size: int) -> None:
         """Hand each request what this step added (streamed) or, once all its completions
         have finished, all of them."""
         for ticket in {row.owner: None for row in step}:  # in batch order
             if ticket.cancelled or ticket.done:  # (rows that cannot leave stay till the end)
+                continue
+            failed = next((row.error for row in ticket.rows if row.error is not None), None)
+            if failed is not None:  # one of its rows failed alone: so does the request
+                for row in ticket.rows:
+                    row.finished = True
+                self._fail(ticket, failed)
                 continue
             ticket.most = max(ticket.most, size)
             done = ticket.done = all(row.finished for row in ticket.rows)
@@ -223,6 +277,9 @@ class ImageEngine(_Engine):
         with (its result, images in the batch), or the exception that failed the batch."""
         return self._submit(Ticket(job, images, deliver, stream=False))
 
+    def _failure(self, exc: BaseException) -> BaseException:
+        return exc
+
     def _run(self) -> None:
         while True:
             admitted = self._admit(0, True)
@@ -231,13 +288,27 @@ class ImageEngine(_Engine):
             if not admitted:
                 continue
             images = sum(ticket.size for ticket in admitted)
+            self.running = images
             try:
                 results = self.generate([ticket.work for ticket in admitted])
+                sizes = [images] * len(admitted)
             except Exception as exc:
-                logger.exception("raygen: generation failed")
-                results = [exc] * len(admitted)
+                if len(admitted) == 1:
+                    results, sizes = [exc], [images]
+                else:  # find whose request fails: each alone, so the others are answered
+                    results = [self._alone(ticket) for ticket in admitted]
+                    sizes = [ticket.size for ticket in admitted]
+            self._progressed(0)
             self._observe(images)
-            for ticket, result in zip(admitted, results, strict=True):
-                if not ticket.cancelled:
-                    failed = isinstance(result, Exception)
-                    self._send(ticket, result if failed else (result, images))
+            for ticket, result, size in zip(admitted, results, sizes, strict=True):
+                if isinstance(result, BaseException):
+                    self._fail(ticket, result)
+                elif not ticket.cancelled:
+                    self._send(ticket, (result, size))
+
+    def _alone(self, ticket: Ticket) -> Any:
+        try:
+            (result,) = self.generate([ticket.work])
+            return result
+        except Exception as exc:
+            return exc

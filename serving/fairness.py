@@ -2,20 +2,39 @@
 
 Pure (numpy, pandas, Fairlearn): the audit job computes each row's loss, completion score
 or generated image's class, and these functions turn them into a check result.
+
+Every figure comes with a bootstrap confidence interval (Fairlearn's `MetricFrame`
+resamples the rows `n_boot` times, seeded). The decision `point` judges the point
+estimates; `conservative` fails a check whenever the interval of a judged figure reaches
+past its threshold, so a pass means the evidence, not only the sample, clears it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+INTERSECTION = " & "  # joins feature names, and each row's groups, of an intersection
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How much evidence a check needs, and how it is weighed."""
+
+    min_group_size: int = 30  # smaller groups fail as insufficient evidence
+    n_boot: int = 200  # bootstrap resamples for the intervals; 0: none
+    confidence: float = 0.95  # the intervals' coverage
+    seed: int = 0  # the bootstrap's random state
+    decision: str = "point"  # `point` or `conservative`
+
 
 @dataclass
 class CheckResult:
-    """One check on one sensitive feature, as written to audit.json."""
+    """One check on one sensitive feature (or an intersection), as written to audit.json."""
 
     metric: str
     feature: str
@@ -28,9 +47,22 @@ class CheckResult:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
+    # {"confidence", "n_boot", "by_group": {group: [low, high]}, "overall", "ratio",
+    #  "difference": [low, high]}; empty without bootstrap.
+    intervals: dict[str, Any] = field(default_factory=dict)
+    decision: str = "point"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def group_labels(columns: list[np.ndarray]) -> np.ndarray:
+    """Each row's group: its value of one feature, or its values of several joined (the
+    intersection's cell)."""
+    parts = [np.asarray([str(v) for v in column], dtype=object) for column in columns]
+    if len(parts) == 1:
+        return parts[0]
+    return np.asarray([INTERSECTION.join(values) for values in zip(*parts, strict=True)])
 
 
 def quality_of_service(
@@ -38,7 +70,7 @@ def quality_of_service(
     groups: np.ndarray,
     metric: str,
     feature: str,
-    min_group_size: int,
+    evidence: Evidence,
     max_ratio: float | None,
     max_difference: float | None,
 ) -> CheckResult:
@@ -46,45 +78,39 @@ def quality_of_service(
 
     Args:
         row_losses: each row's mean token loss (nats).
-        groups: each row's group in `feature`.
+        groups: each row's group in `feature` (see `group_labels`).
         metric: `token_loss` or `perplexity`.
     """
-    from fairlearn.metrics import MetricFrame
 
     def value(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         mean = float(np.mean(y_pred))
         return math.exp(mean) if metric == "perplexity" else mean
 
     losses = np.asarray(row_losses, dtype=float)
-    frame = MetricFrame(
-        metrics=value, y_true=losses, y_pred=losses, sensitive_features=_labels(groups)
-    )
-    by_group = {str(k): float(v) for k, v in frame.by_group.items()}
+    frame = _frame(value, losses, losses, groups, evidence)
+    by_group = _by_group(frame)
     best, worst = min(by_group.values()), max(by_group.values())
     ratio = worst / best if best > 0 else math.inf
-    thresholds = _drop_none(max_ratio=max_ratio, max_difference=max_difference)
-    reasons = []
-    if max_ratio is not None and ratio > max_ratio:
-        reasons.append(
-            f"{metric} of the worst group ({_argmax(by_group)}: {worst:.4g}) is {ratio:.3f}x "
-            f"the best ({_argmin(by_group)}: {best:.4g}); max_ratio is {max_ratio}"
-        )
-    if max_difference is not None and worst - best > max_difference:
-        reasons.append(
-            f"{metric} differs by {worst - best:.4g} between groups {_argmax(by_group)} and "
-            f"{_argmin(by_group)}; max_difference is {max_difference}"
-        )
-    return _finish(
-        metric,
-        feature,
-        by_group,
-        groups,
-        float(frame.overall),
+    intervals = _intervals(frame, evidence, invert_ratio=True)
+    judge = _Judge(evidence, intervals)
+    low, high = _argmin(by_group), _argmax(by_group)
+    judge.at_most(
+        "ratio",
         ratio,
+        max_ratio,
+        "max_ratio",
+        f"{metric} of the worst group ({high}: {worst:.4g}) is {ratio:.3f}x the best ({low}: "
+        f"{best:.4g})",
+    )
+    judge.at_most(
+        "difference",
         worst - best,
-        thresholds,
-        reasons,
-        min_group_size,
+        max_difference,
+        "max_difference",
+        f"{metric} differs by {worst - best:.4g} between groups {high} and {low}",
+    )
+    return _finish(
+        metric, feature, by_group, groups, frame, ratio, worst - best, judge, evidence, intervals
     )
 
 
@@ -92,74 +118,64 @@ def outcome_disparity(
     scores: np.ndarray,
     groups: np.ndarray,
     feature: str,
-    min_group_size: int,
+    evidence: Evidence,
     min_ratio: float | None,
     max_difference: float | None,
     labels: np.ndarray | None = None,
     max_equalized_odds_difference: float | None = None,
 ) -> CheckResult:
     """Selection rate (share of 1s) per group; demographic parity ratio and difference, and
-    with labels the equalized odds difference."""
-    from fairlearn.metrics import (
-        MetricFrame,
-        demographic_parity_difference,
-        demographic_parity_ratio,
-        equalized_odds_difference,
-        selection_rate,
-    )
+    with labels the equalized odds difference (a point estimate)."""
+    from fairlearn.metrics import equalized_odds_difference, selection_rate
 
     y_pred = np.asarray(scores, dtype=int)
     y_true = np.asarray(labels, dtype=int) if labels is not None else y_pred
-    sensitive = _labels(groups)
-    frame = MetricFrame(
-        metrics=selection_rate, y_true=y_true, y_pred=y_pred, sensitive_features=sensitive
-    )
-    by_group = {str(k): float(v) for k, v in frame.by_group.items()}
-    # Every group at rate 0 is parity (Fairlearn's 0/0 would be NaN).
+    frame = _frame(selection_rate, y_true, y_pred, groups, evidence)
+    by_group = _by_group(frame)
     top = max(by_group.values())
-    ratio = (
-        float(demographic_parity_ratio(y_true, y_pred, sensitive_features=sensitive))
-        if top > 0
-        else 1.0
-    )
-    difference = float(demographic_parity_difference(y_true, y_pred, sensitive_features=sensitive))
-    thresholds = _drop_none(
-        min_ratio=min_ratio,
-        max_difference=max_difference,
-        max_equalized_odds_difference=max_equalized_odds_difference,
-    )
-    reasons = []
+    # Every group at rate 0 is parity (Fairlearn's 0/0 would be NaN).
+    ratio = min(by_group.values()) / top if top > 0 else 1.0
+    difference = top - min(by_group.values())
+    intervals = _intervals(frame, evidence, invert_ratio=False)
+    judge = _Judge(evidence, intervals)
     low, high = _argmin(by_group), _argmax(by_group)
-    if min_ratio is not None and ratio < min_ratio:
-        reasons.append(
-            f"positive rate of {low} ({by_group[low]:.3f}) is {ratio:.3f} of {high}'s "
-            f"({by_group[high]:.3f}); min_ratio is {min_ratio}"
-        )
-    if max_difference is not None and difference > max_difference:
-        reasons.append(
-            f"positive rates of {high} and {low} differ by {difference:.3f}; max_difference "
-            f"is {max_difference}"
-        )
+    judge.at_least(
+        "ratio",
+        ratio,
+        min_ratio,
+        "min_ratio",
+        f"positive rate of {low} ({by_group[low]:.3f}) is {ratio:.3f} of {high}'s "
+        f"({by_group[high]:.3f})",
+    )
+    judge.at_most(
+        "difference",
+        difference,
+        max_difference,
+        "max_difference",
+        f"positive rates of {high} and {low} differ by {difference:.3f}",
+    )
     extra = {}
     if labels is not None:
-        eod = float(equalized_odds_difference(y_true, y_pred, sensitive_features=sensitive))
+        eod = float(equalized_odds_difference(y_true, y_pred, sensitive_features=groups))
         extra["equalized_odds_difference"] = eod
-        if max_equalized_odds_difference is not None and eod > max_equalized_odds_difference:
-            reasons.append(
-                f"equalized odds difference is {eod:.3f}; max_equalized_odds_difference is "
-                f"{max_equalized_odds_difference}"
-            )
+        judge.at_most(
+            None,
+            eod,
+            max_equalized_odds_difference,
+            "max_equalized_odds_difference",
+            f"equalized odds difference is {eod:.3f}",
+        )
     result = _finish(
         "positive_rate",
         feature,
         by_group,
         groups,
-        float(frame.overall),
+        frame,
         ratio,
         difference,
-        thresholds,
-        reasons,
-        min_group_size,
+        judge,
+        evidence,
+        intervals,
     )
     result.extra = extra
     return result
@@ -168,47 +184,143 @@ def outcome_disparity(
 def class_quality(
     correct: np.ndarray,
     classes: np.ndarray,
-    min_group_size: int,
+    evidence: Evidence,
     min_ratio: float | None,
     max_difference: float | None,
 ) -> CheckResult:
     """Per-class accuracy of generated images (did the classifier see the asked class?);
     higher is better. `correct` is 1 where it did."""
-    from fairlearn.metrics import MetricFrame
 
     def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         return float(np.mean(y_pred))
 
     hits = np.asarray(correct, dtype=float)
-    frame = MetricFrame(
-        metrics=accuracy, y_true=hits, y_pred=hits, sensitive_features=_labels(classes)
-    )
-    by_group = {str(k): float(v) for k, v in frame.by_group.items()}
+    groups = group_labels([classes])
+    frame = _frame(accuracy, hits, hits, groups, evidence)
+    by_group = _by_group(frame)
     best, worst = max(by_group.values()), min(by_group.values())
     ratio = worst / best if best > 0 else 0.0
-    thresholds = _drop_none(min_ratio=min_ratio, max_difference=max_difference)
-    reasons = []
-    if min_ratio is not None and ratio < min_ratio:
-        reasons.append(
-            f"accuracy on class {_argmin(by_group)} ({worst:.3f}) is {ratio:.3f} of class "
-            f"{_argmax(by_group)}'s ({best:.3f}); min_ratio is {min_ratio}"
-        )
-    if max_difference is not None and best - worst > max_difference:
-        reasons.append(
-            f"class accuracies differ by {best - worst:.3f}; max_difference is {max_difference}"
-        )
+    intervals = _intervals(frame, evidence, invert_ratio=False)
+    judge = _Judge(evidence, intervals)
+    judge.at_least(
+        "ratio",
+        ratio,
+        min_ratio,
+        "min_ratio",
+        f"accuracy on class {_argmin(by_group)} ({worst:.3f}) is {ratio:.3f} of class "
+        f"{_argmax(by_group)}'s ({best:.3f})",
+    )
+    judge.at_most(
+        "difference",
+        best - worst,
+        max_difference,
+        "max_difference",
+        f"class accuracies differ by {best - worst:.3f}",
+    )
     return _finish(
         "class_accuracy",
         "class",
         by_group,
-        classes,
-        float(frame.overall),
+        groups,
+        frame,
         ratio,
         best - worst,
-        thresholds,
-        reasons,
-        min_group_size,
+        judge,
+        evidence,
+        intervals,
     )
+
+
+class _Judge:
+    """Compares figures with thresholds, on the point estimate or its whole interval."""
+
+    def __init__(self, evidence: Evidence, intervals: dict[str, Any]):
+        self.conservative = evidence.decision == "conservative"
+        self.intervals = intervals
+        self.thresholds: dict[str, float] = {}
+        self.reasons: list[str] = []
+
+    def at_most(
+        self, figure: str | None, value: float, limit: float | None, name: str, what: str
+    ) -> None:
+        self._judge(figure, value, limit, name, what, upper=True)
+
+    def at_least(
+        self, figure: str | None, value: float, limit: float | None, name: str, what: str
+    ) -> None:
+        self._judge(figure, value, limit, name, what, upper=False)
+
+    def _judge(
+        self,
+        figure: str | None,
+        value: float,
+        limit: float | None,
+        name: str,
+        what: str,
+        upper: bool,
+    ) -> None:
+        if limit is None:
+            return
+        self.thresholds[name] = limit
+        beyond = (lambda x: x > limit) if upper else (lambda x: x < limit)
+        if beyond(value):
+            self.reasons.append(f"{what}; {name} is {limit}")
+            return
+        interval = self.intervals.get(figure) if figure else None
+        if self.conservative and interval is not None:
+            end = interval[1] if upper else interval[0]
+            if beyond(end) or math.isnan(end):
+                level = f"{self.intervals['confidence']:.0%}"
+                self.reasons.append(
+                    f"{what}, but its {level} interval [{interval[0]:.4g}, {interval[1]:.4g}] "
+                    f"reaches past {name} {limit} (decision: conservative); more evaluation "
+                    "rows narrow it"
+                )
+
+
+def _frame(
+    metric: Callable, y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray, evidence: Evidence
+) -> Any:
+    from fairlearn.metrics import MetricFrame
+
+    bootstrap = {}
+    if evidence.n_boot:
+        tail = (1 - evidence.confidence) / 2
+        bootstrap = {
+            "n_boot": evidence.n_boot,
+            "ci_quantiles": [tail, 1 - tail],
+            "random_state": evidence.seed,
+        }
+    return MetricFrame(
+        metrics=metric, y_true=y_true, y_pred=y_pred, sensitive_features=groups, **bootstrap
+    )
+
+
+def _by_group(frame: Any) -> dict[str, float]:
+    return {str(k): float(v) for k, v in frame.by_group.items()}
+
+
+def _intervals(frame: Any, evidence: Evidence, invert_ratio: bool) -> dict[str, Any]:
+    """The bootstrap intervals of every figure. MetricFrame's ratio is lowest / highest
+    group; for losses raygen's ratio is worst / best = highest / lowest: its inverse."""
+    if not evidence.n_boot:
+        return {}
+    low, high = frame.by_group_ci
+    by_group = {str(g): [float(low[g]), float(high[g])] for g in low.index}
+    ratio = [float(x) for x in frame.ratio_ci()]
+    if invert_ratio:
+        ratio = [
+            1 / ratio[1] if ratio[1] > 0 else math.inf,
+            1 / ratio[0] if ratio[0] > 0 else math.inf,
+        ]
+    return {
+        "confidence": evidence.confidence,
+        "n_boot": evidence.n_boot,
+        "by_group": by_group,
+        "overall": [float(x) for x in frame.overall_ci],
+        "ratio": ratio,
+        "difference": [float(x) for x in frame.difference_ci()],
+    }
 
 
 def _finish(
@@ -216,22 +328,23 @@ def _finish(
     feature: str,
     by_group: dict[str, float],
     groups: np.ndarray,
-    overall: float,
+    frame: Any,
     ratio: float,
     difference: float,
-    thresholds: dict[str, float],
-    reasons: list[str],
-    min_group_size: int,
+    judge: _Judge,
+    evidence: Evidence,
+    intervals: dict[str, Any],
 ) -> CheckResult:
-    """Add the group-size rule: too few rows in a group fails the check, whatever the
-    figures say."""
-    names, counts = np.unique(_labels(groups), return_counts=True)
+    """Add the group-size rule: too few rows in a group (or an intersection's cell) fails
+    the check, whatever the figures say."""
+    names, counts = np.unique(np.asarray(groups, dtype=str), return_counts=True)
     sizes = {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+    reasons = judge.reasons
     for name, size in sizes.items():
-        if size < min_group_size:
+        if size < evidence.min_group_size:
             reasons.append(
-                f"group {name} has {size} rows, fewer than min_group_size {min_group_size}: "
-                "insufficient evidence"
+                f"group {name} has {size} rows, fewer than min_group_size "
+                f"{evidence.min_group_size}: insufficient evidence"
             )
     if len(sizes) < 2:
         reasons.append(f"`{feature}` has {len(sizes)} group(s); a comparison needs two or more")
@@ -240,17 +353,15 @@ def _finish(
         feature=feature,
         by_group=by_group,
         counts=sizes,
-        overall=overall,
+        overall=float(frame.overall),
         ratio=ratio,
         difference=difference,
-        thresholds=thresholds,
+        thresholds=judge.thresholds,
         passed=not reasons,
         reasons=reasons,
+        intervals=intervals,
+        decision=evidence.decision,
     )
-
-
-def _labels(groups: np.ndarray) -> np.ndarray:
-    return np.asarray([str(g) for g in groups], dtype=object)
 
 
 def _argmax(values: dict[str, float]) -> str:
@@ -259,7 +370,3 @@ def _argmax(values: dict[str, float]) -> str:
 
 def _argmin(values: dict[str, float]) -> str:
     return min(values, key=values.__getitem__)
-
-
-def _drop_none(**values: float | None) -> dict[str, float]:
-    return {k: v for k, v in values.items() if v is not None}

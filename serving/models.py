@@ -27,6 +27,11 @@ UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+class InputError(ValueError):
+    """A request the model cannot take because of what it asked for (the server answers
+    4xx); any other exception while generating is the server's fault (5xx)."""
+
+
 def detect_kind(model_dir: str) -> str:
     """`language-model` or `diffusion`, told apart by the directory's files.
 
@@ -84,7 +89,7 @@ class TextRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = None  # in [0, 2**63): `jobs.seeding.derive_seed` of the user's seed
 
 
 @dataclass
@@ -120,6 +125,7 @@ class LanguageModel:
         self.bos_token_id = self.tokenizer.bos_token_id
         if self.bos_token_id is None:
             self.bos_token_id = self.pad_token_id
+        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -135,6 +141,9 @@ class LanguageModel:
         rows = batch.add(requests)
         while batch.rows or batch.joining:
             step = batch.step()
+            for row in rows:
+                if row.error is not None:
+                    raise row.error
             yield [step.get(row) for row in rows]
             batch.drop(lambda row: row.finished)
 
@@ -193,6 +202,10 @@ class _RowState:
         self.ids: list[int] = []
         self.sent = 0  # characters of the text already yielded
         self.finished = False
+        self.error: Exception | None = None  # what failed this row alone (it has finished)
+
+    def fail(self, exc: Exception) -> None:
+        self.error, self.finished = exc, True
 
     def advance(self, token: int, model: LanguageModel) -> TextDelta:
         request = self.request
@@ -238,6 +251,13 @@ class DecodeBatch:
     def add(self, requests: list[TextRequest], owner: object = None) -> list[_RowState]:
         """Rows for `requests`, which join at the next step (check `can_join` first)."""
         assert self.can_join()
+        vocab = self.model.vocab_size
+        for r in requests:
+            bad = [i for i in r.prompt_ids if not 0 <= i < vocab]
+            if bad:
+                raise InputError(
+                    f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})"
+                )
         rows = [_RowState(r, _row_generator(r.seed), owner) for r in requests]
         self.joining += rows
         return rows
@@ -258,27 +278,53 @@ class DecodeBatch:
             self.mask = mask
             self.next_ids = self._sample(self.rows, logits, deltas)
         if self.joining:
-            joining = self.joining
-            # A row with no prompt starts from the beginning-of-text token.
-            prompts = [r.request.prompt_ids or [self.model.bos_token_id] for r in joining]
-            longest = max(len(p) for p in prompts)
-            # Left-padded, so every row's next token comes out at position -1.
-            ids = torch.full((len(joining), longest), self.model.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(joining), longest), dtype=torch.long)
-            for i, prompt in enumerate(prompts):
-                ids[i, longest - len(prompt) :] = torch.tensor(prompt)
-                mask[i, longest - len(prompt) :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits, cache = self.model.forward(ids, mask, positions, None)
-            next_ids = self._sample(joining, logits, deltas)
-            if self.rows:
-                self.cache, self.mask = _merge_caches(self.cache, self.mask, cache, mask)
-                self.next_ids = torch.cat([self.next_ids, next_ids])
-            else:
-                self.cache, self.mask, self.next_ids = cache, mask, next_ids
-                self.mergeable = _mergeable(cache)
-            self.rows, self.joining = self.rows + joining, []
+            joining, self.joining = self.joining, []
+            self._join(joining, deltas)
         return deltas
+
+    def _join(self, joining: list[_RowState], deltas: dict) -> None:
+        """Run the prompts of `joining` and merge them into the batch. If that fails, each
+        request's rows are tried on their own, so one bad request fails only itself."""
+        try:
+            self._prefill(joining, deltas)
+        except Exception as exc:
+            owners: dict[object, list[_RowState]] = {}
+            for row in joining:
+                owners.setdefault(id(row.owner), []).append(row)
+            if len(owners) == 1:
+                for row in joining:
+                    row.fail(exc)
+                    deltas[row] = None
+                return
+            for rows in owners.values():
+                self._join(rows, deltas)
+
+    def _prefill(self, joining: list[_RowState], deltas: dict) -> None:
+        """The prompts' forward pass, then the rows join; the batch changes only once
+        everything has succeeded."""
+        import torch
+
+        # A row with no prompt starts from the beginning-of-text token.
+        prompts = [r.request.prompt_ids or [self.model.bos_token_id] for r in joining]
+        longest = max(len(p) for p in prompts)
+        # Left-padded, so every row's next token comes out at position -1.
+        ids = torch.full((len(joining), longest), self.model.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(joining), longest), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, longest - len(prompt) :] = torch.tensor(prompt)
+            mask[i, longest - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self.model.forward(ids, mask, positions, None)
+        if self.rows:
+            merged, merged_mask = _merge_caches(self.cache, self.mask, cache, mask)
+        next_ids = self._sample(joining, logits, deltas)
+        if self.rows:
+            self.cache, self.mask = merged, merged_mask
+            self.next_ids = torch.cat([self.next_ids, next_ids])
+        else:
+            self.cache, self.mask, self.next_ids = cache, mask, next_ids
+            self.mergeable = _mergeable(cache)
+        self.rows = self.rows + joining
 
     def drop(self, leaving) -> None:
         """Take out the rows for which `leaving(row)` is true (all at once, once all
@@ -309,10 +355,14 @@ class DecodeBatch:
         next_ids = torch.full((len(rows),), self.model.pad_token_id, dtype=torch.long)
         for i, row in enumerate(rows):
             deltas[row] = None
-            if not row.finished:
+            if row.finished:
+                continue
+            try:
                 token = _sample(logits[i], row.request, row.generator)
-                next_ids[i] = token
                 deltas[row] = row.advance(token, self.model)
+                next_ids[i] = token
+            except Exception as exc:  # this row's settings or text: it alone fails
+                row.fail(exc)
         return next_ids
 
 
@@ -334,7 +384,8 @@ def _mergeable(cache) -> bool:
 
 
 def _merge_caches(cache, mask, other, other_mask):
-    """`cache` with `other`'s rows appended, both left-padded to the longer; and the mask."""
+    """`cache` with `other`'s rows appended, both left-padded to the longer; and the mask.
+    Every new tensor is made before `cache` is changed, so a failure leaves it whole."""
     import torch
     import torch.nn.functional as F
 
@@ -344,10 +395,17 @@ def _merge_caches(cache, mask, other, other_mask):
         missing = length - x.shape[-dim_from_end]
         return F.pad(x, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else x
 
-    for layer, joining in zip(cache.layers, other.layers, strict=True):  # (B, H, T, D)
-        layer.keys = torch.cat([pad(layer.keys, 2), pad(joining.keys, 2)])
-        layer.values = torch.cat([pad(layer.values, 2), pad(joining.values, 2)])
-    return cache, torch.cat([pad(mask, 1), pad(other_mask, 1)])
+    merged = [
+        (
+            torch.cat([pad(layer.keys, 2), pad(joining.keys, 2)]),  # (B, H, T, D)
+            torch.cat([pad(layer.values, 2), pad(joining.values, 2)]),
+        )
+        for layer, joining in zip(cache.layers, other.layers, strict=True)
+    ]
+    new_mask = torch.cat([pad(mask, 1), pad(other_mask, 1)])
+    for layer, (keys, values) in zip(cache.layers, merged, strict=True):
+        layer.keys, layer.values = keys, values
+    return cache, new_mask
 
 
 def _safe_end(text: str, stops: list[str]) -> int:
@@ -371,7 +429,10 @@ def _sample(logits, request: TextRequest, generator) -> int:
 
     if request.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / request.temperature, dim=-1)
+    # In float64 with the best logit subtracted first: however small the temperature, the
+    # best token's scaled logit is 0 and the others finite or -inf, never inf - inf = NaN.
+    scaled = (logits.double() - logits.max()) / request.temperature
+    probs = torch.softmax(scaled, dim=-1)
     if request.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest set of tokens whose probability reaches top_p.
@@ -386,7 +447,7 @@ def _sample(logits, request: TextRequest, generator) -> int:
 
 @dataclass
 class ImageRequest:
-    """Images to generate: image i's noise depends only on (seed, i)."""
+    """Images to generate: image i depends only on (seed, i); any integer seed."""
 
     n: int
     steps: int
@@ -431,13 +492,15 @@ class DiffusionModel:
             noise, labels, generators = [], [], []
             for i in members:
                 r = requests[i]
-                noise.append(seeded_noise(self.shape, r.seed, list(range(r.n))))
+                # Image k of a request depends only on (seed, k): `jobs/seeding.py`.
+                request_noise, request_generators = seeded_noise(
+                    self.shape, r.seed, list(range(r.n))
+                )
+                noise.append(request_noise)
+                generators += request_generators
                 labels += [
                     r.class_label if r.class_label is not None else k % max(1, self.num_classes)
                     for k in range(r.n)
-                ]
-                generators += [
-                    torch.Generator().manual_seed(r.seed * 7_919 + k) for k in range(r.n)
                 ]
             label_tensor = torch.tensor(labels, device=self.device) if self.num_classes else None
             scheduler = self.scheduler_cls.from_config(self.scheduler_config)

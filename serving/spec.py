@@ -45,7 +45,24 @@ class ReplicaSpec(Section):
     num_cpus: float = Field(1, gt=0, description="CPUs per replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (fractions allowed).")
     max_ongoing_requests: int = Field(
-        16, ge=1, description="Requests one replica accepts at once (more are queued)."
+        16, ge=1, description="Requests one replica works on at once (more are queued)."
+    )
+    max_queued_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests queued for the replicas at each HTTP proxy (Serve's option of "
+        "that name); more are refused at once with 503 and `Retry-After`, instead of "
+        "waiting in a queue that grows without bound.",
+    )
+    retry_after_s: float = Field(
+        1, ge=0, description="The `Retry-After` (seconds) sent with those 503 answers."
+    )
+    stall_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="Seconds a replica's model may go without finishing a step while it has "
+        "work; then `/healthz` and Serve's health check report it unhealthy, and Serve "
+        "replaces it.",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Weights' precision on the replica; fp16 needs a GPU."
@@ -67,9 +84,27 @@ class BatchingSpec(Section):
     )
 
 
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach an address (127.0.0.0/8, ::1, localhost)."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 class HttpSpec(Section):
-    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP proxy listens on; `0.0.0.0` for every interface "
+        "(then `auth.api_keys_env` is required, or `auth.allow_anonymous: true`).",
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
+    request_timeout_s: float = Field(
+        300,
+        gt=0,
+        description="Longest a request may take, queueing included (Serve's option of that "
+        "name); a request not answered by then gets an error and its work stops.",
+    )
 
 
 class AuthSpec(Section):
@@ -78,6 +113,11 @@ class AuthSpec(Section):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of an environment variable holding comma-separated API keys; "
         "requests then need `Authorization: Bearer <key>`. Unset: no authentication.",
+    )
+    allow_anonymous: bool = Field(
+        False,
+        description="Serve without API keys on an address other machines can reach (a "
+        "deliberate choice, e.g. behind an authenticating gateway).",
     )
 
 
@@ -116,12 +156,16 @@ class FiltersSpec(Section):
 
 
 class AuditOverride(Section):
-    """A person's decision, on the record, to deploy despite the audit."""
+    """Points at a person's decision, on the record, to deploy despite the audit.
 
-    reason: str = Field(min_length=1, description="Why the failed audit is overridden.")
-    user: str = Field(description="Who overrode it (from the environment).")
-    at: str = Field(description="When (UTC, ISO 8601).")
-    failing: list[str] = Field(default_factory=list, description="The failing checks.")
+    Only a pointer: replicas serve the model only if the deployment record it names exists
+    next to the model and overrides the audit of this very model (its sha256)."""
+
+    record: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.json$",
+        description="The override's record: a file name in the model's deployment records "
+        "(`<run>/deployments/`).",
+    )
 
 
 class DeploySpec(Section):
@@ -146,8 +190,9 @@ class DeploySpec(Section):
     )
     audit_override: AuditOverride | None = Field(
         None,
-        description="Written by `raygen serve --override-audit REASON`: who deployed a model "
-        "whose audit failed (or does not match it), when and why. Not for hand-editing.",
+        description="Written by `raygen serve --override-audit REASON` (and `serve build`): "
+        "the deployment record of who deployed a model whose audit failed (or does not match "
+        "it), when and why. Not for hand-editing: replicas check the record.",
     )
     autoscaling: AutoscalingSpec = Field(
         default_factory=AutoscalingSpec, description="Replica autoscaling (Serve's config)."
@@ -162,6 +207,17 @@ class DeploySpec(Section):
     filters: FiltersSpec = Field(
         default_factory=FiltersSpec, description="Post-generation output filtering."
     )
+
+    @model_validator(mode="after")
+    def _keys_where_reachable(self) -> DeploySpec:
+        if is_loopback(self.http.host) or self.auth.api_keys_env or self.auth.allow_anonymous:
+            return self
+        raise ValueError(
+            f"http.host is {self.http.host!r}, which other machines can reach, and "
+            "auth.api_keys_env is not set: anyone there could use the model. Set "
+            "auth.api_keys_env to the variable holding the API keys, or set "
+            "auth.allow_anonymous: true to serve without keys on purpose"
+        )
 
 
 # --- audits -------------------------------------------------------------------------------
@@ -263,7 +319,22 @@ class AuditSpec(Section):
     min_group_size: int = Field(
         30,
         ge=1,
-        description="Groups with fewer rows fail the check as insufficient evidence.",
+        description="Groups (and cells of an intersection of features) with fewer rows fail "
+        "the check as insufficient evidence.",
+    )
+    n_boot: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="Bootstrap resamples behind each figure's confidence interval (Fairlearn's "
+        "MetricFrame); 0: point estimates only.",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Coverage of the confidence intervals.")
+    bootstrap_seed: int = Field(0, description="Random state of the bootstrap.")
+    decision: Literal["point", "conservative"] = Field(
+        "point",
+        description="`point`: a check fails when a point estimate is past its threshold; "
+        "`conservative`: also when the estimate's confidence interval reaches past it.",
     )
     max_rows: int | None = Field(
         None, ge=1, description="Use at most this many rows of `data` (the first ones)."
@@ -274,3 +345,12 @@ class AuditSpec(Section):
     batch_size: int = Field(16, ge=1, description="Rows per inference batch.")
     workers: int = Field(2, ge=1, description="Ray actors running inference in parallel.")
     checks: list[Check] = Field(min_length=1, description="What must hold for a pass.")
+
+    @model_validator(mode="after")
+    def _intervals_to_decide(self) -> AuditSpec:
+        if self.decision == "conservative" and not self.n_boot:
+            raise ValueError(
+                "decision: conservative judges confidence intervals, and n_boot is 0 (no "
+                "intervals); set n_boot (e.g. 200) or decision: point"
+            )
+        return self

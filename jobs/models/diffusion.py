@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from cluster.storage import exists, join, read_text
+from jobs.seeding import item_generator
 from jobs.spec import ModelSpec, NoiseSchedulerSpec
 
 PIPELINE_INDEX = "model_index.json"
@@ -105,16 +106,21 @@ def generate(
     return sample.clamp(-1, 1)
 
 
-def seeded_noise(shape: tuple[int, int, int], seed: int, indices: list[int]) -> torch.Tensor:
-    """Noise (len(indices), *shape) where image i's noise depends only on (seed, i).
+def seeded_noise(
+    shape: tuple[int, int, int], seed: int, indices: list[int]
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Noise (len(indices), *shape) where image i's noise depends only on (seed, i), and
+    each image's generator, left where its noise ends: `generate` draws a DDPM sampler's
+    fresh noise from it, so the whole image depends only on (seed, i).
 
-    So sample i is the same whatever the number of workers or batch it is generated in.
+    So sample i is the same whatever the number of workers, batch or request it is
+    generated in (`jobs/seeding.py`: any integer seed, no overflow).
     """
+    generators = [item_generator(seed, index) for index in indices]
     out = torch.empty(len(indices), *shape)
-    for row, index in enumerate(indices):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    for row, generator in enumerate(generators):
         out[row] = torch.randn(shape, generator=generator)
-    return out
+    return out, generators
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

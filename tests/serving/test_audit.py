@@ -17,9 +17,17 @@ import yaml
 
 from jobs.errors import SpecError
 from jobs.loader import validate_spec
-from serving.audit import model_sha256, run_audit
-from serving.deploy import deploy, gate, record_deployment, resolve_deploy_spec
+from serving.audit import run_audit
+from serving.deploy import deploy, gate, resolve_deploy_spec
 from serving.errors import AuditFailed, DeployError
+from serving.gate import (
+    list_records,
+    model_sha256,
+    read_record,
+    record_deployment,
+    serving_clearance,
+    write_record,
+)
 from serving.spec import AuditSpec, DeploySpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -190,13 +198,20 @@ def test_failed_audit_refuses_unless_overridden_on_the_record(passed, model, tmp
         gate(deploy_spec(model, str(audit_json)))
     monkeypatch.setenv("RAYGEN_USER", "ada")
     spec = gate(deploy_spec(model, str(audit_json)), override_reason="release review 42")
-    override = spec.audit_override
-    assert override.user == "ada" and override.reason == "release review 42"
-    assert override.failing == ["perplexity by quote_style: too far apart"]
-    path = record_deployment(spec, {"url": "http://x"})
-    entry = json.loads(Path(path).read_text().splitlines()[-1])
-    assert Path(path) == model.parent / "deployments.jsonl"
-    assert entry["override"]["user"] == "ada" and not entry["audit_passed"]
+    record = read_record(str(model), spec.audit_override.record)
+    assert record["event"] == "audit_override" and record["user"] == "ada"
+    assert record["reason"] == "release review 42"
+    assert record["failing"] == ["perplexity by quote_style: too far apart"]
+    assert record["model_sha256"] == model_sha256(str(model))
+    path = record_deployment(spec, {"url": "http://x", "model_sha256": record["model_sha256"]})
+    entry = json.loads(Path(path).read_text())
+    assert Path(path).parent == model.parent / "deployments"
+    assert entry["override"] == spec.audit_override.record and not entry["audit_passed"]
+    assert [r["event"] for r in list_records(str(model))][-2:] == ["audit_override", "deployed"]
+    # What a replica shows: the decision, not where things are stored.
+    shown = serving_clearance(spec)
+    assert shown["overridden"] and shown["user"] == "ada" and shown["reason"] == "release review 42"
+    assert str(model.parent) not in json.dumps(shown)
 
 
 def test_a_file_that_is_not_an_audit_is_a_spec_error(model, tmp_path):
@@ -214,8 +229,86 @@ def test_replicas_refuse_a_failed_audit_that_skipped_the_gate(passed, model, tmp
     audit_json = tmp_path / "audit.json"
     audit_json.write_text(json.dumps(failed))
     spec = deploy_spec(model, str(audit_json), name="bypass", http={"port": serve_port})
-    with pytest.raises(DeployError, match="failed; the model may not be served"):
+    with pytest.raises(DeployError, match="records a failed audit"):
         deploy(spec, embedded=True)  # straight to Serve, without gate()
+
+
+def _sibling(model: Path, name: str) -> Path:
+    """A changed copy of `model` beside it (the same run: the same deployment records)."""
+    other = model.parent / name
+    if not other.exists():
+        shutil.copytree(model, other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, "n_ctx": 64}))
+    return other
+
+
+def test_replicas_refuse_configs_edited_past_the_gate(passed, model, tmp_path):
+    """What a replica checks where the model is served, whoever wrote its config."""
+    other = _sibling(model, "model-edited")
+    digest, other_digest = model_sha256(str(model)), model_sha256(str(other))
+    # A passed audit of another model.
+    spec = deploy_spec(other, passed["paths"]["audit"])
+    with pytest.raises(AuditFailed) as info:
+        serving_clearance(spec)
+    assert digest[:16] in str(info.value) and other_digest[:16] in str(info.value)
+    # An override made for one model, the config then pointed at another.
+    failed = {**json.loads(Path(passed["paths"]["audit"]).read_text()), "passed": False}
+    audit_json = tmp_path / "failed.json"
+    audit_json.write_text(json.dumps(failed))
+    overridden = gate(deploy_spec(model, str(audit_json)), override_reason="known issue")
+    assert serving_clearance(overridden)["overridden"]
+    repointed = overridden.model_copy(update={"model": str(other)})
+    with pytest.raises(AuditFailed) as info:
+        serving_clearance(repointed)
+    message = str(info.value)
+    assert "pointed at another model" in message
+    assert digest[:16] in message and other_digest[:16] in message
+    # A hand-written override: a pointer to no record, or to a record that is not one.
+    for record in ("20260101T000000Z-audit_override-0123456789ab.json",):
+        forged = deploy_spec(model, str(audit_json), audit_override={"record": record})
+        with pytest.raises(AuditFailed, match="holds no override record of that name"):
+            serving_clearance(forged)
+    deployed = write_record(str(model), "deployed", {"model_sha256": digest})
+    forged = deploy_spec(model, str(audit_json), audit_override={"record": deployed})
+    with pytest.raises(AuditFailed, match="holds no override record of that name"):
+        serving_clearance(forged)
+
+
+def test_an_audit_from_before_the_framed_model_hash_is_refused(passed, model, tmp_path):
+    old = json.loads(Path(passed["paths"]["audit"]).read_text())
+    del old["model_hash_format"]
+    audit_json = tmp_path / "old.json"
+    audit_json.write_text(json.dumps(old))
+    with pytest.raises(AuditFailed, match="written by an older raygen.*re-run the audit"):
+        gate(deploy_spec(model, str(audit_json)))
+
+
+def test_serve_build_with_an_override_records_it(passed, model, tmp_path):
+    failed = {**json.loads(Path(passed["paths"]["audit"]).read_text()), "passed": False}
+    audit_json = tmp_path / "failed.json"
+    audit_json.write_text(json.dumps(failed))
+    spec = tmp_path / "deploy.yaml"
+    spec.write_text(
+        yaml.safe_dump({"name": "built", "model": str(model), "audit": str(audit_json)})
+    )
+    out = tmp_path / "serve-config.yaml"
+    refused = subprocess.run(
+        [sys.executable, "-m", "raygen", "serve", "build", str(spec), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 3 and not out.exists()
+    done = subprocess.run(
+        [sys.executable, "-m", "raygen", "serve", "build", str(spec), "--out", str(out),
+         "--override-audit", "offline evaluation signed off"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RAYGEN_USER": "grace"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    args = yaml.safe_load(out.read_text())["applications"][0]["args"]
+    record = read_record(str(model), args["audit_override"]["record"])
+    assert record["user"] == "grace" and record["reason"] == "offline evaluation signed off"
+    assert serving_clearance(DeploySpec.model_validate(args))["overridden"]
 
 
 # --- the quickstart -------------------------------------------------------------------------
@@ -241,5 +334,5 @@ def test_quickstart_trains_audits_serves_and_shuts_down(tmp_path):
     assert done.stdout.count("--- completion (") == 3
     assert "usage: {'prompt_tokens'" in done.stdout
     assert (work / "runs/code-lm-tiny/audit/audit.html").is_file()
-    deployments = (work / "runs/code-lm-tiny/deployments.jsonl").read_text().splitlines()
-    assert json.loads(deployments[-1])["audit_passed"] is True
+    (deployment,) = list_records(str(work / "runs/code-lm-tiny/model"))
+    assert deployment["event"] == "deployed" and deployment["audit_passed"] is True

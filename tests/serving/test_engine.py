@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,79 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(lm, monkeypatch
         engine.close()
 
 
+def test_a_tiny_temperature_samples_like_greedy_decoding(lm):
+    # 1e-30 made the logits infinite (a 500 for the whole batch); 1e-320 is subnormal.
+    for temperature in (1e-30, 1e-320):
+        for request in _requests(lm)[:3]:
+            greedy = _alone(lm, request)
+            request.temperature = temperature
+            assert _alone(lm, request) == greedy
+
+
+def test_one_bad_request_fails_alone_and_the_batch_goes_on(lm, monkeypatch):
+    """A request the model cannot take (a token outside the vocabulary: 400) and one whose
+    sampling raises (500) fail on their own; the requests decoded with them are answered
+    as if alone, and so is one after."""
+    import serving.models as models
+
+    real_sample = models._sample
+
+    def sample(logits, request, generator):
+        if request.top_p == 0.5:
+            raise RuntimeError("sampling broke")
+        return real_sample(logits, request, generator)
+
+    monkeypatch.setattr(models, "_sample", sample)
+    good = _requests(lm)[:2]
+    alone = [_alone(lm, r) for r in good]
+    unknown_token = TextRequest([lm.vocab_size + 5], 5, 0.0)
+    breaks = TextRequest(lm.encode("import"), 5, 1.0, top_p=0.5, seed=1)
+    engine = TextEngine(lm, max_batch_size=8, wait_s=0.5)  # all four start together
+    try:
+        got = [Collector() for _ in range(4)]
+        for request, collector in zip([good[0], unknown_token, breaks, good[1]], got, strict=True):
+            engine.submit([request], collector, stream=False)
+        first, bad_input, broken, second = (c.until_done()[-1] for c in got)
+        after = Collector()
+        engine.submit([good[0]], after, stream=False)
+        (later,) = after.until_done()
+    finally:
+        engine.close()
+    assert bad_input.status == 400 and "outside the model's vocabulary" in bad_input.error
+    assert broken.status == 500 and broken.error == "RuntimeError: sampling broke"
+    assert first.error is None and first.deltas[0].text == alone[0]
+    assert second.error is None and second.deltas[0].text == alone[1]
+    assert first.batch_size >= 2  # they were decoded together
+    assert later.deltas[0].text == alone[0]
+
+
+def test_an_engine_with_work_and_no_progress_reports_how_long(lm, monkeypatch):
+    import threading
+
+    release = threading.Event()
+    real = lm.forward
+
+    def stuck(*args):
+        release.wait(timeout=60)
+        return real(*args)
+
+    engine = TextEngine(lm, max_batch_size=8)
+    try:
+        assert engine.stalled_for() == 0.0  # idle is not stalled
+        time.sleep(0.2)
+        monkeypatch.setattr(lm, "forward", stuck)
+        got = Collector()
+        engine.submit(_requests(lm)[:1], got, stream=False)
+        time.sleep(0.5)
+        assert 0.4 < engine.stalled_for() < 5  # counted from the work's arrival, not idle
+        release.set()
+        got.until_done()
+        assert engine.stalled_for() == 0.0 and engine.running == 0 and engine.queued() == 0
+    finally:
+        release.set()
+        engine.close()
+
+
 def test_image_requests_waiting_while_the_model_runs_form_the_next_batch():
     import threading
 
@@ -236,11 +310,23 @@ def test_image_requests_waiting_while_the_model_runs_form_the_next_batch():
             engine.submit(job, 1, results[job])
         release.set()
         got = [r.updates.get(timeout=60) for r in results]
-        failed = Collector()
+        # A job that fails its batch: the batch is retried one job at a time, so only
+        # that job's request fails.
+        release.clear()
+        started.clear()
+        blocker = Collector()
+        engine.submit(9, 1, blocker)
+        started.wait(timeout=60)
+        failed, fine = Collector(), Collector()
         engine.submit(-1, 1, failed)
+        engine.submit(5, 1, fine)
+        release.set()
         error = failed.updates.get(timeout=60)
+        answered = fine.updates.get(timeout=60)
     finally:
+        release.set()
         engine.close()
     assert batches[:3] == [[0], [1, 2, 3], [4]]
     assert got == [(0, 1), (10, 3), (20, 3), (30, 3), (40, 1)]
-    assert isinstance(error, ValueError)
+    assert batches[-3:] == [[-1, 5], [-1], [5]]
+    assert isinstance(error, ValueError) and answered == (50, 1)

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from serving.deploy import deploy, gate, replica_counts, resolve_deploy_spec
-from serving.spec import DeploySpec
+from serving.deploy import replica_counts
 from tests.conftest import TEST_API_KEYS, TEST_API_KEYS_ENV, TINY_UNET
+from tests.serving.deployments import start, stop, wait_for
 
 KEY = TEST_API_KEYS[1]
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -31,30 +31,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def trained(lm_run, diffusion_run):
     """Train first: the training fixtures need every CPU, which deployed replicas hold."""
     return lm_run, diffusion_run
-
-
-def start(name: str, model: Path, port: int, **sections) -> str:
-    """Deploy `model` as application `name` under /<name>; returns its base URL."""
-    raw = {
-        "name": name,
-        "model": str(model),
-        "audit": str(Path(model).parent / "no-audit.json"),
-        "route_prefix": f"/{name}",
-        "replica": {"num_cpus": 0.25},
-        "http": {"port": port},
-        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-        **sections,
-    }
-    spec = resolve_deploy_spec(DeploySpec.model_validate(raw), "test")
-    # These tests are about serving mechanics; the audit gate has its own (test_audit.py).
-    spec = gate(spec, override_reason="serving mechanics test")
-    return deploy(spec, embedded=True)["url"]
-
-
-def stop(name: str) -> None:
-    from ray import serve
-
-    serve.delete(name)
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +129,11 @@ def test_models_lists_the_deployment_and_healthz_needs_no_key(lm_url):
     assert [m["id"] for m in models] == ["code"]
     assert models[0]["raygen"]["kind"] == "language-model"
     assert models[0]["raygen"]["context_length"] >= 64
-    override = models[0]["raygen"]["audit"]["override"]
-    assert override["reason"] == "serving mechanics test" and override["user"]
+    audit = models[0]["raygen"]["audit"]
+    assert audit["overridden"] and not audit["passed"] and audit["user"]
+    assert audit["reason"] == "serving mechanics test"
+    assert models[0]["raygen"]["limits"]["max_tokens"] == 40
+    assert str(lm_url[1].parent) not in json.dumps(models)  # no storage paths
     assert httpx.get(f"{url}/healthz").json()["status"] == "ready"
     assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/completions"]
 
@@ -418,13 +397,6 @@ def test_a_dead_replica_is_replaced_while_the_other_keeps_answering(lm_run, serv
         stop("sturdy")
 
 
-def wait_for(condition, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.5)
-
-
 # --- the CLI ------------------------------------------------------------------------------
 
 
@@ -459,10 +431,12 @@ def test_cli_deploys_detached_lists_and_shuts_down(lm_run, serve_port, tmp_path)
     )
     assert done.returncode == 0, done.stderr
     assert "deployed detached (language-model)" in done.stdout
-    records = Path(lm_run[1]["paths"]["run_dir"], "deployments.jsonl").read_text().splitlines()
-    record = json.loads(records[-1])
-    assert record["name"] == "detached" and record["override"]["reason"] == "demo day"
-    assert record["override"]["failing"][0].endswith("run `raygen audit` on the model first")
+    from serving.gate import list_records
+
+    override, deployed = list_records(lm_run[1]["paths"]["model"])[-2:]
+    assert override["event"] == "audit_override" and override["reason"] == "demo day"
+    assert override["failing"][0].endswith("run `raygen audit` on the model first")
+    assert deployed["name"] == "detached" and deployed["override"] == override["record"]
     body = {"model": "detached", "prompt": "import ", "max_tokens": 3}
     url = f"http://127.0.0.1:{serve_port}/detached/v1/completions"
     assert httpx.post(url, json=body, timeout=60).status_code == 200

@@ -45,6 +45,30 @@ def test_bad_deploy_specs_name_the_key_and_the_fix():
     assert "`route_prefix`" in message
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
+def test_serving_where_others_can_reach_needs_keys_or_a_stated_choice(host, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    message = problems(http={"host": host})
+    assert f"http.host is {host!r}" in message
+    assert "auth.api_keys_env" in message and "auth.allow_anonymous: true" in message
+    for auth in ({"api_keys_env": "KEYS"}, {"allow_anonymous": True}):
+        DeploySpec.model_validate({"name": "d", "model": "m", "http": {"host": host}, "auth": auth})
+    for loopback in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        DeploySpec.model_validate({"name": "d", "model": "m", "http": {"host": loopback}})
+    spec = tmp_path / "open.yaml"
+    spec.write_text(yaml.safe_dump({"name": "d", "model": "m", "http": {"host": host}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "raygen", "serve", "build", str(spec)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "auth.allow_anonymous" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_scale_to_zero_is_allowed():
     spec = DeploySpec.model_validate(
         {"name": "d", "model": "m", "autoscaling": {"min_replicas": 0, "max_replicas": 2}}
@@ -101,9 +125,12 @@ def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path)
     app = config["applications"][0]
     assert app["import_path"] == "serving.app:build_app"
     assert DeploySpec.model_validate(app["args"]) == spec
+    assert config["http_options"]["request_timeout_s"] == spec.http.request_timeout_s
     built = call_user_app_builder_with_args_if_necessary(build_app, app["args"])
     deployment = built._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert deployment._deployment_config.max_queued_requests == 64  # never unbounded
+    assert deployment._deployment_config.backpressure_config.retry_after_s == 1
     with pytest.raises(Exception, match="max_replicas"):
         call_user_app_builder_with_args_if_necessary(
             build_app, {**app["args"], "autoscaling": {"max_replicas": 0}}

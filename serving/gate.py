@@ -1,0 +1,284 @@
+"""The deployment gate, both sides: the driver's decision before anything is deployed, and
+the replica's check before it serves.
+
+A model is served only if a passed audit of this exact model exists (its `model_sha256`
+equals the model's), or a person overrode the audit on the record: an override record in
+the model's deployment records (`<run>/deployments/`, one file per record, so concurrent
+writers never lose each other's records) naming this model's hash. A config carries only
+the record's name; replicas read the record itself.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cluster.storage import join, list_files, local_copy, read_text, write_text
+from jobs.errors import SpecError
+from serving.errors import AuditFailed
+from serving.spec import AuditOverride, DeploySpec
+
+logger = logging.getLogger(__name__)
+
+# How `model_sha256` frames a directory's files. Audits record it; an audit of another
+# framing cannot be compared with today's hashes and must be run again.
+MODEL_HASH_FORMAT = 2
+RECORDS_DIR = "deployments"
+OVERRIDE = "audit_override"
+DEPLOYED = "deployed"
+
+
+def model_sha256(model_dir: str) -> str:
+    """SHA-256 over every file of a model directory, so an audit names exactly the weights,
+    config and tokenizer it judged. Each file is framed by the lengths of its relative path
+    and its contents: no two different directories feed the hash the same bytes.
+
+    Remembered per process for an unchanged listing (names, sizes, modification times):
+    the gate and the deployment record hash the same model once."""
+    root = Path(local_copy(model_dir))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stats = [(p.relative_to(root).as_posix(), p.stat()) for p in files]
+    key = (str(root.resolve()), tuple((n, s.st_size, s.st_mtime_ns) for n, s in stats))
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        for path, (name, stat) in zip(files, stats, strict=True):
+            encoded = name.encode()
+            digest.update(len(encoded).to_bytes(8, "big") + encoded)
+            digest.update(stat.st_size.to_bytes(8, "big"))
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def model_home(model: str) -> str:
+    """The directory holding a model's audits and deployment records: `<run>` for a model
+    at `<run>/model`."""
+    model = model.rstrip("/")
+    return model.rsplit("/", 1)[0] if "/" in model else "."
+
+
+def read_audit(uri: str) -> dict[str, Any] | None:
+    """A `raygen audit` report, or None when the file does not exist.
+
+    Raises:
+        SpecError: the file is not an audit.json.
+    """
+    text = read_text(uri)
+    if text is None:
+        return None
+    try:
+        report = json.loads(text)
+    except ValueError as exc:
+        raise SpecError(
+            "audit", f"{uri} is not JSON ({exc}); give the audit.json of `raygen audit`."
+        ) from None
+    if not isinstance(report, dict) or not {"passed", "model_sha256", "checks"} <= set(report):
+        raise SpecError("audit", f"{uri} is not an audit.json written by `raygen audit`.")
+    return report
+
+
+def failing_summary(report: dict[str, Any]) -> list[str]:
+    """One line per failed check: metric, feature and its reasons."""
+    lines = []
+    for check in report["checks"]:
+        if not check["passed"]:
+            lines.append(f"{check['metric']} by {check['feature']}: {'; '.join(check['reasons'])}")
+    return lines
+
+
+def audit_problems(report: dict[str, Any] | None, audit: str, model: str, digest: str) -> list[str]:
+    """Why `report` (read from `audit`) does not clear `model` (hash `digest`); [] if it does."""
+    if report is None:
+        return [f"{audit} does not exist: run `raygen audit` on the model first"]
+    rerun = f"raygen audit AUDIT_SPEC --model {model}"
+    if report.get("model_hash_format") != MODEL_HASH_FORMAT:
+        return [
+            f"{audit} was written by an older raygen, whose model hash cannot be compared "
+            f"with this one's: re-run the audit: {rerun}"
+        ]
+    if report["model_sha256"] != digest:
+        return [
+            f"{audit} is an audit of model sha256 {report['model_sha256'][:16]}, but {model} is "
+            f"{digest[:16]}: the model changed since (or it is another model); audit it: {rerun}"
+        ]
+    if report["passed"] is True:
+        return []
+    return failing_summary(report) or [f"{audit} records a failed audit"]
+
+
+# --- deployment records ---------------------------------------------------------------------
+
+
+def write_record(model: str, event: str, entry: dict[str, Any]) -> str:
+    """Add a record to the model's deployment records; returns its name. One file per
+    record: writers never read-modify-write, so none is lost to another."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"{stamp}-{event}-{uuid.uuid4().hex[:12]}.json"
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record = {"event": event, "at": at, **entry}
+    write_text(join(model_home(model), RECORDS_DIR, name), json.dumps(record, indent=2))
+    return name
+
+
+def read_record(model: str, name: str) -> dict[str, Any] | None:
+    """One deployment record of the model, or None if there is none of that name."""
+    if "/" in name or name.startswith("."):
+        return None
+    text = read_text(join(model_home(model), RECORDS_DIR, name))
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def list_records(model: str) -> list[dict[str, Any]]:
+    """The model's deployment records, oldest first, each with its `record` name."""
+    from cluster.errors import StorageError
+
+    try:
+        files = list_files(join(model_home(model), RECORDS_DIR), ".json")
+    except StorageError:  # no records yet
+        return []
+    records = []
+    for entry in files:
+        name = entry.uri.rsplit("/", 1)[-1]
+        record = read_record(model, name)
+        if record is not None:
+            records.append({**record, "record": name})
+    return sorted(records, key=lambda r: r["record"])
+
+
+def record_deployment(spec: DeploySpec, info: dict[str, Any]) -> str:
+    """Record a deployment that started; returns the record's path."""
+    entry = {
+        "name": spec.name,
+        "model": spec.model,
+        "model_sha256": info.get("model_sha256"),
+        "url": info.get("url"),
+        "audit": spec.audit,
+        "audit_passed": spec.audit_override is None,
+        "override": spec.audit_override.record if spec.audit_override else None,
+        "spec": spec.model_dump(mode="json", exclude={"audit_override"}),
+    }
+    name = write_record(spec.model, DEPLOYED, entry)
+    return join(model_home(spec.model), RECORDS_DIR, name)
+
+
+# --- the driver's side ----------------------------------------------------------------------
+
+
+def clear(
+    spec: DeploySpec, report: dict[str, Any] | None, digest: str, override_reason: str | None
+) -> DeploySpec:
+    """The decision: `spec` as it may be deployed, or AuditFailed.
+
+    With `override_reason` and a failing audit, writes the override record and returns the
+    spec pointing at it.
+
+    Raises:
+        AuditFailed: the audit does not clear the model and no override was given.
+    """
+    assert spec.audit is not None
+    failing = audit_problems(report, spec.audit, spec.model, digest)
+    if not failing:
+        return spec.model_copy(update={"audit_override": None})
+    if not override_reason:
+        lines = "\n".join(f"  - {line}" for line in failing)
+        raise AuditFailed(
+            f"deployment of {spec.name} refused by its audit:\n{lines}\nNothing was deployed. "
+            'Fix the model (or the audit), or deploy anyway with --override-audit "REASON" '
+            "(recorded with your name)."
+        )
+    user = os.environ.get("RAYGEN_USER") or getpass.getuser()
+    record = write_record(
+        spec.model,
+        OVERRIDE,
+        {
+            "name": spec.name,
+            "model": spec.model,
+            "model_sha256": digest,
+            "audit": spec.audit,
+            "reason": override_reason,
+            "user": user,
+            "failing": failing,
+        },
+    )
+    logger.warning("audit overridden by %s: %s (record %s)", user, override_reason, record)
+    return spec.model_copy(update={"audit_override": AuditOverride(record=record)})
+
+
+# --- the replica's side ---------------------------------------------------------------------
+
+
+def serving_clearance(spec: DeploySpec) -> dict[str, Any]:
+    """Check, where the model is served, that a passed audit of this exact model exists or
+    that its override is on the record; returns what `/v1/models` shows (no paths).
+
+    Raises:
+        AuditFailed: neither holds (the replica then refuses to start).
+    """
+    digest = model_sha256(spec.model)
+    try:
+        report = read_audit(spec.audit) if spec.audit else None
+    except SpecError as exc:
+        report, unreadable = None, str(exc)
+    else:
+        unreadable = None
+    problems = (
+        [unreadable]
+        if unreadable
+        else audit_problems(report, spec.audit or "(no audit)", spec.model, digest)
+    )
+    if not problems and report is not None:
+        return {
+            "passed": True,
+            "name": report.get("name"),
+            "model_sha256": digest,
+            "timestamp": report.get("timestamp"),
+        }
+    if spec.audit_override is None:
+        raise AuditFailed(
+            f"{spec.name} may not serve {spec.model}: {'; '.join(problems)}. Deploy with "
+            "`raygen serve` (which runs the gate), or `raygen serve build` after a passed "
+            "`raygen audit` of this model."
+        )
+    name = spec.audit_override.record
+    record = read_record(spec.model, name)
+    if record is None or record.get("event") != OVERRIDE:
+        where = join(model_home(spec.model), RECORDS_DIR)
+        raise AuditFailed(
+            f"`audit_override` names the record {name}, but {where} holds no override record "
+            f"of that name: an override is made with `raygen serve --override-audit REASON` "
+            "(or `serve build --override-audit`), which records it; it cannot be written into "
+            f"a config by hand. The audit: {'; '.join(problems)}."
+        )
+    if record.get("model_sha256") != digest:
+        raise AuditFailed(
+            f"the override record {name} is for model sha256 "
+            f"{str(record.get('model_sha256'))[:16]}, but {spec.model} is {digest[:16]}: the "
+            "config was pointed at another model than the one overridden; audit this model, "
+            "or override its audit on the record."
+        )
+    return {
+        "passed": False,
+        "overridden": True,
+        "model_sha256": digest,
+        "reason": record.get("reason"),
+        "user": record.get("user"),
+        "at": record.get("at"),
+    }
