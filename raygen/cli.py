@@ -306,6 +306,12 @@ def audit(
     raise_if_failed(report)
 
 
+def _interval(check: dict[str, Any], figure: str) -> str:
+    """` [low, high]`: a figure's confidence interval, when the audit has one."""
+    span = (check.get("intervals") or {}).get(figure)
+    return f" [{span[0]:.3g}, {span[1]:.3g}]" if span else ""
+
+
 def _print_audit(report: dict[str, Any]) -> None:
     for check in report["checks"]:
         mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
@@ -314,7 +320,8 @@ def _print_audit(report: dict[str, Any]) -> None:
         )
         out.print(
             f"{mark} {check['metric']} by {check['feature']}: {groups}; ratio "
-            f"{check['ratio']:.3f}, difference {check['difference']:.4g}",
+            f"{check['ratio']:.3f}{_interval(check, 'ratio')}, difference "
+            f"{check['difference']:.4g}{_interval(check, 'difference')}",
             highlight=False,
             soft_wrap=True,
         )

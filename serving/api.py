@@ -73,6 +73,15 @@ def _unicode(text: str) -> str:
     return text
 
 
+def _only(allowed: Any):
+    def check(value: Any) -> Any:
+        if value != allowed:
+            raise ValueError(f"only {json.dumps(allowed)} is accepted")
+        return value
+
+    return check
+
+
 Text = Annotated[str, AfterValidator(_unicode)]
 Stop = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
@@ -121,10 +130,15 @@ class CompletionRequest(_Body):
     user: str | None = Field(
         None, max_length=MAX_USER_CHARS, description="An end-user id (accepted, not used)."
     )
-    # Accepted for compatibility only at their defaults.
-    echo: Literal[False] = Field(False, description="Not supported: must be false.")
+    # Accepted for compatibility only at their defaults. (Not Literal[False] or Literal[1]:
+    # those accept 0 and true, which equal them in Python.)
+    echo: Annotated[bool, AfterValidator(_only(False))] = Field(
+        False, description="Not supported: must be false.", json_schema_extra={"const": False}
+    )
     logprobs: None = Field(None, description="Not supported: must be null.")
-    best_of: Literal[1] | None = Field(None, description="Not supported: must be null or 1.")
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = Field(
+        None, description="Not supported: must be null or 1."
+    )
     suffix: None = Field(None, description="Not supported: must be null.")
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")

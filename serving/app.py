@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api import (
     ApiError,
@@ -132,6 +133,14 @@ def _api_keys(spec: DeploySpec) -> list[str]:
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (an unknown path, a method a path does not take) in OpenAI's
+    error shape too."""
+    error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}.")
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
 def _failure(status: int, error: str) -> ApiError:
@@ -350,16 +359,28 @@ class ModelServer:
             title=api.title,
             version="1",
             description=api.description,
-            routes=[r for r in api.routes if getattr(r, "path", "") not in self._other_paths()],
+            routes=api.routes,
             servers=[{"url": root_path}] if root_path else None,
         )
+        for path in {COMPLETIONS, IMAGES} - {self.endpoint}:  # not this model's kind
+            schema["paths"].pop(path, None)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         body = self.body_model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
-        schema["paths"][self.endpoint]["post"]["requestBody"] = {
+        operation = schema["paths"][self.endpoint]["post"]
+        operation["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": body}},
         }
+        if self.endpoint == COMPLETIONS:  # `stream: true` answers with server-sent events
+            event = {
+                "type": "object",
+                "description": "A server-sent event: `data` is a completion chunk (JSON), an "
+                "error, or `[DONE]` at the end.",
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                "required": ["data"],
+            }
+            operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": event}
         if self.keys:
             schema["components"]["securitySchemes"] = {
                 "apiKey": {"type": "http", "scheme": "bearer"}
@@ -369,9 +390,6 @@ class ModelServer:
                     for operation in operations.values():
                         operation["security"] = [{"apiKey": []}]
         return schema
-
-    def _other_paths(self) -> set[str]:
-        return {COMPLETIONS, IMAGES} - {self.endpoint}
 
     @api.get("/v1/models", responses=_errors(401))
     def models(self, request: Request) -> dict[str, Any]:

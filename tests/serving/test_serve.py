@@ -308,6 +308,29 @@ def test_images_come_back_as_pngs_of_the_models_size(image_urls):
     assert [a["b64_json"] for a in again] == [d["b64_json"] for d in data]
 
 
+def test_image_seeds_at_the_edges_answer_and_spare_their_batch(image_urls):
+    url = image_urls[0]
+    valid = {"n": 1, "seed": 5, "num_inference_steps": 5}
+    alone = httpx.post(f"{url}/v1/images/generations", json=valid, timeout=120).json()["data"]
+    for seed, status in [
+        (2**63 - 1, 200),
+        (-(2**63), 200),
+        (2**64, 400),
+        (18_446_744_073_709, 200),
+    ]:
+        body = {"n": 2, "seed": seed, "num_inference_steps": 5}
+        with ThreadPoolExecutor(2) as pool:  # sent together: denoised in one batch
+            other = pool.submit(httpx.post, f"{url}/v1/images/generations", json=valid, timeout=120)
+            response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+        assert response.status_code == status, (seed, response.text)
+        if status == 200:
+            first, second = (decode(item) for item in response.json()["data"])
+            assert not np.array_equal(first, second)
+        else:
+            assert response.json()["error"]["param"] == "seed"
+        assert other.result().json()["data"] == alone  # the same image in any batch
+
+
 def test_class_labels_and_image_limits(image_urls):
     unconditional, conditional = image_urls
     body = {"n": 2, "seed": 1, "num_inference_steps": 5, "class_label": 2}
