@@ -7,11 +7,9 @@ import os
 import socket
 
 from cluster.errors import ClusterError
-from cluster.storage import forwarded_env
 
 logger = logging.getLogger(__name__)
 # Set by Ray's job supervisor in the driver of a job submitted through the Jobs API.
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
@@ -37,27 +35,16 @@ def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_reachable(address)
-    # Workers reach the same object store as this process (never written to any file).
-    # Inside a job submitted through the Jobs API, the job's runtime env already carries
-    # them (`raygen submit` forwards them), and Ray refuses a second one naming the same keys.
-    in_submitted_job = SUBMITTED_JOB_ENV in os.environ
-    runtime_env = None if in_submitted_job else {"env_vars": forwarded_env()}
+    # No credentials go into the job's runtime env: Ray keeps it in its GCS, readable by
+    # anyone with the dashboard. An embedded Ray's workers inherit this process's
+    # environment; a cluster's nodes carry their own (instance profiles, workload identity).
     try:
         if address:
-            ray.init(
-                address=address,
-                logging_level=logging.WARNING,
-                log_to_driver=log_to_driver,
-                runtime_env=runtime_env,
-            )
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
         else:
             # The dashboard serves Ray's State API, which Ray Train's placement-group
             # cleaner needs to free a finished Tune trial's workers' CPUs.
-            ray.init(
-                logging_level=logging.WARNING,
-                log_to_driver=log_to_driver,
-                runtime_env=runtime_env,
-            )
+            ray.init(logging_level=logging.WARNING, log_to_driver=log_to_driver)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         where = address or "a new local Ray"
         raise ClusterError(

@@ -2,8 +2,10 @@
 
 A submission uploads the project (the working directory, without `.git`, `.venv`, run
 outputs and whatever `.gitignore`/`.rayignore` leave out) and runs the same `raygen`
-command on the cluster's head. Secrets come from this process's environment, are passed
-as the job's environment variables, and are never written into the uploaded files.
+command on the cluster's head. Nothing of this process's environment goes with it unless
+named with `--env`: Ray keeps a job's environment variables in its GCS and shows them to
+anyone who can read the Jobs API, so credentials belong on the nodes (instance profiles,
+workload identity, the nodes' own environment), not in a submission.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import ClusterError
-from cluster.storage import AWS_ENV
 
 JOBS_ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # Ray's own name for the Jobs API address
 TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
@@ -37,7 +38,6 @@ EXCLUDES = [
     "benchmarks/results",
 ]
 # Forwarded to the job when set here: storage credentials and endpoints.
-SECRET_ENV = (*AWS_ENV, "AWS_SESSION_TOKEN", "HF_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -195,15 +195,15 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
-def forwarded_secrets(names: list[str] | None = None) -> dict[str, str]:
-    """The job's environment: the storage credentials set here, plus `names` (--env)."""
-    wanted = [*SECRET_ENV, *(names or [])]
+def forwarded_env(names: list[str] | None = None) -> dict[str, str]:
+    """The job's environment variables: exactly the `names` given with --env (Ray stores
+    them in its GCS and returns them through the Jobs API)."""
     missing = [n for n in names or [] if n not in os.environ]
     if missing:
         raise ClusterError(
             f"--env {', '.join(missing)}: not set in this environment, nothing to forward."
         )
-    return {name: os.environ[name] for name in wanted if os.environ.get(name)}
+    return {name: os.environ[name] for name in names or []}
 
 
 def submit(
@@ -226,7 +226,7 @@ def submit(
     """
     jobs, url = client(address)
     size = check_package(working_dir, EXCLUDES, required or [])
-    env = forwarded_secrets(env_names)
+    env = forwarded_env(env_names)
     entrypoint = shlex.join(["raygen", *command])
     with _explained(url):
         job_id = jobs.submit_job(

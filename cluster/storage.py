@@ -1,27 +1,19 @@
 """Storage URIs: local paths and `s3://bucket/prefix` (any S3-compatible store).
 
 Credentials and endpoint come from the standard AWS environment (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL). They are
-forwarded to Ray workers and never written anywhere.
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL), the
+process's own on an embedded Ray (its workers inherit it), the nodes' own on a cluster.
+They are never written anywhere, Ray's records included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.errors import StorageError
-
-AWS_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_PROFILE",
-)
 
 
 @dataclass(frozen=True)
@@ -35,11 +27,6 @@ class FileEntry:
 
 def is_remote(path: str) -> bool:
     return "://" in path
-
-
-def forwarded_env() -> dict[str, str]:
-    """The storage credentials and endpoint of this process, for Ray workers' environment."""
-    return {name: os.environ[name] for name in AWS_ENV if os.environ.get(name)}
 
 
 def resolve(uri: str):
@@ -150,6 +137,61 @@ def _credentials_configured() -> bool:
     return os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true"
 
 
+def content_id(uri: str) -> str:
+    """What identifies a file's content: a hash of its bytes (local files), or the object
+    store's ETag. Local hashes are remembered by (path, size, modification time, inode) in
+    raygen's cache, so unchanged files are read once.
+
+    Raises:
+        StorageError: the file cannot be read.
+    """
+    if is_remote(uri):
+        return _etag(uri)
+    path = Path(uri).resolve()
+    try:
+        stat = path.stat()
+        key = hashlib.sha256(
+            f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}".encode()
+        ).hexdigest()[:32]
+        cache = _cache_root() / "content" / key
+        if cache.is_file():
+            return cache.read_text()
+        digest = hashlib.blake2b(digest_size=16)
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
+    value = "blake2b:" + digest.hexdigest()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{key}.{os.getpid()}.tmp")
+        tmp.write_text(value)
+        tmp.replace(cache)
+    except OSError:  # a read-only cache only costs time
+        pass
+    return value
+
+
+def _etag(uri: str) -> str:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+    except (OSError, ValueError) as exc:
+        raise storage_error(uri, exc) from None
+    for key in ("ETag", "etag", "md5Hash", "content_md5", "md5"):
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    # No content tag from this store: size and modification time are what is known.
+    return f"stat:{info.get('size')}:{info.get('LastModified') or info.get('mtime')}"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("RAYGEN_CACHE", Path.home() / ".cache" / "raygen"))
+
+
 def join(base: str, *parts: str) -> str:
     """`base/part/...` for a local path or URI."""
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
@@ -237,8 +279,6 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
     """A local directory with the contents of `uri`: the path itself when local, else a
     download into a cache keyed by the listing's content (size and mtime of each file), so
     an unchanged remote directory is fetched once."""
-    import hashlib
-
     import pyarrow.fs as pafs
 
     if not is_remote(uri):
@@ -249,10 +289,12 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
     key = hashlib.sha256(
         "\n".join(f"{f.uri} {f.size} {f.mtime_ns}" for f in files).encode()
     ).hexdigest()[:20]
-    root = Path(cache_root or os.environ.get("RAYGEN_CACHE", Path.home() / ".cache" / "raygen"))
+    root = Path(cache_root) if cache_root else _cache_root()
     target = root / "downloads" / key
     if (target / ".complete").is_file():
         return str(target)
+    import shutil
+
     fs, path = resolve(uri)
     partial = target.with_name(key + f".partial-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
@@ -260,14 +302,16 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
         pafs.copy_files(
             path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
         )
+        (partial / ".complete").write_text(uri)
     except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)  # raygen's own half download
         raise storage_error(uri, exc) from None
-    (partial / ".complete").write_text(uri)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     try:
         partial.rename(target)
     except OSError:  # another process finished the same download first
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
     return str(target)
 

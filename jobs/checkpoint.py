@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def restore_latest(
         checkpoint = ray.train.Checkpoint(start_from)
     if checkpoint is None:
         return 0, {}, None
-    with checkpoint.as_directory() as path:
+    with checkpoint.as_directory() as path, data_only_loads():
         load_path, client_state = engine.load_checkpoint(path)
         rank_file = os.path.join(path, RANK_STATE_DIR, _rank_file())
         rank_state = (
@@ -89,6 +92,34 @@ def restore_latest(
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
     return int(client_state["step"]), client_state, rank_state
+
+
+@contextlib.contextmanager
+def data_only_loads() -> Iterator[None]:
+    """Every `torch.load` in the block reads data only (weights_only=True), whatever its
+    caller asks: DeepSpeed's checkpoint loading and consolidation (zero_to_fp32) pass
+    weights_only=False, which would unpickle, and so run, whatever a checkpoint file holds:
+    whoever could write to the run's storage could run code where it is resumed or
+    exported. The DeepSpeed types its checkpoints carry (plain data classes and enums) are
+    allowed by name; `torch.load` is replaced for the block, in this process."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    with (
+        torch.serialization.safe_globals(
+            [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+        ),
+        mock.patch.object(torch, "load", load),
+    ):
+        yield
 
 
 def _rank_file() -> str:

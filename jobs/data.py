@@ -22,8 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cluster import publish
 from cluster.errors import StorageError
 from cluster.storage import (
+    content_id,
     is_remote,
     join,
     list_files,
@@ -53,6 +55,7 @@ logger = logging.getLogger(__name__)
 # Bump when the prepared format or the preparation steps change: old shards become stale.
 PREPARED_FORMAT = 4
 STATS_FILE = "data_stats.json"
+PREPARED_KIND = "prepared-data"  # what a prepared directory's marker says it is
 TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
 # Documents per tokenize/pack batch: packing drops < seq_len tokens at each batch's end.
@@ -156,15 +159,19 @@ def check_columns(files: list[InputFile], columns: dict[str, str], key: str) -> 
 
 
 def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[InputFile]) -> str:
-    """Hash of everything that determines the prepared data: inputs, options, format."""
+    """Hash of everything that determines the prepared data: the inputs' contents, the
+    options, the tokenizer's files and the format. Contents, not names: a file or a
+    tokenizer replaced in place (same path) changes it (`cluster.storage.content_id`)."""
     d = spec.data
     identity = {
         "format": PREPARED_FORMAT,
-        "train": [(f.path, f.size, f.mtime_ns) for f in train_files],
-        "eval": [(f.path, f.size, f.mtime_ns) for f in eval_files],
+        "train": [_identity(f) for f in train_files],
+        "eval": [_identity(f) for f in eval_files],
         "options": d.model_dump(exclude={"train", "eval", "prepared"}),
         "tokenizer": spec.tokenizer.model_dump(),
-        "pretrained": spec.model.pretrained,
+        "tokenizer_files": _dir_contents(spec.tokenizer.path) if spec.tokenizer.path else None,
+        # A pretrained model's tokenizer and config (its weights do not shape the data).
+        "pretrained": _dir_contents(spec.model.pretrained) if spec.model.pretrained else None,
         "seed": spec.train.seed,
         # Packed blocks carry per-token groups when the run weights groups.
         "group_column": spec.train.group_weighting.column if spec.train.group_weighting else None,
@@ -174,16 +181,45 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
 
         # The images are resized to the UNet's input, and the FID reference is built from them;
         # which weights the UNet starts from does not matter (fine-tuning reuses the data).
-        identity["tokenizer"] = identity["pretrained"] = None
+        identity["tokenizer"] = identity["tokenizer_files"] = identity["pretrained"] = None
         identity["image_shape"] = image_shape(spec.model)
-        identity["fid"] = (spec.sampling.fid_extractor, spec.sampling.inception_weights)
+        identity["fid"] = (
+            spec.sampling.fid_extractor,
+            content_id(spec.sampling.inception_weights)
+            if spec.sampling.inception_weights
+            else None,
+        )
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+
+
+def _identity(f: InputFile) -> tuple[str, str]:
+    return (f.path, "builtin" if f.kind == "digits" else content_id(f.path))
+
+
+def _dir_contents(uri: str) -> dict[str, str]:
+    """{relative path: content id} of a directory's files, weights left out."""
+    root = uri.rstrip("/") if is_remote(uri) else str(Path(uri).resolve())
+    return {
+        f.uri[len(root) :].lstrip("/"): content_id(f.uri)
+        for f in list_files(uri, "")
+        if not f.uri.endswith(WEIGHT_SUFFIXES) and "/." not in f.uri[len(root) :]
+    }
+
+
 def read_stats(prepared_dir: str) -> dict[str, Any] | None:
-    """The `data_stats.json` of a prepared directory, or None when absent."""
+    """The `data_stats.json` of a prepared directory raygen finished writing, else None."""
+    if publish.state(prepared_dir) != "complete":
+        return None
     text = read_text(join(prepared_dir, STATS_FILE))
     return json.loads(text) if text else None
+
+
+def _older_prepared_data(files: dict[str, int]) -> bool:
+    """What raygen versions before the directory marker left: their stats file."""
+    return STATS_FILE in files
 
 
 def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
@@ -198,6 +234,15 @@ def split_of(key: str, source: str, eval_fraction: float, seed: int) -> str:
     if source == "eval" or (eval_fraction > 0 and in_eval_split(key, eval_fraction, seed)):
         return "eval"
     return "train"
+
+
+def data_fingerprint(spec: TrainSpec) -> str:
+    """The fingerprint the spec's prepared data has (or will have): its inputs' contents,
+    options and tokenizer."""
+    d = spec.data
+    train_files = list_input_files(d.train, "data.train", d.max_bytes)
+    eval_files = list_input_files(d.eval, "data.eval", None) if d.eval else []
+    return fingerprint(spec, train_files, eval_files)
 
 
 def prepare_data(
@@ -227,9 +272,12 @@ def prepare_data(
 
     from cluster.connection import connect
 
+    publish.check_ours(prepared_dir, "data.prepared", _older_prepared_data)
     connect(address)
     logger.info("Preparing data into %s ...", prepared_dir)
-    remove_dir(prepared_dir)
+    # Marked as being written until the stats and marker are: a cut-off preparation is
+    # never taken for a finished one, and is redone.
+    publish.begin(prepared_dir, "data.prepared", _older_prepared_data)
     try:
         if spec.model.family == "diffusion":
             from jobs.image_data import prepare_fid_reference, prepare_images
@@ -238,15 +286,27 @@ def prepare_data(
             stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
         else:
             stats = _prepare_text(spec, prepared_dir, train_files, eval_files, fp)
-    except Exception as exc:
-        cause = _storage_cause(exc)
+        write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
+        publish.finish(prepared_dir, PREPARED_KIND)
+    except BaseException as exc:
+        _clear_partial(prepared_dir)
+        cause = _storage_cause(exc) if isinstance(exc, Exception) else None
         if cause is None:
             raise
         raise StorageError(
-            f"preparing data into {prepared_dir} failed reading or writing storage: {cause}"
+            f"preparing data into {prepared_dir} failed reading or writing storage: {cause}; "
+            "nothing of it was kept."
         ) from None
-    write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
     return stats
+
+
+def _clear_partial(prepared_dir: str) -> None:
+    """Remove what a failed preparation wrote (raygen's own, marked as under way)."""
+    try:
+        if publish.state(prepared_dir) == "interrupted":
+            remove_dir(prepared_dir)
+    except Exception:  # the storage may be what failed: say so, keep the first error
+        logger.warning("could not remove the partial preparation in %s", prepared_dir)
 
 
 def _storage_cause(exc: BaseException) -> str | None:

@@ -8,17 +8,19 @@ transformers/diffusers (and raygen's serving) load.
 from __future__ import annotations
 
 import logging
-import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from cluster.publish import check_ours, publish_dir
 from cluster.storage import join, local_copy, read_text
+from jobs.checkpoint import data_only_loads
 from jobs.errors import SpecError
 from jobs.spec import TrainSpec
-from jobs.worker import publish_dir
+from jobs.worker import MODEL_KIND
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +28,16 @@ logger = logging.getLogger(__name__)
 def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
     """Write the weights of `checkpoint` (of the run in `run_dir`) as a model dir `out_dir`.
 
-    Diffusion runs with an EMA export the EMA weights, as training does. Returns `out_dir`.
+    Diffusion runs with an EMA export the EMA weights, as training does. `out_dir` is
+    replaced whole, and only if raygen wrote what is there. Checkpoint files are read as
+    data only (`torch.load(weights_only=True)`): a checkpoint cannot run code here.
+    Returns `out_dir`.
 
     Raises:
         SpecError: the run or checkpoint is missing or unreadable.
+        NotOurs: `out_dir` holds files raygen did not write.
     """
+    check_ours(out_dir.rstrip("/"), "--out")  # before the work, not after it
     text = read_text(join(run_dir, "spec.yaml"))
     if text is None:
         raise SpecError("export", f"{run_dir} has no spec.yaml; give a raygen run directory.")
@@ -42,28 +49,36 @@ def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
             "export", f"{checkpoint} is not a raygen training checkpoint (no `latest`)."
         )
     tag = tag_file.read_text().strip()
-    weights = _consolidated_weights(local, tag, spec.deepspeed.zero_stage)
+    try:
+        weights = _consolidated_weights(local, tag, spec.deepspeed.zero_stage)
+    except pickle.UnpicklingError as exc:
+        raise SpecError(
+            "export",
+            f"{checkpoint} holds objects that are not plain data ({str(exc).splitlines()[0]}); "
+            "raygen reads checkpoints as data only, so a file cannot run code here. Export a "
+            "checkpoint raygen wrote.",
+        ) from None
     if spec.model.pretrained:
         model = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
         spec = spec.model_copy(update={"model": model})
 
-    parent, name = os.path.split(out_dir.rstrip("/"))
     if spec.model.family == "diffusion":
         write = _diffusion_writer(spec, weights, local)
     else:
         write = _language_model_writer(spec, weights, run_dir)
-    publish_dir(parent or ".", name, write)
+    publish_dir(out_dir.rstrip("/"), MODEL_KIND, write, key="--out")
     return out_dir
 
 
 def _consolidated_weights(local: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights from every rank's shard of a DeepSpeed checkpoint."""
-    if zero_stage == 0:
-        states = torch.load(local / tag / "mp_rank_00_model_states.pt", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with data_only_loads():
+        if zero_stage == 0:
+            states = torch.load(local / tag / "mp_rank_00_model_states.pt", weights_only=True)
+            return {k: v.float() for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
+        return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
 
 
 def _language_model_writer(spec: TrainSpec, weights: dict, run_dir: str) -> Any:

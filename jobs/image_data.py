@@ -141,7 +141,9 @@ def read_images(files: list[Any], spec: TrainSpec, source: str, eval_fraction: f
     for group in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
         if group:
             ds = ray.data.read_parquet(group, columns=columns, include_row_hash=True)
-            parts.append(ds.rename_columns({k: v for k, v in renames.items() if k != v}))
+            changed = {k: v for k, v in renames.items() if k != v}
+            # Ray Data refuses an empty rename: columns already named `image` (and `label`).
+            parts.append(ds.rename_columns(changed) if changed else ds)
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     decode = _DecodeImages(channels, size, source, eval_fraction, spec.train.seed)
     return ds.map_batches(decode, batch_format="pyarrow")

@@ -13,20 +13,32 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from cluster.storage import append_line, exists, is_remote, join, read_text, write_text
+from cluster import publish
+from cluster.storage import (
+    append_line,
+    exists,
+    is_remote,
+    join,
+    read_text,
+    remove_dir,
+    write_text,
+)
 from jobs import metrics as m
 from jobs.deepspeed_config import deepspeed_config_problems
 from jobs.errors import SpecError, TrainingFailed
 from jobs.loader import dump_spec
 from jobs.spec import BUILTIN_IMAGES, BUILTIN_PREFIX, TrainSpec, global_batch_size
-from jobs.worker import ATTEMPTS_FILE, MODEL_DIR
+from jobs.worker import ATTEMPTS_FILE, FAILED, INTERRUPTIONS_FILE, MODEL_DIR, PREEMPTED
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_DIGITS = next(iter(BUILTIN_IMAGES))
 RESULT_FILE = "result.json"
 SPEC_FILE = "spec.yaml"
-FAILURES_FILE = "failures.jsonl"
+SPEC_HISTORY_DIR = "spec_history"  # the specs a run had before a re-run changed them
+RUN_STATE_FILE = "run_state.json"  # what the run's checkpoints were trained on
+RUN_KIND = "run"  # what a run directory's marker says it is
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registered checkpoints
 
 
 def resolve_paths(spec: TrainSpec) -> TrainSpec:
@@ -240,6 +252,118 @@ def prepared_dir_of(spec: TrainSpec) -> str:
     return spec.data.prepared or join(run_dir_of(spec), "data")
 
 
+def check_same_run(spec: TrainSpec, run_dir: str, source: str) -> dict[str, Any] | None:
+    """A re-run continues its run only if the spec changed in keys that schedule the rest
+    (`jobs.spec.RESUMABLE_KEYS`); returns the recorded spec (None for a new run).
+
+    Raises:
+        SpecError: every other changed key, with its old and new value.
+    """
+    import yaml
+
+    from jobs.spec import RESUMABLE_KEYS
+
+    text = read_text(join(run_dir, SPEC_FILE))
+    if text is None:
+        return None
+    recorded = yaml.safe_load(text) or {}
+    changes = [
+        (key, old, new)
+        for key, old, new in spec_changes(recorded, spec.model_dump(mode="json"))
+        if key not in RESUMABLE_KEYS
+    ]
+    if changes:
+        lines = [f"`{key}`: was {old!r}, now {new!r}" for key, old, new in changes]
+        raise SpecError(
+            source,
+            [
+                *lines,
+                f"{run_dir} was trained with the spec in its {SPEC_FILE}; a re-run continues "
+                "a run only when what changed is how far it trains or how often it logs, "
+                "evaluates and checkpoints. Start a new run with --fresh (it goes to "
+                f"{fresh_name(spec)}), or give this one another name.",
+            ],
+        )
+    return recorded
+
+
+def spec_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple]:
+    """(dotted key, old value, new value) for every key whose value differs."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += spec_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append((f"{prefix}{key}", a, b))
+    return changes
+
+
+def record_spec(run_dir: str, spec: TrainSpec, recorded: dict[str, Any] | None) -> None:
+    """Write the run's `spec.yaml`, keeping the one it replaces in `spec_history/`."""
+    import yaml
+
+    current = spec.model_dump(mode="json")
+    if recorded is not None and recorded != current:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        history = join(run_dir, SPEC_HISTORY_DIR, f"{stamp}-{time.time_ns() % 10**9:09d}.yaml")
+        write_text(history, yaml.safe_dump(recorded, sort_keys=False))
+    write_text(join(run_dir, SPEC_FILE), dump_spec(spec))
+
+
+def registered_checkpoints(run_dir: str) -> list[str]:
+    """Names of the checkpoint directories Ray Train has registered (whole ones)."""
+    text = read_text(join(run_dir, SNAPSHOT_FILE))
+    if not text:
+        return []
+    try:
+        results = json.loads(text).get("checkpoint_results", [])
+    except ValueError:
+        return []
+    return [r["checkpoint_dir_name"] for r in results]
+
+
+def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
+    """Delete the checkpoint directories of this run that Ray Train never registered: what
+    a worker killed mid-upload (or a full disk) left half written. Only in a raygen run
+    directory, only directories named as raygen names checkpoints. Returns their names."""
+    from jobs.checkpoint import step_of_checkpoint
+
+    if publish.read_marker(run_dir) is None:
+        return []
+    registered = set(registered_checkpoints(run_dir))
+    tops = {name.split("/", 1)[0] for name in publish.listing(run_dir) if "/" in name}
+    partial = sorted(
+        name for name in tops if step_of_checkpoint(name) is not None and name not in registered
+    )
+    for name in partial:
+        logger.warning("removing %s: a checkpoint never finished (not registered)", name)
+        remove_dir(join(run_dir, name))
+    return partial
+
+
+def check_same_data(run_dir: str, fingerprint: str, source: str) -> None:
+    """Refuse to resume checkpoints trained on other data (an input file or the tokenizer
+    changed in place since the run began: the same spec, other contents).
+
+    Raises:
+        SpecError: naming both fingerprints and the way out.
+    """
+    text = read_text(join(run_dir, RUN_STATE_FILE))
+    if text is None or not exists(join(run_dir, SNAPSHOT_FILE)):
+        return  # nothing trained yet
+    trained_on = json.loads(text).get("data_fingerprint")
+    if trained_on and trained_on != fingerprint:
+        raise SpecError(
+            source,
+            f"`data`: the data changed since {run_dir} began (fingerprint {trained_on} -> "
+            f"{fingerprint}: an input file or the tokenizer has other contents); its "
+            "checkpoints were trained on the old data and its exported model would pair old "
+            "weights with new token ids. Restore the old data to continue, or start over "
+            "with --fresh.",
+        )
+
+
 def fresh_name(spec: TrainSpec) -> str:
     """The spec's name, or `<name>-<k>` with the first k whose run dir is free."""
     if not exists(run_dir_of(spec)):
@@ -279,12 +403,16 @@ def launch(
     if fresh:
         spec = spec.model_copy(update={"name": fresh_name(spec)})
     run_dir = run_dir_of(spec)
+    recorded = check_same_run(spec, run_dir, source)
+    from jobs.data import data_fingerprint
+
+    check_same_data(run_dir, data_fingerprint(spec), source)
     previous = read_result(run_dir)
     if (
         previous
         and previous.get("status") == "completed"
         and previous.get("final_step", 0) >= spec.train.max_steps
-        and exists(join(run_dir, MODEL_DIR))
+        and publish.state(join(run_dir, MODEL_DIR)) == "complete"
     ):
         logger.info("%s is already trained to step %s.", run_dir, previous["final_step"])
         return {**previous, "up_to_date": True}
@@ -299,12 +427,18 @@ def launch(
     if problems:
         raise SpecError(source, problems)
 
-    write_text(join(run_dir, SPEC_FILE), dump_spec(spec))
+    publish.mark(run_dir, RUN_KIND)
+    record_spec(run_dir, spec, recorded)
+    remove_unregistered_checkpoints(run_dir)
 
     from jobs.data import prepare_data
 
     prepared_dir = prepared_dir_of(spec)
     stats = prepare_data(spec, prepared_dir)
+    write_text(
+        join(run_dir, RUN_STATE_FILE),
+        json.dumps({"data_fingerprint": stats["fingerprint"], "prepared": prepared_dir}, indent=2),
+    )
     world = spec.scaling.num_workers
     unit = (
         "images" if spec.model.family == "diffusion" else f"sequences of {spec.data.seq_len} tokens"
@@ -334,6 +468,7 @@ def launch(
     finally:
         if tail:
             tail.stop()
+        remove_unregistered_checkpoints(run_dir)
     summary = _summarize(spec, run_dir, result, started)
     write_text(join(run_dir, RESULT_FILE), json.dumps(summary, indent=2))
     if summary["status"] != "completed":
@@ -432,7 +567,11 @@ def _fit(
         run_config=ray.train.RunConfig(
             name=spec.name,
             storage_path=spec.run.storage,
-            failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=spec.run.max_failures,
+                max_preemption_failures=spec.run.max_preemptions,
+                preemption_grace_s=spec.run.preemption_grace_s,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=spec.run.keep_checkpoints,
                 checkpoint_score_attribute=trial.keep_best[0] if trial.keep_best else None,
@@ -505,33 +644,56 @@ def read_result(run_dir: str) -> dict[str, Any] | None:
 
 
 def read_attempts(run_dir: str) -> list[dict[str, Any]]:
-    """Each start of the worker group, with the error that ended the attempt before it."""
+    """Each start of the worker group: the step it resumed from, and why it started
+    (`reason`: `started`, the run's first; `failed` or `preempted`, restarted by Ray Train
+    after a failure or a preemption; `resumed`, a later `raygen train` of the run), with
+    the error that ended the attempt before it."""
     attempts = _read_jsonl(join(run_dir, ATTEMPTS_FILE))
-    failures = _read_jsonl(join(run_dir, FAILURES_FILE))
+    interruptions = _read_jsonl(join(run_dir, INTERRUPTIONS_FILE))
     out = []
     for i, attempt in enumerate(attempts):
         prev_start = attempts[i - 1]["started_at"] if i else float("-inf")
-        ended_previous = [
-            f["error"] for f in failures if prev_start <= f["at"] <= attempt["started_at"]
-        ]
+        between = [r for r in interruptions if prev_start <= r["at"] <= attempt["started_at"]]
+        errors = [r["error"] for r in between if r.get("error")]
+        kinds = {r.get("kind", FAILED) for r in between}
+        if not i:
+            reason = "started"
+        elif PREEMPTED in kinds:
+            reason = PREEMPTED
+        elif kinds:
+            reason = FAILED
+        else:
+            reason = "resumed"
         out.append(
             {
                 "attempt": i + 1,
+                "reason": reason,
                 "resumed_from_step": attempt["resumed_from_step"],
                 "started_at": attempt["started_at"],
-                "previous_error": ended_previous[-1] if ended_previous else None,
+                "previous_error": errors[-1] if errors else None,
             }
         )
     return out
 
 
 def _read_jsonl(uri: str) -> list[dict[str, Any]]:
-    text = read_text(uri) or ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """The records of a JSON-lines log; a line torn by a crash mid-write is skipped."""
+    rows = []
+    for number, line in enumerate((read_text(uri) or "").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s line %d is torn (a write was cut off); skipping it", uri, number)
+    return rows
 
 
 def _short_error(error: BaseException) -> str:
     """One line for a failure: per rank for worker-group errors, the process death first."""
+    stopped = getattr(error, "controller_failure", None)
+    if isinstance(stopped, RepeatedFailure):  # raygen's own decision to stop: its message
+        return str(stopped)
     failures = getattr(error, "worker_failures", None)
     if failures:
         return describe_worker_failures(failures)
@@ -551,23 +713,55 @@ def _last_line(error: BaseException) -> str:
     return lines[-1][:1000] if lines else type(error).__name__
 
 
+# A run that fails this many times in a row after resuming from the same checkpoint
+# fails there every time: retrying again would only loop.
+SAME_STEP_FAILURES = 3
+
+
+class RepeatedFailure(Exception):
+    """Raised by FailureRecorder to stop a run that fails at the same point every time."""
+
+
 class FailureRecorder(UserCallback):
-    """Ray Train callback (runs in the controller): records each worker-group failure."""
+    """Ray Train callback (runs in the controller): records each worker-group failure, and
+    stops a run that keeps failing at the same point (Ray Train stops a run when a
+    callback raises)."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
+        self.failed_from: list[int | None] = []  # per failure: the step its attempt resumed
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        record = {"at": time.time(), "error": describe_worker_failures(worker_exceptions)[:4000]}
-        append_line(join(self.run_dir, FAILURES_FILE), json.dumps(record))
+        preempted = any(getattr(e, "preempted", False) for e in worker_exceptions.values())
+        error = describe_worker_failures(worker_exceptions)[:4000]
+        kind = PREEMPTED if preempted else FAILED
+        record = {"at": time.time(), "kind": kind, "error": error}
+        append_line(join(self.run_dir, INTERRUPTIONS_FILE), json.dumps(record))
+        if preempted:
+            return
+        attempts = _read_jsonl(join(self.run_dir, ATTEMPTS_FILE))
+        self.failed_from.append(attempts[-1]["resumed_from_step"] if attempts else None)
+        last = self.failed_from[-SAME_STEP_FAILURES:]
+        if len(last) == SAME_STEP_FAILURES and len(set(last)) == 1:
+            step = last[0] or 0
+            raise RepeatedFailure(
+                f"stopped after {SAME_STEP_FAILURES} failures in a row, each after resuming "
+                f"from step {step} and before the next checkpoint: the run fails at the same "
+                f"point every time, so retrying will not help. Last error: {error}"
+            )
 
 
 class _MetricsTail:
-    """Follows `metrics.jsonl` in a thread and hands each new row to a callback."""
+    """Follows a run's metrics in a thread and hands each new row to a callback, reading
+    only what was added since the last look (the file's new bytes; a remote log's new
+    parts)."""
 
     def __init__(self, path: str, callback: Callable[[dict[str, Any]], None]):
         self.path, self.callback = path, callback
+        self.remote = is_remote(path)
         self.seen_step = max((r[m.STEP] for r in m.read_metrics(path)), default=0)
+        self.offset = 0 if self.remote else _size(path)
+        self.last_part = (m.metric_parts(path) or [""])[-1].rsplit("/", 1)[-1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -578,11 +772,44 @@ class _MetricsTail:
         self._poll()
 
     def _poll(self) -> None:
-        for row in m.read_metrics(self.path):
-            if row[m.STEP] > self.seen_step:
-                self.callback(row)
-                self.seen_step = row[m.STEP]
+        try:
+            records = self._new_records()
+        except Exception as exc:  # progress display only: the run goes on
+            logger.debug("could not read new metrics: %s", exc)
+            return
+        for record in records:
+            if m.RESUMED_FROM in record:  # a restart dropped the rows after its checkpoint
+                self.seen_step = min(self.seen_step, record[m.RESUMED_FROM])
+            elif m.STEP in record and record[m.STEP] > self.seen_step:
+                self.callback(record)
+                self.seen_step = record[m.STEP]
+
+    def _new_records(self) -> list[dict[str, Any]]:
+        if self.remote:
+            records: list[dict[str, Any]] = []
+            for part in m.metric_parts(self.path, after=self.last_part):
+                records += m.metric_rows(read_text(part))
+                self.last_part = part.rsplit("/", 1)[-1]
+            return records
+        size = _size(self.path)
+        if size < self.offset:  # rewritten by a restart: it kept the rows up to its step
+            kept = m.metric_rows(Path(self.path).read_text())
+            self.offset = 0
+            return [{m.RESUMED_FROM: max((r[m.STEP] for r in kept), default=0)}]
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+        self.offset += len(complete)
+        return m.metric_rows(complete.decode())
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.publish import require_complete
 from cluster.storage import exists, join, local_copy, read_text
 from jobs.errors import SpecError
 
@@ -39,6 +40,7 @@ def sample_model(
 
     from jobs.models.diffusion import generate, seeded_noise, to_uint8
 
+    require_complete(model_dir, "MODEL_DIR", "export it again (`raygen export RUN --out DIR`).")
     config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))
     if not exists(join(model_dir, "model_index.json")) or config_text is None:
         raise SpecError(

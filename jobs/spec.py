@@ -332,9 +332,43 @@ class RunSpec(Section):
         "runs", description="Directory (or later URI) under which `<name>/` holds the run."
     )
     max_failures: int = Field(
-        0, ge=-1, description="Worker-group restarts allowed after failures; -1 is unlimited."
+        3,
+        ge=-1,
+        description="Worker-group restarts allowed after failures (a crash, a lost node); -1 "
+        "is unlimited. A run that fails 3 times in a row at the same point stops anyway.",
+    )
+    max_preemptions: int = Field(
+        -1,
+        ge=-1,
+        description="Restarts allowed after nodes are preempted (spot reclaims, drains), "
+        "counted apart from failures; -1 (the default) is unlimited.",
+    )
+    preemption_grace_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds the workers on healthy nodes may keep running past a "
+        "preemption's deadline (to finish uploading the checkpoint taken at the notice).",
     )
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
+
+
+# Keys a re-run may change and still continue the same run: they only schedule the rest
+# (how far to train, how often to log, evaluate and checkpoint, what to keep, how many
+# failures to survive) or what evaluation samples. Any other change starts another run.
+RESUMABLE_KEYS = (
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.checkpoint_every",
+    "run.keep_checkpoints",
+    "run.max_failures",
+    "run.max_preemptions",
+    "run.preemption_grace_s",
+    "sampling.grid_images",
+    "sampling.fid_samples",
+    "sampling.steps",
+)
 
 
 class TrainSpec(Section):

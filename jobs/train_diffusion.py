@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from cluster.publish import publish_dir
 from cluster.storage import join, local_copy
 from jobs import metrics as m
 from jobs.checkpoint import restore_latest, save_and_report
@@ -27,11 +28,13 @@ from jobs.models.diffusion import (
 from jobs.spec import NoiseSchedulerSpec, TrainSpec, global_batch_size
 from jobs.worker import (
     MODEL_DIR,
+    MODEL_KIND,
+    PreemptionWatch,
     apply_peak_lr,
     build_optimizer,
+    checkpoint_on_preemption,
     lr_lambda,
     micro_batches,
-    publish_dir,
     record_attempt,
     seed_everything,
     wait_for_scheduler,
@@ -170,10 +173,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         return torch.cat(gathered)[:n_samples].cpu()
 
     engine.train()
+    last_metrics: dict[str, Any] = {}
+
+    def save(step: int, extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint every rank's shard and EMA (and report it to Ray Train) at `step`."""
+        numeric = {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}
+        rank_state = {"ema": ema.state_dict()} if ema else None
+        save_and_report(engine, step, {**numeric, **(extra or {})}, {"step": step}, rank_state)
+        if log:
+            log.sync()
+
     step = start_step
+    watch = PreemptionWatch(device)
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_steps, window_start = 0, time.perf_counter()
-    last_metrics: dict[str, Any] = {}
     while step < spec.train.max_steps:
         for _ in range(spec.train.grad_accum):
             images, labels = to_inputs(next(batches))  # (B, C, H, W) in [-1, 1]
@@ -216,14 +229,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if row:
             window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
-        if step % spec.train.checkpoint_every == 0 or is_last:
-            numeric = {k: v for k, v in last_metrics.items() if isinstance(v, (int, float))}
-            rank_state = {"ema": ema.state_dict()} if ema else None
-            save_and_report(engine, step, numeric, {"step": step}, rank_state)
-            if log:
-                log.sync()
+
+        saved = step % spec.train.checkpoint_every == 0 or is_last
+        if saved:
+            save(step)
             if not is_last:
                 wait_for_scheduler(config.get("gate"), rank)
+        if not is_last:
+            checkpoint_on_preemption(
+                watch, step, saved, save, run_dir, rank, spec.run.preemption_grace_s
+            )
+        if saved:
             window_start = time.perf_counter()  # checkpoint time is not step time
 
     export_pipeline(engine, ema, scheduler_spec, run_dir, rank, spec.deepspeed.zero_stage)
@@ -338,4 +354,4 @@ def export_pipeline(
     unet.load_state_dict({k: v.float().cpu() for k, v in state_dict.items()})
     pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
     pipeline = pipeline_cls(unet=unet, scheduler=build_noise_scheduler(scheduler_spec))
-    publish_dir(run_dir, MODEL_DIR, lambda out: pipeline.save_pretrained(out))
+    publish_dir(join(run_dir, MODEL_DIR), MODEL_KIND, pipeline.save_pretrained, key="run.storage")

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cluster.storage import local_copy
+from cluster.publish import publish_dir
+from cluster.storage import join, local_copy
 from jobs import metrics as m
 from jobs.checkpoint import restore_latest, save_and_report
 from jobs.deepspeed_config import derive_deepspeed_config
@@ -25,11 +26,13 @@ from jobs.models.group_loss import (
 from jobs.spec import TrainSpec, global_batch_size
 from jobs.worker import (
     MODEL_DIR,
+    MODEL_KIND,
+    PreemptionWatch,
     apply_peak_lr,
     build_optimizer,
+    checkpoint_on_preemption,
     lr_lambda,
     micro_batches,
-    publish_dir,
     record_attempt,
     seed_everything,
     wait_for_scheduler,
@@ -116,12 +119,21 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             out.update(group_eval_losses(groups["names"], by_group[0], by_group[1]))
         return out
 
+    last_metrics: dict[str, Any] = {}
+
+    def save(step: int, extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint every rank's shard (and report it to Ray Train) at `step`."""
+        state = {"step": step, **(objective.state() if objective else {})}
+        save_and_report(engine, step, {**last_metrics, **(extra or {})}, state)
+        if log:
+            log.sync()
+
     engine.train()
     step = start_step
+    watch = PreemptionWatch(device)
     # Losses stay on the device between log steps: no host sync per micro-batch.
     window_loss = torch.zeros((), dtype=torch.float64, device=device)
     window_steps, window_start = 0, time.perf_counter()
-    last_metrics: dict[str, Any] = {}
     while step < spec.train.max_steps:
         for _ in range(spec.train.grad_accum):
             batch = next(batches)
@@ -160,13 +172,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if row:
             window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
-        if step % spec.train.checkpoint_every == 0 or is_last:
-            state = {"step": step, **(objective.state() if objective else {})}
-            save_and_report(engine, step, dict(last_metrics), state)
-            if log:
-                log.sync()
+
+        saved = step % spec.train.checkpoint_every == 0 or is_last
+        if saved:
+            save(step)
             if not is_last:
                 wait_for_scheduler(config.get("gate"), rank)
+        if not is_last:
+            checkpoint_on_preemption(
+                watch, step, saved, save, run_dir, rank, spec.run.preemption_grace_s
+            )
+        if saved:
             window_start = time.perf_counter()  # checkpoint time is not step time
 
     export_model(engine, tokenizer, run_dir, rank, spec.deepspeed.zero_stage)
@@ -269,4 +285,4 @@ def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stag
         engine.module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
-    publish_dir(run_dir, MODEL_DIR, write)
+    publish_dir(join(run_dir, MODEL_DIR), MODEL_KIND, write, key="run.storage")

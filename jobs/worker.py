@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cluster.storage import append_line, is_remote, join, upload_dir
+from cluster.storage import append_line, join
+from jobs import metrics as m
 from jobs.spec import TrainSpec
+
+logger = logging.getLogger(__name__)
 
 ATTEMPTS_FILE = "attempts.jsonl"
 MODEL_DIR = "model"
+MODEL_KIND = "model"  # what a published model directory's marker says it is
 
 
 def micro_batches(spec: TrainSpec, shard: Any, per_epoch: int, skip: int):
@@ -105,33 +107,120 @@ def seed_everything(seed: int) -> None:
 
 def record_attempt(run_dir: str, resumed_from_step: int) -> None:
     """Append this start of the worker group to the run's attempt log (rank 0)."""
+    import ray
+
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
     entry = {
         "started_at": time.time(),
         "resumed_from_step": resumed_from_step,
         "rank0_pid": os.getpid(),
         "rank0_node": os.uname().nodename,
+        "rank0_node_id": ray.get_runtime_context().get_node_id(),
+        # The worker group's resources: a sweep checks they are released when its trial ends.
+        "placement_group": group.id.hex() if group else None,
     }
     append_line(join(run_dir, ATTEMPTS_FILE), json.dumps(entry))
 
 
-def publish_dir(run_dir: str, name: str, write: Callable[[str], None]) -> None:
-    """Let `write(dir)` fill a directory, then publish it as `<run_dir>/<name>` whole.
+INTERRUPTIONS_FILE = "failures.jsonl"  # worker-group failures and preemption notices
+PREEMPTED, FAILED = "preempted", "failed"
 
-    Locally the finished directory is renamed into place, so `<name>` is never half
-    written. On object storage (no renames) the files are uploaded after they are all
-    written; `result.json`, written after, marks the export complete.
+
+def record_interruption(run_dir: str, kind: str, **details: Any) -> None:
+    """Append an interruption of the run (a failure, a preemption notice) to its log."""
+    entry = {"at": time.time(), "kind": kind, **details}
+    append_line(join(run_dir, INTERRUPTIONS_FILE), json.dumps(entry))
+
+
+class PreemptionWatch:
+    """Ray Train's preemption notices, polled at step boundaries on every rank.
+
+    `ray.train.get_preemption_info()` is a collective (every rank must call it equally
+    often) and costs an actor call, so it is polled about every PREEMPTION_POLL_S of
+    training: the step interval is agreed by all ranks after the first steps.
     """
-    if is_remote(run_dir):
-        with tempfile.TemporaryDirectory(prefix=f"raygen-{name}-") as tmp:
-            write(tmp)
-            upload_dir(tmp, join(run_dir, name))
+
+    PREEMPTION_POLL_S = 2.0
+    CALIBRATION_STEPS = 5
+
+    def __init__(self, device: Any):
+        self.device = device
+        self.calls = 0
+        self.every: int | None = None
+        self.started = time.perf_counter()
+
+    def check(self) -> Any:
+        """The preemption notice (a `ray.train.PreemptionInfo`) if one has come, else None.
+        Call once per step on every rank."""
+        import ray.train
+
+        self.calls += 1
+        if self.every is None and self.calls == self.CALIBRATION_STEPS:
+            import torch.distributed as dist
+
+            step_s = torch.tensor(
+                [(time.perf_counter() - self.started) / self.calls], device=self.device
+            )
+            dist.all_reduce(step_s, op=dist.ReduceOp.MAX)  # the slowest rank decides for all
+            self.every = max(1, int(self.PREEMPTION_POLL_S / max(step_s.item(), 1e-6)))
+        if self.every is not None and self.calls % self.every:
+            return None
+        return ray.train.get_preemption_info()
+
+    @staticmethod
+    def wait(info: Any, grace_s: float) -> None:
+        """Stop training until Ray Train tears the workers down at the preemption's deadline
+        (it then restarts them elsewhere, from the checkpoint just taken). Returns only if
+        that did not happen: the notice was withdrawn, and training goes on."""
+        deadline = (info.deadline_ms / 1000 if info.deadline_ms else time.time()) + grace_s
+        while time.time() < deadline + PREEMPTION_TEARDOWN_MARGIN_S:
+            time.sleep(0.5)
+
+
+def checkpoint_on_preemption(
+    watch: PreemptionWatch,
+    step: int,
+    saved: bool,
+    save: Callable[[int, dict[str, Any]], None],
+    run_dir: str,
+    rank: int,
+    grace_s: float,
+) -> None:
+    """At a step boundary: if a node of this run is being preempted, checkpoint now (unless
+    this step just was) and stop until Ray Train restarts the run from it elsewhere.
+
+    Args:
+        saved: whether this step's periodic checkpoint was just taken.
+        save: takes the checkpoint: (step, extra metrics for its report).
+    """
+    info = watch.check()
+    if info is None:
         return
-    final, tmp = Path(run_dir, name), Path(run_dir, name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.replace(final)
+    if rank == 0:
+        record_interruption(
+            run_dir,
+            PREEMPTED,
+            step=step,
+            deadline_ms=info.deadline_ms,
+            nodes=info.preempted_node_ids,
+        )
+    if not saved:
+        save(step, {m.PREEMPTION_CHECKPOINT: 1})
+    logger.warning(
+        "node(s) %s are being preempted: checkpointed step %d; waiting for Ray Train to "
+        "restart the run elsewhere",
+        ", ".join(info.preempted_node_ids),
+        step,
+    )
+    watch.wait(info, grace_s)
+    logger.warning("the preemption did not come; training goes on")
+
+
+# Past a preemption's deadline (and grace), how long to wait for Ray Train's teardown
+# before concluding it will not come.
+PREEMPTION_TEARDOWN_MARGIN_S = 60.0
 
 
 def wait_for_scheduler(gate: Any, rank: int) -> None:

@@ -485,7 +485,12 @@ def submit(
     ] = Path("."),
     env: Annotated[
         list[str] | None,
-        typer.Option("--env", help="Also forward this environment variable (repeatable)."),
+        typer.Option(
+            "--env",
+            help="Forward this environment variable to the job (repeatable). Ray stores it "
+            "with the job, readable through the Jobs API: give nodes their credentials "
+            "instead (instance profiles, workload identity).",
+        ),
     ] = None,
 ) -> None:
     """Run `raygen KIND SPEC` on a Ray cluster through its Jobs API."""

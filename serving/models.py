@@ -36,8 +36,16 @@ def detect_kind(model_dir: str) -> str:
     """`language-model` or `diffusion`, told apart by the directory's files.
 
     Raises:
-        SpecError: not an exported model directory, or weights that are not safetensors.
+        SpecError: not an exported model directory, weights that are not safetensors, or
+            an export raygen began and did not finish.
     """
+    from cluster.errors import StorageError
+    from cluster.publish import require_complete
+
+    try:
+        require_complete(model_dir, "the model", "export it again (`raygen export RUN --out DIR`).")
+    except StorageError as exc:
+        raise SpecError("model", str(exc)) from None
     if exists(join(model_dir, "model_index.json")):
         if not exists(join(model_dir, UNET_WEIGHTS)):
             raise SpecError(

@@ -117,6 +117,13 @@ class SweepRunSpec(Section):
     max_failures: int = Field(
         0, ge=0, description="Retries of an errored trial (each retry resumes its checkpoint)."
     )
+    pending_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="A trial whose workers wait this long for resources stops the sweep with "
+        "an error naming them (after a warning at a minute). Long enough for an autoscaler "
+        "to add nodes.",
+    )
 
 
 class SweepSpec(Section):

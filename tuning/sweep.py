@@ -13,10 +13,12 @@ import logging
 import math
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 from ray.train import UserCallback
 from ray.tune import Callback
@@ -25,7 +27,7 @@ from cluster.storage import exists, is_remote, join, read_text, write_text
 from jobs.errors import SpecError
 from jobs.loader import check_key_path, load_spec, validate_spec
 from jobs.spec import TrainSpec
-from tuning.errors import SweepInterrupted
+from tuning.errors import SweepInterrupted, SweepStalled
 from tuning.halving import SuccessiveHalving, rungs
 from tuning.spec import SweepSpec
 
@@ -193,7 +195,10 @@ def run_sweep(
         name=sweep.name,
         storage_path=_absolute(sweep.run.storage),
         failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
-        callbacks=[_Progress(sweep, on_progress, evaluations_of(base))] if on_progress else [],
+        callbacks=[
+            _Resources(sweep.run.pending_timeout_s),
+            *([_Progress(sweep, on_progress, evaluations_of(base))] if on_progress else []),
+        ],
         verbose=0,
     )
     if resume:
@@ -398,6 +403,12 @@ def trial_driver(
     run_dir = join(spec.run.storage, spec.name)
     while (item := queue.get()) is not None:
         metrics, checkpoint = item
+        if metrics.get("step", 0) >= spec.train.max_steps:
+            # The last report waits for the run to end (export, workers and their resources
+            # released): Tune may stop the trial at it (ASHA at max_t), and stopping a trial
+            # kills its Train run wherever it is, in its shutdown included, where Ray Train
+            # has already stopped its placement-group cleaner but not yet removed the group.
+            thread.join()
         with tempfile.TemporaryDirectory(prefix="raygen-pointer-") as tmp:
             pointer = {
                 "trial": trial_id,
@@ -408,7 +419,7 @@ def trial_driver(
             }
             Path(tmp, POINTER_FILE).write_text(json.dumps(pointer))
             tune.report(
-                {**metrics, "run": spec.name},
+                {**metrics, "run": spec.name, "run_dir": run_dir},
                 checkpoint=tune.Checkpoint.from_directory(tmp) if checkpoint else None,
             )  # returns only when Tune wants the next result (not when it pauses or stops)
         if gate is not None:
@@ -432,6 +443,10 @@ class ReportToQueue(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        from jobs.metrics import PREEMPTION_CHECKPOINT
+
+        if metrics[0].get(PREEMPTION_CHECKPOINT):
+            return  # taken at a preemption notice, not at an evaluation: nothing for Tune
         numeric = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}
         self.queue.put((numeric, checkpoint.path if checkpoint else None))
 
@@ -571,6 +586,123 @@ def _plot(curves: dict[str, tuple[list, list]], sweep: SweepSpec, uri: str) -> N
         else:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             local.replace(uri)
+
+
+class _Resources(Callback):
+    """Tune callback: every resource of a trial that is not running (stopped, errored,
+    paused) is released, and a sweep whose trials cannot get resources says so.
+
+    Each attempt of a trial's Train run records its worker group's placement group
+    (`attempts.jsonl`); one still held RELEASE_GRACE_S after its trial stopped running is
+    removed here (Ray Train removes it itself when its run ends, unless the run was killed
+    at the wrong moment). Placement groups pending for long are reported with what they
+    ask for and what the cluster has, and past `pending_timeout_s` the sweep stops.
+    """
+
+    RELEASE_GRACE_S = 20.0
+    PENDING_WARN_S = 60.0
+    CHECK_EVERY_S = 2.0
+
+    def __init__(self, pending_timeout_s: float):
+        self.pending_timeout_s = pending_timeout_s
+        self.stopped_at: dict[str, float] = {}  # trial -> when it was first seen not running
+        self.released: dict[str, str] = {}  # placement group -> how it went
+        self.pending_since: dict[str, float] = {}
+        self.warned: set[str] = set()
+        self.checked = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "stopped_at": {}, "pending_since": {}}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self.checked < self.CHECK_EVERY_S:
+            return
+        self.checked = now
+        try:
+            self._release(trials, now)
+            self._watch_pending(now)
+        except SweepStalled:
+            raise
+        except Exception as exc:  # a check that cannot run must not stop the sweep
+            logger.debug("resource check skipped: %s", exc)
+
+    def _release(self, trials: list, now: float) -> None:
+        from ray.util import placement_group_table, remove_placement_group
+        from ray.util.placement_group import PlacementGroup
+
+        from jobs.worker import ATTEMPTS_FILE
+
+        for trial in trials:
+            if trial.status == "RUNNING":
+                self.stopped_at.pop(trial.trial_id, None)
+                continue
+            since = self.stopped_at.setdefault(trial.trial_id, now)
+            if now - since < self.RELEASE_GRACE_S:
+                continue
+            run_dir = (trial.last_result or {}).get("run_dir")
+            if not run_dir:
+                continue
+            for line in (read_text(join(run_dir, ATTEMPTS_FILE)) or "").splitlines():
+                try:
+                    group_id = json.loads(line).get("placement_group")
+                except ValueError:
+                    continue
+                if not group_id or group_id in self.released:
+                    continue
+                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
+                state = placement_group_table(group).get("state")
+                if state in (None, "REMOVED"):
+                    self.released[group_id] = "released by Ray Train"
+                    continue
+                logger.warning(
+                    "trial %s is %s, but its workers' placement group %s still holds %s; "
+                    "removing it",
+                    trial.trial_id,
+                    trial.status.lower(),
+                    group_id,
+                    placement_group_table(group).get("bundles"),
+                )
+                remove_placement_group(group)
+                self.released[group_id] = "removed by raygen"
+
+    def _watch_pending(self, now: float) -> None:
+        from ray.util.state import list_placement_groups
+
+        pending = list_placement_groups(filters=[("state", "=", "PENDING")], detail=True)
+        ids = {p.placement_group_id for p in pending}
+        self.pending_since = {k: v for k, v in self.pending_since.items() if k in ids}
+        for group in pending:
+            waited = now - self.pending_since.setdefault(group.placement_group_id, now)
+            if waited < self.PENDING_WARN_S and waited < self.pending_timeout_s:
+                continue
+            asks = [b.get("unit_resources") for b in group.bundles or []]
+            available = {
+                k: round(v, 2)
+                for k, v in ray.available_resources().items()
+                if not k.startswith(("node:", "memory", "object_store"))
+            }
+            message = (
+                f"a trial's workers have waited {waited:.0f} s for resources {asks}; the "
+                f"cluster has {available} free of {_cluster_resources()}"
+            )
+            if waited >= self.pending_timeout_s:
+                raise SweepStalled(
+                    f"{message}. Stopped after run.pending_timeout_s "
+                    f"({self.pending_timeout_s:g} s): lower max_concurrent_trials or the "
+                    "workers' resources, or add nodes."
+                )
+            if group.placement_group_id not in self.warned:
+                self.warned.add(group.placement_group_id)
+                logger.warning("%s; still waiting", message)
+
+
+def _cluster_resources() -> dict[str, float]:
+    return {
+        k: round(v, 2)
+        for k, v in ray.cluster_resources().items()
+        if not k.startswith(("node:", "memory", "object_store"))
+    }
 
 
 class _Progress(Callback):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.errors import StorageError
-from cluster.storage import forwarded_env, list_files, resolve
+from cluster.storage import list_files, resolve
 
 
 def put_parquet(uri: str, texts: list[str]) -> None:
@@ -50,12 +50,6 @@ def test_unreachable_endpoint(s3_endpoint, monkeypatch):
 def test_local_missing_path(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         list_files(str(tmp_path / "nope"), ".parquet")
-
-
-def test_credentials_are_forwarded_from_the_environment(s3_endpoint):
-    env = forwarded_env()
-    assert env["AWS_ENDPOINT_URL"] == s3_endpoint
-    assert env["AWS_ACCESS_KEY_ID"] == os.environ["AWS_ACCESS_KEY_ID"]
 
 
 def test_text_files_append_and_directories_round_trip(bucket, tmp_path):

@@ -11,6 +11,7 @@ first): two Rays on one machine confuse Ray Train's `address="auto"` lookups.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from cluster.configs import load_cluster_config
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
 TOKEN = "raygen-test-token-3f1c9a"
+SECRET = "sk-not-for-ray-7d2e"
 
 
 def raygen(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -106,7 +108,11 @@ def submitted(cluster, project) -> dict:
 
     watcher = threading.Thread(target=poll, daemon=True)
     watcher.start()
-    done = submit_tiny(cluster["dashboard"], "--follow", cwd=project)
+    # Credentials set here stay here; only what --env names goes with the job.
+    env = {"AWS_SECRET_ACCESS_KEY": SECRET, "HF_TOKEN": SECRET, "RAYGEN_DEMO_SETTING": "on"}
+    done = submit_tiny(
+        cluster["dashboard"], "--follow", "--env", "RAYGEN_DEMO_SETTING", cwd=project, env=env
+    )
     stop.set()
     watcher.join()
     return {"done": done, "workers_seen": seen}
@@ -130,6 +136,18 @@ def test_submitted_training_job_launches_workers_and_succeeds(submitted, project
     result = yaml.safe_load((run / "result.json").read_text())
     assert result["status"] == "completed" and result["final_step"] == 10
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_no_credential_reaches_the_jobs_record(submitted, cluster):
+    from cluster.jobs import client
+
+    done = submitted["done"]
+    assert "environment forwarded: RAYGEN_DEMO_SETTING" in done.stdout
+    job_id = done.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+    jobs, _ = client(cluster["dashboard"])  # with the cluster's token, as raygen's commands
+    record = jobs.get_job_info(job_id)
+    assert record.runtime_env["env_vars"] == {"RAYGEN_DEMO_SETTING": "on"}
+    assert SECRET not in json.dumps(record.dict() if hasattr(record, "dict") else vars(record))
 
 
 def test_rays_own_job_list_and_raygen_jobs_show_it(submitted, cluster, project):

@@ -89,6 +89,40 @@ def test_prepare_counts_every_removal(ray_session, tmp_path):
     assert again["removed_near_duplicates"] == 0 and again["train_documents"] == 5
 
 
+def _save_tokenizer(out, texts: list[str], vocab_size: int) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<|endoftext|>"])
+    eos = "<|endoftext|>"
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=eos).save_pretrained(out)
+
+
+def test_a_tokenizer_replaced_in_place_prepares_the_data_again(ray_session, tmp_path):
+    from transformers import AutoTokenizer
+
+    docs = [doc(i) for i in range(12)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "train.parquet")
+    tokenizer = tmp_path / "tokenizer"
+    _save_tokenizer(tokenizer, docs, 300)
+    raw = {
+        "name": "tok",
+        "model": {"arch": "gpt2"},
+        "data": {"train": str(tmp_path / "train.parquet"), "seq_len": 32, "eval_fraction": 0.3},
+        "tokenizer": {"path": str(tokenizer)},
+        "run": {"storage": str(tmp_path / "runs")},
+    }
+    spec = validate_train_spec(validate_spec(TrainSpec, raw, "t"), "t")
+    prepared = tmp_path / "prepared"
+    first = prepare_data(spec, str(prepared))
+    assert len(AutoTokenizer.from_pretrained(prepared / "tokenizer")) == 300
+    _save_tokenizer(tokenizer, docs, 400)  # the same path, another vocabulary
+    second = prepare_data(spec, str(prepared))
+    assert second["fingerprint"] != first["fingerprint"]
+    assert len(AutoTokenizer.from_pretrained(prepared / "tokenizer")) == 400
+
+
 def test_prepare_reads_parquet_from_s3(ray_session, bucket, tmp_path):
     from cluster.storage import resolve
 

@@ -123,6 +123,30 @@ def test_image_prep_decodes_dedupes_by_pixels_and_counts(ray_session, tmp_path, 
     assert again["fingerprint"] == stats["fingerprint"]  # up to date: not redone
 
 
+def test_an_image_column_named_image_without_labels_prepares_and_trains(ray_session, tmp_path):
+    """The usual column name, no label column: Ray Data refuses an empty rename."""
+    import pyarrow.parquet as pq
+
+    from jobs.image_data import digits_table
+
+    path = tmp_path / "unlabelled.parquet"
+    pq.write_table(digits_table().select(["image"]).slice(0, 400), path)
+    raw = tiny_diffusion_spec(
+        tmp_path,
+        data={"train": str(path), "eval_fraction": 0.2},
+        train__max_steps=4,
+        train__warmup_steps=1,
+        train__eval_every=4,
+        train__checkpoint_every=4,
+        train__log_every=2,
+        sampling={"steps": 2, "grid_images": 4, "fid_samples": 0},
+        scaling={"num_workers": 1},
+    )
+    result = launch(spec_of(raw))
+    assert result["status"] == "completed" and result["final_step"] == 4
+    assert (Path(result["paths"]["model"]) / "model_index.json").is_file()
+
+
 # --- spec errors --------------------------------------------------------------------------
 
 

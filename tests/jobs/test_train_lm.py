@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs.launch import fresh_name, launch
 from jobs.loader import validate_spec
@@ -237,3 +240,85 @@ def test_run_storage_on_s3_trains_exports_and_resumes_there(ray_session, bucket,
     assert extended["attempts"][-1]["resumed_from_step"] == 20
     steps = [r["step"] for r in read_metrics(join(run_dir, "metrics.jsonl"))]
     assert steps == sorted(set(steps)) and steps[-1] == 30
+
+
+# --- a run stays one run; nothing raygen did not write is touched -----------------------------
+
+
+def raygen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raygen", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_a_rerun_that_changes_what_is_trained_is_refused_with_the_changes(lm_run, tmp_path):
+    raw, result, run_dir, _ = lm_run
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    before = (run_dir / "spec.yaml").read_text()
+    done = raygen(
+        "train", str(spec), "--set", "train.lr=0.01", "--set", "model.config.n_embd=128",
+        "--set", "train.max_steps=60",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "`train.lr`: was 0.003, now 0.01" in done.stderr
+    assert "`model.config.n_embd`: was 64, now 128" in done.stderr
+    assert "max_steps" not in done.stderr and "--fresh" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (run_dir / "spec.yaml").read_text() == before  # the record is untouched
+
+
+class _Trap:
+    """Unpickling this creates a file: what a hostile checkpoint could do instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_export_reads_checkpoints_as_data_only_and_refuses_foreign_out_dirs(lm_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from cluster import publish
+
+    _, result, run_dir, _ = lm_run
+    out = tmp_path / "exported"
+    done = raygen("export", str(run_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").is_file() and publish.state(str(out)) == "complete"
+    again = raygen("export", str(run_dir), "--out", str(out))  # raygen's own: replaced
+    assert again.returncode == 0, again.stderr
+
+    checkpoint = Path(result["paths"]["checkpoint"])
+    evil = tmp_path / "evil" / checkpoint.name
+    shutil.copytree(checkpoint, evil)
+    tag = (evil / "latest").read_text().strip()
+    witness = tmp_path / "code-ran"
+    torch.save({"module": _Trap(witness)}, evil / tag / "mp_rank_00_model_states.pt")
+    done = raygen("export", str(run_dir), "--checkpoint", str(evil), "--out", str(tmp_path / "x"))
+    assert done.returncode == 2 and "not plain data" in done.stderr, done.stderr
+    assert not witness.exists() and not (tmp_path / "x").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    done = raygen("export", str(run_dir), "--out", str(mine))
+    assert done.returncode == 2 and "was not written by raygen" in done.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_preparing_into_a_directory_raygen_did_not_write_is_refused(tmp_path):
+    mine = tmp_path / "bucket-root"
+    mine.mkdir()
+    (mine / "photos.parquet").write_text("not raygen's")
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny_lm_spec(tmp_path, mine)))
+    done = raygen("data", "prepare", str(spec))
+    assert done.returncode == 2, done.stderr
+    assert "`data.prepared`" in done.stderr and "was not written by raygen" in done.stderr
+    assert [p.name for p in mine.iterdir()] == ["photos.parquet"]
