@@ -108,7 +108,6 @@ def seed_everything(seed: int) -> None:
 def record_attempt(run_dir: str, resumed_from_step: int) -> None:
     """Append this start of the worker group to the run's attempt log (rank 0)."""
     import ray
-
     from ray.util import get_current_placement_group
 
     group = get_current_placement_group()
