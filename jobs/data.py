@@ -310,7 +310,7 @@ def _clear_partial(prepared_dir: str) -> None:
 
 
 def _storage_cause(exc: BaseException) -> str | None:
-    """The first line of an I/O error behind `exc` (also inside a Ray task's error), or None.
+    """What an I/O error behind `exc` (also inside a Ray task's error) says, or None.
 
     Inputs were checked before preparing; an I/O error now means storage changed or failed
     meanwhile (a deleted object, lost credentials, a full disk): a user problem, not a bug.
@@ -318,11 +318,22 @@ def _storage_cause(exc: BaseException) -> str | None:
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-            text = str(exc).strip()
-            return text.splitlines()[0] if text else type(exc).__name__
+            return _last_error_line(str(exc)) or type(exc).__name__
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
         seen += 1
     return None
+
+
+def _last_error_line(text: str) -> str:
+    """The error itself from a (Ray task's) error text: its last line, without the
+    exception's class name and terminal colors."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
 
 
 def _prepare_text(

@@ -14,6 +14,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from cluster import publish
+from cluster.errors import StorageError
 from cluster.storage import (
     append_line,
     exists,
@@ -39,6 +40,7 @@ SPEC_HISTORY_DIR = "spec_history"  # the specs a run had before a re-run changed
 RUN_STATE_FILE = "run_state.json"  # what the run's checkpoints were trained on
 RUN_KIND = "run"  # what a run directory's marker says it is
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registered checkpoints
+SNAPSHOT_COPY = "checkpoint_manager_snapshot.raygen.json"  # raygen's copy, written whole
 
 
 def resolve_paths(spec: TrainSpec) -> TrainSpec:
@@ -311,16 +313,49 @@ def record_spec(run_dir: str, spec: TrainSpec, recorded: dict[str, Any] | None) 
     write_text(join(run_dir, SPEC_FILE), dump_spec(spec))
 
 
-def registered_checkpoints(run_dir: str) -> list[str]:
-    """Names of the checkpoint directories Ray Train has registered (whole ones)."""
-    text = read_text(join(run_dir, SNAPSHOT_FILE))
+def _read_snapshot(uri: str) -> dict[str, Any] | None:
+    text = read_text(uri)
     if not text:
-        return []
+        return None
     try:
-        results = json.loads(text).get("checkpoint_results", [])
+        snapshot = json.loads(text)
     except ValueError:
-        return []
-    return [r["checkpoint_dir_name"] for r in results]
+        return None
+    return snapshot if isinstance(snapshot, dict) and "checkpoint_results" in snapshot else None
+
+
+def registered_checkpoints(run_dir: str) -> list[str] | None:
+    """Names of the checkpoint directories Ray Train has registered (whole ones), from its
+    snapshot, else from raygen's copy of it; None when neither can be read."""
+    for name in (SNAPSHOT_FILE, SNAPSHOT_COPY):
+        snapshot = _read_snapshot(join(run_dir, name))
+        if snapshot is not None:
+            return [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    return None
+
+
+def copy_snapshot(run_dir: str) -> None:
+    """Keep a copy of Ray Train's checkpoint snapshot as it is now (whole: written aside and
+    renamed). Ray rewrites its snapshot in place, and on a full disk leaves it empty: the
+    registered checkpoints would be forgotten, and the run could not resume."""
+    snapshot = _read_snapshot(join(run_dir, SNAPSHOT_FILE))
+    if snapshot is not None:
+        write_text(join(run_dir, SNAPSHOT_COPY), json.dumps(snapshot))
+
+
+def repair_snapshot(run_dir: str) -> None:
+    """Put raygen's copy back when Ray Train's snapshot was left torn (a full disk)."""
+    path = join(run_dir, SNAPSHOT_FILE)
+    if read_text(path) is None or _read_snapshot(path) is not None:
+        return
+    copy = _read_snapshot(join(run_dir, SNAPSHOT_COPY))
+    if copy is None:
+        return
+    logger.warning("%s was left torn; restoring the copy raygen kept of it", path)
+    try:
+        write_text(path, json.dumps(copy))
+    except Exception as exc:  # still no room: the copy stays, and is used
+        logger.warning("could not restore %s: %s", path, exc)
 
 
 def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
@@ -331,7 +366,10 @@ def remove_unregistered_checkpoints(run_dir: str) -> list[str]:
 
     if publish.read_marker(run_dir) is None:
         return []
-    registered = set(registered_checkpoints(run_dir))
+    known = registered_checkpoints(run_dir)
+    if known is None:  # no readable record of what is registered: delete nothing
+        return []
+    registered = set(known)
     tops = {name.split("/", 1)[0] for name in publish.listing(run_dir) if "/" in name}
     partial = sorted(
         name for name in tops if step_of_checkpoint(name) is not None and name not in registered
@@ -429,6 +467,7 @@ def launch(
 
     publish.mark(run_dir, RUN_KIND)
     record_spec(run_dir, spec, recorded)
+    repair_snapshot(run_dir)
     remove_unregistered_checkpoints(run_dir)
 
     from jobs.data import prepare_data
@@ -468,9 +507,18 @@ def launch(
     finally:
         if tail:
             tail.stop()
-        remove_unregistered_checkpoints(run_dir)
+        remove_unregistered_checkpoints(run_dir)  # first: it frees room on a full disk
+        repair_snapshot(run_dir)
     summary = _summarize(spec, run_dir, result, started)
-    write_text(join(run_dir, RESULT_FILE), json.dumps(summary, indent=2))
+    try:
+        write_text(join(run_dir, RESULT_FILE), json.dumps(summary, indent=2))
+    except StorageError as exc:  # a full disk, say: say what happened to the run first
+        if summary["status"] == "completed":
+            raise
+        raise TrainingFailed(
+            f"Training run {spec.name} failed: {summary['error']}; and its {RESULT_FILE} "
+            f"could not be written: {exc}"
+        ) from None
     if summary["status"] != "completed":
         raise TrainingFailed(
             f"Training run {spec.name} failed: {summary['error']}\n"
@@ -731,12 +779,22 @@ class FailureRecorder(UserCallback):
         self.run_dir = run_dir
         self.failed_from: list[int | None] = []  # per failure: the step its attempt resumed
 
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        if checkpoint is not None:
+            try:
+                copy_snapshot(self.run_dir)
+            except Exception as exc:  # a full disk, say: the previous copy stays
+                logger.warning("could not copy the checkpoint snapshot: %s", exc)
+
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         preempted = any(getattr(e, "preempted", False) for e in worker_exceptions.values())
         error = describe_worker_failures(worker_exceptions)[:4000]
         kind = PREEMPTED if preempted else FAILED
         record = {"at": time.time(), "kind": kind, "error": error}
-        append_line(join(self.run_dir, INTERRUPTIONS_FILE), json.dumps(record))
+        try:
+            append_line(join(self.run_dir, INTERRUPTIONS_FILE), json.dumps(record))
+        except Exception as exc:  # a full disk, say: the record is lost, not the run
+            logger.warning("could not record the failure in %s: %s", INTERRUPTIONS_FILE, exc)
         if preempted:
             return
         attempts = _read_jsonl(join(self.run_dir, ATTEMPTS_FILE))

@@ -22,6 +22,7 @@ import ray
 import yaml
 from ray.train import UserCallback
 from ray.tune import Callback
+from ray.tune.stopper import Stopper
 
 from cluster.storage import exists, is_remote, join, read_text, write_text
 from jobs.errors import SpecError
@@ -191,14 +192,16 @@ def run_sweep(
         ),
         {"cpu": 0.01},  # the driver only waits; its trial's workers hold the real CPUs
     )  # fmt: skip
+    resources = _Resources(sweep.run.pending_timeout_s)
     run_config = tune.RunConfig(
         name=sweep.name,
         storage_path=_absolute(sweep.run.storage),
         failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
         callbacks=[
-            _Resources(sweep.run.pending_timeout_s),
+            resources,
             *([_Progress(sweep, on_progress, evaluations_of(base))] if on_progress else []),
         ],
+        stop=resources,
         verbose=0,
     )
     if resume:
@@ -221,7 +224,12 @@ def run_sweep(
             ),
             run_config=run_config,
         )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        remove_abandoned_groups()
+    if resources.stalled:
+        raise SweepStalled(resources.stalled)
     unfinished = _unfinished_trials(sweep_dir)
     if unfinished:
         raise SweepInterrupted(
@@ -588,9 +596,9 @@ def _plot(curves: dict[str, tuple[list, list]], sweep: SweepSpec, uri: str) -> N
             local.replace(uri)
 
 
-class _Resources(Callback):
-    """Tune callback: every resource of a trial that is not running (stopped, errored,
-    paused) is released, and a sweep whose trials cannot get resources says so.
+class _Resources(Callback, Stopper):
+    """Tune callback and stopper: every resource of a trial that is not running (stopped,
+    errored, paused) is released, and a sweep whose trials cannot get resources says so.
 
     Each attempt of a trial's Train run records its worker group's placement group
     (`attempts.jsonl`); one still held RELEASE_GRACE_S after its trial stopped running is
@@ -605,6 +613,7 @@ class _Resources(Callback):
 
     def __init__(self, pending_timeout_s: float):
         self.pending_timeout_s = pending_timeout_s
+        self.stalled: str | None = None  # why the sweep must stop (Tune stops its trials)
         self.stopped_at: dict[str, float] = {}  # trial -> when it was first seen not running
         self.released: dict[str, str] = {}  # placement group -> how it went
         self.pending_since: dict[str, float] = {}
@@ -614,6 +623,12 @@ class _Resources(Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "stopped_at": {}, "pending_since": {}}
 
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.stalled is not None
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
         if now - self.checked < self.CHECK_EVERY_S:
@@ -622,8 +637,6 @@ class _Resources(Callback):
         try:
             self._release(trials, now)
             self._watch_pending(now)
-        except SweepStalled:
-            raise
         except Exception as exc:  # a check that cannot run must not stop the sweep
             logger.debug("resource check skipped: %s", exc)
 
@@ -687,7 +700,7 @@ class _Resources(Callback):
                 f"cluster has {available} free of {_cluster_resources()}"
             )
             if waited >= self.pending_timeout_s:
-                raise SweepStalled(
+                self.stalled = (
                     f"{message}. Stopped after run.pending_timeout_s "
                     f"({self.pending_timeout_s:g} s): lower max_concurrent_trials or the "
                     "workers' resources, or add nodes."
@@ -695,6 +708,22 @@ class _Resources(Callback):
             if group.placement_group_id not in self.warned:
                 self.warned.add(group.placement_group_id)
                 logger.warning("%s; still waiting", message)
+
+
+def remove_abandoned_groups() -> None:
+    """The placement groups this sweep's trials still waited for when it ended: nothing
+    will use them, and a group outlives the Train run that asked for it (Ray keeps it
+    until its job ends), taking the resources when they come free."""
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_placement_groups
+
+    job = ray.get_runtime_context().get_job_id()
+    for group in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True):
+        if group.creator_job_id == job:
+            remove_placement_group(
+                PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id)))
+            )
 
 
 def _cluster_resources() -> dict[str, float]:

@@ -35,14 +35,30 @@ class FaultProxy:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _forward(self) -> None:
+            def _body(self) -> bytes | None:
+                if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+                    body = b""
+                    while True:  # HTTP chunks: "<hex size>[;ext]\r\n<data>\r\n" ... "0"
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if not size:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return body
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
                 length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else None
+                return self.rfile.read(length) if length else None
+
+            def _forward(self) -> None:
+                body = self._body()
                 if self.command == "PUT" and proxy._should_fail():
                     proxy._fail(self)
                     return
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                hop = ("connection", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                if body is not None:
+                    headers["content-length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
@@ -50,7 +66,9 @@ class FaultProxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("content-length", str(len(data)))
+                # A HEAD answer has no body but the length of the object's.
+                length = response.getheader("content-length") if self.command == "HEAD" else None
+                self.send_header("content-length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -27,13 +27,16 @@ VENV_BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def nodes():
     import ray
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
     from ray.cluster_utils import Cluster
 
     from cluster import simulate
 
     assert not ray.is_initialized() and not simulate.local_ray_running()
     saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    # RAY_AUTH_MODE=token for every node, and for this process: Ray reads the mode when it
+    # is imported, and this refreshes it (what `ray.init` does for a new local cluster).
+    _enable_token_auth()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
@@ -73,10 +76,10 @@ def test_a_preempted_node_costs_no_more_than_the_steps_since_its_notice(nodes, t
     cluster, workers = nodes
     raw = tiny_lm_spec(
         tmp_path,
-        train__max_steps=600,
+        train__max_steps=300,
         train__checkpoint_every=1000,  # no periodic checkpoint but the last: only the notice's
-        train__eval_every=600,
-        train__log_every=50,
+        train__eval_every=300,
+        train__log_every=25,
         run__preemption_grace_s=0,
     )
     run_dir = tmp_path / "runs" / "tiny"
@@ -92,7 +95,7 @@ def test_a_preempted_node_costs_no_more_than_the_steps_since_its_notice(nodes, t
     thread.start()
     deadline = time.time() + 300
     while time.time() < deadline and not any(
-        r.get("step", 0) >= 50 for r in _records(run_dir / "metrics.jsonl")
+        r.get("step", 0) >= 25 for r in _records(run_dir / "metrics.jsonl")
     ):
         assert thread.is_alive(), outcome
         time.sleep(0.5)
@@ -104,7 +107,7 @@ def test_a_preempted_node_costs_no_more_than_the_steps_since_its_notice(nodes, t
     drained = subprocess.run(
         [str(VENV_BIN / "ray"), "drain-node", "--address", cluster.address,
          "--node-id", victim.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-         "--reason-message", "spot instance reclaimed", "--deadline-remaining-seconds", "20"],
+         "--reason-message", "spot instance reclaimed", "--deadline-remaining-seconds", "10"],
         capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"},
     )  # fmt: skip
     assert drained.returncode == 0, drained.stderr
@@ -115,17 +118,17 @@ def test_a_preempted_node_costs_no_more_than_the_steps_since_its_notice(nodes, t
         time.sleep(0.2)
     notice = [r for r in _records(run_dir / "failures.jsonl") if r.get("kind") == "preempted"]
     assert notice, "the workers never saw the preemption notice"
-    time.sleep(22)  # the reclaim: past the deadline the node goes away
+    time.sleep(12)  # the reclaim: past the deadline the node goes away
     cluster.remove_node(victim)
     thread.join(timeout=600)
 
     result = outcome.get("result")
     assert result and result["status"] == "completed", outcome
-    assert result["final_step"] == 600
+    assert result["final_step"] == 300
     attempts = result["attempts"]
     assert [a["reason"] for a in attempts] == ["started", "preempted"]
     # Resumed from the checkpoint taken at the notice, not from the start.
-    assert attempts[1]["resumed_from_step"] == notice[0]["step"] > 50
+    assert attempts[1]["resumed_from_step"] == notice[0]["step"] > 25
     assert notice[0]["nodes"] == [victim.node_id]
     steps = [r["step"] for r in _records(run_dir / "metrics.jsonl")]
-    assert steps == sorted(set(steps)) and steps[-1] == 600
+    assert steps == sorted(set(steps)) and steps[-1] == 300

@@ -154,3 +154,32 @@ def test_the_data_fingerprint_follows_contents_not_names(tmp_path):
     assert second != first
     write_text(str(corpus), "not read hera")  # same size, other bytes
     assert data_fingerprint(spec) not in (first, second)
+
+
+def test_a_torn_checkpoint_snapshot_is_repaired_and_never_deletes_checkpoints(tmp_path):
+    from cluster import publish
+    from jobs.launch import (
+        SNAPSHOT_COPY,
+        SNAPSHOT_FILE,
+        copy_snapshot,
+        remove_unregistered_checkpoints,
+        repair_snapshot,
+    )
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_00000010", "checkpoint_00000020"):
+        (run / name).mkdir(parents=True)
+        (run / name / "latest").write_text("step")
+    publish.mark(str(run), "run")
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000010"}]}
+    (run / SNAPSHOT_FILE).write_text("")  # torn, and no copy: nothing can be told apart
+    assert remove_unregistered_checkpoints(str(run)) == []
+    assert (run / "checkpoint_00000020").is_dir()
+    (run / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    copy_snapshot(str(run))
+    assert json.loads((run / SNAPSHOT_COPY).read_text()) == snapshot
+    (run / SNAPSHOT_FILE).write_text('{"checkpoint_res')  # a full disk cut the rewrite
+    repair_snapshot(str(run))
+    assert json.loads((run / SNAPSHOT_FILE).read_text()) == snapshot
+    assert remove_unregistered_checkpoints(str(run)) == ["checkpoint_00000020"]
+    assert (run / "checkpoint_00000010").is_dir() and not (run / "checkpoint_00000020").exists()

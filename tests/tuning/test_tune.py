@@ -85,6 +85,98 @@ def test_best_checkpoint_exports_a_model_transformers_loads(asha_sweep, tmp_path
     assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
+def test_every_stopped_trials_resources_are_released_so_waiting_trials_run(
+    ray_session, tmp_path, shared_prepared
+):
+    """Four trials of one worker, two at a time, on 2 CPUs, ASHA stopping some early: the
+    sweep finishes, and each trial's worker group's placement group is gone soon after the
+    trial's last report (a group left behind holds a CPU the next trial waits for forever)."""
+    import threading
+    import time
+
+    from ray.util import placement_group_table
+    from ray.util.placement_group import PlacementGroup
+
+    sweep, base = sweep_of(
+        tmp_path,
+        shared_prepared,
+        search={"train.lr": {"grid": [GOOD_LR, BAD_LR, 2e-3, 1e-6]}},
+        max_concurrent_trials=2,
+        scheduler={"type": "asha", "grace_period": 1},
+    )
+    trials = tmp_path / "sweeps" / "sweep" / "trials"
+    removed_at: dict[str, float] = {}  # placement group -> when first seen removed
+    groups: dict[str, str] = {}  # placement group -> trial run
+    stop = threading.Event()
+
+    def watch() -> None:
+        import ray
+
+        while not stop.wait(0.25):
+            for attempts in trials.glob("*/attempts.jsonl"):
+                for line in attempts.read_text().splitlines():
+                    group = json.loads(line).get("placement_group")
+                    if group:
+                        groups.setdefault(group, attempts.parent.name)
+            for group in set(groups) - set(removed_at):
+                pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group)))
+                if placement_group_table(pg).get("state") in (None, "REMOVED"):
+                    removed_at[group] = time.time()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    summary = run_sweep(sweep, base, "test")
+    time.sleep(1)
+    stop.set()
+    watcher.join()
+    statuses = sorted(row["status"] for row in summary["trials"])
+    assert len(statuses) == 4 and set(statuses) <= {"completed", "stopped_early"}, statuses
+    assert sorted(set(groups.values())) == sorted(r["trial_id"] for r in summary["trials"])
+    sweep_dir = Path(summary["sweep_dir"])
+    delays = {}
+    for group, run in groups.items():
+        (results,) = sweep_dir.glob(f"trial_driver_{run}_*/result.json")
+        last_report = json.loads(results.read_text().splitlines()[-1])["timestamp"]
+        assert group in removed_at, f"trial {run}'s placement group was never released"
+        delays[run] = round(removed_at[group] - last_report, 1)
+    print("placement groups released after the trial's last report (s):", delays)
+    # Whole seconds in Tune's timestamps; raygen removes a leftover 20 s after a stop.
+    assert max(delays.values()) < 25, delays
+
+
+def test_a_sweep_whose_trials_cannot_get_resources_stops_naming_them(
+    ray_session, tmp_path, shared_prepared
+):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tuning.errors import SweepStalled
+
+    # One of the session's two CPUs held elsewhere; the trial's two workers need both.
+    hog = placement_group([{"CPU": 1}])
+    ray.get(hog.ready(), timeout=60)
+    try:
+        sweep, base = sweep_of(
+            tmp_path,
+            shared_prepared,
+            search={"train.lr": {"grid": [GOOD_LR]}},
+            scheduler={"type": "fifo"},
+            run={"storage": str(tmp_path / "sweeps"), "pending_timeout_s": 10},
+        )
+        base["scaling"]["num_workers"] = 2
+        with pytest.raises(SweepStalled) as info:
+            run_sweep(sweep, base, "test")
+    finally:
+        remove_placement_group(hog)
+    message = str(info.value)
+    assert "waited" in message and "[{'CPU': 1.0}, {'CPU': 1.0}]" in message, message
+    assert "free of" in message and "run.pending_timeout_s (10 s)" in message
+    # What the trial waited for does not linger to take the CPUs when they come free.
+    from ray.util.state import list_placement_groups
+
+    assert not list_placement_groups(filters=[("state", "=", "PENDING")])
+
+
 def test_successive_halving_pauses_at_the_rung_and_resumes_the_winner(
     ray_session, tmp_path, shared_prepared
 ):
