@@ -227,7 +227,7 @@ def run_sweep(
     try:
         results = tuner.fit()
     finally:
-        remove_abandoned_groups()
+        resources.release_all()
     if resources.stalled:
         raise SweepStalled(resources.stalled)
     unfinished = _unfinished_trials(sweep_dir)
@@ -600,10 +600,13 @@ class _Resources(Callback, Stopper):
     """Tune callback and stopper: every resource of a trial that is not running (stopped,
     errored, paused) is released, and a sweep whose trials cannot get resources says so.
 
-    Each attempt of a trial's Train run records its worker group's placement group
-    (`attempts.jsonl`); one still held RELEASE_GRACE_S after its trial stopped running is
-    removed here (Ray Train removes it itself when its run ends, unless the run was killed
-    at the wrong moment). Placement groups pending for long are reported with what they
+    Ray Train removes a run's placement group when the run ends, also when it is killed (a
+    cleaner actor watches it), but only once its worker group has started: a run killed
+    while its group was pending or starting leaves the group behind, and once the group is
+    placed it holds resources no actor uses, which the next trial waits for forever. So a
+    placement group created during the sweep that is placed but has no live actor in it
+    for RELEASE_GRACE_S is removed here (a live trial or worker group has its actors in its
+    group within seconds). Placement groups pending for long are reported with what they
     ask for and what the cluster has, and past `pending_timeout_s` the sweep stops.
     """
 
@@ -614,14 +617,15 @@ class _Resources(Callback, Stopper):
     def __init__(self, pending_timeout_s: float):
         self.pending_timeout_s = pending_timeout_s
         self.stalled: str | None = None  # why the sweep must stop (Tune stops its trials)
-        self.stopped_at: dict[str, float] = {}  # trial -> when it was first seen not running
-        self.released: dict[str, str] = {}  # placement group -> how it went
+        self.before = {g.placement_group_id for g in _placement_groups()}  # not the sweep's
+        self.unused_since: dict[str, float] = {}
+        self.removed: list[str] = []
         self.pending_since: dict[str, float] = {}
         self.warned: set[str] = set()
         self.checked = 0.0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "stopped_at": {}, "pending_since": {}}
+        return {**self.__dict__, "unused_since": {}, "pending_since": {}}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
@@ -635,54 +639,40 @@ class _Resources(Callback, Stopper):
             return
         self.checked = now
         try:
-            self._release(trials, now)
-            self._watch_pending(now)
+            groups = _placement_groups()
+            self._release_unused(groups, now)
+            self._watch_pending(groups, now)
         except Exception as exc:  # a check that cannot run must not stop the sweep
             logger.debug("resource check skipped: %s", exc)
 
-    def _release(self, trials: list, now: float) -> None:
-        from ray.util import placement_group_table, remove_placement_group
-        from ray.util.placement_group import PlacementGroup
+    def _release_unused(self, groups: list, now: float) -> None:
+        from ray.util.state import list_actors
 
-        from jobs.worker import ATTEMPTS_FILE
-
-        for trial in trials:
-            if trial.status == "RUNNING":
-                self.stopped_at.pop(trial.trial_id, None)
+        placed = [
+            g for g in groups if g.state == "CREATED" and g.placement_group_id not in self.before
+        ]
+        if not placed:
+            self.unused_since.clear()
+            return
+        alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+        used = {a.placement_group_id for a in alive if a.placement_group_id}
+        unused = {g.placement_group_id: g for g in placed if g.placement_group_id not in used}
+        self.unused_since = {k: v for k, v in self.unused_since.items() if k in unused}
+        for group_id, group in unused.items():
+            if now - self.unused_since.setdefault(group_id, now) < self.RELEASE_GRACE_S:
                 continue
-            since = self.stopped_at.setdefault(trial.trial_id, now)
-            if now - since < self.RELEASE_GRACE_S:
-                continue
-            run_dir = (trial.last_result or {}).get("run_dir")
-            if not run_dir:
-                continue
-            for line in (read_text(join(run_dir, ATTEMPTS_FILE)) or "").splitlines():
-                try:
-                    group_id = json.loads(line).get("placement_group")
-                except ValueError:
-                    continue
-                if not group_id or group_id in self.released:
-                    continue
-                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id)))
-                state = placement_group_table(group).get("state")
-                if state in (None, "REMOVED"):
-                    self.released[group_id] = "released by Ray Train"
-                    continue
-                logger.warning(
-                    "trial %s is %s, but its workers' placement group %s still holds %s; "
-                    "removing it",
-                    trial.trial_id,
-                    trial.status.lower(),
-                    group_id,
-                    placement_group_table(group).get("bundles"),
-                )
-                remove_placement_group(group)
-                self.released[group_id] = "removed by raygen"
+            asks = [b.get("unit_resources") for b in group.bundles or []]
+            logger.warning(
+                "placement group %s holds %s and no actor runs in it (its trial's run was "
+                "stopped while it started); removing it",
+                group_id,
+                asks,
+            )
+            _remove_group(group_id)
+            self.removed.append(group_id)
 
-    def _watch_pending(self, now: float) -> None:
-        from ray.util.state import list_placement_groups
-
-        pending = list_placement_groups(filters=[("state", "=", "PENDING")], detail=True)
+    def _watch_pending(self, groups: list, now: float) -> None:
+        pending = [g for g in groups if g.state == "PENDING"]
         ids = {p.placement_group_id for p in pending}
         self.pending_since = {k: v for k, v in self.pending_since.items() if k in ids}
         for group in pending:
@@ -690,11 +680,7 @@ class _Resources(Callback, Stopper):
             if waited < self.PENDING_WARN_S and waited < self.pending_timeout_s:
                 continue
             asks = [b.get("unit_resources") for b in group.bundles or []]
-            available = {
-                k: round(v, 2)
-                for k, v in ray.available_resources().items()
-                if not k.startswith(("node:", "memory", "object_store"))
-            }
+            available = _plain_resources(ray.available_resources())
             message = (
                 f"a trial's workers have waited {waited:.0f} s for resources {asks}; the "
                 f"cluster has {available} free of {_cluster_resources()}"
@@ -709,28 +695,63 @@ class _Resources(Callback, Stopper):
                 self.warned.add(group.placement_group_id)
                 logger.warning("%s; still waiting", message)
 
+    def release_all(self, timeout_s: float = 30.0, settle_s: float = 8.0) -> None:
+        """Once Tune is done: wait for the trials' Train runs to end, then remove every
+        placement group the sweep created that is still there (nothing will use it). A run
+        killed while it asked for a group can have the request land a moment after it died:
+        the sweep's groups are looked for again until none has come for `settle_s`."""
+        from ray.util.state import list_actors
 
-def remove_abandoned_groups() -> None:
-    """The placement groups this sweep's trials still waited for when it ended: nothing
-    will use them, and a group outlives the Train run that asked for it (Ray keeps it
-    until its job ends), taking the resources when they come free."""
-    from ray.util import remove_placement_group
-    from ray.util.placement_group import PlacementGroup
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            alive = list_actors(
+                filters=[("state", "=", "ALIVE"), ("class_name", "=", "TrainController")]
+            )
+            if not alive:
+                break
+            time.sleep(0.5)
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < settle_s and time.monotonic() < deadline + settle_s:
+            left = [
+                g.placement_group_id
+                for g in _placement_groups()
+                if g.state != "REMOVED" and g.placement_group_id not in self.before
+            ]
+            for group_id in left:
+                _remove_group(group_id)
+            if left:
+                quiet_since = time.monotonic()
+            time.sleep(1.0)
+
+
+def _placement_groups() -> list:
+    """This driver's job's placement groups (other jobs' are not the sweep's business)."""
     from ray.util.state import list_placement_groups
 
     job = ray.get_runtime_context().get_job_id()
-    for group in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True):
-        if group.creator_job_id == job:
-            remove_placement_group(
-                PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id)))
-            )
+    groups = list_placement_groups(detail=True, limit=10_000)
+    return [g for g in groups if g.creator_job_id == job]
+
+
+def _remove_group(group_id: str) -> None:
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
 
 def _cluster_resources() -> dict[str, float]:
+    return _plain_resources(ray.cluster_resources())
+
+
+def _plain_resources(resources: dict[str, float]) -> dict[str, float]:
+    """CPUs, GPUs and custom resources, without Ray's bookkeeping (memory, node and
+    placement-group resources)."""
     return {
         k: round(v, 2)
-        for k, v in ray.cluster_resources().items()
-        if not k.startswith(("node:", "memory", "object_store"))
+        for k, v in resources.items()
+        if not k.startswith(("node:", "memory", "object_store", "bundle_group_"))
+        and "_group_" not in k
     }
 
 
