@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 # `make TORCH_SPEC=torch install` to take the CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test test-fast lint bench clean schemas
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ quickstart: install
 test: install
 	$(VENV)/bin/pytest -q
 
+# Unit tests only (no Ray, no servers): a couple of minutes, for the edit-test loop.
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not integration"
+
 # The benchmarks (not tests): each prints a table and writes benchmarks/results/<name>.json.
 bench: install
 	$(PY) benchmarks/run_all.py
@@ -36,3 +40,9 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The specs' JSON Schemas, for editors (the example specs point at them); a test checks
+# they match the code.
+schemas: install
+	for kind in train sweep audit deploy; do \
+		$(VENV)/bin/raygen schema $$kind > docs/schemas/$$kind.schema.json; done

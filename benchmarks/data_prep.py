@@ -69,8 +69,8 @@ def single_process(corpus: Path, tokenizer_dir: str, out: Path) -> None:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from jobs.data import in_eval_split
-    from jobs.text import normalize_text
+    from raygen.jobs.data.rows import in_eval_split
+    from raygen.jobs.data.text_filters import normalize_text
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     eos = tokenizer.eos_token_id
@@ -130,10 +130,10 @@ def run_raygen(spec: dict[str, Any], cpus: int) -> tuple[float, float]:
     code = f"""
 import json, sys, time, ray
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from jobs.data import prepare_data
-from jobs.launch import validate_train_spec
-from jobs.loader import validate_spec
-from jobs.spec import TrainSpec
+from raygen.jobs.data.prepare import prepare_data
+from raygen.jobs.validate import validate_train_spec
+from raygen.jobs.loader import validate_spec
+from raygen.jobs.spec import TrainSpec
 ray.init(num_cpus={cpus}, log_to_driver=False)
 raw = json.loads({json.dumps(json.dumps(spec))})
 spec = validate_train_spec(validate_spec(TrainSpec, raw, "b"), "b")

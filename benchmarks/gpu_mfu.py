@@ -147,10 +147,10 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from jobs import metrics as m
-    from jobs.launch import launch
-    from jobs.loader import validate_spec
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
+    from raygen.jobs.train import metrics as m
 
     gpu = torch.cuda.is_available() and not args.tiny
     if not gpu and not args.tiny:

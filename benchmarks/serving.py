@@ -109,9 +109,9 @@ async def load(
 def train_model(work: Path) -> Path:
     import yaml
 
-    from jobs.launch import launch
-    from jobs.loader import validate_spec
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
 
     spec = yaml.safe_load((ROOT / "jobs/examples/code-lm-tiny.yaml").read_text())
     spec["train"].update(max_steps=60, eval_every=60, checkpoint_every=60, warmup_steps=5)
@@ -121,9 +121,9 @@ def train_model(work: Path) -> Path:
 
 
 def deploy(model: Path, name: str, port: int, batch: int, **autoscaling: Any) -> str:
-    from serving.deploy import deploy as serve_deploy
-    from serving.deploy import gate, resolve_deploy_spec
-    from serving.spec import DeploySpec
+    from raygen.serving.deploy import deploy as serve_deploy
+    from raygen.serving.deploy import gate, resolve_deploy_spec
+    from raygen.serving.spec import DeploySpec
 
     raw = {
         "name": name,
@@ -166,8 +166,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from cluster.simulate import free_port
-    from serving.deploy import replica_counts
+    from raygen.cluster.simulate import free_port
+    from raygen.serving.deploy import replica_counts
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))

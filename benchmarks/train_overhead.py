@@ -147,10 +147,10 @@ def run_handwritten(prepared: Path, model: dict, world: int, zero: int, precisio
 
 
 def run_raygen(spec: dict, world: int, zero: int, precision: str) -> tuple[float, float]:
-    from jobs import metrics as m
-    from jobs.launch import launch
-    from jobs.loader import validate_spec
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
+    from raygen.jobs.train import metrics as m
 
     spec = json.loads(json.dumps(spec))
     spec["name"] = f"raygen-w{world}-z{zero}-{precision}"
@@ -206,7 +206,7 @@ def bare_loop(args: dict[str, Any]) -> None:
 
 
 def run_bare(prepared: Path, model: dict, zero: int, precision: str, steps: int):
-    from cluster.simulate import free_port
+    from raygen.cluster.simulate import free_port
 
     args = {
         "prepared": str(prepared),
@@ -239,10 +239,11 @@ def main() -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from jobs.data import prepare_data
-    from jobs.launch import prepared_dir_of, validate_train_spec
-    from jobs.loader import validate_spec
-    from jobs.spec import TrainSpec
+    from raygen.jobs.data.prepare import prepare_data
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.run_dir import prepared_dir_of
+    from raygen.jobs.spec import TrainSpec
+    from raygen.jobs.validate import validate_train_spec
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))

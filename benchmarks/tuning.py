@@ -104,7 +104,7 @@ def main() -> None:
 
     import ray
 
-    from tuning.sweep import load_sweep, run_sweep
+    from raygen.tuning.sweep import load_sweep, run_sweep
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     storage = tempfile.mkdtemp(prefix="bench-tune-")

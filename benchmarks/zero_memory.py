@@ -131,8 +131,8 @@ def per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from jobs.spec import TrainSpec
-    from jobs.train_lm import build_engine
+    from raygen.jobs.spec import TrainSpec
+    from raygen.jobs.train.lm import build_engine
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     spec = TrainSpec.model_validate(config["spec"])
@@ -181,8 +181,8 @@ def main() -> None:
 
     import ray
 
-    from jobs.loader import validate_spec
-    from jobs.spec import TrainSpec
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
 
     ray.init(log_to_driver=False)
     rows = []

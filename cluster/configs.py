@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cluster.errors import ClusterError
+from raygen.cluster.errors import ClusterError
 
 # GPUs per instance type, for the types raygen's users reach for (unknown types are not
 # checked). AWS InstanceType, GCP machineType, Azure vmSize.

@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 
-from cluster.errors import ClusterError
+from raygen.cluster.errors import ClusterError
 
 logger = logging.getLogger(__name__)
 # Set by Ray's job supervisor in the driver of a job submitted through the Jobs API.

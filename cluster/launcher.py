@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.configs import JobShape, config_problems, load_cluster_config
-from cluster.errors import ClusterError
+from raygen.cluster.configs import JobShape, config_problems, load_cluster_config
+from raygen.cluster.errors import ClusterError
 
 # The Python packages each provider's node provider imports, and how to get them.
 PROVIDER_PACKAGES = {

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import StorageError
-from cluster.storage import is_remote, join, list_files, read_text, resolve, storage_error
+from raygen.cluster.errors import StorageError
+from raygen.cluster.storage import is_remote, join, list_files, read_text, resolve, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _marker(kind: str, files: dict[str, int]) -> str:
 
 def mark(uri: str, kind: str) -> None:
     """Mark a directory raygen writes piece by piece (a run) as raygen's, once."""
-    from cluster.storage import write_text
+    from raygen.cluster.storage import write_text
 
     if read_marker(uri) is None:
         write_text(join(uri, MARKER), _marker(kind, {}))

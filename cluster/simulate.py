@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import ClusterError
-from cluster.jobs import find_token
+from raygen.cluster.errors import ClusterError
+from raygen.cluster.jobs import find_token
 
 HEAD_TYPE = "ray.head.default"  # the name Ray's fake provider gives the head's type
 SIMULATED_GPU = "simulated_GPU"

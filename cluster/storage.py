@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import StorageError
+from raygen.cluster.errors import StorageError
 
 
 @dataclass(frozen=True)

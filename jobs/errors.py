@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.errors import RaygenError
+from raygen.cluster.errors import RaygenError
 
 
 class SpecError(RaygenError):

@@ -15,14 +15,33 @@ from typing import Any
 import torch
 import yaml
 
-from cluster.publish import check_ours, publish_dir
-from cluster.storage import join, local_copy, read_text
-from jobs.checkpoint import data_only_loads
-from jobs.errors import SpecError
-from jobs.spec import TrainSpec
-from jobs.worker import MODEL_KIND
+from raygen.cluster.publish import check_ours, publish_dir
+from raygen.cluster.storage import join, local_copy, read_text
+from raygen.jobs.errors import SpecError
+from raygen.jobs.run_dir import MODEL_KIND
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.train.checkpoint import data_only_loads
 
 logger = logging.getLogger(__name__)
+
+
+def last_checkpoint(run_dir: str) -> str:
+    """The checkpoint a finished run ended with (its result.json says which).
+
+    Raises:
+        SpecError: the run has not finished one; `--checkpoint` names another.
+    """
+    from raygen.jobs.run_dir import read_result
+
+    result = read_result(run_dir) or {}
+    checkpoint = (result.get("paths") or {}).get("checkpoint")
+    if not checkpoint:
+        raise SpecError(
+            "export",
+            f"{run_dir} has no finished checkpoint (no result.json naming one); give "
+            "--checkpoint with one of its checkpoint_<step> directories.",
+        )
+    return checkpoint
 
 
 def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
@@ -84,7 +103,7 @@ def _consolidated_weights(local: Path, tag: str, zero_stage: int) -> dict[str, t
 def _language_model_writer(spec: TrainSpec, weights: dict, run_dir: str) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.models.causal_lm import build_config
+    from raygen.jobs.models.causal_lm import build_config
 
     prepared = spec.data.prepared or join(run_dir, "data")
     tokenizer = AutoTokenizer.from_pretrained(local_copy(join(prepared, "tokenizer")))
@@ -110,8 +129,9 @@ def _language_model_writer(spec: TrainSpec, weights: dict, run_dir: str) -> Any:
 def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:
     from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
 
-    from jobs.models.diffusion import build_noise_scheduler, unet_config
-    from jobs.spec import NoiseSchedulerSpec
+    from raygen.jobs.models.diffusion import build_noise_scheduler
+    from raygen.jobs.pretrained import unet_config
+    from raygen.jobs.spec import NoiseSchedulerSpec
 
     unet = UNet2DModel(**unet_config(spec.model))
     ema = _ema_weights(local, [name for name, _ in unet.named_parameters()], unet)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from jobs.errors import SpecError
+from raygen.jobs.errors import SpecError
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 

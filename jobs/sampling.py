@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.publish import require_complete
-from cluster.storage import exists, join, local_copy, read_text
-from jobs.errors import SpecError
+from raygen.cluster.publish import require_complete
+from raygen.cluster.storage import exists, join, local_copy, read_text
+from raygen.jobs.errors import SpecError
 
 
 def sample_model(
@@ -38,7 +38,7 @@ def sample_model(
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-    from jobs.models.diffusion import generate, seeded_noise, to_uint8
+    from raygen.jobs.models.diffusion import generate, seeded_noise, to_uint8
 
     require_complete(model_dir, "MODEL_DIR", "export it again (`raygen export RUN --out DIR`).")
     config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))

@@ -106,8 +106,18 @@ class ModelSpec(Section):
         return self
 
 
+def _one_or_many_schema(schema: dict[str, Any]) -> None:
+    """A field read as a list also takes one string (`train: x.parquet` is `[x.parquet]`):
+    its JSON Schema says so too."""
+    options = schema.pop("anyOf", None) or [
+        {"type": schema.pop("type"), "items": schema.pop("items")}
+    ]
+    schema["anyOf"] = [{"type": "string"}, *options]
+
+
 class DataSpec(Section):
     train: list[str] = Field(
+        json_schema_extra=_one_or_many_schema,
         description="Training data: Parquet files or directories of Parquet files (local or "
         "s3://), or a builtin set: `builtin:python-stdlib` (the standard library's .py "
         "sources, text) or `builtin:digits` (8x8 handwritten digits with labels, images)."
@@ -127,7 +137,9 @@ class DataSpec(Section):
         False, description="Diffusion: flip training images horizontally at random."
     )
     eval: list[str] | None = Field(
-        None, description="Separate evaluation corpus (same forms as `train`)."
+        None,
+        json_schema_extra=_one_or_many_schema,
+        description="Separate evaluation corpus (same forms as `train`).",
     )
     eval_fraction: float = Field(
         0.05,
@@ -325,6 +337,14 @@ class ScalingSpec(Section):
     resources_per_worker: dict[str, float] | None = Field(
         None, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Default: {CPU: 1}."
     )
+
+    def per_worker(self) -> dict[str, float]:
+        """The Ray resources one worker asks for: `resources_per_worker` (default one CPU),
+        plus one GPU with `use_gpu` unless it names its own."""
+        resources = dict(self.resources_per_worker or {"CPU": 1})
+        if self.use_gpu:
+            resources.setdefault("GPU", 1)
+        return resources
 
 
 class RunSpec(Section):

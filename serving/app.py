@@ -32,7 +32,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.api import (
+from raygen.serving.api import (
     ApiError,
     CompletionRequest,
     ImageRequest,
@@ -40,7 +40,7 @@ from serving.api import (
     image_request_for,
     parse_body,
 )
-from serving.spec import DeploySpec
+from raygen.serving.spec import DeploySpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -158,10 +158,10 @@ class ModelServer:
     def __init__(self, spec: dict[str, Any]):
         import torch
 
-        from cluster.storage import local_copy
-        from serving.engine import ImageEngine, TextEngine
-        from serving.gate import serving_clearance
-        from serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
+        from raygen.cluster.storage import local_copy
+        from raygen.serving.engine import ImageEngine, TextEngine
+        from raygen.serving.gate import serving_clearance
+        from raygen.serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
 
         started = time.monotonic()
         self.spec = DeploySpec.model_validate(spec)
@@ -395,7 +395,7 @@ class ModelServer:
     def models(self, request: Request) -> dict[str, Any]:
         """The deployed model (OpenAI's model list): what it is, its limits, its audit."""
         self._authorize(request)
-        from serving.models import LANGUAGE_MODEL
+        from raygen.serving.models import LANGUAGE_MODEL
 
         limits = self.spec.limits
         about: dict[str, Any] = {"kind": self.kind, "precision": self.spec.replica.precision}
@@ -466,7 +466,7 @@ class ModelServer:
     @api.post(IMAGES, responses=_errors(400, 401, 404, 413, 503))
     async def images(self, request: Request) -> Response:
         """Generate images (base64 PNG) with a diffusion model."""
-        from serving.models import ImageRequest as Job
+        from raygen.serving.models import ImageRequest as Job
 
         started = time.monotonic()
         body: ImageRequest = await self._read(request, IMAGES)
@@ -490,11 +490,11 @@ class ModelServer:
         finally:
             self.engine.cancel(ticket)  # no-op once done; else the client went away
         if isinstance(outcome, Exception):
-            from serving.engine import describe, error_status
+            from raygen.serving.engine import describe, error_status
 
             raise _failure(error_status(outcome), describe(outcome))
         images, batch_size = outcome
-        from serving.models import png_bytes
+        from raygen.serving.models import png_bytes
 
         data = [{"b64_json": base64.b64encode(png_bytes(image)).decode()} for image in images]
         return JSONResponse(
@@ -506,8 +506,8 @@ class ModelServer:
 
     def _text_requests(self, body: CompletionRequest) -> tuple[list[Any], int]:
         """One generation per (prompt, n) in OpenAI's choice order; checks the limits."""
-        from jobs.seeding import derive_seed
-        from serving.models import TextRequest
+        from raygen.jobs.seeding import derive_seed
+        from raygen.serving.models import TextRequest
 
         limits = self.spec.limits
         prompts = body.prompts()

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from cluster.storage import exists, is_remote, join, local_copy, read_text, write_text
-from jobs.errors import SpecError
-from jobs.seeding import derive_seed
-from serving.errors import AuditFailed
-from serving.gate import MODEL_HASH_FORMAT, failing_summary, model_home, model_sha256
-from serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
+from raygen.cluster.storage import exists, is_remote, join, local_copy, read_text, write_text
+from raygen.jobs.errors import SpecError
+from raygen.jobs.seeding import derive_seed
+from raygen.serving.errors import AuditFailed
+from raygen.serving.gate import MODEL_HASH_FORMAT, failing_summary, model_home, model_sha256
+from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def checks_by_feature(spec: AuditSpec) -> list[tuple[Any, tuple[str, ...]]]:
 
 def evidence_of(spec: AuditSpec) -> Any:
     """The spec's rules of evidence, for `serving.fairness`."""
-    from serving.fairness import Evidence
+    from raygen.serving.fairness import Evidence
 
     return Evidence(
         min_group_size=spec.min_group_size,
@@ -70,7 +70,7 @@ def evidence_of(spec: AuditSpec) -> Any:
 
 def audit_problems(spec: AuditSpec, model: str) -> list[str]:
     """Everything wrong with running `spec` on `model`, each naming its key and the fix."""
-    from serving.models import DIFFUSION, LANGUAGE_MODEL, detect_kind
+    from raygen.serving.models import DIFFUSION, LANGUAGE_MODEL, detect_kind
 
     try:
         kind = detect_kind(model)
@@ -122,7 +122,7 @@ def audit_problems(spec: AuditSpec, model: str) -> list[str]:
             if check.max_equalized_odds_difference is not None and not spec.label_column:
                 problems.append(f"`checks.{i}.max_equalized_odds_difference` needs `label_column`.")
         if isinstance(check, ClassQualityCheck):
-            from jobs.fid import CLASSIFIER_FILE, FID_DIR
+            from raygen.jobs.eval.fid import CLASSIFIER_FILE, FID_DIR
 
             fid_dir = _fid_dir(check.classifier)
             if not exists(join(fid_dir, CLASSIFIER_FILE)):
@@ -135,7 +135,7 @@ def audit_problems(spec: AuditSpec, model: str) -> list[str]:
 
 
 def _fid_dir(path: str) -> str:
-    from jobs.fid import CLASSIFIER_FILE, FID_DIR
+    from raygen.jobs.eval.fid import CLASSIFIER_FILE, FID_DIR
 
     return path if exists(join(path, CLASSIFIER_FILE)) else join(path, FID_DIR)
 
@@ -143,7 +143,7 @@ def _fid_dir(path: str) -> str:
 def _read_table(uri: str, columns: list[str]) -> Any:
     import pyarrow.dataset as pads
 
-    from cluster.storage import resolve, storage_error
+    from raygen.cluster.storage import resolve, storage_error
 
     fs, path = resolve(uri)
     try:
@@ -155,7 +155,7 @@ def _read_table(uri: str, columns: list[str]) -> Any:
 def _columns(uri: str, problems: list[str]) -> list[str] | None:
     import pyarrow.dataset as pads
 
-    from cluster.storage import resolve
+    from raygen.cluster.storage import resolve
 
     try:
         fs, path = resolve(uri)
@@ -226,8 +226,8 @@ def run_audit(
     Raises:
         SpecError: the spec does not fit the model or its data.
     """
-    from cluster.connection import connect
-    from serving import fairness
+    from raygen.cluster.connection import connect
+    from raygen.serving import fairness
 
     model = model if is_remote(model) else str(Path(model).resolve())
     problems = audit_problems(spec, model)
@@ -324,8 +324,8 @@ def _score_texts(spec: AuditSpec, model: str) -> Any:
     """The evaluation rows with `loss` (mean token loss) and `completion_<i>` columns."""
     import ray.data
 
-    from cluster.connection import capacity_problems
-    from cluster.errors import ClusterError
+    from raygen.cluster.connection import capacity_problems
+    from raygen.cluster.errors import ClusterError
 
     shortfall = capacity_problems({"CPU": 1}, spec.workers, embedded=True)
     workers = spec.workers if not shortfall else 1
@@ -373,14 +373,14 @@ class _TextScorer:
     def __init__(self, model_dir: str, tasks: dict[str, Any]):
         import torch
 
-        from serving.models import LanguageModel
+        from raygen.serving.models import LanguageModel
 
         torch.set_num_threads(1)
         self.model = LanguageModel(local_copy(model_dir))
         self.tasks = tasks
 
     def __call__(self, batch: Any) -> Any:
-        from serving.models import TextRequest
+        from raygen.serving.models import TextRequest
 
         tasks = self.tasks
         if tasks["loss"]:
@@ -411,7 +411,7 @@ def _classify_samples(
     them with the run's classifier: (asked class, 1 where the classifier agreed)."""
     import ray.data
 
-    from serving.models import DiffusionModel
+    from raygen.serving.models import DiffusionModel
 
     classes = DiffusionModel(local_copy(model)).num_classes
     if not classes:
@@ -443,8 +443,8 @@ class _ImageClassifier:
     def __init__(self, model_dir: str, fid_dir: str, steps: int, seed: int):
         import torch
 
-        from jobs.fid import load_extractor
-        from serving.models import DiffusionModel
+        from raygen.jobs.eval.fid import load_extractor
+        from raygen.serving.models import DiffusionModel
 
         torch.set_num_threads(1)
         self.model = DiffusionModel(local_copy(model_dir))
@@ -454,7 +454,7 @@ class _ImageClassifier:
     def __call__(self, batch: Any) -> Any:
         import torch
 
-        from serving.models import ImageRequest
+        from raygen.serving.models import ImageRequest
 
         images = []
         for label, index in zip(batch["label"], batch["index"], strict=True):

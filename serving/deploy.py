@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from cluster.storage import is_remote
-from jobs.errors import SpecError
-from serving.errors import DeployError
-from serving.spec import DeploySpec
+from raygen.cluster.storage import is_remote
+from raygen.jobs.errors import SpecError
+from raygen.serving.errors import DeployError
+from raygen.serving.spec import DeploySpec
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
     Raises:
         SpecError: every problem found, each naming its key.
     """
-    from serving.models import detect_kind
+    from raygen.serving.models import detect_kind
 
     problems: list[str] = []
     model = spec.model if is_remote(spec.model) else str(Path(spec.model).resolve())
@@ -91,10 +91,10 @@ def gate(
         AuditFailed: the audit failed or is of another model, and no override was given.
         SpecError: the audit spec or audit.json cannot be read.
     """
-    from jobs.loader import load_spec
-    from serving.audit import run_audit
-    from serving.gate import clear, model_sha256, read_audit
-    from serving.spec import AuditSpec
+    from raygen.jobs.loader import load_spec
+    from raygen.serving.audit import run_audit
+    from raygen.serving.gate import clear, model_sha256, read_audit
+    from raygen.serving.spec import AuditSpec
 
     assert spec.audit is not None  # resolve_deploy_spec requires it
     if spec.audit.endswith(".json"):
@@ -138,8 +138,8 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     """
     from ray import serve
 
-    from serving.app import build_app
-    from serving.models import detect_kind
+    from raygen.serving.app import build_app
+    from raygen.serving.models import detect_kind
 
     started = time.monotonic()
     serve.start(http_options=http_options(spec))
@@ -154,7 +154,7 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     url = url_of(spec)
     if embedded and spec.autoscaling.min_replicas > 0:
         _wait_answering(url + "/healthz")
-    from serving.gate import model_sha256
+    from raygen.serving.gate import model_sha256
 
     return {
         "name": spec.name,
@@ -176,6 +176,53 @@ def block(spec: DeploySpec, on_event: Callable[[str], None]) -> None:
             on_event(f"{spec.name}: {running} replica(s) running")
             last = running
         time.sleep(1)
+
+
+def serve(
+    spec: DeploySpec,
+    source: str,
+    address: str | None,
+    override_audit: str | None,
+    detach: bool,
+    on_event: Callable[[str], None],
+    on_deployed: Callable[[dict[str, Any], DeploySpec, str], None],
+) -> None:
+    """`raygen serve SPEC`: resolve the spec, connect, pass the audit gate, deploy and
+    record the deployment (`on_deployed(info, spec, record)`); then, unless `detach`,
+    serve until Ctrl-C or SIGTERM and tear the application down.
+
+    Raises:
+        DeployError: `detach` without a cluster to leave the application on.
+        AuditFailed: the gate refused the model.
+    """
+    import signal
+
+    from raygen.cluster.connection import connect
+    from raygen.serving.gate import record_deployment
+
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if detach and embedded:
+        raise DeployError(
+            "--detach needs a running Ray cluster to leave the app on: give --address (or "
+            "RAY_ADDRESS), e.g. after `ray start --head`; without --detach, raygen serves "
+            "on a local Ray until Ctrl-C."
+        )
+    resolved = resolve_deploy_spec(spec, source, embedded=embedded)
+    connect(address)
+    # SIGTERM (containers, process managers) tears down like Ctrl-C does; set after
+    # connecting, as Ray installs a SIGTERM handler of its own there.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    gated = gate(resolved, override_audit, address, on_event=on_event)
+    try:
+        info = deploy(gated, embedded=embedded)
+        on_deployed(info, gated, record_deployment(gated, info))
+        if detach:
+            return
+        block(gated, on_event)
+    except KeyboardInterrupt:
+        on_event(f"shutting down {gated.name}")
+        teardown(gated.name, embedded)
+        raise
 
 
 def teardown(name: str, embedded: bool) -> None:
@@ -245,7 +292,7 @@ def write_serve_config(spec: DeploySpec, out: Path) -> dict[str, Any]:
             {
                 "name": spec.name,
                 "route_prefix": spec.route_prefix,
-                "import_path": "serving.app:build_app",
+                "import_path": "raygen.serving.app:build_app",
                 "args": spec.model_dump(mode="json"),
             }
         ],

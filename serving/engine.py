@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serving.models import DecodeBatch, InputError, LanguageModel, TextDelta, TextRequest
+from raygen.serving.models import DecodeBatch, InputError, LanguageModel, TextDelta, TextRequest
 
 logger = logging.getLogger(__name__)
 

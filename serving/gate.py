@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import join, list_files, local_copy, read_text, write_text
-from jobs.errors import SpecError
-from serving.errors import AuditFailed
-from serving.spec import AuditOverride, DeploySpec
+from raygen.cluster.storage import join, list_files, local_copy, read_text, write_text
+from raygen.jobs.errors import SpecError
+from raygen.serving.errors import AuditFailed
+from raygen.serving.spec import AuditOverride, DeploySpec
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def read_record(model: str, name: str) -> dict[str, Any] | None:
 
 def list_records(model: str) -> list[dict[str, Any]]:
     """The model's deployment records, oldest first, each with its `record` name."""
-    from cluster.errors import StorageError
+    from raygen.cluster.errors import StorageError
 
     try:
         files = list_files(join(model_home(model), RECORDS_DIR), ".json")

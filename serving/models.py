@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.storage import exists, join, read_text
-from jobs.errors import SpecError
+from raygen.cluster.storage import exists, join, read_text
+from raygen.jobs.errors import SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def detect_kind(model_dir: str) -> str:
         SpecError: not an exported model directory, weights that are not safetensors, or
             an export raygen began and did not finish.
     """
-    from cluster.errors import StorageError
-    from cluster.publish import require_complete
+    from raygen.cluster.errors import StorageError
+    from raygen.cluster.publish import require_complete
 
     try:
         require_complete(model_dir, "the model", "export it again (`raygen export RUN --out DIR`).")
@@ -490,7 +490,7 @@ class DiffusionModel:
         steps are denoised together as one batch."""
         import torch
 
-        from jobs.models.diffusion import generate, seeded_noise, to_uint8
+        from raygen.jobs.models.diffusion import generate, seeded_noise, to_uint8
 
         results: list[np.ndarray | None] = [None] * len(requests)
         by_steps: dict[int, list[int]] = {}

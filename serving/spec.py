@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.spec import Section
+from raygen.jobs.spec import Section
 
 
 class AutoscalingSpec(Section):

@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray for the whole session, tiny specs, and the slow/gpu filters."""
+"""Shared fixtures: one local Ray for the whole session, the moto S3 server, tiny specs
+and the models trained once for every test that needs one; the integration mark."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.simulate import free_port
+from raygen.cluster.simulate import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # API keys for serving tests: set before the session's Ray starts, so replicas inherit them.
@@ -20,23 +21,33 @@ TEST_API_KEYS = ("sk-test-alpha-5f3e", "sk-test-beta-91c2")
 os.environ[TEST_API_KEYS_ENV] = ",".join(TEST_API_KEYS)
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+# Tests that use these start real components (a local Ray, the moto S3 server, a trained
+# model): they are integration tests. `make test-fast` runs the others (`-m "not
+# integration"`); a test that starts such a component itself carries the mark by hand.
+INTEGRATION_FIXTURES = {
+    "s3_endpoint",
+    "bucket",
+    "ray_session",
+    "serve_port",
+    "shared_prepared",
+    "digits_prepared",
+    "lm_run",
+    "diffusion_run",
+    # the modules' own: clusters of raylets, fault proxies, small disks, S3 with credentials
+    "cluster",
+    "nodes",
+    "chaos_ray",
+    "proxy",
+    "small_disk",
+    "authenticating_s3",
+    "example_bucket",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    run_slow = config.getoption("--slow")
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
     for item in items:
-        if "slow" in item.keywords and not run_slow:
-            item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
-        if "gpu" in item.keywords and not has_gpu:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +76,7 @@ def ray_session(s3_endpoint):
     """One local Ray (2 CPUs, like CI) shared by every test that trains."""
     import ray
 
-    from cluster.connection import connect
+    from raygen.cluster.connection import connect
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # With the dashboard: Ray Train's placement-group cleanup needs it. Metrics exported on
@@ -186,9 +197,9 @@ def tiny_diffusion_spec(tmp_path: Path, prepared: Path | None = None, **override
 def lm_run(ray_session, tmp_path_factory, shared_prepared):
     """One 2-worker ZeRO-2 run of the tiny GPT-2 (40 steps), shared by the tests that
     inspect, resume, fine-tune or serve it: (raw spec, result, run dir, metric rows)."""
-    from jobs.launch import launch
-    from jobs.loader import validate_spec
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
 
     tmp = tmp_path_factory.mktemp("zero2")
     raw = tiny_lm_spec(tmp, shared_prepared)
@@ -205,8 +216,8 @@ def digits_prepared(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def diffusion_run(ray_session, tmp_path_factory, digits_prepared):
     """One 2-worker run of the tiny unconditional UNet (40 steps): (tmp dir, result)."""
-    from jobs.launch import launch
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.spec import TrainSpec
 
     tmp_path = tmp_path_factory.mktemp("ddpm")
     spec = TrainSpec.model_validate(tiny_diffusion_spec(tmp_path, digits_prepared))
@@ -236,8 +247,8 @@ def run_and_kill_rank0(
     Returns the launch outcome ({"result": ...} or {"error": ...}), the checkpoint steps
     registered before the kill, and the run dir.
     """
-    from jobs.launch import launch
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.spec import TrainSpec
 
     raw = {**raw, "train": {**raw["train"], "max_steps": KILL_RUN_STEPS, "checkpoint_every": 10}}
     raw["run"] = {**raw["run"], "max_failures": max_failures}

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from jobs.spec import Section
+from raygen.jobs.spec import Section
 
 DOMAIN_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 

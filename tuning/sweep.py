@@ -24,13 +24,13 @@ from ray.train import UserCallback
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-from cluster.storage import exists, is_remote, join, read_text, write_text
-from jobs.errors import SpecError
-from jobs.loader import check_key_path, load_spec, validate_spec
-from jobs.spec import TrainSpec
-from tuning.errors import SweepInterrupted, SweepStalled
-from tuning.halving import SuccessiveHalving, rungs
-from tuning.spec import SweepSpec
+from raygen.cluster.storage import exists, is_remote, join, read_text, write_text
+from raygen.jobs.errors import SpecError
+from raygen.jobs.loader import check_key_path, load_spec, validate_spec
+from raygen.jobs.spec import TrainSpec
+from raygen.tuning.errors import SweepInterrupted, SweepStalled
+from raygen.tuning.halving import SuccessiveHalving, rungs
+from raygen.tuning.spec import SweepSpec
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
 
 def sweep_problems(sweep: SweepSpec, base_raw: dict, source: str) -> list[str]:
     """Everything wrong with a sweep found without Ray: each searched value is tried."""
-    from jobs.launch import resolve_paths, spec_problems
+    from raygen.jobs.validate import resolve_paths, spec_problems
 
     problems = []
     for key, domain in sweep.search.items():
@@ -172,8 +172,8 @@ def run_sweep(
     import ray.data
     from ray import tune
 
-    from cluster.connection import connect, total_resources
-    from jobs.data import prepare_data
+    from raygen.cluster.connection import connect, total_resources
+    from raygen.jobs.data.prepare import prepare_data
 
     connect(address)
     base = _trial_spec(base_raw, sweep, {}, sweep_dir)
@@ -245,7 +245,7 @@ def _unfinished_trials(sweep_dir: str) -> list[str]:
     After an interruption Tune reports the stopped trials as terminated; only the state it
     saved for `Tuner.restore` still says they were running.
     """
-    from cluster.storage import list_files
+    from raygen.cluster.storage import list_files
 
     states = [
         f.uri
@@ -266,7 +266,7 @@ def _absolute(path: str) -> str:
 
 def _trial_spec(base_raw: dict, sweep: SweepSpec, values: dict, sweep_dir: str) -> TrainSpec:
     """A trial's train spec: the base, the searched values, and the sweep's fixed choices."""
-    from jobs.launch import resolve_paths
+    from raygen.jobs.validate import resolve_paths
 
     raw = copy.deepcopy(base_raw)
     for key, value in values.items():
@@ -343,9 +343,7 @@ def _milestones(s: Any, base: TrainSpec) -> list[int]:
 
 def _trials_that_fit(spec: TrainSpec, resources: dict[str, float]) -> int:
     """Trials the cluster's CPUs and GPUs can run at once (at least 1)."""
-    per_worker = dict(spec.scaling.resources_per_worker or {"CPU": 1})
-    if spec.scaling.use_gpu:
-        per_worker.setdefault("GPU", 1)
+    per_worker = spec.scaling.per_worker()
     fits = [
         int(resources.get(name, 0) // (amount * spec.scaling.num_workers))
         for name, amount in per_worker.items()
@@ -368,7 +366,7 @@ def trial_driver(
     from ray import tune
     from ray.util.queue import Queue
 
-    from jobs.launch import TrialHooks, launch
+    from raygen.jobs.launch import TrialHooks, launch
 
     sweep = SweepSpec.model_validate(sweep_raw)
     trial_id = tune.get_context().get_trial_id()
@@ -451,7 +449,7 @@ class ReportToQueue(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
-        from jobs.metrics import PREEMPTION_CHECKPOINT
+        from raygen.jobs.train.metrics import PREEMPTION_CHECKPOINT
 
         if metrics[0].get(PREEMPTION_CHECKPOINT):
             return  # taken at a preemption notice, not at an evaluation: nothing for Tune
@@ -558,7 +556,7 @@ def _one_line(error: BaseException) -> str:
 def _write_table(table: Any, uri: str) -> None:
     import pyarrow.parquet as pq
 
-    from cluster.storage import resolve
+    from raygen.cluster.storage import resolve
 
     fs, path = resolve(uri)
     if not is_remote(uri):
@@ -588,7 +586,7 @@ def _plot(curves: dict[str, tuple[list, list]], sweep: SweepSpec, uri: str) -> N
         figure.savefig(local, dpi=110, bbox_inches="tight")
         plt.close(figure)
         if is_remote(uri):
-            from cluster.storage import upload_file
+            from raygen.cluster.storage import upload_file
 
             upload_file(str(local), uri)
         else:

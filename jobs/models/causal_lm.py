@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from jobs.spec import ModelSpec
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+from raygen.jobs.spec import ModelSpec
 
 
 def build_config(
@@ -56,24 +53,13 @@ def build_causal_lm(model: ModelSpec, config: PretrainedConfig) -> PreTrainedMod
 
 
 def config_class_problems(model: ModelSpec) -> list[str]:
-    """Problems with `model.arch`/`model.config`/`model.pretrained` found without building."""
+    """Problems with `model.arch` and `model.config` found without building the network."""
     from difflib import get_close_matches
 
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if model.pretrained:
-        path = Path(model.pretrained)
-        if not (path / "config.json").is_file():
-            return [
-                f"`model.pretrained`: {path} has no config.json; give a directory saved "
-                "with save_pretrained."
-            ]
-        if not any((path / f).is_file() for f in WEIGHT_FILES):
-            return [
-                f"`model.pretrained`: {path} has no safetensors weights "
-                f"({' or '.join(WEIGHT_FILES)}); save the model with safe_serialization."
-            ]
+    if model.pretrained:  # its files: jobs.pretrained.pretrained_problems
         return []
     arch = model.arch
     if arch not in CONFIG_MAPPING:

@@ -8,7 +8,6 @@ Images are float tensors (N, C, H, W) in [-1, 1]; class labels are int64 (N,) or
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +16,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from cluster.storage import exists, join, read_text
-from jobs.seeding import item_generator
-from jobs.spec import ModelSpec, NoiseSchedulerSpec
-
-PIPELINE_INDEX = "model_index.json"
-UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors",)
+from raygen.jobs.seeding import item_generator
+from raygen.jobs.spec import ModelSpec, NoiseSchedulerSpec
 
 
-def unet_dir(pretrained: str) -> str:
-    """The UNet inside a pretrained directory or URI: `unet/` of a pipeline, else itself."""
-    return join(pretrained, "unet") if exists(join(pretrained, PIPELINE_INDEX)) else pretrained
-
-
-def unet_config(model: ModelSpec) -> dict[str, Any]:
-    """The UNet2DModel keyword arguments the spec describes (read from storage if pretrained)."""
-    if model.pretrained:
-        text = read_text(join(unet_dir(model.pretrained), "config.json"))
-        config = json.loads(text) if text else {}
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-    return dict(model.config)
-
-
-def build_unet(model: ModelSpec) -> UNet2DModel:
-    """Random weights for `arch: unet2d`, saved weights for `pretrained` (fp32)."""
-    if model.pretrained:
-        net = UNet2DModel.from_pretrained(unet_dir(model.pretrained), torch_dtype=torch.float32)
+def build_unet(model: ModelSpec, pretrained_unet: str | None = None) -> UNet2DModel:
+    """Random weights for `arch: unet2d`; with `pretrained_unet` (a local UNet directory,
+    `jobs.pretrained.unet_dir` of the spec's pretrained model), its saved weights (fp32)."""
+    if pretrained_unet:
+        net = UNet2DModel.from_pretrained(pretrained_unet, torch_dtype=torch.float32)
     else:
         net = UNet2DModel(**model.config)
     if model.gradient_checkpointing:
@@ -151,24 +133,13 @@ def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> None:
     pil.save(path)
 
 
-def unet_problems(model: ModelSpec, has_labels: bool) -> list[str]:
-    """Problems with a `unet2d` spec found without building it (key paths and fixes)."""
-    if model.pretrained:
-        path = unet_dir(model.pretrained)
-        if not exists(join(path, "config.json")):
-            return [
-                f"`model.pretrained`: {model.pretrained} is not a diffusers UNet or pipeline "
-                "directory (no config.json or unet/config.json); save one with save_pretrained."
-            ]
-        if not any(exists(join(path, f)) for f in UNET_WEIGHTS):
-            return [f"`model.pretrained`: {path} has no {UNET_WEIGHTS[0]} (safetensors weights)."]
-    elif model.arch not in ("unet2d",):
-        return [f"`model.arch`: {model.arch!r} is not a diffusion architecture; use unet2d."]
-    config = unet_config(model)
+def unet_problems(config: dict[str, Any], pretrained: bool, has_labels: bool) -> list[str]:
+    """Problems with a UNet's config (`jobs.pretrained.unet_config`) found without
+    building it (key paths and fixes); a pretrained UNet's keys are its own."""
     problems = []
     known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
     for key in config:
-        if key not in known and not model.pretrained:
+        if key not in known and not pretrained:
             from difflib import get_close_matches
 
             close = get_close_matches(key, sorted(known), n=1)
@@ -216,15 +187,15 @@ def unet_problems(model: ModelSpec, has_labels: bool) -> list[str]:
     return problems
 
 
-def image_shape(model: ModelSpec) -> tuple[int, int, int]:
-    """(channels, height, width) of the images the UNet takes."""
+def image_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a UNet with this config takes."""
     defaults = {
         name: p.default for name, p in inspect.signature(UNet2DModel.__init__).parameters.items()
     }
-    merged = {**defaults, **unet_config(model)}
+    merged = {**defaults, **config}
     return merged["in_channels"], merged["sample_size"], merged["sample_size"]
 
 
-def num_classes(model: ModelSpec) -> int:
-    """Class embeddings of the UNet (0: unconditional)."""
-    return int(unet_config(model).get("num_class_embeds") or 0)
+def num_classes(config: dict[str, Any]) -> int:
+    """Class embeddings of a UNet with this config (0: unconditional)."""
+    return int(config.get("num_class_embeds") or 0)

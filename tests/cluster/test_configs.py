@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.configs import JobShape, config_problems, load_cluster_config
-from cluster.simulate import SIMULATED_GPU, simulation_config
+from raygen.cluster.configs import JobShape, config_problems, load_cluster_config
+from raygen.cluster.simulate import SIMULATED_GPU, simulation_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = [

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import publish
-from cluster.storage import join, list_files, read_text
-from jobs.launch import registered_checkpoints
+from raygen.cluster import publish
+from raygen.cluster.storage import join, list_files, read_text
+from raygen.jobs.run_dir import registered_checkpoints
 from tests.cluster.faults import FaultProxy
 from tests.conftest import tiny_lm_spec
 
@@ -41,7 +41,7 @@ def chaos_ray(proxy):
     """A local Ray (2 CPUs) whose processes all reach S3 through the proxy."""
     import ray
 
-    from cluster import simulate
+    from raygen.cluster import simulate
 
     assert not ray.is_initialized() and not simulate.local_ray_running()
     saved = os.environ["AWS_ENDPOINT_URL"]
@@ -55,8 +55,8 @@ def chaos_ray(proxy):
 
 
 def _launch_in_thread(raw: dict) -> tuple[threading.Thread, dict]:
-    from jobs.launch import launch
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.spec import TrainSpec
 
     outcome: dict = {}
 
@@ -134,8 +134,8 @@ def test_a_rank_killed_while_its_checkpoint_is_written_resumes_from_a_registered
 def test_failing_uploads_end_in_a_finished_run_or_a_clear_error_never_half_a_model(
     chaos_ray, proxy, bucket, tmp_path
 ):
-    from cluster.storage import local_copy
-    from serving.models import detect_kind
+    from raygen.cluster.storage import local_copy
+    from raygen.serving.models import detect_kind
 
     storage = f"s3://{bucket}/runs"
     raw = tiny_lm_spec(
@@ -198,10 +198,10 @@ def small_disk(tmp_path):
 def test_a_full_disk_while_preparing_is_a_clear_error_and_leaves_nothing(
     chaos_ray, small_disk, tmp_path
 ):
-    from cluster.errors import StorageError
-    from jobs.data import prepare_data
-    from jobs.launch import validate_train_spec
-    from jobs.spec import TrainSpec
+    from raygen.cluster.errors import StorageError
+    from raygen.jobs.data.prepare import prepare_data
+    from raygen.jobs.spec import TrainSpec
+    from raygen.jobs.validate import validate_train_spec
 
     disk = small_disk("prepared", 64)
     raw = tiny_lm_spec(tmp_path, disk / "data")
@@ -217,8 +217,8 @@ def test_a_full_disk_while_preparing_is_a_clear_error_and_leaves_nothing(
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_whole(
     chaos_ray, small_disk, tmp_path
 ):
-    from jobs.errors import TrainingFailed
-    from jobs.export import export_checkpoint
+    from raygen.jobs.errors import TrainingFailed
+    from raygen.jobs.export import export_checkpoint
 
     disk = small_disk("runs", CHECKPOINT_KIB * 3 // 2)  # room for one checkpoint, not two
     raw = tiny_lm_spec(

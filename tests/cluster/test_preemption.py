@@ -30,7 +30,7 @@ def nodes():
     from ray._private.authentication.authentication_token_setup import _enable_token_auth
     from ray.cluster_utils import Cluster
 
-    from cluster import simulate
+    from raygen.cluster import simulate
 
     assert not ray.is_initialized() and not simulate.local_ray_running()
     saved = os.environ.get("RAY_AUTH_MODE")
@@ -70,8 +70,8 @@ def _records(path: Path) -> list[dict]:
 
 
 def test_a_preempted_node_costs_no_more_than_the_steps_since_its_notice(nodes, tmp_path):
-    from jobs.launch import launch
-    from jobs.spec import TrainSpec
+    from raygen.jobs.launch import launch
+    from raygen.jobs.spec import TrainSpec
 
     cluster, workers = nodes
     raw = tiny_lm_spec(

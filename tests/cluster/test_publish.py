@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import publish
-from cluster.storage import exists, join, read_text, write_text
+from raygen.cluster import publish
+from raygen.cluster.storage import exists, join, read_text, write_text
 
 
 def _writer(files: dict[str, str]):

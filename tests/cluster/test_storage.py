@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.errors import StorageError
-from cluster.storage import list_files, resolve
+from raygen.cluster.errors import StorageError
+from raygen.cluster.storage import list_files, resolve
 
 
 def put_parquet(uri: str, texts: list[str]) -> None:
@@ -53,7 +53,7 @@ def test_local_missing_path(tmp_path):
 
 
 def test_text_files_append_and_directories_round_trip(bucket, tmp_path):
-    from cluster.storage import (
+    from raygen.cluster.storage import (
         append_line,
         exists,
         join,

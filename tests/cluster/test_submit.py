@@ -23,8 +23,8 @@ import pytest
 import requests
 import yaml
 
-from cluster import simulate
-from cluster.configs import load_cluster_config
+from raygen.cluster import simulate
+from raygen.cluster.configs import load_cluster_config
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -139,7 +139,7 @@ def test_submitted_training_job_launches_workers_and_succeeds(submitted, project
 
 
 def test_no_credential_reaches_the_jobs_record(submitted, cluster):
-    from cluster.jobs import client
+    from raygen.cluster.jobs import client
 
     done = submitted["done"]
     assert "environment forwarded: RAYGEN_DEMO_SETTING" in done.stdout
@@ -220,6 +220,6 @@ def test_submit_checks_the_spec_before_contacting_anything(project, tmp_path):
     )
     assert done.returncode == 2 and "outside the working directory" in done.stderr
     done = raygen("submit", "deploy", "specs/tiny.yaml", cwd=project)
-    assert done.returncode == 2 and "one of train, tune, audit, serve" in done.stderr
+    assert done.returncode == 2 and "'deploy' is not one of 'train'" in done.stderr
     done = submit_tiny("ray://head:10001", cwd=project)
     assert done.returncode == 2 and "not to a ray:// client address" in done.stderr

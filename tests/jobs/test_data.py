@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.data import prepare_data
-from jobs.launch import validate_train_spec
-from jobs.loader import validate_spec
-from jobs.spec import TrainSpec
+from raygen.jobs.data.prepare import prepare_data
+from raygen.jobs.loader import validate_spec
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.validate import validate_train_spec
 
 
 def doc(seed: int, n: int = 300) -> str:
@@ -124,7 +124,7 @@ def test_a_tokenizer_replaced_in_place_prepares_the_data_again(ray_session, tmp_
 
 
 def test_prepare_reads_parquet_from_s3(ray_session, bucket, tmp_path):
-    from cluster.storage import resolve
+    from raygen.cluster.storage import resolve
 
     docs = [doc(i) for i in range(12)]
     fs, path = resolve(f"s3://{bucket}/corpus/part-0.parquet")
@@ -144,7 +144,7 @@ def test_prepare_reads_parquet_from_s3(ray_session, bucket, tmp_path):
 
 
 def test_s3_input_errors_name_the_uri(ray_session, s3_endpoint, tmp_path):
-    from cluster.errors import StorageError
+    from raygen.cluster.errors import StorageError
 
     raw = {
         "name": "s3bad",
@@ -157,7 +157,7 @@ def test_s3_input_errors_name_the_uri(ray_session, s3_endpoint, tmp_path):
 
 
 def test_io_errors_inside_ray_tasks_become_storage_errors_and_bugs_stay_bugs():
-    from jobs.data import _storage_cause
+    from raygen.jobs.data.prepare import _storage_cause
 
     class TaskError(Exception):  # stands in for Ray's RayTaskError, which has `.cause`
         def __init__(self, cause):
@@ -174,7 +174,7 @@ def test_exact_dedupe_keeps_the_held_out_copy_then_the_first_group_and_one_of_ea
     data.eval has equal row hashes in both; the source tells the copies apart."""
     import numpy as np
 
-    from jobs.data import exact_duplicates, kept_mask, source_row_hash
+    from raygen.jobs.data.rows import exact_duplicates, kept_mask, source_row_hash
 
     rows = pa.array([1, 2, 3, 4, 5, 6], pa.uint64())
     tags = pa.table(

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from jobs.deepspeed_config import (
+from raygen.jobs.loader import validate_spec
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.train.deepspeed_config import (
     DEEPSPEED_BUCKET,
     MIN_BUCKET,
     deep_merge,
     deepspeed_config_problems,
     derive_deepspeed_config,
 )
-from jobs.loader import validate_spec
-from jobs.spec import TrainSpec
 
 
 def spec_with(**sections) -> TrainSpec:

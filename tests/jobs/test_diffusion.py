@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.errors import SpecError
-from jobs.launch import launch, validate_train_spec
-from jobs.metrics import read_metrics
-from jobs.spec import TrainSpec
+from raygen.jobs.errors import SpecError
+from raygen.jobs.launch import launch
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.train.metrics import read_metrics
+from raygen.jobs.validate import validate_train_spec
 from tests.conftest import KILL_RUN_STEPS, TINY_UNET, run_and_kill_rank0, tiny_diffusion_spec
 
 
@@ -32,7 +33,7 @@ def png(pixels: np.ndarray, **save_options) -> bytes:
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
-    from jobs.fid import frechet_distance
+    from raygen.jobs.eval.fid import frechet_distance
 
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     var1, var2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
@@ -46,7 +47,7 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
 def test_frechet_distance_matches_scipy_sqrtm_on_general_covariances():
     from scipy import linalg
 
-    from jobs.fid import feature_statistics, frechet_distance
+    from raygen.jobs.eval.fid import feature_statistics, frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
@@ -62,7 +63,7 @@ def test_frechet_distance_matches_scipy_sqrtm_on_general_covariances():
 
 
 def test_images_are_resized_on_the_short_side_and_center_cropped():
-    from jobs.image_data import fit_image, image_bytes
+    from raygen.jobs.data.images import fit_image, image_bytes
 
     wide = np.zeros((10, 30, 3), np.uint8)
     wide[:, 10:20] = 255  # a white center third
@@ -74,7 +75,7 @@ def test_images_are_resized_on_the_short_side_and_center_cropped():
 
 
 def test_image_grid_tiles_rows_of_images():
-    from jobs.models.diffusion import image_grid
+    from raygen.jobs.models.diffusion import image_grid
 
     grid = image_grid(np.zeros((5, 4, 4, 1), np.uint8), columns=3, pad=1)
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
@@ -99,8 +100,8 @@ def image_parquet(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_image_prep_decodes_dedupes_by_pixels_and_counts(ray_session, tmp_path, image_parquet):
-    from jobs.data import prepare_data
-    from jobs.image_data import read_prepared_pixels
+    from raygen.jobs.data.images import read_prepared_pixels
+    from raygen.jobs.data.prepare import prepare_data
 
     path, expected = image_parquet
     raw = tiny_diffusion_spec(
@@ -127,7 +128,7 @@ def test_an_image_column_named_image_without_labels_prepares_and_trains(ray_sess
     """The usual column name, no label column: Ray Data refuses an empty rename."""
     import pyarrow.parquet as pq
 
-    from jobs.image_data import digits_table
+    from raygen.jobs.data.images import digits_table
 
     path = tmp_path / "unlabelled.parquet"
     pq.write_table(digits_table().select(["image"]).slice(0, 400), path)
@@ -326,7 +327,7 @@ def test_inception_extractor_is_a_local_torchscript_file(tmp_path):
     """raygen feeds it 3-channel 299x299 images in [0, 255] and takes (N, D) features."""
     import torch
 
-    from jobs.fid import load_extractor
+    from raygen.jobs.eval.fid import load_extractor
 
     class Probe(torch.nn.Module):
         def forward(self, images: torch.Tensor) -> torch.Tensor:

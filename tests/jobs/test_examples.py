@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.launch import validate_train_spec
-from jobs.loader import load_spec
-from jobs.spec import TrainSpec
+from raygen.jobs.loader import load_spec
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.validate import validate_train_spec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "jobs" / "examples").glob("*.yaml"))
 
@@ -51,7 +51,7 @@ def test_examples_exist():
 
 
 def test_large_diffusion_example_is_the_size_it_claims():
-    from jobs.models.diffusion import build_unet
+    from raygen.jobs.models.diffusion import build_unet
 
     spec = load_spec(TrainSpec, EXAMPLES[[p.name for p in EXAMPLES].index("unet256-s3-zero2.yaml")])
     params = sum(p.numel() for p in build_unet(spec.model).parameters())

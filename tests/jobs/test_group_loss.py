@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from jobs.models.group_loss import (
+from raygen.jobs.models.group_loss import (
     GroupDRO,
     group_sums,
     inverse_frequency_weights,

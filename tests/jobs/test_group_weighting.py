@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import metrics as m
-from jobs.launch import launch
-from jobs.loader import validate_spec
-from jobs.spec import TrainSpec
-from serving.audit import run_audit
-from serving.spec import AuditSpec
+from raygen.jobs.launch import launch
+from raygen.jobs.loader import validate_spec
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.train import metrics as m
+from raygen.serving.audit import run_audit
+from raygen.serving.spec import AuditSpec
 from tests.conftest import tiny_lm_spec
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

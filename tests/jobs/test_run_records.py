@@ -10,24 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.storage import join, list_files, read_text, write_text
-from jobs import metrics as m
-from jobs.errors import SpecError
-from jobs.launch import (
-    SAME_STEP_FAILURES,
-    FailureRecorder,
-    RepeatedFailure,
-    check_same_run,
-    read_attempts,
-    record_spec,
-)
-from jobs.spec import TrainSpec
+from raygen.cluster.storage import join, list_files, read_text, write_text
+from raygen.jobs.errors import SpecError
+from raygen.jobs.launch import SAME_STEP_FAILURES, FailureRecorder, RepeatedFailure
+from raygen.jobs.run_dir import METRICS_FILE, check_same_run, read_attempts, record_spec
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.train import metrics as m
 from tests.conftest import tiny_lm_spec
 
 
 def _parts(run_dir: str) -> list[str]:
     try:
-        return [f.uri for f in list_files(join(run_dir, m.METRICS_FILE + m.PARTS_SUFFIX), "")]
+        return [f.uri for f in list_files(join(run_dir, METRICS_FILE + m.PARTS_SUFFIX), "")]
     except Exception:
         return []
 
@@ -46,17 +40,17 @@ def test_remote_metrics_go_up_in_parts_not_whole_files(bucket, monkeypatch):
     # 200 rows: one part when the log opened, one at the checkpoint (PART_INTERVAL_S apart
     # at most otherwise), never the whole file per row.
     assert len(writes) == 2 and all(w.endswith(".jsonl") and ".d/" in w for w in writes)
-    assert [r[m.STEP] for r in m.read_metrics(join(run_dir, m.METRICS_FILE))] == list(range(1, 201))
+    assert [r[m.STEP] for r in m.read_metrics(join(run_dir, METRICS_FILE))] == list(range(1, 201))
     # A restart from the checkpoint of step 150: later rows were not kept.
     again = m.MetricsLog(run_dir, resumed_from_step=150)
     for step in range(151, 171):
         again.log({m.STEP: step, m.TRAIN_LOSS: 0.5})
     again.sync()
-    steps = [r[m.STEP] for r in m.read_metrics(join(run_dir, m.METRICS_FILE))]
+    steps = [r[m.STEP] for r in m.read_metrics(join(run_dir, METRICS_FILE))]
     assert steps == list(range(1, 171))
     again.close()  # one file again, the parts gone
     assert not _parts(run_dir)
-    text = read_text(join(run_dir, m.METRICS_FILE))
+    text = read_text(join(run_dir, METRICS_FILE))
     assert [json.loads(line)[m.STEP] for line in text.splitlines()] == list(range(1, 171))
 
 
@@ -136,7 +130,7 @@ def test_a_rerun_may_change_the_schedule_but_not_what_is_trained(tmp_path):
 
 
 def test_the_data_fingerprint_follows_contents_not_names(tmp_path):
-    from jobs.data import data_fingerprint
+    from raygen.jobs.data.prepare import data_fingerprint
 
     tokenizer = tmp_path / "tokenizer"
     tokenizer.mkdir()
@@ -157,8 +151,8 @@ def test_the_data_fingerprint_follows_contents_not_names(tmp_path):
 
 
 def test_a_torn_checkpoint_snapshot_is_repaired_and_never_deletes_checkpoints(tmp_path):
-    from cluster import publish
-    from jobs.launch import (
+    from raygen.cluster import publish
+    from raygen.jobs.run_dir import (
         SNAPSHOT_COPY,
         SNAPSHOT_FILE,
         copy_snapshot,

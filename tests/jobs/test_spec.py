@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.errors import SpecError
-from jobs.loader import load_spec, validate_spec
-from jobs.spec import TrainSpec, global_batch_size
+from raygen.jobs.errors import SpecError
+from raygen.jobs.loader import load_spec, validate_spec
+from raygen.jobs.spec import TrainSpec, global_batch_size
 
 MINIMAL = {"name": "x", "model": {"arch": "gpt2"}, "data": {"train": "builtin:python-stdlib"}}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from jobs.text import (
+from raygen.jobs.data.text_filters import (
     estimated_jaccard,
     lsh_bands,
     minhash,

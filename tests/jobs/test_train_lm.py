@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.launch import fresh_name, launch
-from jobs.loader import validate_spec
-from jobs.metrics import read_metrics
-from jobs.spec import TrainSpec
+from raygen.jobs.launch import launch
+from raygen.jobs.loader import validate_spec
+from raygen.jobs.run_dir import fresh_name
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.train.metrics import read_metrics
 from tests.conftest import KILL_RUN_STEPS, run_and_kill_rank0, tiny_lm_spec
 
 
@@ -130,7 +131,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, s
 def test_failure_beyond_max_failures_is_reported_with_the_last_checkpoint(
     ray_session, tmp_path, shared_prepared
 ):
-    from jobs.errors import TrainingFailed
+    from raygen.jobs.errors import TrainingFailed
 
     raw = tiny_lm_spec(tmp_path, shared_prepared, train__eval_every=100)
     outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, raw, max_failures=0)
@@ -149,7 +150,7 @@ def test_corpus_empty_after_filtering_is_a_spec_error(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.errors import SpecError
+    from raygen.jobs.errors import SpecError
 
     corpus = tmp_path / "corpus.parquet"
     pq.write_table(pa.table({"text": ["", "  ", "tiny"]}), corpus)
@@ -160,7 +161,7 @@ def test_corpus_empty_after_filtering_is_a_spec_error(ray_session, tmp_path):
 
 
 def test_global_batch_larger_than_the_data_is_a_spec_error(ray_session, tmp_path, shared_prepared):
-    from jobs.errors import SpecError
+    from raygen.jobs.errors import SpecError
 
     raw = tiny_lm_spec(tmp_path, shared_prepared, train__micro_batch_size=4096)
     with pytest.raises(SpecError, match="one optimizer step takes micro_batch_size x grad_accum"):
@@ -168,7 +169,7 @@ def test_global_batch_larger_than_the_data_is_a_spec_error(ray_session, tmp_path
 
 
 def test_worker_shortfall_blocks_only_an_embedded_ray(ray_session):
-    from cluster.connection import capacity_problems
+    from raygen.cluster.connection import capacity_problems
 
     found = capacity_problems({"CPU": 1}, 64, embedded=True)
     assert found and "64 workers x 1 CPU = 64 CPU, but the cluster has 2 CPU" in found[0]
@@ -199,7 +200,7 @@ def test_run_storage_on_s3_trains_exports_and_resumes_there(ray_session, bucket,
     """Checkpoints, metrics, spec, result, prepared data and the model all land in the bucket."""
     from transformers import AutoModelForCausalLM
 
-    from cluster.storage import exists, join, list_files, local_copy, read_text
+    from raygen.cluster.storage import exists, join, list_files, local_copy, read_text
 
     storage = f"s3://{bucket}/runs"
     raw = tiny_lm_spec(
@@ -283,7 +284,7 @@ def test_export_reads_checkpoints_as_data_only_and_refuses_foreign_out_dirs(lm_r
 
     import torch
 
-    from cluster import publish
+    from raygen.cluster import publish
 
     _, result, run_dir, _ = lm_run
     out = tmp_path / "exported"
@@ -312,6 +313,7 @@ def test_export_reads_checkpoints_as_data_only_and_refuses_foreign_out_dirs(lm_r
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.integration
 def test_preparing_into_a_directory_raygen_did_not_write_is_refused(tmp_path):
     mine = tmp_path / "bucket-root"
     mine.mkdir()

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.errors import SpecError
-from jobs.launch import validate_train_spec
-from jobs.loader import validate_spec
-from jobs.spec import TrainSpec
+from raygen.jobs.errors import SpecError
+from raygen.jobs.loader import validate_spec
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.validate import validate_train_spec
 
 
 def check(raw_overrides: list[str], **sections) -> list[str]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,7 @@ def test_bad_spec_exits_2_with_every_problem_and_no_traceback(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_environment_problems_exit_2_before_ray_starts(tmp_path):
     done = raygen(
         "train",
@@ -55,6 +57,7 @@ def test_missing_spec_file():
     assert "no/such/spec.yaml: file not found" in done.stderr
 
 
+@pytest.mark.integration
 def test_check_prints_the_resolved_spec():
     done = raygen("train", str(EXAMPLE), "--check", "--set", "train.max_steps=70")
     assert done.returncode == 0, done.stderr
@@ -63,14 +66,61 @@ def test_check_prints_the_resolved_spec():
     assert resolved["run"]["storage"] == str(ROOT / "runs")
 
 
-def test_print_schema_is_json_schema():
-    done = raygen("train", "--print-schema")
-    assert done.returncode == 0
-    schema = json.loads(done.stdout)
-    assert schema["title"] == "TrainSpec"
-    assert schema["additionalProperties"] is False
+SCHEMA_EXAMPLES = {
+    "train": sorted((ROOT / "jobs" / "examples").glob("*.yaml")),
+    "sweep": sorted((ROOT / "tuning" / "examples").glob("*.yaml")),
+    "audit": sorted((ROOT / "serving" / "examples").glob("*-audit.yaml")),
+    "deploy": [ROOT / "serving" / "examples" / f for f in ("code-lm.yaml", "digits.yaml")],
+}
 
 
+def test_schema_prints_each_specs_json_schema_and_the_shipped_copies_are_current():
+    """`raygen schema KIND` is what docs/schemas/ holds (regenerate it with `make schemas`),
+    and every example spec names that file for editors and validates against it."""
+    import jsonschema
+
+    for kind, examples in SCHEMA_EXAMPLES.items():
+        done = raygen("schema", kind)
+        assert done.returncode == 0, done.stderr
+        schema = json.loads(done.stdout)
+        assert schema["title"] == f"raygen {kind} spec"
+        assert schema["additionalProperties"] is False
+        shipped = ROOT / "docs" / "schemas" / f"{kind}.schema.json"
+        assert json.loads(shipped.read_text()) == schema, f"run `make schemas`: {shipped}"
+        assert examples
+        for example in examples:
+            first = example.read_text().splitlines()[0]
+            assert first == f"# yaml-language-server: $schema=../../docs/schemas/{kind}.schema.json"
+            jsonschema.validate(yaml.safe_load(example.read_text()), schema)
+    typo = yaml.safe_load(EXAMPLE.read_text())
+    typo["train"]["max_step"] = 10
+    schema = json.loads(raygen("schema", "train").stdout)
+    try:
+        jsonschema.validate(typo, schema)
+        raise AssertionError("a misspelled key passed the schema")
+    except jsonschema.ValidationError as exc:
+        assert "max_step" in str(exc)
+    assert json.loads(raygen("train", "--print-schema").stdout)["title"] == "TrainSpec"
+    nope = raygen("schema", "nope")
+    assert nope.returncode == 2 and "'nope' is not one of 'train'" in nope.stderr
+
+
+def test_version_help_and_choices():
+    """--version; a group without a command shows its help; choices are listed in --help."""
+    from raygen import __version__
+
+    assert raygen("--version").stdout.strip() == f"raygen {__version__}"
+    for group in ("jobs", "cluster", "data", "serve"):
+        done = raygen(group)
+        assert f" {group} [OPTIONS] COMMAND [ARGS]" in done.stdout + done.stderr
+        assert "Commands" in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert "<train|tune|audit|serve>" in raygen("submit", "--help").stdout
+    assert "ddpm|ddim" in raygen("sample", "--help").stdout
+    bad = raygen("submit", "trian", str(EXAMPLE))
+    assert bad.returncode == 2 and "'trian' is not one of" in bad.stderr
+
+
+@pytest.mark.integration
 def test_unreachable_address_fails_fast_with_a_clear_error(tmp_path: Path):
     done = raygen(
         "train", str(EXAMPLE), "--address", "127.0.0.1:1", "--set", f"run.storage={tmp_path}"
@@ -80,6 +130,7 @@ def test_unreachable_address_fails_fast_with_a_clear_error(tmp_path: Path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.integration
 def test_more_workers_than_the_local_ray_has(tmp_path):
     done = raygen(
         "train",
@@ -94,6 +145,7 @@ def test_more_workers_than_the_local_ray_has(tmp_path):
     assert not (tmp_path / "code-lm-tiny").exists()
 
 
+@pytest.mark.integration
 def test_data_prepare_writes_shards_and_stats(tmp_path):
     from tests.conftest import tiny_lm_spec
 

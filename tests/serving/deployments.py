@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from serving.deploy import deploy, gate, resolve_deploy_spec
-from serving.spec import DeploySpec
+from raygen.serving.deploy import deploy, gate, resolve_deploy_spec
+from raygen.serving.spec import DeploySpec
 
 
 def start(name: str, model: Path, port: int, **sections) -> str:

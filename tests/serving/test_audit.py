@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.errors import SpecError
-from jobs.loader import validate_spec
-from serving.audit import run_audit
-from serving.deploy import deploy, gate, resolve_deploy_spec
-from serving.errors import AuditFailed, DeployError
-from serving.gate import (
+from raygen.jobs.errors import SpecError
+from raygen.jobs.loader import validate_spec
+from raygen.serving.audit import run_audit
+from raygen.serving.deploy import deploy, gate, resolve_deploy_spec
+from raygen.serving.errors import AuditFailed, DeployError
+from raygen.serving.gate import (
     list_records,
     model_sha256,
     read_record,
@@ -28,7 +28,7 @@ from serving.gate import (
     serving_clearance,
     write_record,
 )
-from serving.spec import AuditSpec, DeploySpec
+from raygen.serving.spec import AuditSpec, DeploySpec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "serving" / "examples"
@@ -314,6 +314,7 @@ def test_serve_build_with_an_override_records_it(passed, model, tmp_path):
 # --- the quickstart -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_quickstart_trains_audits_serves_and_shuts_down(tmp_path):
     """`make quickstart`'s script with less data and fewer steps, in a fresh working copy
     (its own embedded Ray, as from a clean clone)."""

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.engine import ImageEngine, TextEngine, Update
-from serving.models import DecodeBatch, LanguageModel, TextRequest
+from raygen.serving.engine import ImageEngine, TextEngine, Update
+from raygen.serving.models import DecodeBatch, LanguageModel, TextRequest
 
 PROMPTS = [
     "import os\n",
@@ -227,7 +227,7 @@ def test_one_bad_request_fails_alone_and_the_batch_goes_on(lm, monkeypatch):
     """A request the model cannot take (a token outside the vocabulary: 400) and one whose
     sampling raises (500) fail on their own; the requests decoded with them are answered
     as if alone, and so is one after."""
-    import serving.models as models
+    import raygen.serving.models as models
 
     real_sample = models._sample
 

@@ -6,7 +6,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from serving.gate import OVERRIDE, list_records, model_sha256, read_record, write_record
+from raygen.serving.gate import OVERRIDE, list_records, model_sha256, read_record, write_record
 
 
 def _write(root: Path, files: dict[str, bytes]) -> Path:

@@ -135,7 +135,7 @@ def test_schemathesis_fuzzing_of_the_apps_own_schema_finds_no_5xx(hostile, tmp_p
             "--report", "har", "--report-har-path", str(har),
             "--generation-database", "none", "--no-color",
         ],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache goes there
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from serving.deploy import replica_counts
+from raygen.serving.deploy import replica_counts
 from tests.conftest import TEST_API_KEYS, TEST_API_KEYS_ENV, TINY_UNET
 from tests.serving.deployments import start, stop, wait_for
 
@@ -111,7 +111,7 @@ def test_stop_sequences_end_the_completion_before_them(client):
 
 
 def test_blocklist_redacts_or_withholds_case_insensitively():
-    from serving.app import OutputFilter
+    from raygen.serving.app import OutputFilter
 
     redact = OutputFilter([r"\bdef\b", "secret[0-9]+"], "redact")
     assert redact.apply("Def f(): SECRET42 undefined") == (
@@ -454,7 +454,7 @@ def test_cli_deploys_detached_lists_and_shuts_down(lm_run, serve_port, tmp_path)
     )
     assert done.returncode == 0, done.stderr
     assert "deployed detached (language-model)" in done.stdout
-    from serving.gate import list_records
+    from raygen.serving.gate import list_records
 
     override, deployed = list_records(lm_run[1]["paths"]["model"])[-2:]
     assert override["event"] == "audit_override" and override["reason"] == "demo day"

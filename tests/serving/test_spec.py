@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import SpecError
-from jobs.loader import validate_spec
-from serving.spec import AuditSpec, DeploySpec
+from raygen.jobs.errors import SpecError
+from raygen.jobs.loader import validate_spec
+from raygen.serving.spec import AuditSpec, DeploySpec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "serving" / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_parses(path):
-    from jobs.loader import load_spec
+    from raygen.jobs.loader import load_spec
 
     if path.stem.endswith("-audit"):
         audit = load_spec(AuditSpec, path)
@@ -77,7 +77,7 @@ def test_scale_to_zero_is_allowed():
 
 
 def test_model_dirs_are_checked_before_anything_starts(tmp_path, monkeypatch):
-    from serving.deploy import resolve_deploy_spec
+    from raygen.serving.deploy import resolve_deploy_spec
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -110,8 +110,8 @@ def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path)
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import build_app
-    from serving.deploy import write_serve_config
+    from raygen.serving.app import build_app
+    from raygen.serving.deploy import write_serve_config
 
     model = tmp_path / "model"
     model.mkdir()
@@ -123,7 +123,7 @@ def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path)
     config = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(config)  # Serve's own schema for `serve deploy`
     app = config["applications"][0]
-    assert app["import_path"] == "serving.app:build_app"
+    assert app["import_path"] == "raygen.serving.app:build_app"
     assert DeploySpec.model_validate(app["args"]) == spec
     assert config["http_options"]["request_timeout_s"] == spec.http.request_timeout_s
     built = call_user_app_builder_with_args_if_necessary(build_app, app["args"])

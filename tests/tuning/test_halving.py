@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from ray.tune.schedulers import TrialScheduler
 
-from tuning.halving import SuccessiveHalving, rungs
-from tuning.spec import SweepSpec
+from raygen.tuning.halving import SuccessiveHalving, rungs
+from raygen.tuning.spec import SweepSpec
 
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.errors import SpecError
-from tuning.spec import SweepSpec
-from tuning.sweep import load_sweep, sweep_problems
+from raygen.jobs.errors import SpecError
+from raygen.tuning.spec import SweepSpec
+from raygen.tuning.sweep import load_sweep, sweep_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +117,7 @@ def test_shipped_sweep_examples_validate():
 
 
 def test_rerunning_a_sweep_without_resume_is_an_error_that_says_what_to_do(tmp_path):
-    from tuning.sweep import run_sweep
+    from raygen.tuning.sweep import run_sweep
 
     path = write_sweep(tmp_path, run={"storage": str(tmp_path / "sweeps")})
     (tmp_path / "sweeps" / "s").mkdir(parents=True)

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from raygen.tuning.spec import SweepSpec
+from raygen.tuning.sweep import run_sweep
 from tests.conftest import tiny_lm_spec
-from tuning.spec import SweepSpec
-from tuning.sweep import run_sweep
 
 GOOD_LR, BAD_LR = 3e-3, 1e-7  # a learning rate that learns, and one that cannot
 
@@ -75,7 +75,7 @@ def test_trials_table_best_json_and_plot(asha_sweep):
 def test_best_checkpoint_exports_a_model_transformers_loads(asha_sweep, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.export import export_checkpoint
+    from raygen.jobs.export import export_checkpoint
 
     best = asha_sweep[1]["best"]
     out = export_checkpoint(best["run_dir"], best["checkpoint"], str(tmp_path / "best"))
@@ -152,7 +152,7 @@ def test_a_sweep_whose_trials_cannot_get_resources_stops_naming_them(
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from tuning.errors import SweepStalled
+    from raygen.tuning.errors import SweepStalled
 
     # One of the session's two CPUs held elsewhere; the trial's two workers need both.
     hog = placement_group([{"CPU": 1}])
@@ -275,8 +275,8 @@ def test_sweep_on_s3_writes_its_results_and_exports_from_there(
     """Sweep state, trial runs, trials.parquet, best.json and the plot live in the bucket."""
     from transformers import AutoModelForCausalLM
 
-    from cluster.storage import exists, join, read_text
-    from jobs.export import export_checkpoint
+    from raygen.cluster.storage import exists, join, read_text
+    from raygen.jobs.export import export_checkpoint
 
     sweep, base = sweep_of(
         tmp_path,

@@ -10,25 +10,26 @@ from typing import Any
 
 import torch
 
-from cluster.publish import publish_dir
-from cluster.storage import join, local_copy
-from jobs import metrics as m
-from jobs.checkpoint import restore_latest, save_and_report
-from jobs.deepspeed_config import derive_deepspeed_config
-from jobs.image_data import batch_to_tensors
-from jobs.models.diffusion import (
+from raygen.cluster.publish import publish_dir
+from raygen.cluster.storage import join, local_copy
+from raygen.jobs.data.images import batch_to_tensors
+from raygen.jobs.models.diffusion import (
     build_noise_scheduler,
     build_unet,
     diffusion_loss,
     generate,
     image_grid,
+    num_classes,
     seeded_noise,
     to_uint8,
 )
-from jobs.spec import NoiseSchedulerSpec, TrainSpec, global_batch_size
-from jobs.worker import (
-    MODEL_DIR,
-    MODEL_KIND,
+from raygen.jobs.pretrained import unet_config, unet_dir
+from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
+from raygen.jobs.spec import NoiseSchedulerSpec, TrainSpec, global_batch_size
+from raygen.jobs.train import metrics as m
+from raygen.jobs.train.checkpoint import restore_latest, save_and_report
+from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
+from raygen.jobs.train.worker import (
     PreemptionWatch,
     apply_peak_lr,
     build_optimizer,
@@ -66,7 +67,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     scheduler_spec = spec.model.scheduler or NoiseSchedulerSpec()
     noise_scheduler = build_noise_scheduler(scheduler_spec)
     shape = tuple(prepared["image_shape"])  # (C, H, W)
-    classes = _num_classes(spec)  # 0: unconditional
+    classes = num_classes(unet_config(spec.model))  # 0: unconditional
     conditional = classes > 0
     grid_n = _grid_size(spec.sampling.grid_images, classes)
     # Every rank must agree on how many images to sample (rank 0 alone computes the FID).
@@ -75,7 +76,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     with_fid = bool(prepared.get("fid")) and spec.sampling.fid_samples > 0
     n_samples = max(grid_n, spec.sampling.fid_samples if with_fid else 0)
 
-    unet = build_unet(spec.model)
+    pretrained = spec.model.pretrained
+    unet = build_unet(spec.model, unet_dir(pretrained) if pretrained else None)
     ds_config = derive_deepspeed_config(spec, world, max(p.numel() for p in unet.parameters()))
     engine, _, _, scheduler = deepspeed.initialize(
         model=unet,
@@ -98,7 +100,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     fid = None
     if rank == 0 and with_fid:
-        from jobs.fid import FID_DIR, load_extractor, load_reference
+        from raygen.jobs.eval.fid import FID_DIR, load_extractor, load_reference
 
         fid_dir = local_copy(join(prepared["dir"], FID_DIR))
         kind = prepared["fid"]["extractor"]
@@ -147,7 +149,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             columns = classes if conditional else min(8, grid_n)
             row["samples"] = image_grid(to_uint8(samples[:grid_n]), columns)
             if fid is not None:
-                from jobs.fid import feature_statistics, frechet_distance
+                from raygen.jobs.eval.fid import feature_statistics, frechet_distance
 
                 features = fid[1](samples[: spec.sampling.fid_samples])
                 row[m.FID] = frechet_distance(*fid_reference, *feature_statistics(features))
@@ -245,12 +247,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     export_pipeline(engine, ema, scheduler_spec, run_dir, rank, spec.deepspeed.zero_stage)
     if log:
         log.close()
-
-
-def _num_classes(spec: TrainSpec) -> int:
-    from jobs.models.diffusion import num_classes
-
-    return num_classes(spec.model)
 
 
 def _grid_size(requested: int, classes: int) -> int:

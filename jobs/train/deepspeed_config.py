@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from jobs.spec import TrainSpec, global_batch_size
+from raygen.jobs.spec import TrainSpec, global_batch_size
 
 # DeepSpeed prints every `steps_per_print` steps; raygen logs its own metrics.
 _QUIET_STEPS = 10**9

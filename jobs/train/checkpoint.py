@@ -5,28 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
+from raygen.jobs.run_dir import checkpoint_dir_name
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint_"
 RANK_STATE_DIR = "rank_state"
-_STEP_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def step_of_checkpoint(path: str) -> int | None:
-    """The step a checkpoint directory was saved at, from its name."""
-    match = _STEP_RE.match(os.path.basename(os.path.normpath(path)))
-    return int(match.group(1)) if match else None
 
 
 def save_and_report(

@@ -93,7 +93,7 @@ def load_extractor(kind: str, fid_dir: str, inception_weights: str | None) -> Fe
     import torch
 
     if kind == "classifier":
-        from jobs.models.classifier import DigitsClassifier
+        from raygen.jobs.models.classifier import DigitsClassifier
 
         saved = torch.load(Path(fid_dir, CLASSIFIER_FILE), map_location="cpu", weights_only=True)
         network = DigitsClassifier(saved["in_channels"], saved["num_classes"])
@@ -102,66 +102,6 @@ def load_extractor(kind: str, fid_dir: str, inception_weights: str | None) -> Fe
     if kind == "inception":
         return FeatureExtractor(kind, torch.jit.load(inception_weights, map_location="cpu").eval())
     raise ValueError(f"unknown feature extractor {kind!r}")
-
-
-def build_reference(
-    prepared_dir: str,
-    shape: tuple[int, int, int],
-    kind: str,
-    inception_weights: str | None,
-    num_classes: int,
-    seed: int,
-) -> dict:
-    """Train the classifier (if `kind` is classifier) and store the real images' statistics.
-
-    Runs as a Ray task during data preparation; writes `<prepared>/fid/`.
-    """
-    import tempfile
-
-    import torch
-
-    from cluster.storage import is_remote, join, local_copy, upload_dir
-    from jobs.image_data import read_prepared_pixels, to_model_range
-
-    pixels, labels = read_prepared_pixels(prepared_dir, "train", shape, REFERENCE_IMAGES)
-    held_out, held_out_labels = read_prepared_pixels(prepared_dir, "eval", shape, REFERENCE_IMAGES)
-    info: dict = {"extractor": kind, "reference_images": len(pixels)}
-    with tempfile.TemporaryDirectory(prefix="raygen-fid-") as out:
-        if kind == "classifier":
-            from jobs.models.classifier import accuracy, train_classifier
-
-            network = train_classifier(to_model_range(pixels), labels, num_classes, seed=seed)
-            info["classifier_eval_accuracy"] = round(
-                accuracy(network, to_model_range(held_out), held_out_labels), 4
-            )
-            torch.save(
-                {
-                    "state_dict": network.state_dict(),
-                    "in_channels": shape[0],
-                    "num_classes": num_classes,
-                },
-                Path(out, CLASSIFIER_FILE),
-            )
-            extractor = FeatureExtractor(kind, network)
-        else:
-            extractor = load_extractor(kind, out, local_copy(inception_weights))
-        features = extractor(to_model_range(pixels))
-        mu, sigma = feature_statistics(features)
-        np.savez(Path(out, reference_file(kind)), mu=mu, sigma=sigma)
-        info["feature_dim"] = int(features.shape[1])
-        # The FID of held-out real images: what a perfect model would score (a floor).
-        if len(held_out) >= 2:
-            eval_stats = feature_statistics(extractor(to_model_range(held_out)))
-            info["eval_images_fid"] = round(frechet_distance(mu, sigma, *eval_stats), 4)
-            info["eval_images"] = len(held_out)
-        target = join(prepared_dir, FID_DIR)
-        if is_remote(target):
-            upload_dir(out, target)
-        else:
-            import shutil
-
-            shutil.copytree(out, target, dirs_exist_ok=True)
-    return info
 
 
 def load_reference(fid_dir: str, kind: str) -> tuple[np.ndarray, np.ndarray]:

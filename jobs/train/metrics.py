@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster import storage
+from raygen.cluster import storage
+from raygen.jobs.run_dir import METRICS_FILE, SAMPLES_DIR, TENSORBOARD_DIR
 
 STEP = "step"
 TRAIN_LOSS = "train_loss"
@@ -24,10 +25,6 @@ GROUP_EVAL_LOSS_PREFIX = "eval_loss/"  # + the group's name: its mean eval token
 FID = "fid"
 FID_EXTRACTOR = "fid_extractor"  # the network whose features the FID compares
 PREEMPTION_CHECKPOINT = "preemption_checkpoint"  # in a checkpoint's report: taken at a notice
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-SAMPLES_DIR = "samples"
 
 
 def perplexity(loss: float) -> float:
@@ -88,7 +85,7 @@ class MetricsLog:
 
         Returns the PNG's path or URI.
         """
-        from jobs.models.diffusion import save_png
+        from raygen.jobs.models.diffusion import save_png
 
         name = f"step_{step:06d}.png"
         local = Path(self.local_dir, SAMPLES_DIR, name)
@@ -143,7 +140,7 @@ def read_metrics(uri: str | Path) -> list[dict[str, Any]]:
 
 def metric_parts(uri: str, after: str = "") -> list[str]:
     """URIs of the parts of a remote `metrics.jsonl` (named after `after`), in order."""
-    from cluster.errors import StorageError
+    from raygen.cluster.errors import StorageError
 
     try:
         parts = storage.list_files(uri + PARTS_SUFFIX, ".jsonl")

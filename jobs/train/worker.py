@@ -14,15 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.storage import append_line, join
-from jobs import metrics as m
-from jobs.spec import TrainSpec
+from raygen.cluster.storage import append_line, join
+from raygen.jobs.run_dir import ATTEMPTS_FILE, INTERRUPTIONS_FILE, PREEMPTED
+from raygen.jobs.spec import TrainSpec
+from raygen.jobs.train import metrics as m
 
 logger = logging.getLogger(__name__)
-
-ATTEMPTS_FILE = "attempts.jsonl"
-MODEL_DIR = "model"
-MODEL_KIND = "model"  # what a published model directory's marker says it is
 
 
 def micro_batches(spec: TrainSpec, shard: Any, per_epoch: int, skip: int):
@@ -121,10 +118,6 @@ def record_attempt(run_dir: str, resumed_from_step: int) -> None:
         "placement_group": group.id.hex() if group else None,
     }
     append_line(join(run_dir, ATTEMPTS_FILE), json.dumps(entry))
-
-
-INTERRUPTIONS_FILE = "failures.jsonl"  # worker-group failures and preemption notices
-PREEMPTED, FAILED = "preempted", "failed"
 
 
 def record_interruption(run_dir: str, kind: str, **details: Any) -> None:

@@ -1,19 +1,13 @@
-"""Prepare training data with Ray Data: text for language models (images: jobs.image_data).
-
-Text: read -> normalize and filter -> split train/eval by hash -> train the tokenizer (if
-asked) -> tokenize and pack into `seq_len` blocks -> Parquet shards + `data_stats.json`.
-Preparation is skipped when the shards' fingerprint matches the spec and inputs.
-"""
+"""Prepare text for language models: read -> normalize and filter -> split train/eval by
+hash -> train the tokenizer (if asked) -> tokenize and pack into `seq_len` blocks ->
+Parquet shards. No shuffle: exact duplicates are found from hashes held here."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
-import sysconfig
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +16,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster import publish
-from cluster.errors import StorageError
-from cluster.storage import (
-    content_id,
+from raygen.cluster.storage import (
     is_remote,
     join,
     list_files,
     local_copy,
     open_input,
-    read_text,
-    remove_dir,
     upload_dir,
-    write_text,
 )
-from jobs.errors import SpecError
-from jobs.spec import BUILTIN_CORPORA, BUILTIN_IMAGES, BUILTIN_PREFIX, DataSpec, TrainSpec
-from jobs.text import (
+from raygen.jobs.data.inputs import InputFile
+from raygen.jobs.data.rows import (
+    KeepRows,
+    exact_duplicates,
+    kept_mask,
+    read_columns,
+    source_row_hash,
+    split_of,
+)
+from raygen.jobs.data.text_filters import (
     NUM_PERM,
     band_keys,
     content_hash,
@@ -49,13 +44,12 @@ from jobs.text import (
     normalize_text,
     repeated_fraction,
 )
+from raygen.jobs.errors import SpecError
+from raygen.jobs.spec import DataSpec, TrainSpec
 
 logger = logging.getLogger(__name__)
 
-# Bump when the prepared format or the preparation steps change: old shards become stale.
-PREPARED_FORMAT = 4
-STATS_FILE = "data_stats.json"
-PREPARED_KIND = "prepared-data"  # what a prepared directory's marker says it is
+
 TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
 # Documents per tokenize/pack batch: packing drops < seq_len tokens at each batch's end.
@@ -65,278 +59,7 @@ GROUP_MISSING = "(missing)"
 MAX_GROUPS = 1000
 
 
-@dataclass(frozen=True)
-class InputFile:
-    """One file of a corpus, and what identifies its content for the fingerprint."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    kind: str  # "parquet", "text" (one document per file) or "digits" (builtin images)
-
-
-def list_input_files(entries: list[str], key: str, max_bytes: int | None) -> list[InputFile]:
-    """Expand corpus entries (files, directories, builtin corpora) into files, in order.
-
-    With `max_bytes`, whole files are taken in order until their total size reaches it.
-
-    Raises:
-        SpecError: an entry does not exist or holds no Parquet files.
-    """
-    files: list[InputFile] = []
-    problems = []
-    for entry in entries:
-        if entry.startswith(BUILTIN_PREFIX):
-            if entry in BUILTIN_IMAGES:
-                files.append(InputFile(entry, 0, 0, "digits"))
-            elif entry in BUILTIN_CORPORA:
-                files.extend(_stdlib_sources())
-            else:
-                known = ", ".join([*BUILTIN_CORPORA, *BUILTIN_IMAGES])
-                problems.append(f"`{key}`: unknown builtin data set {entry!r}; known: {known}.")
-            continue
-        if is_remote(entry):
-            found = list_files(entry, ".parquet")  # StorageError names the URI and cause
-            if not found:
-                problems.append(f"`{key}`: {entry} holds no .parquet files.")
-            files.extend(InputFile(f.uri, f.size, f.mtime_ns, "parquet") for f in found)
-            continue
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.parquet") if p.is_file())
-            if not found:
-                problems.append(f"`{key}`: directory {entry} holds no .parquet files.")
-            files.extend(_input_file(p, "parquet") for p in found)
-        elif path.is_file():
-            files.append(_input_file(path, "parquet"))
-        else:
-            problems.append(f"`{key}`: {entry} does not exist; give a Parquet file or directory.")
-    if problems:
-        raise SpecError(key, problems)
-    if max_bytes is not None:
-        kept, total = [], 0
-        for f in files:
-            if total >= max_bytes:
-                break
-            kept.append(f)
-            total += f.size
-        files = kept
-    return files
-
-
-def _input_file(path: Path, kind: str) -> InputFile:
-    stat = path.stat()
-    return InputFile(str(path.resolve()), stat.st_size, stat.st_mtime_ns, kind)
-
-
-def _stdlib_sources() -> list[InputFile]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
-    paths = sorted(
-        p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)
-    )
-    return [_input_file(p, "text") for p in paths]
-
-
-def check_columns(files: list[InputFile], columns: dict[str, str], key: str) -> None:
-    """Raise a SpecError naming the available columns when a Parquet file lacks one of
-    `columns` (column -> the spec key that names it)."""
-    for f in files:
-        if f.kind != "parquet":
-            continue
-        try:
-            with open_input(f.path) as handle:
-                names = pq.read_schema(handle).names
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SpecError(key, f"{f.path} is not a readable Parquet file: {exc}.") from None
-        for column, spec_key in columns.items():
-            if column not in names:
-                raise SpecError(
-                    spec_key,
-                    f"{f.path} has no column {column!r}; its columns are {', '.join(names)}. "
-                    f"Set `{spec_key}` to the right one.",
-                )
-
-
-def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[InputFile]) -> str:
-    """Hash of everything that determines the prepared data: the inputs' contents, the
-    options, the tokenizer's files and the format. Contents, not names: a file or a
-    tokenizer replaced in place (same path) changes it (`cluster.storage.content_id`)."""
-    d = spec.data
-    identity = {
-        "format": PREPARED_FORMAT,
-        "train": [_identity(f) for f in train_files],
-        "eval": [_identity(f) for f in eval_files],
-        "options": d.model_dump(exclude={"train", "eval", "prepared"}),
-        "tokenizer": spec.tokenizer.model_dump(),
-        "tokenizer_files": _dir_contents(spec.tokenizer.path) if spec.tokenizer.path else None,
-        # A pretrained model's tokenizer and config (its weights do not shape the data).
-        "pretrained": _dir_contents(spec.model.pretrained) if spec.model.pretrained else None,
-        "seed": spec.train.seed,
-        # Packed blocks carry per-token groups when the run weights groups.
-        "group_column": spec.train.group_weighting.column if spec.train.group_weighting else None,
-    }
-    if spec.model.family == "diffusion":
-        from jobs.models.diffusion import image_shape
-
-        # The images are resized to the UNet's input, and the FID reference is built from them;
-        # which weights the UNet starts from does not matter (fine-tuning reuses the data).
-        identity["tokenizer"] = identity["tokenizer_files"] = identity["pretrained"] = None
-        identity["image_shape"] = image_shape(spec.model)
-        identity["fid"] = (
-            spec.sampling.fid_extractor,
-            content_id(spec.sampling.inception_weights)
-            if spec.sampling.inception_weights
-            else None,
-        )
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
-
-
-def _identity(f: InputFile) -> tuple[str, str]:
-    return (f.path, "builtin" if f.kind == "digits" else content_id(f.path))
-
-
-def _dir_contents(uri: str) -> dict[str, str]:
-    """{relative path: content id} of a directory's files, weights left out."""
-    root = uri.rstrip("/") if is_remote(uri) else str(Path(uri).resolve())
-    return {
-        f.uri[len(root) :].lstrip("/"): content_id(f.uri)
-        for f in list_files(uri, "")
-        if not f.uri.endswith(WEIGHT_SUFFIXES) and "/." not in f.uri[len(root) :]
-    }
-
-
-def read_stats(prepared_dir: str) -> dict[str, Any] | None:
-    """The `data_stats.json` of a prepared directory raygen finished writing, else None."""
-    if publish.state(prepared_dir) != "complete":
-        return None
-    text = read_text(join(prepared_dir, STATS_FILE))
-    return json.loads(text) if text else None
-
-
-def _older_prepared_data(files: dict[str, int]) -> bool:
-    """What raygen versions before the directory marker left: their stats file."""
-    return STATS_FILE in files
-
-
-def in_eval_split(text: str, eval_fraction: float, seed: int) -> bool:
-    """Deterministic held-out choice: the same document always lands in the same split."""
-    digest = hashlib.blake2b(text.encode(), digest_size=8, key=seed.to_bytes(8, "little"))
-    return int.from_bytes(digest.digest(), "little") / 2**64 < eval_fraction
-
-
-def split_of(key: str, source: str, eval_fraction: float, seed: int) -> str:
-    """`eval` for everything from data.eval and the held-out share of data.train (chosen by
-    a hash of `key`: a document's text, an image's pixel hash), else `train`."""
-    if source == "eval" or (eval_fraction > 0 and in_eval_split(key, eval_fraction, seed)):
-        return "eval"
-    return "train"
-
-
-def data_fingerprint(spec: TrainSpec) -> str:
-    """The fingerprint the spec's prepared data has (or will have): its inputs' contents,
-    options and tokenizer."""
-    d = spec.data
-    train_files = list_input_files(d.train, "data.train", d.max_bytes)
-    eval_files = list_input_files(d.eval, "data.eval", None) if d.eval else []
-    return fingerprint(spec, train_files, eval_files)
-
-
-def prepare_data(
-    spec: TrainSpec, prepared_dir: str, force: bool = False, address: str | None = None
-) -> dict[str, Any]:
-    """Prepare the spec's corpus into `prepared_dir` unless it is up to date.
-
-    `spec` must have passed `jobs.launch.validate_train_spec` (inputs and columns checked).
-    Ray is needed only to prepare: this process connects then (to `address`, else
-    $RAY_ADDRESS, else an embedded local Ray; nothing when already connected).
-
-    Returns:
-        The data stats (also written to `prepared_dir/data_stats.json`).
-
-    Raises:
-        SpecError: inputs missing, unreadable, or empty after filtering.
-    """
-
-    d = spec.data
-    train_files = list_input_files(d.train, "data.train", d.max_bytes)
-    eval_files = list_input_files(d.eval, "data.eval", None) if d.eval else []
-    fp = fingerprint(spec, train_files, eval_files)
-    stats = read_stats(prepared_dir)
-    if stats and stats.get("fingerprint") == fp and not force:
-        logger.info("Prepared data in %s is up to date (fingerprint %s).", prepared_dir, fp)
-        return stats
-
-    from cluster.connection import connect
-
-    publish.check_ours(prepared_dir, "data.prepared", _older_prepared_data)
-    connect(address)
-    logger.info("Preparing data into %s ...", prepared_dir)
-    # Marked as being written until the stats and marker are: a cut-off preparation is
-    # never taken for a finished one, and is redone.
-    publish.begin(prepared_dir, "data.prepared", _older_prepared_data)
-    try:
-        if spec.model.family == "diffusion":
-            from jobs.image_data import prepare_fid_reference, prepare_images
-
-            stats = prepare_images(spec, prepared_dir, train_files, eval_files, fp)
-            stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
-        else:
-            stats = _prepare_text(spec, prepared_dir, train_files, eval_files, fp)
-        write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
-        publish.finish(prepared_dir, PREPARED_KIND)
-    except BaseException as exc:
-        _clear_partial(prepared_dir)
-        cause = _storage_cause(exc) if isinstance(exc, Exception) else None
-        if cause is None:
-            raise
-        raise StorageError(
-            f"preparing data into {prepared_dir} failed reading or writing storage: {cause}; "
-            "nothing of it was kept."
-        ) from None
-    return stats
-
-
-def _clear_partial(prepared_dir: str) -> None:
-    """Remove what a failed preparation wrote (raygen's own, marked as under way)."""
-    try:
-        if publish.state(prepared_dir) == "interrupted":
-            remove_dir(prepared_dir)
-    except Exception:  # the storage may be what failed: say so, keep the first error
-        logger.warning("could not remove the partial preparation in %s", prepared_dir)
-
-
-def _storage_cause(exc: BaseException) -> str | None:
-    """What an I/O error behind `exc` (also inside a Ray task's error) says, or None.
-
-    Inputs were checked before preparing; an I/O error now means storage changed or failed
-    meanwhile (a deleted object, lost credentials, a full disk): a user problem, not a bug.
-    """
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-            return _last_error_line(str(exc)) or type(exc).__name__
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-        seen += 1
-    return None
-
-
-def _last_error_line(text: str) -> str:
-    """The error itself from a (Ray task's) error text: its last line, without the
-    exception's class name and terminal colors."""
-    import re
-
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        return ""
-    return re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
-
-
-def _prepare_text(
+def prepare_text(
     spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
 ) -> dict[str, Any]:
     """Clean and tag every document in one parallel pass; decide what to drop from the tags
@@ -446,69 +169,6 @@ def _prepare_text(
 # whether it is kept and where it goes. `row_hash` identifies the row (Ray Data derives it
 # from the file and position: the same on every read).
 _TAGS = ("hash", "reason", "source", "split", "group", "row_hash")
-
-
-def read_columns(ds: Any, columns: list[str]) -> pa.Table:
-    """Some (small) columns of a materialized dataset, as one table in this process."""
-    import ray
-
-    tables = ray.get(ds.select_columns(columns).to_arrow_refs())
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
-
-
-def kept_mask(tags: pa.Table, drop: np.ndarray) -> np.ndarray:
-    """Documents that pass the filters and are not a dropped duplicate copy."""
-    reasons = tags["reason"].to_numpy(zero_copy_only=False)
-    rows = tags["row_hash"].to_numpy(zero_copy_only=False)
-    return (reasons == "") & ~np.isin(rows, drop)
-
-
-def exact_duplicates(tags: pa.Table) -> np.ndarray:
-    """Row hashes of the copies exact dedupe drops. Of each set of documents with one content
-    hash the held-out copy stays (no evaluation text in training), else the one of the first
-    group name, then of the lowest row hash: the same copy on every run."""
-    ok = tags.filter(pc.equal(tags["reason"], ""))
-    counts = ok.group_by("hash").aggregate([("hash", "count")])
-    repeated = counts.filter(pc.greater(counts["hash_count"], 1))["hash"]
-    copies = ok.filter(pc.is_in(ok["hash"], value_set=repeated))
-    groups = copies["group"].to_pylist() if "group" in copies.column_names else None
-    order = sorted(
-        zip(
-            copies["hash"].to_pylist(),
-            (s != "eval" for s in copies["source"].to_pylist()),
-            groups or [""] * copies.num_rows,
-            copies["row_hash"].to_pylist(),
-            strict=True,
-        )
-    )
-    drop = [row[-1] for i, row in enumerate(order) if i and order[i - 1][0] == row[0]]
-    return np.asarray(drop, np.uint64)
-
-
-def source_row_hash(rows: pa.Array, source: str) -> pa.Array:
-    """A row's identity across both sources: a file given as data.train and data.eval has
-    the same row hashes in each."""
-    if source == "train":
-        return rows
-    return pa.array(rows.to_numpy(zero_copy_only=False) ^ np.uint64(0x9E3779B97F4A7C15))
-
-
-class KeepRows:
-    """The second pass: drop filtered documents and duplicate copies; keep `columns`."""
-
-    def __init__(self, drop: np.ndarray, columns: list[str]):
-        import ray
-
-        self.drop_ref = ray.put(drop) if len(drop) else None
-        self.columns = columns
-        self.drop: np.ndarray | None = None  # fetched once per task, not per batch
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import ray
-
-        if self.drop is None:
-            self.drop = ray.get(self.drop_ref) if self.drop_ref else np.empty(0, np.uint64)
-        return batch.filter(kept_mask(batch, self.drop)).select(self.columns)
 
 
 def _group_names(tags: pa.Table, column: str) -> list[str]:

@@ -9,13 +9,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cluster.publish import publish_dir
-from cluster.storage import join, local_copy
-from jobs import metrics as m
-from jobs.checkpoint import restore_latest, save_and_report
-from jobs.deepspeed_config import derive_deepspeed_config
-from jobs.models.causal_lm import build_causal_lm, build_config, largest_parameter
-from jobs.models.group_loss import (
+from raygen.cluster.publish import publish_dir
+from raygen.cluster.storage import join, local_copy
+from raygen.jobs.models.causal_lm import build_causal_lm, build_config, largest_parameter
+from raygen.jobs.models.group_loss import (
     GroupDRO,
     group_sums,
     inverse_frequency_weights,
@@ -23,10 +20,12 @@ from jobs.models.group_loss import (
     token_losses,
     weighted_mean_loss,
 )
-from jobs.spec import TrainSpec, global_batch_size
-from jobs.worker import (
-    MODEL_DIR,
-    MODEL_KIND,
+from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
+from raygen.jobs.spec import TrainSpec, global_batch_size
+from raygen.jobs.train import metrics as m
+from raygen.jobs.train.checkpoint import restore_latest, save_and_report
+from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
+from raygen.jobs.train.worker import (
     PreemptionWatch,
     apply_peak_lr,
     build_optimizer,

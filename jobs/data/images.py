@@ -17,9 +17,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.storage import is_remote, join, list_files, open_input
-from jobs.errors import SpecError
-from jobs.spec import TrainSpec
+from raygen.cluster.storage import is_remote, join, list_files, open_input
+from raygen.jobs.data.rows import (
+    KeepRows,
+    exact_duplicates,
+    kept_mask,
+    read_columns,
+    source_row_hash,
+    split_of,
+)
+from raygen.jobs.errors import SpecError
+from raygen.jobs.spec import TrainSpec
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +92,6 @@ class _DecodeImages:
         self.pixels_per_image = channels * size * size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from jobs.data import source_row_hash, split_of
-
         pixels, hashes, reasons = [], [], []
         for value in batch["image"].to_pylist():
             data = image_bytes(value)
@@ -128,9 +134,10 @@ def read_images(files: list[Any], spec: TrainSpec, source: str, eval_fraction: f
     `hash`, `reason`, `source`, `split`, `row_hash` (as the text pipeline's)."""
     import ray.data
 
-    from jobs.models.diffusion import image_shape
+    from raygen.jobs.models.diffusion import image_shape
+    from raygen.jobs.pretrained import unet_config
 
-    channels, size, _ = image_shape(spec.model)
+    channels, size, _ = image_shape(unet_config(spec.model))
     d = spec.data
     parts = []
     if any(f.kind == "digits" for f in files):
@@ -262,11 +269,11 @@ def prepare_images(
 ) -> dict[str, Any]:
     """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray):
     decode and tag in one pass, decide the drops from the tags here, drop, write."""
-    from jobs.data import KeepRows, exact_duplicates, kept_mask, read_columns
-    from jobs.models.diffusion import image_shape, num_classes
+    from raygen.jobs.models.diffusion import image_shape, num_classes
+    from raygen.jobs.pretrained import unet_config
 
     d = spec.data
-    shape = image_shape(spec.model)
+    shape = image_shape(unet_config(spec.model))
     rows_in = count_rows(train_files + eval_files)
     eval_fraction = 0.0 if eval_files else d.eval_fraction
     tagged = read_images(train_files, spec, "train", eval_fraction)
@@ -288,7 +295,7 @@ def prepare_images(
             f"check that `data.image_column` ({d.image_column}) holds PNG/JPEG bytes.",
         )
     labelled = d.train == [DIGITS] or d.label_column is not None
-    classes = num_classes(spec.model)
+    classes = num_classes(unet_config(spec.model))
     if labelled:
         low, high = pc.min(kept["label"]).as_py(), pc.max(kept["label"]).as_py()
         if low < 0 or (classes and high >= classes):
@@ -326,25 +333,3 @@ def prepare_images(
         "labelled": labelled,
         "num_classes": (int(high) + 1) if labelled else 0,
     }
-
-
-def prepare_fid_reference(spec: TrainSpec, prepared_dir: str, stats: dict) -> dict | None:
-    """Build the FID extractor and real-image statistics in a Ray task (None: FID off)."""
-    import ray
-
-    from jobs.fid import build_reference, resolve_extractor
-
-    kind = resolve_extractor(spec.sampling.fid_extractor, stats["labelled"])
-    if kind == "none" or spec.sampling.fid_samples == 0:
-        return None
-    task = ray.remote(num_cpus=1)(build_reference)
-    return ray.get(
-        task.remote(
-            prepared_dir,
-            tuple(stats["image_shape"]),
-            kind,
-            spec.sampling.inception_weights,
-            stats["num_classes"],
-            spec.train.seed,
-        )
-    )

@@ -1,0 +1,1 @@
+"""Data preparation, training, evaluation, export and sampling: the work Ray runs."""

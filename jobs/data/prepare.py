@@ -1,0 +1,202 @@
+"""Prepare a training spec's data with Ray Data, once: the prepared directory's fingerprint
+(inputs' contents, options, tokenizer) decides whether it is up to date; text goes
+through `text`, images through `images` and `fid_reference`. A directory is published
+whole (`cluster.publish`): a cut-off preparation is never taken for a finished one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from raygen.cluster import publish
+from raygen.cluster.errors import StorageError
+from raygen.cluster.storage import (
+    content_id,
+    is_remote,
+    join,
+    list_files,
+    read_text,
+    remove_dir,
+    write_text,
+)
+from raygen.jobs.data.inputs import InputFile, list_input_files
+from raygen.jobs.data.text import prepare_text
+from raygen.jobs.spec import TrainSpec
+
+logger = logging.getLogger(__name__)
+
+
+PREPARED_FORMAT = 4
+STATS_FILE = "data_stats.json"
+PREPARED_KIND = "prepared-data"  # what a prepared directory's marker says it is
+
+
+def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[InputFile]) -> str:
+    """Hash of everything that determines the prepared data: the inputs' contents, the
+    options, the tokenizer's files and the format. Contents, not names: a file or a
+    tokenizer replaced in place (same path) changes it (`cluster.storage.content_id`)."""
+    d = spec.data
+    identity = {
+        "format": PREPARED_FORMAT,
+        "train": [_identity(f) for f in train_files],
+        "eval": [_identity(f) for f in eval_files],
+        "options": d.model_dump(exclude={"train", "eval", "prepared"}),
+        "tokenizer": spec.tokenizer.model_dump(),
+        "tokenizer_files": _dir_contents(spec.tokenizer.path) if spec.tokenizer.path else None,
+        # A pretrained model's tokenizer and config (its weights do not shape the data).
+        "pretrained": _dir_contents(spec.model.pretrained) if spec.model.pretrained else None,
+        "seed": spec.train.seed,
+        # Packed blocks carry per-token groups when the run weights groups.
+        "group_column": spec.train.group_weighting.column if spec.train.group_weighting else None,
+    }
+    if spec.model.family == "diffusion":
+        from raygen.jobs.models.diffusion import image_shape
+        from raygen.jobs.pretrained import unet_config
+
+        # The images are resized to the UNet's input, and the FID reference is built from them;
+        # which weights the UNet starts from does not matter (fine-tuning reuses the data).
+        identity["tokenizer"] = identity["tokenizer_files"] = identity["pretrained"] = None
+        identity["image_shape"] = image_shape(unet_config(spec.model))
+        identity["fid"] = (
+            spec.sampling.fid_extractor,
+            content_id(spec.sampling.inception_weights)
+            if spec.sampling.inception_weights
+            else None,
+        )
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+
+
+def _identity(f: InputFile) -> tuple[str, str]:
+    return (f.path, "builtin" if f.kind == "digits" else content_id(f.path))
+
+
+def _dir_contents(uri: str) -> dict[str, str]:
+    """{relative path: content id} of a directory's files, weights left out."""
+    root = uri.rstrip("/") if is_remote(uri) else str(Path(uri).resolve())
+    return {
+        f.uri[len(root) :].lstrip("/"): content_id(f.uri)
+        for f in list_files(uri, "")
+        if not f.uri.endswith(WEIGHT_SUFFIXES) and "/." not in f.uri[len(root) :]
+    }
+
+
+def read_stats(prepared_dir: str) -> dict[str, Any] | None:
+    """The `data_stats.json` of a prepared directory raygen finished writing, else None."""
+    if publish.state(prepared_dir) != "complete":
+        return None
+    text = read_text(join(prepared_dir, STATS_FILE))
+    return json.loads(text) if text else None
+
+
+def _older_prepared_data(files: dict[str, int]) -> bool:
+    """What raygen versions before the directory marker left: their stats file."""
+    return STATS_FILE in files
+
+
+def data_fingerprint(spec: TrainSpec) -> str:
+    """The fingerprint the spec's prepared data has (or will have): its inputs' contents,
+    options and tokenizer."""
+    d = spec.data
+    train_files = list_input_files(d.train, "data.train", d.max_bytes)
+    eval_files = list_input_files(d.eval, "data.eval", None) if d.eval else []
+    return fingerprint(spec, train_files, eval_files)
+
+
+def prepare_data(
+    spec: TrainSpec, prepared_dir: str, force: bool = False, address: str | None = None
+) -> dict[str, Any]:
+    """Prepare the spec's corpus into `prepared_dir` unless it is up to date.
+
+    `spec` must have passed `jobs.launch.validate_train_spec` (inputs and columns checked).
+    Ray is needed only to prepare: this process connects then (to `address`, else
+    $RAY_ADDRESS, else an embedded local Ray; nothing when already connected).
+
+    Returns:
+        The data stats (also written to `prepared_dir/data_stats.json`).
+
+    Raises:
+        SpecError: inputs missing, unreadable, or empty after filtering.
+    """
+
+    d = spec.data
+    train_files = list_input_files(d.train, "data.train", d.max_bytes)
+    eval_files = list_input_files(d.eval, "data.eval", None) if d.eval else []
+    fp = fingerprint(spec, train_files, eval_files)
+    stats = read_stats(prepared_dir)
+    if stats and stats.get("fingerprint") == fp and not force:
+        logger.info("Prepared data in %s is up to date (fingerprint %s).", prepared_dir, fp)
+        return stats
+
+    from raygen.cluster.connection import connect
+
+    publish.check_ours(prepared_dir, "data.prepared", _older_prepared_data)
+    connect(address)
+    logger.info("Preparing data into %s ...", prepared_dir)
+    # Marked as being written until the stats and marker are: a cut-off preparation is
+    # never taken for a finished one, and is redone.
+    publish.begin(prepared_dir, "data.prepared", _older_prepared_data)
+    try:
+        if spec.model.family == "diffusion":
+            from raygen.jobs.data.fid_reference import prepare_fid_reference
+            from raygen.jobs.data.images import prepare_images
+
+            stats = prepare_images(spec, prepared_dir, train_files, eval_files, fp)
+            stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
+        else:
+            stats = prepare_text(spec, prepared_dir, train_files, eval_files, fp)
+        write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
+        publish.finish(prepared_dir, PREPARED_KIND)
+    except BaseException as exc:
+        _clear_partial(prepared_dir)
+        cause = _storage_cause(exc) if isinstance(exc, Exception) else None
+        if cause is None:
+            raise
+        raise StorageError(
+            f"preparing data into {prepared_dir} failed reading or writing storage: {cause}; "
+            "nothing of it was kept."
+        ) from None
+    return stats
+
+
+def _clear_partial(prepared_dir: str) -> None:
+    """Remove what a failed preparation wrote (raygen's own, marked as under way)."""
+    try:
+        if publish.state(prepared_dir) == "interrupted":
+            remove_dir(prepared_dir)
+    except Exception:  # the storage may be what failed: say so, keep the first error
+        logger.warning("could not remove the partial preparation in %s", prepared_dir)
+
+
+def _storage_cause(exc: BaseException) -> str | None:
+    """What an I/O error behind `exc` (also inside a Ray task's error) says, or None.
+
+    Inputs were checked before preparing; an I/O error now means storage changed or failed
+    meanwhile (a deleted object, lost credentials, a full disk): a user problem, not a bug.
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            return _last_error_line(str(exc)) or type(exc).__name__
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+def _last_error_line(text: str) -> str:
+    """The error itself from an error's text, without the exception's class name and
+    terminal colors: its first line, or, when the text carries a (Ray task's) traceback,
+    the line the traceback ends with."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    line = lines[-1] if "Traceback (most recent call last)" in text else lines[0]
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", line)

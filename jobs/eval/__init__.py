@@ -1,0 +1,1 @@
+"""Evaluation of trained models (FID for image models)."""

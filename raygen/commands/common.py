@@ -1,0 +1,51 @@
+"""Options the commands share, and the logging every long-running command sets up."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec key: --set train.max_steps=500 (repeatable)."),
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster address. Default: $RAY_ADDRESS, else a local Ray."),
+]
+JobsAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="The cluster's Jobs API, http://HEAD:8265. Default: $RAY_API_SERVER_ADDRESS.",
+    ),
+]
+OverrideOption = Annotated[
+    str | None,
+    typer.Option(
+        "--override-audit",
+        help="Deploy although the audit failed (or is missing or of another model); the "
+        "reason, your user name and the failing checks are recorded.",
+    ),
+]
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="Cluster launcher config (YAML).")
+]
+
+
+class SpecKind(str, Enum):
+    """The spec files raygen reads."""
+
+    train = "train"
+    sweep = "sweep"
+    audit = "audit"
+    deploy = "deploy"
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("raygen").setLevel(logging.INFO)

@@ -1,0 +1,95 @@
+"""`raygen serve` (deploy, status, shutdown, build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from raygen import render
+from raygen.commands.common import AddressOption, OverrideOption, SetOption, setup_logging
+
+
+def deploy(
+    spec: Annotated[Path, typer.Argument(help="Deploy spec (YAML).")],
+    set_: SetOption = None,
+    address: AddressOption = None,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="Leave it running on the cluster and return."),
+    ] = False,
+    override_audit: OverrideOption = None,
+) -> None:
+    """Deploy a model behind an autoscaling HTTP API, if its audit passed; blocks until
+    Ctrl-C (or --detach)."""
+    from raygen.jobs.loader import load_spec
+    from raygen.serving.spec import DeploySpec
+
+    deploy_spec = load_spec(DeploySpec, spec, set_)
+    setup_logging()
+    from raygen.serving.deploy import serve
+
+    def deployed(info: dict[str, Any], gated: Any, record: str) -> None:
+        render.deployment(info, gated)
+        if gated.audit_override:
+            render.out.print(
+                f"[yellow]audit overridden[/], on the record: {gated.audit_override.record}; "
+                f"deployment recorded in {record}",
+                soft_wrap=True,
+            )
+        if detach:
+            render.out.print(f"left running; stop it with `raygen serve shutdown {info['name']}`")
+        else:
+            render.plain("serving until Ctrl-C")
+
+    serve(deploy_spec, str(spec), address, override_audit, detach, render.plain, deployed)
+
+
+def status(address: AddressOption = None) -> None:
+    """List the applications Serve runs on a cluster, with their replicas."""
+    from raygen.cluster.connection import connect_existing
+    from raygen.serving.deploy import status as applications
+
+    connect_existing(address)
+    render.applications(applications())
+
+
+def shutdown(
+    name: Annotated[str, typer.Argument(help="Application name (the deploy spec's `name`).")],
+    address: AddressOption = None,
+) -> None:
+    """Remove a deployed application from a cluster."""
+    from raygen.cluster.connection import connect_existing
+    from raygen.serving.deploy import shutdown as remove
+
+    connect_existing(address)
+    remove(name)
+    render.out.print(f"shut down {name}")
+
+
+def build(
+    spec: Annotated[Path, typer.Argument(help="Deploy spec (YAML).")],
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Serve config file to write.")
+    ] = Path("serve-config.yaml"),
+    set_: SetOption = None,
+    address: AddressOption = None,
+    override_audit: OverrideOption = None,
+) -> None:
+    """Write a Ray Serve config file for `serve deploy` or a KubeRay RayService (after the
+    audit gate: its replicas check the audit again when they start)."""
+    from raygen.jobs.loader import load_spec
+    from raygen.serving.deploy import gate, resolve_deploy_spec, write_serve_config
+    from raygen.serving.spec import DeploySpec
+
+    deploy_spec = load_spec(DeploySpec, spec, set_)
+    setup_logging()
+    resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=False)
+    gated = gate(resolved, override_audit, address, on_event=render.plain)
+    write_serve_config(gated, out_path)
+    if gated.audit_override:
+        render.out.print(
+            f"[yellow]audit overridden[/], on the record: {gated.audit_override.record}"
+        )
+    render.out.print(f"wrote {out_path}; deploy it with `serve deploy {out_path}`")

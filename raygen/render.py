@@ -1,0 +1,230 @@
+"""Everything the commands print: one console for results (stdout), one for errors and
+progress notes (stderr). Terminals get colour and live progress bars; pipes and CI logs
+get plain lines."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+
+out = Console()
+err = Console(stderr=True)
+
+
+def plain(line: str) -> None:
+    out.print(line, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+def metrics_row(row: dict[str, Any]) -> str:
+    """One line for a row of metrics.jsonl (a training step, an evaluation, or both)."""
+    from raygen.jobs.train import metrics as m
+
+    parts = [f"step {row[m.STEP]:>6}"]
+    if m.TRAIN_LOSS in row:
+        parts.append(f"loss {row[m.TRAIN_LOSS]:.4f}")
+        parts.append(f"lr {row[m.LR]:.2e}")
+        if m.TOKENS_PER_S in row:
+            parts.append(f"{row[m.TOKENS_PER_S]:,.0f} tok/s")
+        else:
+            parts.append(f"{row[m.SAMPLES_PER_S]:,.1f} samples/s")
+        parts.append(f"{row[m.STEP_TIME_S]:.3f} s/step")
+    if m.EVAL_LOSS in row:
+        evaluation = f"eval_loss {row[m.EVAL_LOSS]:.4f}"
+        if m.PERPLEXITY in row:
+            evaluation += f" ppl {row[m.PERPLEXITY]:.1f}"
+        if m.FID in row:
+            evaluation += f" fid({row[m.FID_EXTRACTOR]}) {row[m.FID]:.2f}"
+        parts.append(f"[cyan]{evaluation}[/]")
+    return "  ".join(parts)
+
+
+class TrainingProgress:
+    """Follows a run's metrics rows. On a terminal: a live bar (step/total, throughput,
+    ETA) with evaluations printed above it. Elsewhere (a pipe, a CI log): each row as a
+    plain line, as the run logs them (every `train.log_every` steps)."""
+
+    def __init__(self, total_steps: int, live: bool | None = None):
+        self.total = total_steps
+        self.live = out.is_terminal if live is None else live
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> TrainingProgress:
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[speed]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=out,
+                transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, speed="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        from raygen.jobs.train import metrics as m
+
+        if self.progress is None:
+            out.print(metrics_row(row), highlight=False, soft_wrap=True)
+            return
+        speed = ""
+        if m.TOKENS_PER_S in row:
+            speed = f"{row[m.TOKENS_PER_S]:,.0f} tok/s"
+        elif m.SAMPLES_PER_S in row:
+            speed = f"{row[m.SAMPLES_PER_S]:,.1f} samples/s"
+        fields = {"speed": speed} if speed else {}
+        self.progress.update(self.task, completed=row[m.STEP], **fields)
+        if m.EVAL_LOSS in row:  # evaluations stay on screen above the bar
+            self.progress.console.print(metrics_row(row), highlight=False, soft_wrap=True)
+
+
+def training_summary(result: dict[str, Any]) -> None:
+    metrics = result.get("final_metrics", {})
+    paths = result["paths"]
+    if result.get("up_to_date"):
+        out.print(
+            f"[green]{result['name']} is already trained to step {result['final_step']}[/] "
+            "(raise train.max_steps with --set to continue, or --fresh to start over)."
+        )
+    else:
+        attempts = result.get("attempts", [])
+        restarts = max(0, len([a for a in attempts if a["previous_error"]]))
+        out.print(
+            f"[green]done[/]: {result['name']} reached step {result['final_step']} in "
+            f"{result['wall_time_s']:.0f} s"
+            + (f" after {restarts} recovered failure(s)" if restarts else "")
+        )
+    for key in ("train_loss", "eval_loss", "perplexity", "fid"):
+        if key in metrics:
+            out.print(f"  {key:<11} {metrics[key]:.4f}")
+    if paths.get("samples"):
+        out.print(f"  samples     {paths['samples']}")
+    out.print(f"  model       {paths['model']}")
+    out.print(
+        f"  run         {paths['run_dir']}  (metrics.jsonl, tensorboard/, result.json)",
+        soft_wrap=True,
+    )
+
+
+def trials(summary: dict[str, Any], metric: str) -> None:
+    from rich.table import Table
+
+    rows = summary["trials"]
+    table = Table(title=f"{len(rows)} trials")
+    searched = [k for k in rows[0] if k.startswith("config.")] if rows else []
+    for column in ["trial_id", "status", "iterations", f"best_{metric}", *searched]:
+        table.add_column(column.removeprefix("config."))
+    for row in rows:
+        cells = [row["trial_id"], row["status"], str(row["iterations"])]
+        for key in [f"best_{metric}", *searched]:
+            value = row[key]
+            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(*cells)
+    out.print(table)
+    best = summary["best"]
+    out.print(
+        f"[green]best[/]: trial {best['trial_id']} {metric} {best['value']:.4f} "
+        f"({', '.join(f'{k}={v}' for k, v in best['config'].items())})"
+    )
+    for name, path in summary["paths"].items():
+        out.print(f"  {name:<7} {path}", soft_wrap=True)
+
+
+def _interval(check: dict[str, Any], figure: str) -> str:
+    """` [low, high]`: a figure's confidence interval, when the audit has one."""
+    span = (check.get("intervals") or {}).get(figure)
+    return f" [{span[0]:.3g}, {span[1]:.3g}]" if span else ""
+
+
+def audit_report(report: dict[str, Any]) -> None:
+    for check in report["checks"]:
+        mark = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
+        groups = ", ".join(
+            f"{g} {v:.4g} (n={check['counts'].get(g, 0)})" for g, v in check["by_group"].items()
+        )
+        out.print(
+            f"{mark} {check['metric']} by {check['feature']}: {groups}; ratio "
+            f"{check['ratio']:.3f}{_interval(check, 'ratio')}, difference "
+            f"{check['difference']:.4g}{_interval(check, 'difference')}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for reason in check["reasons"]:
+            out.print(f"     {reason}", highlight=False, soft_wrap=True)
+    verdict = "[green]passed[/]" if report["passed"] else "[red]failed[/]"
+    out.print(f"audit {report['name']} {verdict} in {report['duration_s']:.0f} s")
+    out.print(f"  report  {report['paths']['report']}", soft_wrap=True)
+    out.print(f"  audit   {report['paths']['audit']}", soft_wrap=True)
+
+
+def deployment(info: dict[str, Any], spec: Any) -> None:
+    url = info["url"]
+    out.print(
+        f"[green]deployed[/] {info['name']} ({info['kind']}) in {info['deploy_s']:.0f} s at {url}",
+        soft_wrap=True,
+    )
+    endpoint = "/v1/completions" if info["kind"] == "language-model" else "/v1/images/generations"
+    out.print(f"  {endpoint:<24} POST   API docs: {url}/docs", highlight=False)
+    scaling = spec.autoscaling
+    out.print(
+        f"  replicas {scaling.min_replicas}..{scaling.max_replicas}"
+        + (
+            " (scales to zero: the first request waits for a cold start)"
+            if not scaling.min_replicas
+            else ""
+        ),
+        highlight=False,
+    )
+
+
+def applications(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        out.print("no applications are running")
+    for row in rows:
+        replicas = ", ".join(f"{n} {state.lower()}" for state, n in row["replicas"].items())
+        out.print(
+            f"{row['name']}  {row['status']}  replicas: {replicas or '0'}  "
+            f"deployed {row['deployed']}" + (f"  ({row['message']})" if row["message"] else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def submitted(job: dict[str, Any], working_dir: Any) -> None:
+    out.print(f"submitted {job['job_id']}: {job['entrypoint']}", highlight=False, soft_wrap=True)
+    out.print(
+        f"  uploaded {job['upload_bytes'] / 2**20:.1f} MiB from {working_dir}; "
+        f"environment forwarded: {', '.join(job['env']) or 'none'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def stamped(line: str, to_err: bool = False) -> None:
+    """A line with the time of day (long-running watches)."""
+    console = err if to_err else out
+    console.print(f"{time.strftime('%H:%M:%S')}  {line}", highlight=False, markup=False)
