@@ -120,7 +120,7 @@ class DataSpec(Section):
         json_schema_extra=_one_or_many_schema,
         description="Training data: Parquet files or directories of Parquet files (local or "
         "s3://), or a builtin set: `builtin:python-stdlib` (the standard library's .py "
-        "sources, text) or `builtin:digits` (8x8 handwritten digits with labels, images)."
+        "sources, text) or `builtin:digits` (8x8 handwritten digits with labels, images).",
     )
     text_column: str = Field("text", description="Column holding the text in Parquet inputs.")
     image_column: str = Field(
