@@ -73,11 +73,15 @@ def test_set_for_a_key_that_does_not_exist_is_an_error():
     assert "expected key.path=value" in found[2]
 
 
-def test_free_form_sections_accept_any_key():
+def test_free_form_sections_accept_any_key_and_reach_the_deepspeed_config():
+    from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
+
     spec = validate_spec(
         TrainSpec, MINIMAL, "s", ["deepspeed.overrides.zero_optimization.reduce_bucket_size=5e7"]
     )
-    assert spec.deepspeed.overrides == {"zero_optimization": {"reduce_bucket_size": 5e7}}
+    config = derive_deepspeed_config(spec, 2, 1_000_000)
+    assert config["zero_optimization"]["reduce_bucket_size"] == 5e7  # deep-merged, wins
+    assert config["zero_optimization"]["stage"] == spec.deepspeed.zero_stage  # kept
 
 
 def test_model_needs_exactly_one_of_arch_and_pretrained():
