@@ -122,7 +122,8 @@ def train_model(work: Path) -> Path:
 
 def deploy(model: Path, name: str, port: int, batch: int, **autoscaling: Any) -> str:
     from raygen.serving.deploy import deploy as serve_deploy
-    from raygen.serving.deploy import gate, resolve_deploy_spec
+    from raygen.serving.deploy import resolve_deploy_spec
+    from raygen.serving.gate import gate
     from raygen.serving.spec import DeploySpec
 
     raw = {

@@ -104,7 +104,8 @@ def main() -> None:
 
     import ray
 
-    from raygen.tuning.sweep import load_sweep, run_sweep
+    from raygen.tuning.sweep import run_sweep
+    from raygen.tuning.validate import load_sweep
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     storage = tempfile.mkdtemp(prefix="bench-tune-")

@@ -161,7 +161,9 @@ class ModelServer:
         from raygen.cluster.storage import local_copy
         from raygen.serving.engine import ImageEngine, TextEngine
         from raygen.serving.gate import serving_clearance
-        from raygen.serving.models import DIFFUSION, DiffusionModel, LanguageModel, detect_kind
+        from raygen.serving.runtimes.common import DIFFUSION, detect_kind
+        from raygen.serving.runtimes.images import DiffusionModel
+        from raygen.serving.runtimes.text import LanguageModel
 
         started = time.monotonic()
         self.spec = DeploySpec.model_validate(spec)
@@ -395,7 +397,7 @@ class ModelServer:
     def models(self, request: Request) -> dict[str, Any]:
         """The deployed model (OpenAI's model list): what it is, its limits, its audit."""
         self._authorize(request)
-        from raygen.serving.models import LANGUAGE_MODEL
+        from raygen.serving.runtimes.common import LANGUAGE_MODEL
 
         limits = self.spec.limits
         about: dict[str, Any] = {"kind": self.kind, "precision": self.spec.replica.precision}
@@ -466,7 +468,7 @@ class ModelServer:
     @api.post(IMAGES, responses=_errors(400, 401, 404, 413, 503))
     async def images(self, request: Request) -> Response:
         """Generate images (base64 PNG) with a diffusion model."""
-        from raygen.serving.models import ImageRequest as Job
+        from raygen.serving.runtimes.images import ImageTask as Job
 
         started = time.monotonic()
         body: ImageRequest = await self._read(request, IMAGES)
@@ -494,7 +496,7 @@ class ModelServer:
 
             raise _failure(error_status(outcome), describe(outcome))
         images, batch_size = outcome
-        from raygen.serving.models import png_bytes
+        from raygen.serving.runtimes.images import png_bytes
 
         data = [{"b64_json": base64.b64encode(png_bytes(image)).decode()} for image in images]
         return JSONResponse(
@@ -507,7 +509,7 @@ class ModelServer:
     def _text_requests(self, body: CompletionRequest) -> tuple[list[Any], int]:
         """One generation per (prompt, n) in OpenAI's choice order; checks the limits."""
         from raygen.jobs.seeding import derive_seed
-        from raygen.serving.models import TextRequest
+        from raygen.serving.runtimes.text import TextRequest
 
         limits = self.spec.limits
         prompts = body.prompts()

@@ -33,7 +33,7 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
     Raises:
         SpecError: every problem found, each naming its key.
     """
-    from raygen.serving.models import detect_kind
+    from raygen.serving.runtimes.common import detect_kind
 
     problems: list[str] = []
     model = spec.model if is_remote(spec.model) else str(Path(spec.model).resolve())
@@ -75,46 +75,6 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
     return spec.model_copy(update={"model": model, "audit": audit})
 
 
-def gate(
-    spec: DeploySpec,
-    override_reason: str | None = None,
-    address: str | None = None,
-    on_event: Callable[[str], None] = logger.info,
-) -> DeploySpec:
-    """The deployment gate: a passed audit of this exact model, or an override on record.
-
-    Runs the audit first when `spec.audit` is an audit spec. Returns the spec with `audit`
-    pointing at the audit.json (and `audit_override` at the override's record when
-    overridden), which replicas check again when they start (`serving/gate.py`).
-
-    Raises:
-        AuditFailed: the audit failed or is of another model, and no override was given.
-        SpecError: the audit spec or audit.json cannot be read.
-    """
-    from raygen.jobs.loader import load_spec
-    from raygen.serving.audit import run_audit
-    from raygen.serving.gate import clear, model_sha256, read_audit
-    from raygen.serving.spec import AuditSpec
-
-    assert spec.audit is not None  # resolve_deploy_spec requires it
-    if spec.audit.endswith(".json"):
-        audit_json = spec.audit
-        report = read_audit(audit_json)
-        if report is not None:
-            on_event(f"audit: {audit_json} ({'passed' if report['passed'] else 'failed'})")
-    else:
-        on_event(f"audit: running {spec.audit} on {spec.model}")
-        audit_spec = load_spec(AuditSpec, spec.audit)
-        report = run_audit(audit_spec, spec.audit, spec.model, address=address)
-        audit_json = report["paths"]["audit"]
-        on_event(
-            f"audit: {'passed' if report['passed'] else 'failed'}; report "
-            f"{report['paths']['report']}"
-        )
-    resolved = spec.model_copy(update={"audit": audit_json})
-    return clear(resolved, report, model_sha256(spec.model), override_reason)
-
-
 def http_options(spec: DeploySpec) -> dict[str, Any]:
     """Serve's HTTP proxy options. The proxy is shared by every application on a cluster:
     the first deployment's options hold until Serve is shut down."""
@@ -139,7 +99,7 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     from ray import serve
 
     from raygen.serving.app import build_app
-    from raygen.serving.models import detect_kind
+    from raygen.serving.runtimes.common import detect_kind
 
     started = time.monotonic()
     serve.start(http_options=http_options(spec))
@@ -154,7 +114,7 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     url = url_of(spec)
     if embedded and spec.autoscaling.min_replicas > 0:
         _wait_answering(url + "/healthz")
-    from raygen.serving.gate import model_sha256
+    from raygen.serving.model_hash import model_sha256
 
     return {
         "name": spec.name,
@@ -198,7 +158,7 @@ def serve(
     import signal
 
     from raygen.cluster.connection import connect
-    from raygen.serving.gate import record_deployment
+    from raygen.serving.gate import gate, record_deployment
 
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     if detach and embedded:

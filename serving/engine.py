@@ -1,7 +1,7 @@
 """Batching on a replica: one thread runs the model; requests that arrive while it is busy
 form the next batch, or, for language models, join the running one at the next token.
 
-Pure Python threads around the models of `serving/models.py` (no Ray, no asyncio): a
+Pure Python threads around the runtimes of `serving/runtimes/` (no Ray, no asyncio): a
 caller submits its work with a `deliver` callback, which the engine thread calls with
 what the work produced (the Serve app hands it to its event loop).
 """
@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raygen.serving.models import DecodeBatch, InputError, LanguageModel, TextDelta, TextRequest
+from raygen.serving.runtimes.common import InputError
+from raygen.serving.runtimes.text import DecodeBatch, LanguageModel, TextDelta, TextRequest
 
 logger = logging.getLogger(__name__)
 

@@ -11,62 +11,26 @@ the record's name; replicas read the record itself.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import logging
 import os
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from raygen.cluster.storage import join, list_files, local_copy, read_text, write_text
+from raygen.cluster.storage import join, list_files, read_text, write_text
 from raygen.jobs.errors import SpecError
+from raygen.serving.audit.run import failing_summary, run_audit
 from raygen.serving.errors import AuditFailed
+from raygen.serving.model_hash import MODEL_HASH_FORMAT, model_home, model_sha256
 from raygen.serving.spec import AuditOverride, DeploySpec
 
 logger = logging.getLogger(__name__)
 
-# How `model_sha256` frames a directory's files. Audits record it; an audit of another
-# framing cannot be compared with today's hashes and must be run again.
-MODEL_HASH_FORMAT = 2
 RECORDS_DIR = "deployments"
 OVERRIDE = "audit_override"
 DEPLOYED = "deployed"
-
-
-def model_sha256(model_dir: str) -> str:
-    """SHA-256 over every file of a model directory, so an audit names exactly the weights,
-    config and tokenizer it judged. Each file is framed by the lengths of its relative path
-    and its contents: no two different directories feed the hash the same bytes.
-
-    Remembered per process for an unchanged listing (names, sizes, modification times):
-    the gate and the deployment record hash the same model once."""
-    root = Path(local_copy(model_dir))
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    stats = [(p.relative_to(root).as_posix(), p.stat()) for p in files]
-    key = (str(root.resolve()), tuple((n, s.st_size, s.st_mtime_ns) for n, s in stats))
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        for path, (name, stat) in zip(files, stats, strict=True):
-            encoded = name.encode()
-            digest.update(len(encoded).to_bytes(8, "big") + encoded)
-            digest.update(stat.st_size.to_bytes(8, "big"))
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
-
-
-_HASHES: dict[tuple, str] = {}
-
-
-def model_home(model: str) -> str:
-    """The directory holding a model's audits and deployment records: `<run>` for a model
-    at `<run>/model`."""
-    model = model.rstrip("/")
-    return model.rsplit("/", 1)[0] if "/" in model else "."
 
 
 def read_audit(uri: str) -> dict[str, Any] | None:
@@ -87,15 +51,6 @@ def read_audit(uri: str) -> dict[str, Any] | None:
     if not isinstance(report, dict) or not {"passed", "model_sha256", "checks"} <= set(report):
         raise SpecError("audit", f"{uri} is not an audit.json written by `raygen audit`.")
     return report
-
-
-def failing_summary(report: dict[str, Any]) -> list[str]:
-    """One line per failed check: metric, feature and its reasons."""
-    lines = []
-    for check in report["checks"]:
-        if not check["passed"]:
-            lines.append(f"{check['metric']} by {check['feature']}: {'; '.join(check['reasons'])}")
-    return lines
 
 
 def audit_problems(report: dict[str, Any] | None, audit: str, model: str, digest: str) -> list[str]:
@@ -220,6 +175,45 @@ def clear(
     )
     logger.warning("audit overridden by %s: %s (record %s)", user, override_reason, record)
     return spec.model_copy(update={"audit_override": AuditOverride(record=record)})
+
+
+def gate(
+    spec: DeploySpec,
+    override_reason: str | None = None,
+    address: str | None = None,
+    on_event: Callable[[str], None] = logger.info,
+) -> DeploySpec:
+    """The deployment gate: a passed audit of this exact model, or an override on record.
+
+    Runs the audit first when `spec.audit` is an audit spec. Returns the spec with `audit`
+    pointing at the audit.json (and `audit_override` at the override's record when
+    overridden), which replicas check again when they start (`serving/gate.py`).
+
+    Raises:
+        AuditFailed: the audit failed or is of another model, and no override was given.
+        SpecError: the audit spec or audit.json cannot be read.
+    """
+    from raygen.jobs.loader import load_spec
+    from raygen.serving.model_hash import model_sha256
+    from raygen.serving.spec import AuditSpec
+
+    assert spec.audit is not None  # resolve_deploy_spec requires it
+    if spec.audit.endswith(".json"):
+        audit_json = spec.audit
+        report = read_audit(audit_json)
+        if report is not None:
+            on_event(f"audit: {audit_json} ({'passed' if report['passed'] else 'failed'})")
+    else:
+        on_event(f"audit: running {spec.audit} on {spec.model}")
+        audit_spec = load_spec(AuditSpec, spec.audit)
+        report = run_audit(audit_spec, spec.audit, spec.model, address=address)
+        audit_json = report["paths"]["audit"]
+        on_event(
+            f"audit: {'passed' if report['passed'] else 'failed'}; report "
+            f"{report['paths']['report']}"
+        )
+    resolved = spec.model_copy(update={"audit": audit_json})
+    return clear(resolved, report, model_sha256(spec.model), override_reason)
 
 
 # --- the replica's side ---------------------------------------------------------------------

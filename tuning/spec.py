@@ -176,3 +176,12 @@ class SweepSpec(Section):
         if not value:
             raise ValueError("name at least one train-spec key to search")
         return value
+
+
+def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """Evaluations at which trials are compared: grace x factor**k, below max_t."""
+    out, t = [], float(grace_period)
+    while t < max_t:
+        out.append(math.ceil(t))
+        t *= reduction_factor
+    return sorted(set(out))

@@ -27,7 +27,7 @@ def audit(
 
     audit_spec = load_spec(AuditSpec, spec, set_)
     setup_logging()
-    from raygen.serving.audit import raise_if_failed, run_audit
+    from raygen.serving.audit.run import raise_if_failed, run_audit
 
     report = run_audit(audit_spec, str(spec), model, out_dir, address)
     render.audit_report(report)

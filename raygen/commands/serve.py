@@ -80,7 +80,8 @@ def build(
     """Write a Ray Serve config file for `serve deploy` or a KubeRay RayService (after the
     audit gate: its replicas check the audit again when they start)."""
     from raygen.jobs.loader import load_spec
-    from raygen.serving.deploy import gate, resolve_deploy_spec, write_serve_config
+    from raygen.serving.deploy import resolve_deploy_spec, write_serve_config
+    from raygen.serving.gate import gate
     from raygen.serving.spec import DeploySpec
 
     deploy_spec = load_spec(DeploySpec, spec, set_)

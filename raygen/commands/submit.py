@@ -88,7 +88,7 @@ def cluster_command(
             raise SpecError(str(spec), problems)
         storage = train_spec.run.storage
     elif kind is SubmitKind.tune:
-        from raygen.tuning.sweep import load_sweep
+        from raygen.tuning.validate import load_sweep
 
         storage = load_sweep(spec, overrides)[0].run.storage
     elif kind is SubmitKind.audit:

@@ -25,7 +25,8 @@ def tune(
 ) -> None:
     """Search hyperparameters: every trial is a training run; bad ones stop early."""
     setup_logging()
-    from raygen.tuning.sweep import load_sweep, run_sweep
+    from raygen.tuning.sweep import run_sweep
+    from raygen.tuning.validate import load_sweep
 
     spec, base_raw = load_sweep(sweep, set_)
     summary = run_sweep(

@@ -135,7 +135,7 @@ def test_failing_uploads_end_in_a_finished_run_or_a_clear_error_never_half_a_mod
     chaos_ray, proxy, bucket, tmp_path
 ):
     from raygen.cluster.storage import local_copy
-    from raygen.serving.models import detect_kind
+    from raygen.serving.runtimes.common import detect_kind
 
     storage = f"s3://{bucket}/runs"
     raw = tiny_lm_spec(

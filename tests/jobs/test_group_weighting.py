@@ -25,7 +25,7 @@ from raygen.jobs.launch import launch
 from raygen.jobs.loader import validate_spec
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.train import metrics as m
-from raygen.serving.audit import run_audit
+from raygen.serving.audit.run import run_audit
 from raygen.serving.spec import AuditSpec
 from tests.conftest import tiny_lm_spec
 

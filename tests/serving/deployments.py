@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from raygen.serving.deploy import deploy, gate, resolve_deploy_spec
+from raygen.serving.deploy import deploy, resolve_deploy_spec
+from raygen.serving.gate import gate
 from raygen.serving.spec import DeploySpec
 
 

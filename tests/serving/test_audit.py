@@ -17,17 +17,18 @@ import yaml
 
 from raygen.jobs.errors import SpecError
 from raygen.jobs.loader import validate_spec
-from raygen.serving.audit import run_audit
-from raygen.serving.deploy import deploy, gate, resolve_deploy_spec
+from raygen.serving.audit.run import run_audit
+from raygen.serving.deploy import deploy, resolve_deploy_spec
 from raygen.serving.errors import AuditFailed, DeployError
 from raygen.serving.gate import (
+    gate,
     list_records,
-    model_sha256,
     read_record,
     record_deployment,
     serving_clearance,
     write_record,
 )
+from raygen.serving.model_hash import model_sha256
 from raygen.serving.spec import AuditSpec, DeploySpec
 
 ROOT = Path(__file__).resolve().parents[2]

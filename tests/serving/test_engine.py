@@ -1,4 +1,4 @@
-"""Continuous batching (serving/engine.py, DecodeBatch in serving/models.py), without Ray:
+"""Continuous batching (serving/engine.py, DecodeBatch in serving/runtimes/text.py), without Ray:
 a tiny random GPT-2 and a BPE tokenizer trained here on stdlib text."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raygen.serving.engine import ImageEngine, TextEngine, Update
-from raygen.serving.models import DecodeBatch, LanguageModel, TextRequest
+from raygen.serving.runtimes.text import DecodeBatch, LanguageModel, TextRequest
 
 PROMPTS = [
     "import os\n",
@@ -227,7 +227,7 @@ def test_one_bad_request_fails_alone_and_the_batch_goes_on(lm, monkeypatch):
     """A request the model cannot take (a token outside the vocabulary: 400) and one whose
     sampling raises (500) fail on their own; the requests decoded with them are answered
     as if alone, and so is one after."""
-    import raygen.serving.models as models
+    import raygen.serving.runtimes.text as models
 
     real_sample = models._sample
 

@@ -7,7 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from raygen.serving.fairness import Evidence, class_quality, outcome_disparity, quality_of_service
+from raygen.serving.audit.fairness import (
+    Evidence,
+    class_quality,
+    outcome_disparity,
+    quality_of_service,
+)
 
 
 def points(min_group_size: int) -> Evidence:
@@ -128,7 +133,7 @@ def test_loss_ratios_are_worst_over_best_and_so_are_their_intervals():
 
 
 def test_every_cell_of_an_intersection_needs_min_group_size_rows():
-    from raygen.serving.fairness import group_labels
+    from raygen.serving.audit.fairness import group_labels
 
     style = np.array(["spaces"] * 60 + ["tabs"] * 60)
     quotes = np.array((["single"] * 50 + ["double"] * 10) * 2)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from ray.tune.schedulers import TrialScheduler
 
-from raygen.tuning.halving import SuccessiveHalving, rungs
-from raygen.tuning.spec import SweepSpec
+from raygen.tuning.schedulers import SuccessiveHalving
+from raygen.tuning.spec import SweepSpec, rungs
 
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
 

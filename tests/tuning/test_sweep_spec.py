@@ -9,7 +9,7 @@ import yaml
 
 from raygen.jobs.errors import SpecError
 from raygen.tuning.spec import SweepSpec
-from raygen.tuning.sweep import load_sweep, sweep_problems
+from raygen.tuning.validate import load_sweep, sweep_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 

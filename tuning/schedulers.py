@@ -1,4 +1,5 @@
-"""Synchronous successive halving, as a Ray Tune scheduler.
+"""The sweep's schedulers and search space as Ray Tune objects, and synchronous successive
+halving, a Ray Tune scheduler of raygen's own.
 
 Every trial runs to the first rung (`grace_period` evaluations) and pauses there. Once
 all of them have, the best 1/`reduction_factor` go on to the next rung (`grace_period` x
@@ -22,14 +23,11 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from raygen.jobs.spec import TrainSpec
+from raygen.tuning.spec import SweepSpec
+from raygen.tuning.validate import evaluations_of, milestones
 
-def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
-    """Evaluations at which trials are compared: grace x factor**k, below max_t."""
-    out, t = [], float(grace_period)
-    while t < max_t:
-        out.append(math.ceil(t))
-        t *= reduction_factor
-    return sorted(set(out))
+PAUSING_SCHEDULERS = ("successive_halving", "pbt")
 
 
 class SuccessiveHalving(FIFOScheduler):
@@ -159,3 +157,70 @@ def _stop_paused(tune_controller: Any, trial: Trial) -> None:
     mark = getattr(controller, "_mark_trial_to_checkpoint", None)
     if mark is not None:
         mark(trial)
+
+
+def param_space(sweep: SweepSpec, grids_as_choices: bool = False) -> dict[str, Any]:
+    """Tune domains of the searched keys (PBT mutates over grids as choices)."""
+    from ray import tune
+
+    make = {
+        "choice": tune.choice,
+        "uniform": lambda b: tune.uniform(*b),
+        "loguniform": lambda b: tune.loguniform(*b),
+        "randint": lambda b: tune.randint(*b),
+        "grid": tune.choice if grids_as_choices else tune.grid_search,
+    }
+    return {key: make[d.kind](getattr(d, d.kind)) for key, d in sweep.search.items()}
+
+
+def build_scheduler(sweep: SweepSpec, base: TrainSpec, generator: Any, at_once: int) -> Any:
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        MedianStoppingRule,
+        PopulationBasedTraining,
+    )
+
+    s = sweep.scheduler
+    if s.type == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=s.max_t or evaluations_of(base),
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+    if s.type == "successive_halving":
+        return SuccessiveHalving(
+            generator,
+            trials=sweep.trials(),
+            milestones=milestones(s, base),
+            reduction_factor=s.reduction_factor,
+            max_running=at_once,
+            metric=sweep.metric,
+            mode=sweep.mode,
+        )
+    if s.type == "median":
+        return MedianStoppingRule(
+            time_attr="training_iteration", grace_period=s.grace_period, min_samples_required=2
+        )
+    if s.type == "pbt":
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations=param_space(sweep, grids_as_choices=True),
+            quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability,
+            synch=s.synch,
+        )
+    return FIFOScheduler()
+
+
+def trials_that_fit(spec: TrainSpec, resources: dict[str, float]) -> int:
+    """Trials the cluster's CPUs and GPUs can run at once (at least 1)."""
+    per_worker = spec.scaling.per_worker()
+    fits = [
+        int(resources.get(name, 0) // (amount * spec.scaling.num_workers))
+        for name, amount in per_worker.items()
+        if amount > 0
+    ]
+    return max(1, min(fits) if fits else 1)

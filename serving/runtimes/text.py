@@ -1,91 +1,18 @@
-"""Served models: load an exported `model/` directory and generate from it.
-
-Pure torch / transformers / diffusers (no Ray): the Serve app in `serving/app.py` batches
-requests and calls these. Weights are read from safetensors files only.
-"""
+"""Language-model inference: requests, their sampled tokens, and the decoding batch that
+continuous batching steps one token at a time (rows join and leave between steps)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
-
-from raygen.cluster.storage import exists, join, read_text
-from raygen.jobs.errors import SpecError
+from raygen.serving.runtimes.common import InputError, torch_dtype
 
 logger = logging.getLogger(__name__)
 
-LANGUAGE_MODEL = "language-model"
-DIFFUSION = "diffusion"
-LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-class InputError(ValueError):
-    """A request the model cannot take because of what it asked for (the server answers
-    4xx); any other exception while generating is the server's fault (5xx)."""
-
-
-def detect_kind(model_dir: str) -> str:
-    """`language-model` or `diffusion`, told apart by the directory's files.
-
-    Raises:
-        SpecError: not an exported model directory, weights that are not safetensors, or
-            an export raygen began and did not finish.
-    """
-    from raygen.cluster.errors import StorageError
-    from raygen.cluster.publish import require_complete
-
-    try:
-        require_complete(model_dir, "the model", "export it again (`raygen export RUN --out DIR`).")
-    except StorageError as exc:
-        raise SpecError("model", str(exc)) from None
-    if exists(join(model_dir, "model_index.json")):
-        if not exists(join(model_dir, UNET_WEIGHTS)):
-            raise SpecError(
-                "model",
-                f"{model_dir} has no {UNET_WEIGHTS}; raygen serves safetensors weights only "
-                "(no pickled .bin files). Re-export the model with `raygen export`.",
-            )
-        return DIFFUSION
-    config = read_text(join(model_dir, "config.json"))
-    if config is None:
-        where = "does not exist" if not exists(model_dir) else "has no config.json"
-        raise SpecError(
-            "model",
-            f"{model_dir} {where}; give an exported model directory (the `model/` of a "
-            "training run, or what `raygen export` wrote), local or s3://.",
-        )
-    if "model_type" not in json.loads(config):
-        raise SpecError(
-            "model", f"{model_dir}/config.json is not a transformers config (no model_type)."
-        )
-    if not any(exists(join(model_dir, name)) for name in LM_WEIGHTS):
-        raise SpecError(
-            "model",
-            f"{model_dir} has no {LM_WEIGHTS[0]}; raygen serves safetensors weights only (no "
-            "pickled .bin files). Save the model with save_pretrained(safe_serialization=True).",
-        )
-    if not exists(join(model_dir, "tokenizer.json")):
-        raise SpecError(
-            "model", f"{model_dir} has no tokenizer.json; export the model with its tokenizer."
-        )
-    return LANGUAGE_MODEL
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return getattr(torch, DTYPES[precision])
-
-
-# --- language models ------------------------------------------------------------------
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -448,93 +375,3 @@ def _sample(logits, request: TextRequest, generator) -> int:
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-# --- diffusion models -----------------------------------------------------------------
-
-
-@dataclass
-class ImageRequest:
-    """Images to generate: image i depends only on (seed, i); any integer seed."""
-
-    n: int
-    steps: int
-    seed: int
-    class_label: int | None = None
-
-
-class DiffusionModel:
-    """A raygen-exported diffusers pipeline (UNet + noise scheduler)."""
-
-    def __init__(self, local_dir: str, precision: str = "fp32", device: str = "cpu"):
-        import torch
-        from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-
-        root = Path(local_dir)
-        self.device = torch.device(device)
-        saved = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        scheduler_cls = DDIMScheduler if saved["_class_name"] == "DDIMScheduler" else DDPMScheduler
-        self.scheduler_config = scheduler_cls.load_config(root / "scheduler")
-        self.scheduler_cls = scheduler_cls
-        self.unet = UNet2DModel.from_pretrained(
-            root / "unet", use_safetensors=True, torch_dtype=torch_dtype(precision)
-        ).to(self.device)
-        self.unet.eval().requires_grad_(False)
-        config = self.unet.config
-        self.num_classes = int(config.num_class_embeds or 0)
-        self.shape = (config.in_channels, config.sample_size, config.sample_size)
-        self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
-
-    def generate(self, requests: list[ImageRequest]) -> list[np.ndarray]:
-        """uint8 images (n, H, W, C) for each request; requests with the same number of
-        steps are denoised together as one batch."""
-        import torch
-
-        from raygen.jobs.models.diffusion import generate, seeded_noise, to_uint8
-
-        results: list[np.ndarray | None] = [None] * len(requests)
-        by_steps: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            by_steps.setdefault(r.steps, []).append(i)
-        for steps, members in by_steps.items():
-            noise, labels, generators = [], [], []
-            for i in members:
-                r = requests[i]
-                # Image k of a request depends only on (seed, k): `jobs/seeding.py`.
-                request_noise, request_generators = seeded_noise(
-                    self.shape, r.seed, list(range(r.n))
-                )
-                noise.append(request_noise)
-                generators += request_generators
-                labels += [
-                    r.class_label if r.class_label is not None else k % max(1, self.num_classes)
-                    for k in range(r.n)
-                ]
-            label_tensor = torch.tensor(labels, device=self.device) if self.num_classes else None
-            scheduler = self.scheduler_cls.from_config(self.scheduler_config)
-            images = to_uint8(
-                generate(
-                    self.unet,
-                    scheduler,
-                    torch.cat(noise).to(self.device),
-                    label_tensor,
-                    steps,
-                    generators,
-                )
-            )
-            start = 0
-            for i in members:
-                results[i] = images[start : start + requests[i].n]
-                start += requests[i].n
-        return results  # type: ignore[return-value]
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """A uint8 (H, W, C) image as PNG bytes."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -1,0 +1,152 @@
+"""`raygen audit`: a fairness audit of one exported model, run as a Ray job.
+
+Inference runs in Ray Data actors (`inference`); the figures are computed on the driver
+with Fairlearn (`fairness`) and written as `audit.json` and `audit.html` (`report`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raygen.cluster.storage import is_remote, join, write_text
+from raygen.jobs.errors import SpecError
+from raygen.serving.audit import fairness
+from raygen.serving.audit.checks import audit_spec_problems, checks_by_feature, evidence_of
+from raygen.serving.audit.inference import classify_samples, score_texts
+from raygen.serving.audit.report import render_html
+from raygen.serving.audit.scorers import load_scorer
+from raygen.serving.errors import AuditFailed
+from raygen.serving.model_hash import MODEL_HASH_FORMAT, model_home, model_sha256
+from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
+
+logger = logging.getLogger(__name__)
+
+logger = logging.getLogger(__name__)
+
+
+AUDIT_FILE = "audit.json"
+
+
+REPORT_FILE = "audit.html"
+
+
+def default_out_dir(model: str) -> str:
+    """`<run>/audit` for a model at `<run>/model`."""
+    return join(model_home(model), "audit")
+
+
+def run_audit(
+    spec: AuditSpec,
+    source: str,
+    model: str,
+    out_dir: str | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Audit `model`, write audit.json and audit.html into `out_dir`, return the report.
+
+    Raises:
+        SpecError: the spec does not fit the model or its data.
+    """
+    from raygen.cluster.connection import connect
+
+    model = model if is_remote(model) else str(Path(model).resolve())
+    problems = audit_spec_problems(spec, model)
+    if problems:
+        raise SpecError(source, problems)
+    out_dir = out_dir or default_out_dir(model)
+    started = time.monotonic()
+    digest = model_sha256(model)
+    connect(address)
+    results: list[fairness.CheckResult] = []
+    text_checks = [c for c in spec.checks if not isinstance(c, ClassQualityCheck)]
+    scorers = {
+        i: load_scorer(c.scorer) for i, c in enumerate(spec.checks) if isinstance(c, OutcomeCheck)
+    }
+    evidence = evidence_of(spec)
+    if text_checks:
+        table = score_texts(spec, model)
+        for check, features in checks_by_feature(spec):
+            name = fairness.INTERSECTION.join(features)
+            if isinstance(check, QualityCheck):
+                scored = table[table["loss"].notna()]  # texts of under two tokens have none
+                results.append(
+                    fairness.quality_of_service(
+                        scored["loss"].to_numpy(),
+                        fairness.group_labels([scored[f].to_numpy() for f in features]),
+                        check.metric,
+                        name,
+                        evidence,
+                        check.max_ratio,
+                        check.max_difference,
+                    )
+                )
+            elif isinstance(check, OutcomeCheck):
+                index = spec.checks.index(check)
+                scorer = scorers[index]
+                scores = np.array([scorer(t) for t in table[f"completion_{index}"]], dtype=int)
+                labels = table[spec.label_column].to_numpy() if spec.label_column else None
+                results.append(
+                    fairness.outcome_disparity(
+                        scores,
+                        fairness.group_labels([table[f].to_numpy() for f in features]),
+                        name,
+                        evidence,
+                        check.min_ratio,
+                        check.max_difference,
+                        labels,
+                        check.max_equalized_odds_difference,
+                    )
+                )
+    for check in spec.checks:
+        if isinstance(check, ClassQualityCheck):
+            classes, correct = classify_samples(spec, check, model)
+            results.append(
+                fairness.class_quality(
+                    correct, classes, evidence, check.min_ratio, check.max_difference
+                )
+            )
+    from importlib.metadata import version
+
+    report = {
+        "name": spec.name,
+        "passed": all(r.passed for r in results),
+        "model": model,
+        "model_sha256": digest,
+        "model_hash_format": MODEL_HASH_FORMAT,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "raygen_version": version("raygen"),
+        "duration_s": round(time.monotonic() - started, 1),
+        "spec": spec.model_dump(mode="json"),
+        "checks": [r.to_json() for r in results],
+    }
+    write_text(join(out_dir, AUDIT_FILE), json.dumps(report, indent=2, default=_json_number))
+    write_text(join(out_dir, REPORT_FILE), render_html(report))
+    report["paths"] = {"audit": join(out_dir, AUDIT_FILE), "report": join(out_dir, REPORT_FILE)}
+    return report
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def raise_if_failed(report: dict[str, Any]) -> None:
+    if not report["passed"]:
+        lines = "\n".join(f"  - {line}" for line in failing_summary(report))
+        raise AuditFailed(f"audit {report['name']} of {report['model']} failed:\n{lines}")
+
+
+def failing_summary(report: dict[str, Any]) -> list[str]:
+    """One line per failed check: metric, feature and its reasons."""
+    lines = []
+    for check in report["checks"]:
+        if not check["passed"]:
+            lines.append(f"{check['metric']} by {check['feature']}: {'; '.join(check['reasons'])}")
+    return lines

@@ -1,0 +1,87 @@
+"""An exported model directory as the server sees it: which kind of model it is (told from
+its files), its dtype, and the error a request's own values raise."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from raygen.cluster.storage import exists, join, read_text
+from raygen.jobs.errors import SpecError
+
+logger = logging.getLogger(__name__)
+
+logger = logging.getLogger(__name__)
+
+
+LANGUAGE_MODEL = "language-model"
+
+
+DIFFUSION = "diffusion"
+
+
+LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class InputError(ValueError):
+    """A request the model cannot take because of what it asked for (the server answers
+    4xx); any other exception while generating is the server's fault (5xx)."""
+
+
+def detect_kind(model_dir: str) -> str:
+    """`language-model` or `diffusion`, told apart by the directory's files.
+
+    Raises:
+        SpecError: not an exported model directory, weights that are not safetensors, or
+            an export raygen began and did not finish.
+    """
+    from raygen.cluster.errors import StorageError
+    from raygen.cluster.publish import require_complete
+
+    try:
+        require_complete(model_dir, "the model", "export it again (`raygen export RUN --out DIR`).")
+    except StorageError as exc:
+        raise SpecError("model", str(exc)) from None
+    if exists(join(model_dir, "model_index.json")):
+        if not exists(join(model_dir, UNET_WEIGHTS)):
+            raise SpecError(
+                "model",
+                f"{model_dir} has no {UNET_WEIGHTS}; raygen serves safetensors weights only "
+                "(no pickled .bin files). Re-export the model with `raygen export`.",
+            )
+        return DIFFUSION
+    config = read_text(join(model_dir, "config.json"))
+    if config is None:
+        where = "does not exist" if not exists(model_dir) else "has no config.json"
+        raise SpecError(
+            "model",
+            f"{model_dir} {where}; give an exported model directory (the `model/` of a "
+            "training run, or what `raygen export` wrote), local or s3://.",
+        )
+    if "model_type" not in json.loads(config):
+        raise SpecError(
+            "model", f"{model_dir}/config.json is not a transformers config (no model_type)."
+        )
+    if not any(exists(join(model_dir, name)) for name in LM_WEIGHTS):
+        raise SpecError(
+            "model",
+            f"{model_dir} has no {LM_WEIGHTS[0]}; raygen serves safetensors weights only (no "
+            "pickled .bin files). Save the model with save_pretrained(safe_serialization=True).",
+        )
+    if not exists(join(model_dir, "tokenizer.json")):
+        raise SpecError(
+            "model", f"{model_dir} has no tokenizer.json; export the model with its tokenizer."
+        )
+    return LANGUAGE_MODEL
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return getattr(torch, DTYPES[precision])
