@@ -1,4 +1,5 @@
-"""Sample images from an exported diffusion model directory (`<run>/model`, local or s3://)."""
+"""Sample images from an exported diffusion model directory (`<run>/model`, local or s3://),
+and write images: one PNG each, or tiled into a grid."""
 
 from __future__ import annotations
 
@@ -75,3 +76,25 @@ def sample_model(
         noise, generators = seeded_noise(shape, seed, indices)
         images.append(generate(unet, sampler, noise, label_tensor, steps, generators))
     return to_uint8(torch.cat(images)), labels
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) row by row into one (rows*H', columns*W', C) image."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> None:
+    """Write a uint8 (H, W, C) image as PNG, enlarged `scale` times (nearest neighbour)."""
+    from PIL import Image
+
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    pil.save(path)

@@ -102,6 +102,53 @@ class TrainingProgress:
             self.progress.console.print(metrics_row(row), highlight=False, soft_wrap=True)
 
 
+class SweepProgress:
+    """Follows a sweep: its progress lines (trials starting, evaluations, trials ending)
+    and, on a terminal, a live bar of the trials ended out of all, with the time left."""
+
+    def __init__(self, live: bool | None = None):
+        self.live = out.is_terminal if live is None else live
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> SweepProgress:
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("trials"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=out,
+                transient=True,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("sweep", total=None)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def line(self, text: str) -> None:
+        console = self.progress.console if self.progress is not None else out
+        console.print(text, highlight=False, soft_wrap=True)
+
+    def trials(self, ended: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=ended, total=total)
+
+
 def training_summary(result: dict[str, Any]) -> None:
     metrics = result.get("final_metrics", {})
     paths = result["paths"]

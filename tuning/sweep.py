@@ -37,6 +37,7 @@ def run_sweep(
     address: str | None = None,
     resume: bool = False,
     on_progress: Callable[[str], None] | None = None,
+    on_trials: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or with `resume`, continue) the sweep; returns its summary (also `best.json`).
 
@@ -91,7 +92,11 @@ def run_sweep(
         failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
         callbacks=[
             resources,
-            *([_Progress(sweep, on_progress, evaluations_of(base))] if on_progress else []),
+            *(
+                [_Progress(sweep, on_progress, evaluations_of(base), on_trials)]
+                if on_progress
+                else []
+            ),
         ],
         stop=resources,
         verbose=0,
@@ -161,15 +166,30 @@ def _unfinished_trials(sweep_dir: str) -> list[str]:
 class _Progress(Callback):
     """Tune callback: one line per trial event, with the current best."""
 
-    def __init__(self, sweep: SweepSpec, emit: Callable[[str], None], evaluations: int):
+    def __init__(
+        self,
+        sweep: SweepSpec,
+        emit: Callable[[str], None],
+        evaluations: int,
+        on_trials: Callable[[int, int], None] | None = None,
+    ):
         self.sweep, self.emit, self.evaluations = sweep, emit, evaluations
+        self.on_trials = on_trials
         self.best: tuple[float, str] | None = None
         self.counts = {"running": 0, "completed": 0, "stopped early": 0, "errored": 0}
+        self.total = sweep.trials()
+        if on_trials:
+            on_trials(0, self.total)
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment; a console printer does not pickle,
         # so a restored sweep reports progress through the logger.
-        return {**self.__dict__, "emit": logger.info}
+        return {**self.__dict__, "emit": logger.info, "on_trials": None}
+
+    def _ended(self) -> None:
+        if self.on_trials:
+            done = sum(n for k, n in self.counts.items() if k != "running")
+            self.on_trials(done, self.total)
 
     def _better(self, value: float) -> bool:
         if self.best is None:
@@ -197,11 +217,13 @@ class _Progress(Callback):
         self.counts["running"] -= 1
         self.counts[outcome] += 1
         self.emit(f"trial {trial.trial_id} {outcome}  [{self._status()}]")
+        self._ended()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.counts["running"] -= 1
         self.counts["errored"] += 1
         self.emit(f"trial {trial.trial_id} errored  [{self._status()}]")
+        self._ended()
 
     def _status(self) -> str:
         return ", ".join(f"{n} {k}" for k, n in self.counts.items())

@@ -8,7 +8,6 @@ Images are float tensors (N, C, H, W) in [-1, 1]; class labels are int64 (N,) or
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,28 +108,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] images (N, C, H, W) -> uint8 (N, H, W, C)."""
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """Tile uint8 images (N, H, W, C) row by row into one (rows*H', columns*W', C) image."""
-    n, h, w, c = images.shape
-    rows = -(-n // columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y : y + h, x : x + w] = image
-    return grid
-
-
-def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> None:
-    """Write a uint8 (H, W, C) image as PNG, enlarged `scale` times (nearest neighbour)."""
-    from PIL import Image
-
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    pil.save(path)
 
 
 def unet_problems(config: dict[str, Any], pretrained: bool, has_labels: bool) -> list[str]:

@@ -18,13 +18,13 @@ from raygen.jobs.models.diffusion import (
     build_unet,
     diffusion_loss,
     generate,
-    image_grid,
     num_classes,
     seeded_noise,
     to_uint8,
 )
 from raygen.jobs.pretrained import unet_config, unet_dir
 from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
+from raygen.jobs.sampling import image_grid
 from raygen.jobs.spec import NoiseSchedulerSpec, TrainSpec, global_batch_size
 from raygen.jobs.train import metrics as m
 from raygen.jobs.train.checkpoint import restore_latest, save_and_report

@@ -85,7 +85,7 @@ class MetricsLog:
 
         Returns the PNG's path or URI.
         """
-        from raygen.jobs.models.diffusion import save_png
+        from raygen.jobs.sampling import save_png
 
         name = f"step_{step:06d}.png"
         local = Path(self.local_dir, SAMPLES_DIR, name)

@@ -125,8 +125,7 @@ def sample(
     ] = None,
 ) -> None:
     """Generate images with a trained diffusion model and write them as a PNG grid."""
-    from raygen.jobs.models.diffusion import image_grid, save_png
-    from raygen.jobs.sampling import sample_model
+    from raygen.jobs.sampling import image_grid, sample_model, save_png
 
     name = scheduler.value if scheduler else None
     images, labels = sample_model(model_dir, n, steps, class_label, seed, name)

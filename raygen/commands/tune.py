@@ -29,9 +29,16 @@ def tune(
     from raygen.tuning.validate import load_sweep
 
     spec, base_raw = load_sweep(sweep, set_)
-    summary = run_sweep(
-        spec, base_raw, str(sweep), address=address, resume=resume, on_progress=render.out.print
-    )
+    with render.SweepProgress() as progress:
+        summary = run_sweep(
+            spec,
+            base_raw,
+            str(sweep),
+            address=address,
+            resume=resume,
+            on_progress=progress.line,
+            on_trials=progress.trials,
+        )
     render.trials(summary, spec.metric)
     if export_best:
         from raygen.jobs.export import export_checkpoint

@@ -75,7 +75,7 @@ def test_images_are_resized_on_the_short_side_and_center_cropped():
 
 
 def test_image_grid_tiles_rows_of_images():
-    from raygen.jobs.models.diffusion import image_grid
+    from raygen.jobs.sampling import image_grid
 
     grid = image_grid(np.zeros((5, 4, 4, 1), np.uint8), columns=3, pad=1)
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
