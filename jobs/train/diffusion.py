@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,20 +24,20 @@ from raygen.jobs.models.diffusion import (
 from raygen.jobs.pretrained import unet_config, unet_dir
 from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
 from raygen.jobs.sampling import image_grid
-from raygen.jobs.spec import NoiseSchedulerSpec, TrainSpec, global_batch_size
+from raygen.jobs.spec import NoiseSchedulerSpec, TrainSpec
 from raygen.jobs.train import metrics as m
 from raygen.jobs.train.checkpoint import restore_latest, save_and_report
 from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
 from raygen.jobs.train.worker import (
     PreemptionWatch,
+    TrainWindow,
     apply_peak_lr,
     build_optimizer,
-    checkpoint_on_preemption,
+    checkpoint_cadence,
     lr_lambda,
     micro_batches,
     record_attempt,
     seed_everything,
-    wait_for_scheduler,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,8 +186,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     step = start_step
     watch = PreemptionWatch(device)
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_steps, window_start = 0, time.perf_counter()
+    window = TrainWindow(spec, world, device)
     while step < spec.train.max_steps:
         for _ in range(spec.train.grad_accum):
             images, labels = to_inputs(next(batches))  # (B, C, H, W) in [-1, 1]
@@ -200,25 +198,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             loss = diffusion_loss(engine, noise_scheduler, images, labels, noise, t)
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
-            window_loss += loss.detach().double() / spec.train.grad_accum
+            window.add(loss)
         step += 1
-        window_steps += 1
         if ema:
             ema.update(step)
 
         is_last = step == spec.train.max_steps
-        row: dict[str, Any] = {}
-        if step % spec.train.log_every == 0 or is_last:
-            mean_loss = window_loss / window_steps
-            dist.all_reduce(mean_loss)
-            elapsed = time.perf_counter() - window_start
-            row = {
-                m.STEP: step,
-                m.TRAIN_LOSS: mean_loss.item() / world,
-                m.LR: scheduler.get_last_lr()[0],
-                m.STEP_TIME_S: elapsed / window_steps,
-                m.SAMPLES_PER_S: global_batch_size(spec, world) * window_steps / elapsed,
-            }
+        row = window.row(step, scheduler.get_last_lr()[0], is_last)
         if step % spec.train.eval_every == 0 or is_last:
             evaluated = evaluate()
             grid = evaluated.pop("samples", None)
@@ -229,20 +215,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             log.log(row)
         last_metrics.update(row)
         if row:
-            window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-
-        saved = step % spec.train.checkpoint_every == 0 or is_last
-        if saved:
-            save(step)
-            if not is_last:
-                wait_for_scheduler(config.get("gate"), rank)
-        if not is_last:
-            checkpoint_on_preemption(
-                watch, step, saved, save, run_dir, rank, spec.run.preemption_grace_s
-            )
-        if saved:
-            window_start = time.perf_counter()  # checkpoint time is not step time
+            window.reset()
+        if checkpoint_cadence(step, is_last, spec, save, watch, run_dir, rank, config.get("gate")):
+            window.restart_clock()  # checkpoint time is not step time
 
     export_pipeline(engine, ema, scheduler_spec, run_dir, rank, spec.deepspeed.zero_stage)
     if log:

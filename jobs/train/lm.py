@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -27,14 +26,14 @@ from raygen.jobs.train.checkpoint import restore_latest, save_and_report
 from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
 from raygen.jobs.train.worker import (
     PreemptionWatch,
+    TrainWindow,
     apply_peak_lr,
     build_optimizer,
-    checkpoint_on_preemption,
+    checkpoint_cadence,
     lr_lambda,
     micro_batches,
     record_attempt,
     seed_everything,
-    wait_for_scheduler,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,9 +129,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     engine.train()
     step = start_step
     watch = PreemptionWatch(device)
-    # Losses stay on the device between log steps: no host sync per micro-batch.
-    window_loss = torch.zeros((), dtype=torch.float64, device=device)
-    window_steps, window_start = 0, time.perf_counter()
+    window = TrainWindow(spec, world, device, tokens_per_step)
     while step < spec.train.max_steps:
         for _ in range(spec.train.grad_accum):
             batch = next(batches)
@@ -145,44 +142,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 loss = plain = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates at the accumulation boundary
-            window_loss += plain.detach().double() / spec.train.grad_accum
+            window.add(plain)
         step += 1
-        window_steps += 1
 
         is_last = step == spec.train.max_steps
-        row: dict[str, Any] = {}
-        if step % spec.train.log_every == 0 or is_last:
-            mean_loss = window_loss / window_steps
-            dist.all_reduce(mean_loss)
-            elapsed = time.perf_counter() - window_start
-            row = {
-                m.STEP: step,
-                m.TRAIN_LOSS: mean_loss.item() / world,
-                m.LR: scheduler.get_last_lr()[0],
-                m.STEP_TIME_S: elapsed / window_steps,
-                m.SAMPLES_PER_S: global_batch_size(spec, world) * window_steps / elapsed,
-                m.TOKENS_PER_S: tokens_per_step * window_steps / elapsed,
-            }
+        row = window.row(step, scheduler.get_last_lr()[0], is_last)
         if step % spec.train.eval_every == 0 or is_last:
             row = {m.STEP: step, **row, **evaluate()}
         if row and log:
             log.log(row)
         last_metrics.update(row)
         if row:
-            window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-
-        saved = step % spec.train.checkpoint_every == 0 or is_last
-        if saved:
-            save(step)
-            if not is_last:
-                wait_for_scheduler(config.get("gate"), rank)
-        if not is_last:
-            checkpoint_on_preemption(
-                watch, step, saved, save, run_dir, rank, spec.run.preemption_grace_s
-            )
-        if saved:
-            window_start = time.perf_counter()  # checkpoint time is not step time
+            window.reset()
+        if checkpoint_cadence(step, is_last, spec, save, watch, run_dir, rank, config.get("gate")):
+            window.restart_clock()  # checkpoint time is not step time
 
     export_model(engine, tokenizer, run_dir, rank, spec.deepspeed.zero_stage)
     if log:

@@ -230,3 +230,75 @@ def wait_for_scheduler(gate: Any, rank: int) -> None:
     if rank == 0:
         gate.get()
     dist.barrier()
+
+
+class TrainWindow:
+    """The training metrics between two log steps, shared by the training loops: the mean
+    loss (summed on the device: no host sync per micro-batch), step time and throughput.
+    Time spent evaluating or checkpointing is not step time."""
+
+    def __init__(self, spec: TrainSpec, world: int, device: Any, tokens_per_step: int = 0):
+        self.spec, self.world, self.tokens_per_step = spec, world, tokens_per_step
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        """One micro-batch's loss."""
+        self.loss += loss.detach().double() / self.spec.train.grad_accum
+
+    def row(self, step: int, lr: float, is_last: bool) -> dict[str, Any]:
+        """The window's metrics at a log step (every `train.log_every` and the last), else
+        {}. A collective: every rank calls it at every step."""
+        self.steps += 1
+        if step % self.spec.train.log_every and not is_last:
+            return {}
+        import torch.distributed as dist
+
+        from raygen.jobs.spec import global_batch_size
+
+        mean_loss = self.loss / self.steps
+        dist.all_reduce(mean_loss)
+        elapsed = time.perf_counter() - self.start
+        row = {
+            m.STEP: step,
+            m.TRAIN_LOSS: mean_loss.item() / self.world,
+            m.LR: lr,
+            m.STEP_TIME_S: elapsed / self.steps,
+            m.SAMPLES_PER_S: global_batch_size(self.spec, self.world) * self.steps / elapsed,
+        }
+        if self.tokens_per_step:
+            row[m.TOKENS_PER_S] = self.tokens_per_step * self.steps / elapsed
+        return row
+
+    def reset(self) -> None:
+        """After a logged row: the next window starts now, empty."""
+        self.loss.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+
+def checkpoint_cadence(
+    step: int,
+    is_last: bool,
+    spec: TrainSpec,
+    save: Callable[[int], None],
+    watch: PreemptionWatch,
+    run_dir: str,
+    rank: int,
+    gate: Any,
+) -> bool:
+    """After a step: checkpoint every `train.checkpoint_every` steps and at the end, let a
+    pausing scheduler decide (`wait_for_scheduler`), and checkpoint at a preemption notice.
+    Returns whether this step was checkpointed."""
+    saved = step % spec.train.checkpoint_every == 0 or is_last
+    if saved:
+        save(step)
+        if not is_last:
+            wait_for_scheduler(gate, rank)
+    if not is_last:
+        checkpoint_on_preemption(
+            watch, step, saved, save, run_dir, rank, spec.run.preemption_grace_s
+        )
+    return saved
