@@ -44,6 +44,33 @@ def metrics_row(row: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _live_bar(unit: str, *columns: Any) -> Any:
+    """A started rich progress bar on the results console: `unit` done of total, the bar,
+    any `columns`, time elapsed and time left; it disappears when stopped."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn(unit),
+        MofNCompleteColumn(),
+        BarColumn(),
+        *columns,
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=out,
+        transient=True,
+    )
+    progress.start()
+    return progress
+
+
 class TrainingProgress:
     """Follows a run's metrics rows. On a terminal: a live bar (step/total, throughput,
     ETA) with evaluations printed above it. Elsewhere (a pipe, a CI log): each row as a
@@ -57,27 +84,9 @@ class TrainingProgress:
 
     def __enter__(self) -> TrainingProgress:
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import TextColumn
 
-            self.progress = Progress(
-                TextColumn("step"),
-                MofNCompleteColumn(),
-                BarColumn(),
-                TextColumn("{task.fields[speed]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=out,
-                transient=True,
-            )
-            self.progress.start()
+            self.progress = _live_bar("step", TextColumn("{task.fields[speed]}"))
             self.task = self.progress.add_task("train", total=self.total, speed="")
         return self
 
@@ -113,26 +122,7 @@ class SweepProgress:
 
     def __enter__(self) -> SweepProgress:
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("trials"),
-                MofNCompleteColumn(),
-                BarColumn(),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=out,
-                transient=True,
-            )
-            self.progress.start()
+            self.progress = _live_bar("trials")
             self.task = self.progress.add_task("sweep", total=None)
         return self
 

@@ -24,7 +24,7 @@ from raygen.jobs.models.diffusion import (
 from raygen.jobs.pretrained import unet_config, unet_dir
 from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
 from raygen.jobs.sampling import image_grid
-from raygen.jobs.spec import NoiseSchedulerSpec, TrainSpec
+from raygen.jobs.spec import NoiseSchedulerSpec
 from raygen.jobs.train import metrics as m
 from raygen.jobs.train.checkpoint import restore_latest, save_and_report
 from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
@@ -38,6 +38,7 @@ from raygen.jobs.train.worker import (
     micro_batches,
     record_attempt,
     seed_everything,
+    start_worker,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,22 +48,13 @@ _GENERATE_BATCH = 64  # images denoised per forward when sampling
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Train the spec's UNet with DeepSpeed on this worker; rank 0 logs, samples and exports."""
-    spec = TrainSpec.model_validate(config["spec"])
-    run_dir, prepared = config["run_dir"], config["prepared"]
-
     import deepspeed
     import ray.train
     import torch.distributed as dist
     from diffusers import DDIMScheduler
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
-    seed_everything(spec.train.seed)
-
-    if spec.model.pretrained:  # an s3:// model is read from a local, content-keyed cache
-        model_spec = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
-        spec = spec.model_copy(update={"model": model_spec})
+    spec, rank, world = start_worker(config)
+    run_dir, prepared = config["run_dir"], config["prepared"]
     scheduler_spec = spec.model.scheduler or NoiseSchedulerSpec()
     noise_scheduler = build_noise_scheduler(scheduler_spec)
     shape = tuple(prepared["image_shape"])  # (C, H, W)

@@ -34,6 +34,7 @@ from raygen.jobs.train.worker import (
     micro_batches,
     record_attempt,
     seed_everything,
+    start_worker,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,22 +42,12 @@ logger = logging.getLogger(__name__)
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Train `config["spec"]` with DeepSpeed on this worker; rank 0 logs and exports."""
-    spec = TrainSpec.model_validate(config["spec"])
-    run_dir, prepared = config["run_dir"], config["prepared"]
-
-    import deepspeed
     import ray.train
     from transformers import AutoTokenizer
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
-    seed_everything(spec.train.seed)
-
+    spec, rank, world = start_worker(config)
+    run_dir, prepared = config["run_dir"], config["prepared"]
     tokenizer = AutoTokenizer.from_pretrained(local_copy(prepared["tokenizer"]))
-    if spec.model.pretrained:  # an s3:// model is read from a local, content-keyed cache
-        model_spec = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
-        spec = spec.model_copy(update={"model": model_spec})
     engine, scheduler, zero3 = build_engine(spec, len(tokenizer), tokenizer.eos_token_id, world)
 
     start_step, client_state, _ = restore_latest(engine, config.get("start_from"))

@@ -302,3 +302,23 @@ def checkpoint_cadence(
             watch, step, saved, save, run_dir, rank, spec.run.preemption_grace_s
         )
     return saved
+
+
+def start_worker(config: dict[str, Any]) -> tuple[TrainSpec, int, int]:
+    """What every training loop does first on its worker: read the spec, join the process
+    group (NCCL on GPUs, gloo on CPUs), seed, and read a remote pretrained model from the
+    local, content-keyed cache. Returns (spec, rank, world size)."""
+    import deepspeed
+    import ray.train
+
+    from raygen.cluster.storage import local_copy
+
+    spec = TrainSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
+    seed_everything(spec.train.seed)
+    if spec.model.pretrained:
+        model_spec = spec.model.model_copy(update={"pretrained": local_copy(spec.model.pretrained)})
+        spec = spec.model_copy(update={"model": model_spec})
+    return spec, rank, world
