@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from raygen import __version__, render
 from raygen.cluster.errors import RaygenError
-from raygen.commands import audit, cluster, schema, serve, submit, train, tune
+from raygen.commands import audit, cluster, data, schema, serve, submit, train, tune
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,7 +80,7 @@ _command(app, submit.submit, "submit")
 _command(app, schema.schema, "schema")
 
 data_app = _group("Prepare training data.")
-_command(data_app, train.data_prepare, "prepare")
+_command(data_app, data.prepare, "prepare")
 app.add_typer(data_app, name="data")
 
 
