@@ -190,13 +190,13 @@ def _storage_cause(exc: BaseException) -> str | None:
 
 def _last_error_line(text: str) -> str:
     """The error itself from an error's text, without the exception's class name and
-    terminal colors: its first line, or, when the text carries a (Ray task's) traceback,
-    the line the traceback ends with."""
+    terminal colors: the last line that names an exception (`OSError: ...`, where a Ray
+    task's traceback ends), else the first line."""
     import re
 
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         return ""
-    line = lines[-1] if "Traceback (most recent call last)" in text else lines[0]
-    return re.sub(r"^[\w.]*(Error|Exception): ", "", line)
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    return re.sub(r"^[\w.]*(Error|Exception): ", "", named[-1] if named else lines[0])

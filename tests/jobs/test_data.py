@@ -167,6 +167,12 @@ def test_io_errors_inside_ray_tasks_become_storage_errors_and_bugs_stay_bugs():
     io = OSError("When reading s3://b/x.parquet: AWS Error NO_SUCH_KEY\nmore detail")
     assert _storage_cause(TaskError(io)) == "When reading s3://b/x.parquet: AWS Error NO_SUCH_KEY"
     assert _storage_cause(TaskError(KeyError("a bug"))) is None
+    # An error whose text carries a worker's traceback: the error it ends with.
+    traced = OSError(
+        'ray::Write() (pid=1)\nTraceback (most recent call last):\n  File "x.py", line 1\n'
+        "\x1b[36mOSError: [Errno 28] No space left on device\x1b[0m"
+    )
+    assert _storage_cause(TaskError(traced)) == "[Errno 28] No space left on device"
 
 
 def test_exact_dedupe_keeps_the_held_out_copy_then_the_first_group_and_one_of_each():
