@@ -35,7 +35,11 @@ class Resources(Callback, Stopper):
     def __init__(self, pending_timeout_s: float):
         self.pending_timeout_s = pending_timeout_s
         self.stalled: str | None = None  # why the sweep must stop (Tune stops its trials)
-        self.before = {g.placement_group_id for g in _placement_groups()}  # not the sweep's
+        try:  # groups that exist before the sweep are not the sweep's
+            self.before = {g.placement_group_id for g in _placement_groups()}
+        except Exception as exc:  # a check that cannot run must not stop the sweep
+            logger.warning("cannot list the cluster's placement groups: %s", exc)
+            self.before = set()
         self.unused_since: dict[str, float] = {}
         self.removed: list[str] = []
         self.pending_since: dict[str, float] = {}
@@ -72,7 +76,12 @@ class Resources(Callback, Stopper):
         if not placed:
             self.unused_since.clear()
             return
-        alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+        alive = list_actors(
+            address=_state_address(),
+            filters=[("state", "=", "ALIVE")],
+            detail=True,
+            limit=10_000,
+        )
         used = {a.placement_group_id for a in alive if a.placement_group_id}
         unused = {g.placement_group_id: g for g in placed if g.placement_group_id not in used}
         self.unused_since = {k: v for k, v in self.unused_since.items() if k in unused}
@@ -123,7 +132,8 @@ class Resources(Callback, Stopper):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             alive = list_actors(
-                filters=[("state", "=", "ALIVE"), ("class_name", "=", "TrainController")]
+                address=_state_address(),
+                filters=[("state", "=", "ALIVE"), ("class_name", "=", "TrainController")],
             )
             if not alive:
                 break
@@ -142,12 +152,18 @@ class Resources(Callback, Stopper):
             time.sleep(1.0)
 
 
+def _state_address() -> str:
+    """The connected cluster's address for Ray's state API, which otherwise looks for "the"
+    local Ray and refuses to choose when the machine runs several."""
+    return ray.get_runtime_context().gcs_address
+
+
 def _placement_groups() -> list:
     """This driver's job's placement groups (other jobs' are not the sweep's business)."""
     from ray.util.state import list_placement_groups
 
     job = ray.get_runtime_context().get_job_id()
-    groups = list_placement_groups(detail=True, limit=10_000)
+    groups = list_placement_groups(address=_state_address(), detail=True, limit=10_000)
     return [g for g in groups if g.creator_job_id == job]
 
 
