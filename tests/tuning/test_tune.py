@@ -88,9 +88,11 @@ def test_best_checkpoint_exports_a_model_transformers_loads(asha_sweep, tmp_path
 def test_every_stopped_trials_resources_are_released_so_waiting_trials_run(
     ray_session, tmp_path, shared_prepared
 ):
-    """Four trials of one worker, two at a time, on 2 CPUs, ASHA stopping some early: the
-    sweep finishes, and each trial's worker group's placement group is gone soon after the
-    trial's last report (a group left behind holds a CPU the next trial waits for forever)."""
+    """Eight trials of one worker, two at a time, on 2 CPUs, ASHA stopping some early and
+    four erroring at their start (a batch larger than the data): the sweep finishes, errored
+    trials are reported and the others go on, and each trial's worker group's placement
+    group is gone soon after the trial's last report (a group left behind holds a CPU the
+    next trial waits for forever)."""
     import threading
     import time
 
@@ -100,7 +102,10 @@ def test_every_stopped_trials_resources_are_released_so_waiting_trials_run(
     sweep, base = sweep_of(
         tmp_path,
         shared_prepared,
-        search={"train.lr": {"grid": [GOOD_LR, BAD_LR, 2e-3, 1e-6]}},
+        search={
+            "train.lr": {"grid": [GOOD_LR, BAD_LR, 2e-3, 1e-6]},
+            "train.micro_batch_size": {"grid": [8, 100_000]},
+        },
         max_concurrent_trials=2,
         scheduler={"type": "asha", "grace_period": 1},
     )
@@ -129,9 +134,16 @@ def test_every_stopped_trials_resources_are_released_so_waiting_trials_run(
     time.sleep(1)
     stop.set()
     watcher.join()
-    statuses = sorted(row["status"] for row in summary["trials"])
-    assert len(statuses) == 4 and set(statuses) <= {"completed", "stopped_early"}, statuses
-    assert sorted(set(groups.values())) == sorted(r["trial_id"] for r in summary["trials"])
+    assert len(summary["trials"]) == 8
+    errored = [r for r in summary["trials"] if r["config.train.micro_batch_size"] == 100_000]
+    ran = [r for r in summary["trials"] if r["config.train.micro_batch_size"] == 8]
+    for row in errored:
+        assert row["status"] == "errored"
+        assert "one optimizer step takes micro_batch_size x grad_accum" in row["error"]
+    assert {r["status"] for r in ran} <= {"completed", "stopped_early"}, ran
+    assert summary["best"]["config"]["train.micro_batch_size"] == 8
+    # Errored trials failed before starting workers; every trial that did released them.
+    assert sorted(set(groups.values())) == sorted(r["trial_id"] for r in ran)
     sweep_dir = Path(summary["sweep_dir"])
     delays = {}
     for group, run in groups.items():
@@ -295,20 +307,3 @@ def test_sweep_on_s3_writes_its_results_and_exports_from_there(
     assert best["checkpoint"].startswith(f"s3://{bucket}/sweeps/sweep/trials/")
     out = export_checkpoint(best["run_dir"], best["checkpoint"], str(tmp_path / "best"))
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
-
-
-def test_an_errored_trial_is_reported_and_the_sweep_goes_on(ray_session, tmp_path, shared_prepared):
-    """A trial whose batch is larger than the data fails at its start; the other finishes."""
-    sweep, base = sweep_of(
-        tmp_path,
-        shared_prepared,
-        search={"train.micro_batch_size": {"grid": [8, 100_000]}},
-        scheduler={"type": "fifo"},
-    )
-    base["train"]["max_steps"] = 10
-    summary = run_sweep(sweep, base, "test")
-    by_batch = {row["config.train.micro_batch_size"]: row for row in summary["trials"]}
-    assert by_batch[8]["status"] == "completed"
-    assert by_batch[100_000]["status"] == "errored"
-    assert "one optimizer step takes micro_batch_size x grad_accum" in by_batch[100_000]["error"]
-    assert summary["best"]["config"] == {"train.micro_batch_size": 8}
