@@ -103,7 +103,7 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
     if spec.model.pretrained:
         problems += pretrained_problems(spec.model)
     else:
-        from raygen.jobs.models.causal_lm import config_class_problems  # transformers
+        from raygen.jobs.models.lm_config import config_class_problems  # transformers
 
         problems += config_class_problems(spec.model)
     if spec.tokenizer.path and not exists(join(spec.tokenizer.path, "tokenizer_config.json")):
