@@ -153,7 +153,7 @@ def content_id(uri: str) -> str:
         key = hashlib.sha256(
             f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}".encode()
         ).hexdigest()[:32]
-        cache = _cache_root() / "content" / key
+        cache = cache_root() / "content" / key
         if cache.is_file():
             return cache.read_text()
         digest = hashlib.blake2b(digest_size=16)
@@ -188,7 +188,8 @@ def _etag(uri: str) -> str:
     return f"stat:{info.get('size')}:{info.get('LastModified') or info.get('mtime')}"
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """raygen's local cache: `$RAYGEN_CACHE`, else `~/.cache/raygen`."""
     return Path(os.environ.get("RAYGEN_CACHE", Path.home() / ".cache" / "raygen"))
 
 
@@ -289,7 +290,7 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
     key = hashlib.sha256(
         "\n".join(f"{f.uri} {f.size} {f.mtime_ns}" for f in files).encode()
     ).hexdigest()[:20]
-    root = Path(cache_root) if cache_root else _cache_root()
+    root = Path(cache_root) if cache_root else cache_root()
     target = root / "downloads" / key
     if (target / ".complete").is_file():
         return str(target)

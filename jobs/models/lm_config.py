@@ -7,8 +7,6 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from transformers import PretrainedConfig
-
 from raygen.jobs.spec import ModelSpec
 
 
@@ -42,7 +40,7 @@ def config_class_problems(model: ModelSpec) -> list[str]:
     return problems
 
 
-def _consumed_by(config_cls: type[PretrainedConfig], key: str, value: Any) -> bool:
+def _consumed_by(config_cls: type, key: str, value: Any) -> bool:
     """True when the config class accepts `key` as a legacy alias (e.g. Llama's rope_theta).
 
     transformers keeps unknown keyword arguments as plain attributes; a key it converts into
@@ -54,10 +52,19 @@ def _consumed_by(config_cls: type[PretrainedConfig], key: str, value: Any) -> bo
         return True
 
 
-def _config_keys(config_cls: type[PretrainedConfig]) -> set[str]:
+def _config_keys(config_cls: type) -> set[str]:
+    from transformers import PretrainedConfig
+
     keys: set[str] = set(getattr(config_cls, "attribute_map", {}))
     for cls in config_cls.__mro__:
         if issubclass(cls, PretrainedConfig):
             keys |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
             keys |= set(getattr(cls, "__annotations__", {}))
     return keys
+
+
+def config_keys(arch: str) -> set[str]:
+    """Every keyword the config class of `arch` takes (its own and its bases')."""
+    from transformers import CONFIG_MAPPING
+
+    return _config_keys(CONFIG_MAPPING[arch])
