@@ -133,7 +133,8 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
 def _diffusion_problems(spec: TrainSpec) -> list[str]:
     problems = []
     d, sampling = spec.data, spec.sampling
-    problems += pretrained_problems(spec.model)
+    missing_files = pretrained_problems(spec.model)  # storage reads: once
+    problems += missing_files
     if spec.train.group_weighting:
         problems.append(
             "`train.group_weighting`: group weighting is for language models (per-token "
@@ -164,7 +165,7 @@ def _diffusion_problems(spec: TrainSpec) -> list[str]:
         problems.append(
             f"`model.arch`: {spec.model.arch!r} is not a diffusion architecture; use unet2d."
         )
-    elif (spec.model.arch or spec.model.pretrained) and not pretrained_problems(spec.model):
+    elif (spec.model.arch or spec.model.pretrained) and not missing_files:
         from raygen.jobs.models.diffusion import num_classes, unet_problems  # diffusers
 
         config = unet_config(spec.model)
