@@ -276,7 +276,7 @@ def upload_dir(local_dir: str, uri: str) -> None:
         raise storage_error(uri, exc) from None
 
 
-def local_copy(uri: str, cache_root: str | None = None) -> str:
+def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local directory with the contents of `uri`: the path itself when local, else a
     download into a cache keyed by the listing's content (size and mtime of each file), so
     an unchanged remote directory is fetched once."""
@@ -290,7 +290,7 @@ def local_copy(uri: str, cache_root: str | None = None) -> str:
     key = hashlib.sha256(
         "\n".join(f"{f.uri} {f.size} {f.mtime_ns}" for f in files).encode()
     ).hexdigest()[:20]
-    root = Path(cache_root) if cache_root else cache_root()
+    root = Path(cache_dir) if cache_dir else cache_root()
     target = root / "downloads" / key
     if (target / ".complete").is_file():
         return str(target)

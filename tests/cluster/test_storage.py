@@ -84,6 +84,17 @@ def test_text_files_append_and_directories_round_trip(bucket, tmp_path):
     assert local_copy(join(base, "model"), str(tmp_path / "cache")) != first  # new content
 
 
+def test_a_remote_directory_is_downloaded_once_into_raygens_cache(bucket, tmp_path, monkeypatch):
+    from raygen.cluster.storage import local_copy, write_text
+
+    monkeypatch.setenv("RAYGEN_CACHE", str(tmp_path / "cache"))
+    write_text(f"s3://{bucket}/model/config.json", "{}")
+    local = local_copy(f"s3://{bucket}/model")
+    assert local.startswith(str(tmp_path / "cache"))
+    assert Path(local, "config.json").read_text() == "{}"
+    assert local_copy(f"s3://{bucket}/model") == local  # unchanged: not fetched again
+
+
 @pytest.fixture(scope="module")
 def authenticating_s3(s3_endpoint):
     """A second moto server that checks credentials (IAM), in its own process.
