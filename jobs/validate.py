@@ -5,16 +5,14 @@ import its library (transformers, diffusers) only when asked."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from raygen.cluster.storage import cache_root, exists, join
+from raygen.cluster.storage import exists, join
 from raygen.jobs.data.images import check_image_columns
 from raygen.jobs.data.inputs import check_columns, list_input_files
 from raygen.jobs.errors import SpecError
 from raygen.jobs.pretrained import pretrained_problems, unet_config
-from raygen.jobs.spec import BUILTIN_IMAGES, BUILTIN_PREFIX, ModelSpec, TrainSpec
+from raygen.jobs.spec import BUILTIN_IMAGES, BUILTIN_PREFIX, TrainSpec
 from raygen.jobs.train.deepspeed_config import deepspeed_config_problems
 
 BUILTIN_DIGITS = next(iter(BUILTIN_IMAGES))
@@ -105,7 +103,9 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
     if spec.model.pretrained:
         problems += pretrained_problems(spec.model)
     else:
-        problems += _lm_config_problems(spec.model)
+        from raygen.jobs.models.causal_lm import config_class_problems  # transformers
+
+        problems += config_class_problems(spec.model)
     if spec.tokenizer.path and not exists(join(spec.tokenizer.path, "tokenizer_config.json")):
         problems.append(
             f"`tokenizer.path`: {spec.tokenizer.path} is not a tokenizer directory (no "
@@ -133,8 +133,7 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
 def _diffusion_problems(spec: TrainSpec) -> list[str]:
     problems = []
     d, sampling = spec.data, spec.sampling
-    missing_files = pretrained_problems(spec.model)  # storage reads: once
-    problems += missing_files
+    problems += pretrained_problems(spec.model)
     if spec.train.group_weighting:
         problems.append(
             "`train.group_weighting`: group weighting is for language models (per-token "
@@ -165,7 +164,7 @@ def _diffusion_problems(spec: TrainSpec) -> list[str]:
         problems.append(
             f"`model.arch`: {spec.model.arch!r} is not a diffusion architecture; use unet2d."
         )
-    elif (spec.model.arch or spec.model.pretrained) and not missing_files:
+    elif (spec.model.arch or spec.model.pretrained) and not pretrained_problems(spec.model):
         from raygen.jobs.models.diffusion import num_classes, unet_problems  # diffusers
 
         config = unet_config(spec.model)
@@ -211,33 +210,3 @@ def validate_train_spec(spec: TrainSpec, source: str) -> TrainSpec:
     if problems:
         raise SpecError(source, problems)
     return spec
-
-
-def _lm_config_problems(model: ModelSpec) -> list[str]:
-    """`model.arch` and `model.config` against transformers' config classes. Importing
-    transformers takes seconds (it loads torch), so the keys of an architecture that passed
-    are kept in raygen's cache, per transformers version: a spec whose keys are all known
-    there is answered without importing it."""
-    import importlib.metadata
-
-    version = importlib.metadata.version("transformers")
-    path = cache_root() / "lm-config-keys" / f"transformers-{version}.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if model.arch in known and set(model.config) <= set(known[model.arch]):
-        return []
-    from raygen.jobs.models.lm_config import config_class_problems, config_keys
-
-    problems = config_class_problems(model)
-    if not problems:
-        try:
-            known[model.arch] = sorted(config_keys(model.arch))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            aside = path.with_suffix(f".{os.getpid()}.tmp")
-            aside.write_text(json.dumps(known))
-            aside.replace(path)
-        except OSError:  # no cache: the next check imports transformers again
-            pass
-    return problems

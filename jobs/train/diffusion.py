@@ -196,7 +196,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ema.update(step)
 
         is_last = step == spec.train.max_steps
-        row = window.end_step(step, scheduler.get_last_lr()[0], is_last)
+        row = window.row(step, scheduler.get_last_lr()[0], is_last)
         if step % spec.train.eval_every == 0 or is_last:
             evaluated = evaluate()
             grid = evaluated.pop("samples", None)

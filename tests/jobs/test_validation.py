@@ -95,34 +95,3 @@ def test_group_weighting_method_is_named_and_diffusion_has_none():
     assert any(
         p.startswith("`train.group_weighting`: group weighting is for language") for p in found
     )
-
-
-def test_a_known_architectures_keys_are_checked_without_importing_transformers(tmp_path):
-    """The first check of an architecture imports transformers and keeps its config keys
-    (per transformers version); later checks of known keys answer without the import, and a
-    misspelled key still goes to transformers and is named."""
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; from raygen.jobs.spec import ModelSpec; "
-        "from raygen.jobs.validate import _lm_config_problems as p; "
-        "print(p(ModelSpec(arch='gpt2', config={'n_embd': 64, %s}))); "
-        "print('transformers' in sys.modules)"
-    )
-    env = {**os.environ, "RAYGEN_CACHE": str(tmp_path)}
-
-    def check(extra: str) -> list[str]:
-        done = subprocess.run(
-            [sys.executable, "-c", code % extra], env=env, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.split("\n")[:2]
-
-    assert check("'n_layer': 2") == ["[]", "True"]  # first time: transformers decides
-    assert list(tmp_path.glob("lm-config-keys/transformers-*.json"))
-    assert check("'n_layer': 2") == ["[]", "False"]  # known keys: no transformers
-    problems, imported = check("'n_layr': 2")
-    assert "not a parameter of GPT2Config; did you mean `n_layer`?" in problems
-    assert imported == "True"
