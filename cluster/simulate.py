@@ -26,9 +26,11 @@ HEAD_TYPE = "ray.head.default"  # the name Ray's fake provider gives the head's 
 SIMULATED_GPU = "simulated_GPU"
 # Enough for Ray's minimum; the simulated nodes share this machine's memory.
 NODE_OBJECT_STORE_BYTES = 200 * 2**20
-# Ray's fake provider runs nodes as processes here; the rest of each config is unused.
+# Ray's fake provider (see simulated_provider.py) runs nodes as processes here; the rest of
+# each config is unused.
 _FAKE_PROVIDER = {
-    "type": "fake_multinode",
+    "type": "external",
+    "module": "raygen.cluster.simulated_provider.SimulatedNodeProvider",
     "use_node_id_as_ip": True,
     "disable_node_updaters": True,
     "disable_launch_config_check": True,

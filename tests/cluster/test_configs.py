@@ -5,6 +5,7 @@ reachable from CI, so only their refusals run here)."""
 from __future__ import annotations
 
 import copy
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,9 @@ def test_cloud_commands_check_credentials_and_token_before_ray_runs(tmp_path):
 
 def test_simulation_mirrors_the_node_types_without_gpus(aws):
     fake, rows = simulation_config(aws, idle_timeout_minutes=0.1, cpus_per_node=1, max_nodes=3)
-    assert fake["provider"]["type"] == "fake_multinode"
+    provider = fake["provider"]
+    assert provider["type"] == "external"
+    assert importlib.import_module(provider["module"].rsplit(".", 1)[0])  # the autoscaler's
     assert fake["idle_timeout_minutes"] == 0.1 and fake["max_workers"] == 3
     worker = fake["available_node_types"]["gpu_a100"]
     assert worker["resources"]["CPU"] == 1 and worker["resources"][SIMULATED_GPU] == 8
