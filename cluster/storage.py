@@ -37,7 +37,7 @@ def resolve(uri: str):
         return pafs.LocalFileSystem(), str(Path(uri).resolve())
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # pyarrow.ArrowInvalid is a ValueError
         raise storage_error(uri, exc) from None
 
 

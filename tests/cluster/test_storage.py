@@ -47,6 +47,11 @@ def test_unreachable_endpoint(s3_endpoint, monkeypatch):
         list_files("s3://any-bucket/x", ".parquet")
 
 
+def test_a_uri_pyarrow_cannot_open_is_named():
+    with pytest.raises(StorageError, match="nosuch://bucket/key: Unrecognized filesystem"):
+        list_files("nosuch://bucket/key", ".parquet")
+
+
 def test_local_missing_path(tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         list_files(str(tmp_path / "nope"), ".parquet")
