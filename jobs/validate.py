@@ -11,9 +11,11 @@ from raygen.cluster.storage import exists, join
 from raygen.jobs.data.images import check_image_columns
 from raygen.jobs.data.inputs import check_columns, list_input_files
 from raygen.jobs.errors import SpecError
+from raygen.jobs.library_facts import recall, remember
 from raygen.jobs.pretrained import pretrained_problems, unet_config
-from raygen.jobs.spec import BUILTIN_IMAGES, BUILTIN_PREFIX, TrainSpec
+from raygen.jobs.spec import BUILTIN_IMAGES, BUILTIN_PREFIX, ModelSpec, TrainSpec
 from raygen.jobs.train.deepspeed_config import deepspeed_config_problems
+from raygen.jobs.unet_facts import num_classes, unet_problems
 
 BUILTIN_DIGITS = next(iter(BUILTIN_IMAGES))
 
@@ -103,9 +105,7 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
     if spec.model.pretrained:
         problems += pretrained_problems(spec.model)
     else:
-        from raygen.jobs.models.causal_lm import config_class_problems  # transformers
-
-        problems += config_class_problems(spec.model)
+        problems += _lm_config_problems(spec.model)
     if spec.tokenizer.path and not exists(join(spec.tokenizer.path, "tokenizer_config.json")):
         problems.append(
             f"`tokenizer.path`: {spec.tokenizer.path} is not a tokenizer directory (no "
@@ -133,7 +133,8 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
 def _diffusion_problems(spec: TrainSpec) -> list[str]:
     problems = []
     d, sampling = spec.data, spec.sampling
-    problems += pretrained_problems(spec.model)
+    missing_files = pretrained_problems(spec.model)  # storage reads: once
+    problems += missing_files
     if spec.train.group_weighting:
         problems.append(
             "`train.group_weighting`: group weighting is for language models (per-token "
@@ -164,9 +165,7 @@ def _diffusion_problems(spec: TrainSpec) -> list[str]:
         problems.append(
             f"`model.arch`: {spec.model.arch!r} is not a diffusion architecture; use unet2d."
         )
-    elif (spec.model.arch or spec.model.pretrained) and not pretrained_problems(spec.model):
-        from raygen.jobs.models.diffusion import num_classes, unet_problems  # diffusers
-
+    elif (spec.model.arch or spec.model.pretrained) and not missing_files:
         config = unet_config(spec.model)
         model_problems = unet_problems(
             config, bool(spec.model.pretrained), d.label_column is not None
@@ -210,3 +209,23 @@ def validate_train_spec(spec: TrainSpec, source: str) -> TrainSpec:
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def _lm_config_problems(model: ModelSpec) -> list[str]:
+    """`model.arch` and `model.config` against transformers' config classes. A spec whose
+    keys all passed before (with this transformers version) is answered from raygen's cache,
+    without importing transformers."""
+    fact = f"causal-lm {model.arch} accepts"
+    accepted = recall("transformers", fact)
+    if accepted is not None and set(model.config) <= set(accepted):
+        return []
+    from raygen.jobs.models.lm_config import config_class_problems, config_keys
+
+    problems = config_class_problems(model)
+    if not problems:  # legacy aliases (e.g. Llama's rope_theta) passed too: remember them
+        remember(
+            "transformers",
+            fact,
+            sorted(set(accepted or ()) | config_keys(model.arch) | set(model.config)),
+        )
+    return problems

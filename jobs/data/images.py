@@ -28,6 +28,7 @@ from raygen.jobs.data.rows import (
 )
 from raygen.jobs.errors import SpecError
 from raygen.jobs.spec import TrainSpec
+from raygen.jobs.unet_facts import image_shape, num_classes
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,6 @@ def read_images(files: list[Any], spec: TrainSpec, source: str, eval_fraction: f
     `hash`, `reason`, `source`, `split`, `row_hash` (as the text pipeline's)."""
     import ray.data
 
-    from raygen.jobs.models.diffusion import image_shape
     from raygen.jobs.pretrained import unet_config
 
     channels, size, _ = image_shape(unet_config(spec.model))
@@ -269,7 +269,6 @@ def prepare_images(
 ) -> dict[str, Any]:
     """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray):
     decode and tag in one pass, decide the drops from the tags here, drop, write."""
-    from raygen.jobs.models.diffusion import image_shape, num_classes
     from raygen.jobs.pretrained import unet_config
 
     d = spec.data

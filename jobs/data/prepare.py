@@ -25,6 +25,7 @@ from raygen.cluster.storage import (
 from raygen.jobs.data.inputs import InputFile, list_input_files
 from raygen.jobs.data.text import prepare_text
 from raygen.jobs.spec import TrainSpec
+from raygen.jobs.unet_facts import image_shape
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,6 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
         "group_column": spec.train.group_weighting.column if spec.train.group_weighting else None,
     }
     if spec.model.family == "diffusion":
-        from raygen.jobs.models.diffusion import image_shape
         from raygen.jobs.pretrained import unet_config
 
         # The images are resized to the UNet's input, and the FID reference is built from them;

@@ -7,9 +7,6 @@ Images are float tensors (N, C, H, W) in [-1, 1]; class labels are int64 (N,) or
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -108,71 +105,3 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] images (N, C, H, W) -> uint8 (N, H, W, C)."""
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def unet_problems(config: dict[str, Any], pretrained: bool, has_labels: bool) -> list[str]:
-    """Problems with a UNet's config (`jobs.pretrained.unet_config`) found without
-    building it (key paths and fixes); a pretrained UNet's keys are its own."""
-    problems = []
-    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
-    for key in config:
-        if key not in known and not pretrained:
-            from difflib import get_close_matches
-
-            close = get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            problems.append(f"`model.config.{key}`: not a parameter of UNet2DModel{hint}")
-    defaults = {
-        name: p.default for name, p in inspect.signature(UNet2DModel.__init__).parameters.items()
-    }
-    merged = {**defaults, **config}
-    size = merged["sample_size"]
-    downs = len(merged["down_block_types"])
-    channels = merged["block_out_channels"]
-    if not isinstance(size, int):
-        problems.append("`model.config.sample_size`: give one integer (square images).")
-    elif size % 2 ** (downs - 1):
-        problems.append(
-            f"`model.config.sample_size`: {size} is not divisible by 2^{downs - 1} = "
-            f"{2 ** (downs - 1)}, the UNet's downsampling over its {downs} down blocks; use a "
-            f"multiple of {2 ** (downs - 1)} or fewer down blocks."
-        )
-    if len(channels) != downs or len(merged["up_block_types"]) != downs:
-        problems.append(
-            f"`model.config.block_out_channels`: {len(channels)} entries, but there are {downs} "
-            f"down_block_types and {len(merged['up_block_types'])} up_block_types; give one "
-            "channel count per block."
-        )
-    groups = merged["norm_num_groups"]
-    if groups and any(c % groups for c in channels):
-        problems.append(
-            f"`model.config.norm_num_groups`: {groups} does not divide every entry of "
-            f"block_out_channels {list(channels)}; pick a common divisor."
-        )
-    if has_labels and not merged.get("num_class_embeds"):
-        problems.append(
-            "`model.config.num_class_embeds`: the data has class labels for conditional "
-            "training, but the UNet has no class embedding; set num_class_embeds to the number "
-            "of classes (or drop data.label_column to train unconditionally)."
-        )
-    if merged.get("out_channels") != merged.get("in_channels"):
-        problems.append(
-            f"`model.config.out_channels`: {merged.get('out_channels')} differs from "
-            f"in_channels {merged.get('in_channels')}; a diffusion UNet predicts noise of the "
-            "image's shape."
-        )
-    return problems
-
-
-def image_shape(config: dict[str, Any]) -> tuple[int, int, int]:
-    """(channels, height, width) of the images a UNet with this config takes."""
-    defaults = {
-        name: p.default for name, p in inspect.signature(UNet2DModel.__init__).parameters.items()
-    }
-    merged = {**defaults, **config}
-    return merged["in_channels"], merged["sample_size"], merged["sample_size"]
-
-
-def num_classes(config: dict[str, Any]) -> int:
-    """Class embeddings of a UNet with this config (0: unconditional)."""
-    return int(config.get("num_class_embeds") or 0)

@@ -17,7 +17,6 @@ from raygen.jobs.models.diffusion import (
     build_unet,
     diffusion_loss,
     generate,
-    num_classes,
     seeded_noise,
     to_uint8,
 )
@@ -40,6 +39,7 @@ from raygen.jobs.train.worker import (
     seed_everything,
     start_worker,
 )
+from raygen.jobs.unet_facts import num_classes
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ema.update(step)
 
         is_last = step == spec.train.max_steps
-        row = window.row(step, scheduler.get_last_lr()[0], is_last)
+        row = window.end_step(step, scheduler.get_last_lr()[0], is_last)
         if step % spec.train.eval_every == 0 or is_last:
             evaluated = evaluate()
             grid = evaluated.pop("samples", None)

@@ -137,7 +137,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         step += 1
 
         is_last = step == spec.train.max_steps
-        row = window.row(step, scheduler.get_last_lr()[0], is_last)
+        row = window.end_step(step, scheduler.get_last_lr()[0], is_last)
         if step % spec.train.eval_every == 0 or is_last:
             row = {m.STEP: step, **row, **evaluate()}
         if row and log:

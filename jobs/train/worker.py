@@ -246,9 +246,10 @@ class TrainWindow:
         """One micro-batch's loss."""
         self.loss += loss.detach().double() / self.spec.train.grad_accum
 
-    def row(self, step: int, lr: float, is_last: bool) -> dict[str, Any]:
-        """The window's metrics at a log step (every `train.log_every` and the last), else
-        {}. A collective: every rank calls it at every step."""
+    def end_step(self, step: int, lr: float, is_last: bool) -> dict[str, Any]:
+        """Count a finished optimizer step; at a log step (every `train.log_every` and the
+        last) return the window's metrics, else {}. A collective: every rank calls it after
+        every step."""
         self.steps += 1
         if step % self.spec.train.log_every and not is_last:
             return {}

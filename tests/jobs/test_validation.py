@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -10,6 +15,8 @@ from raygen.jobs.errors import SpecError
 from raygen.jobs.loader import validate_spec
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.validate import validate_train_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def check(raw_overrides: list[str], **sections) -> list[str]:
@@ -95,3 +102,31 @@ def test_group_weighting_method_is_named_and_diffusion_has_none():
     assert any(
         p.startswith("`train.group_weighting`: group weighting is for language") for p in found
     )
+
+
+@pytest.mark.parametrize("example", ["code-lm-tiny", "llama-7b-zero3", "digits-ddpm"])
+def test_check_answers_without_torch_once_the_models_config_keys_are_known(example, tmp_path):
+    """The first `--check` of an architecture imports its library (transformers, diffusers:
+    they load torch) and keeps what their config classes accept, per library version; a
+    second answers without torch (Llama's legacy `rope_theta` included), and a misspelled
+    key still goes to the library and is named."""
+    env = {**os.environ, "RAYGEN_CACHE": str(tmp_path)}
+    spec = ROOT / "jobs" / "examples" / f"{example}.yaml"
+
+    def check(*extra: str) -> tuple[subprocess.CompletedProcess, bool]:
+        command = [sys.executable, "-X", "importtime", "-m", "raygen", "train", str(spec)]
+        done = subprocess.run(
+            [*command, "--check", *extra], env=env, capture_output=True, text=True
+        )
+        imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]
+        return done, "torch" in imported
+
+    first, imported = check()
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert imported and list(tmp_path.glob("library-facts/*.json"))
+    second, imported = check()
+    assert second.returncode == 0 and not imported, second.stderr[-2000:]
+    if example == "code-lm-tiny":
+        typo, imported = check("--set", "model.config.n_layr=2")
+        assert typo.returncode != 0 and imported
+        assert "`model.config.n_layr`: not a parameter of GPT2Config" in typo.stderr
