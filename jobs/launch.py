@@ -23,6 +23,7 @@ from raygen.cluster.storage import (
     write_text,
 )
 from raygen.jobs.errors import SpecError, TrainingFailed
+from raygen.jobs.progress import Report
 from raygen.jobs.run_dir import (
     ATTEMPTS_FILE,
     FAILED,
@@ -62,6 +63,7 @@ def launch(
     address: str | None = None,
     fresh: bool = False,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    on_data: Report | None = None,
     verbose: bool = False,
     trial: TrialHooks | None = None,
 ) -> dict[str, Any]:
@@ -73,6 +75,7 @@ def launch(
         address: Ray address; default `RAY_ADDRESS`, else an embedded local Ray.
         fresh: start over in a new run dir `<name>-<k>` instead of continuing `<name>`.
         on_metrics: called with each new `metrics.jsonl` row while training runs.
+        on_data: hears the progress of the data preparation (`jobs.progress`).
         verbose: forward the workers' own output (DeepSpeed, Ray Train) to this process.
         trial: what a sweep trial adds (report callbacks, a checkpoint to start from).
 
@@ -115,7 +118,7 @@ def launch(
     from raygen.jobs.data.prepare import prepare_data
 
     prepared_dir = prepared_dir_of(spec)
-    stats = prepare_data(spec, prepared_dir)
+    stats = prepare_data(spec, prepared_dir, report=on_data)
     write_text(
         join(run_dir, RUN_STATE_FILE),
         json.dumps({"data_fingerprint": stats["fingerprint"], "prepared": prepared_dir}, indent=2),

@@ -4,6 +4,7 @@ get plain lines."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -44,9 +45,10 @@ def metrics_row(row: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _live_bar(unit: str, *columns: Any) -> Any:
-    """A started rich progress bar on the results console: `unit` done of total, the bar,
-    any `columns`, time elapsed and time left; it disappears when stopped."""
+def _live_bar() -> Any:
+    """A started rich progress display on the results console, for tasks added with a
+    description and a `speed` field: what, done of all, the bar, speed, time elapsed and time
+    left. It disappears when stopped."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -57,10 +59,10 @@ def _live_bar(unit: str, *columns: Any) -> Any:
     )
 
     progress = Progress(
-        TextColumn(unit),
+        TextColumn("{task.description}"),
         MofNCompleteColumn(),
         BarColumn(),
-        *columns,
+        TextColumn("{task.fields[speed]}"),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
@@ -72,22 +74,21 @@ def _live_bar(unit: str, *columns: Any) -> Any:
 
 
 class TrainingProgress:
-    """Follows a run's metrics rows. On a terminal: a live bar (step/total, throughput,
-    ETA) with evaluations printed above it. Elsewhere (a pipe, a CI log): each row as a
-    plain line, as the run logs them (every `train.log_every` steps)."""
+    """Follows a run: its data preparation (`stages`, see StageProgress), then its metrics
+    rows. On a terminal: a live bar (step/total, throughput, ETA) with evaluations printed
+    above it. Elsewhere (a pipe, a CI log): each row as a plain line, as the run logs them
+    (every `train.log_every` steps)."""
 
     def __init__(self, total_steps: int, live: bool | None = None):
         self.total = total_steps
         self.live = out.is_terminal if live is None else live
         self.progress = None
         self.task = None
+        self.stages = StageProgress(live=self.live)
 
     def __enter__(self) -> TrainingProgress:
         if self.live:
-            from rich.progress import TextColumn
-
-            self.progress = _live_bar("step", TextColumn("{task.fields[speed]}"))
-            self.task = self.progress.add_task("train", total=self.total, speed="")
+            self.progress = self.stages.progress = _live_bar()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -100,6 +101,8 @@ class TrainingProgress:
         if self.progress is None:
             out.print(metrics_row(row), highlight=False, soft_wrap=True)
             return
+        if self.task is None:
+            self.task = self.progress.add_task("step", total=self.total, speed="")
         speed = ""
         if m.TOKENS_PER_S in row:
             speed = f"{row[m.TOKENS_PER_S]:,.0f} tok/s"
@@ -112,18 +115,20 @@ class TrainingProgress:
 
 
 class SweepProgress:
-    """Follows a sweep: its progress lines (trials starting, evaluations, trials ending)
-    and, on a terminal, a live bar of the trials ended out of all, with the time left."""
+    """Follows a sweep: its data preparation (`stages`, see StageProgress), its progress
+    lines (trials starting, evaluations, trials ending) and, on a terminal, a live bar of
+    the trials ended out of all, with the time left."""
 
     def __init__(self, live: bool | None = None):
         self.live = out.is_terminal if live is None else live
         self.progress = None
         self.task = None
+        self.stages = StageProgress(live=self.live)
 
     def __enter__(self) -> SweepProgress:
         if self.live:
-            self.progress = _live_bar("trials")
-            self.task = self.progress.add_task("sweep", total=None)
+            self.progress = self.stages.progress = _live_bar()
+            self.task = self.progress.add_task("trials", total=None, speed="")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -137,6 +142,60 @@ class SweepProgress:
     def trials(self, ended: int, total: int) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=ended, total=total)
+
+
+class StageProgress:
+    """Follows stages of work spread over Ray (`jobs.progress`: data preparation, audit
+    inference). On a terminal: a live bar per stage (rows done of all, rows/s, elapsed, ETA).
+    Elsewhere (a pipe, a CI log): a plain line when a stage starts, every `every_s` seconds
+    while it runs, and when it ends. Training and sweeps hold one in `stages`, drawn in their
+    own live display."""
+
+    def __init__(self, live: bool | None = None, every_s: float = 10.0):
+        self.live = out.is_terminal if live is None else live
+        self.every_s = every_s
+        self.progress = None
+        self.tasks: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+        self.printed: dict[str, float] = {}
+        self.ended: set[str] = set()
+        self.lock = threading.Lock()  # reports come from a watcher thread per stage
+
+    def __enter__(self) -> StageProgress:
+        if self.live:
+            self.progress = _live_bar()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            started = self.started.setdefault(stage, now)
+            rate = done / (now - started) if done and now > started else 0.0
+            speed = f"{rate:,.1f}/s" if rate else ""
+            if self.progress is not None:
+                if stage not in self.tasks:
+                    self.tasks[stage] = self.progress.add_task(stage, total=total, speed="")
+                self.progress.update(self.tasks[stage], completed=done, total=total, speed=speed)
+                return
+            last = self.printed.get(stage)
+            if last == float("inf") or (
+                last is not None and done < total and now - last < self.every_s
+            ):
+                return
+            line = f"{stage}: {done:,}/{total:,}"
+            if done >= total:
+                line += f" done in {_clock(now - started)}" + (f" ({speed})" if speed else "")
+                self.printed[stage] = float("inf")
+            else:
+                line += f" ({done / total:.0%})" if total else ""
+                if rate:
+                    line += f"  {speed}  eta {_clock((total - done) / rate)}"
+                self.printed[stage] = now
+            stamped(line, to_err=True)
 
 
 def training_summary(result: dict[str, Any]) -> None:
@@ -265,3 +324,8 @@ def stamped(line: str, to_err: bool = False) -> None:
     """A line with the time of day (long-running watches)."""
     console = err if to_err else out
     console.print(f"{time.strftime('%H:%M:%S')}  {line}", highlight=False, markup=False)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"

@@ -17,6 +17,7 @@ from ray.tune import Callback
 
 from raygen.cluster.storage import exists, join, read_text, write_text
 from raygen.jobs.errors import SpecError
+from raygen.jobs.progress import Report
 from raygen.tuning.errors import SweepInterrupted, SweepStalled
 from raygen.tuning.resources import Resources
 from raygen.tuning.results import BEST_FILE, TRIALS_FILE, summarize
@@ -38,8 +39,10 @@ def run_sweep(
     resume: bool = False,
     on_progress: Callable[[str], None] | None = None,
     on_trials: Callable[[int, int], None] | None = None,
+    on_data: Report | None = None,
 ) -> dict[str, Any]:
     """Run (or with `resume`, continue) the sweep; returns its summary (also `best.json`).
+    `on_data` hears the progress of its data preparation (`jobs.progress`).
 
     Raises:
         SpecError: the sweep or its base spec is invalid (nothing is started), or every
@@ -71,7 +74,7 @@ def run_sweep(
     connect(address)
     base = trial_spec(base_raw, sweep, {}, sweep_dir)
     # Prepared and read once: every trial trains on these blocks in the object store.
-    prepare_data(base, base.data.prepared)
+    prepare_data(base, base.data.prepared, report=on_data)
     datasets = {
         split: ray.data.read_parquet(join(base.data.prepared, split)).materialize()
         for split in ("train", "eval")

@@ -27,6 +27,7 @@ from raygen.jobs.data.rows import (
     split_of,
 )
 from raygen.jobs.errors import SpecError
+from raygen.jobs.progress import Counter, Progress
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.unet_facts import image_shape, num_classes
 
@@ -87,10 +88,19 @@ class _DecodeImages:
     """Decode, resize and hash each image; tag rows to remove with a reason ('' when kept)
     and each with its split (held out by a hash of its pixels)."""
 
-    def __init__(self, channels: int, size: int, source: str, eval_fraction: float, seed: int):
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        source: str,
+        eval_fraction: float,
+        seed: int,
+        counter: Counter,
+    ):
         self.channels, self.size, self.source = channels, size, source
         self.eval_fraction, self.seed = eval_fraction, seed
         self.pixels_per_image = channels * size * size
+        self.counter = counter
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pixels, hashes, reasons = [], [], []
@@ -110,6 +120,7 @@ class _DecodeImages:
             hashes.append(hashlib.blake2b(raw, digest_size=16).hexdigest())
             reasons.append("")
         labels = batch["label"] if "label" in batch.column_names else None
+        self.counter.add(batch.num_rows)
         return pa.table(
             {
                 "pixels": pa.array(pixels, pa.binary()),
@@ -130,7 +141,9 @@ class _DecodeImages:
         )
 
 
-def read_images(files: list[Any], spec: TrainSpec, source: str, eval_fraction: float) -> Any:
+def read_images(
+    files: list[Any], spec: TrainSpec, source: str, eval_fraction: float, counter: Counter
+) -> Any:
     """A Ray Dataset of decoded images of `files` (InputFile): `pixels`, `label` and the tags
     `hash`, `reason`, `source`, `split`, `row_hash` (as the text pipeline's)."""
     import ray.data
@@ -152,7 +165,7 @@ def read_images(files: list[Any], spec: TrainSpec, source: str, eval_fraction: f
             # Ray Data refuses an empty rename: columns already named `image` (and `label`).
             parts.append(ds.rename_columns(changed) if changed else ds)
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    decode = _DecodeImages(channels, size, source, eval_fraction, spec.train.seed)
+    decode = _DecodeImages(channels, size, source, eval_fraction, spec.train.seed, counter)
     return ds.map_batches(decode, batch_format="pyarrow")
 
 
@@ -265,7 +278,12 @@ def batch_to_tensors(batch: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any
 
 
 def prepare_images(
-    spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
+    spec: TrainSpec,
+    prepared_dir: str,
+    train_files: list,
+    eval_files: list,
+    fp: str,
+    progress: Progress,
 ) -> dict[str, Any]:
     """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray):
     decode and tag in one pass, decide the drops from the tags here, drop, write."""
@@ -275,10 +293,11 @@ def prepare_images(
     shape = image_shape(unet_config(spec.model))
     rows_in = count_rows(train_files + eval_files)
     eval_fraction = 0.0 if eval_files else d.eval_fraction
-    tagged = read_images(train_files, spec, "train", eval_fraction)
-    if eval_files:
-        tagged = tagged.union(read_images(eval_files, spec, "eval", eval_fraction))
-    tagged = tagged.materialize()
+    with progress.stage("decode images", rows_in) as counter:
+        tagged = read_images(train_files, spec, "train", eval_fraction, counter)
+        if eval_files:
+            tagged = tagged.union(read_images(eval_files, spec, "eval", eval_fraction, counter))
+        tagged = tagged.materialize()
     tags = read_columns(tagged, ["hash", "reason", "source", "split", "row_hash", "label"])
     reasons = tags["reason"].to_numpy(zero_copy_only=False)
     drop = exact_duplicates(tags) if d.dedupe != "none" else np.empty(0, np.uint64)

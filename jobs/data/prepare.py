@@ -24,6 +24,7 @@ from raygen.cluster.storage import (
 )
 from raygen.jobs.data.inputs import InputFile, list_input_files
 from raygen.jobs.data.text import prepare_text
+from raygen.jobs.progress import Progress, Report
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.unet_facts import image_shape
 
@@ -109,13 +110,18 @@ def data_fingerprint(spec: TrainSpec) -> str:
 
 
 def prepare_data(
-    spec: TrainSpec, prepared_dir: str, force: bool = False, address: str | None = None
+    spec: TrainSpec,
+    prepared_dir: str,
+    force: bool = False,
+    address: str | None = None,
+    report: Report | None = None,
 ) -> dict[str, Any]:
     """Prepare the spec's corpus into `prepared_dir` unless it is up to date.
 
     `spec` must have passed `jobs.launch.validate_train_spec` (inputs and columns checked).
     Ray is needed only to prepare: this process connects then (to `address`, else
-    $RAY_ADDRESS, else an embedded local Ray; nothing when already connected).
+    $RAY_ADDRESS, else an embedded local Ray; nothing when already connected). `report`
+    hears each stage's progress (`jobs.progress`).
 
     Returns:
         The data stats (also written to `prepared_dir/data_stats.json`).
@@ -142,14 +148,15 @@ def prepare_data(
     # never taken for a finished one, and is redone.
     publish.begin(prepared_dir, "data.prepared", _older_prepared_data)
     try:
-        if spec.model.family == "diffusion":
-            from raygen.jobs.data.fid_reference import prepare_fid_reference
-            from raygen.jobs.data.images import prepare_images
+        with Progress(report) as progress:
+            if spec.model.family == "diffusion":
+                from raygen.jobs.data.fid_reference import prepare_fid_reference
+                from raygen.jobs.data.images import prepare_images
 
-            stats = prepare_images(spec, prepared_dir, train_files, eval_files, fp)
-            stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
-        else:
-            stats = prepare_text(spec, prepared_dir, train_files, eval_files, fp)
+                stats = prepare_images(spec, prepared_dir, train_files, eval_files, fp, progress)
+                stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
+            else:
+                stats = prepare_text(spec, prepared_dir, train_files, eval_files, fp, progress)
         write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
         publish.finish(prepared_dir, PREPARED_KIND)
     except BaseException as exc:

@@ -45,6 +45,7 @@ from raygen.jobs.data.text_filters import (
     repeated_fraction,
 )
 from raygen.jobs.errors import SpecError
+from raygen.jobs.progress import Counter, Progress
 from raygen.jobs.spec import DataSpec, TrainSpec
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,12 @@ MAX_GROUPS = 1000
 
 
 def prepare_text(
-    spec: TrainSpec, prepared_dir: str, train_files: list, eval_files: list, fp: str
+    spec: TrainSpec,
+    prepared_dir: str,
+    train_files: list,
+    eval_files: list,
+    fp: str,
+    progress: Progress,
 ) -> dict[str, Any]:
     """Clean and tag every document in one parallel pass; decide what to drop from the tags
     alone (no text) here; drop it in a second pass; tokenize and pack each split.
@@ -74,13 +80,15 @@ def prepare_text(
     eval_fraction = 0.0 if eval_files else d.eval_fraction
     rows_in = _count_documents(train_files + eval_files)
     sources = [("train", train_files)] + ([("eval", eval_files)] if eval_files else [])
-    parts = [
-        _read_documents(files, d.text_column, group_column).map_batches(
-            _Clean(d, source, eval_fraction, spec.train.seed), batch_format="pyarrow"
-        )
-        for source, files in sources
-    ]
-    tagged = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
+    with progress.stage("read and clean documents", rows_in) as counter:
+        parts = [
+            _read_documents(files, d.text_column, group_column).map_batches(
+                _Clean(d, source, eval_fraction, spec.train.seed, counter), batch_format="pyarrow"
+            )
+            for source, files in sources
+        ]
+        tagged = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        tagged = tagged.materialize()
     tags = read_columns(tagged, [c for c in _TAGS if c != "group" or weighting])
 
     reasons = tags["reason"].to_numpy(zero_copy_only=False)
@@ -126,12 +134,16 @@ def prepare_text(
         else:
             shutil.copytree(tmp, tokenizer_dir)
 
-    for split, split_docs in (("train", train_docs), ("eval", eval_docs)):
-        split_docs.map_batches(
-            _TokenizePack(tokenizer_dir, d.seq_len, group_names),
-            batch_size=_PACK_BATCH_DOCS,
-            batch_format="pyarrow",
-        ).write_parquet(join(prepared_dir, split))
+    for split, split_docs, rows in (
+        ("train", train_docs, rows_train),
+        ("eval", eval_docs, rows_eval),
+    ):
+        with progress.stage(f"tokenize {split} documents", rows) as counter:
+            split_docs.map_batches(
+                _TokenizePack(tokenizer_dir, d.seq_len, group_names, counter),
+                batch_size=_PACK_BATCH_DOCS,
+                batch_format="pyarrow",
+            ).write_parquet(join(prepared_dir, split))
 
     stats = {
         "fingerprint": fp,
@@ -259,8 +271,9 @@ class _Clean:
     """Normalize each document and tag it: why it is removed ('' when kept), its content
     hash, its source and split (train/eval), and its group and row hash as read."""
 
-    def __init__(self, d: DataSpec, source: str, eval_fraction: float, seed: int):
+    def __init__(self, d: DataSpec, source: str, eval_fraction: float, seed: int, counter: Counter):
         self.d, self.source, self.eval_fraction, self.seed = d, source, eval_fraction, seed
+        self.counter = counter
 
     def reason(self, text: str) -> str:
         d = self.d
@@ -303,6 +316,7 @@ class _Clean:
                 [GROUP_MISSING if g is None else str(g) for g in batch["group"].to_pylist()],
                 pa.string(),
             )
+        self.counter.add(batch.num_rows)
         return pa.table(columns)
 
 
@@ -366,9 +380,12 @@ class _TokenizePack:
     (the EOS after a document belongs to it).
     """
 
-    def __init__(self, tokenizer_dir: str, seq_len: int, group_names: list[str] | None = None):
+    def __init__(
+        self, tokenizer_dir: str, seq_len: int, group_names: list[str] | None, counter: Counter
+    ):
         from transformers import AutoTokenizer
 
+        self.counter = counter
         self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
         self.seq_len = seq_len
         self.eos = self.tokenizer.eos_token_id
@@ -385,6 +402,7 @@ class _TokenizePack:
                 [len(doc) + 1 for doc in ids],
             )
             columns["group_ids"] = _blocks(groups, n, self.seq_len)
+        self.counter.add(batch.num_rows)
         return pa.table(columns)
 
 

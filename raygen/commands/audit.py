@@ -29,6 +29,7 @@ def audit(
     setup_logging()
     from raygen.serving.audit.run import raise_if_failed, run_audit
 
-    report = run_audit(audit_spec, str(spec), model, out_dir, address)
+    with render.StageProgress() as progress:
+        report = run_audit(audit_spec, str(spec), model, out_dir, address, on_progress=progress)
     render.audit_report(report)
     raise_if_failed(report)

@@ -29,5 +29,8 @@ def prepare(
     from raygen.jobs.validate import validate_train_spec
 
     resolved = validate_train_spec(train_spec, str(spec))
-    stats = prepare_data(resolved, prepared_dir_of(resolved), force=force, address=address)
+    with render.StageProgress() as progress:
+        stats = prepare_data(
+            resolved, prepared_dir_of(resolved), force=force, address=address, report=progress
+        )
     render.out.print_json(json.dumps(stats))

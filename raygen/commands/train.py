@@ -57,6 +57,7 @@ def train(
             address=address,
             fresh=fresh,
             on_metrics=progress,
+            on_data=progress.stages,
             verbose=verbose,
         )
     render.training_summary(result)

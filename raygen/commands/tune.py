@@ -38,6 +38,7 @@ def tune(
             resume=resume,
             on_progress=progress.line,
             on_trials=progress.trials,
+            on_data=progress.stages,
         )
     render.trials(summary, spec.metric)
     if export_best:

@@ -11,6 +11,7 @@ import numpy as np
 
 from raygen.cluster.storage import local_copy
 from raygen.jobs.errors import SpecError
+from raygen.jobs.progress import Counter, Progress
 from raygen.jobs.seeding import derive_seed
 from raygen.serving.audit.checks import fid_dir, read_table
 from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
@@ -18,7 +19,7 @@ from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, Qual
 logger = logging.getLogger(__name__)
 
 
-def score_texts(spec: AuditSpec, model: str) -> Any:
+def score_texts(spec: AuditSpec, model: str, progress: Progress) -> Any:
     """The evaluation rows with `loss` (mean token loss) and `completion_<i>` columns."""
     import ray.data
 
@@ -52,15 +53,15 @@ def score_texts(spec: AuditSpec, model: str) -> Any:
         ],
     }
     try:
-        scored = ds.map_batches(
-            _TextScorer,
-            fn_constructor_kwargs={"model_dir": model, "tasks": tasks},
-            batch_size=spec.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=1,
-        )
-        return scored.to_pandas()
+        with progress.stage("score evaluation rows", len(table)) as counter:
+            return ds.map_batches(
+                _TextScorer,
+                fn_constructor_kwargs={"model_dir": model, "tasks": tasks, "counter": counter},
+                batch_size=spec.batch_size,
+                batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=1,
+            ).to_pandas()
     except ray.exceptions.RayError as exc:
         raise ClusterError(f"the audit's inference failed: {exc}") from None
 
@@ -68,14 +69,14 @@ def score_texts(spec: AuditSpec, model: str) -> Any:
 class _TextScorer:
     """A Ray Data actor: the model, scoring batches of evaluation rows."""
 
-    def __init__(self, model_dir: str, tasks: dict[str, Any]):
+    def __init__(self, model_dir: str, tasks: dict[str, Any], counter: Counter):
         import torch
 
         from raygen.serving.runtimes.text import LanguageModel
 
         torch.set_num_threads(1)
         self.model = LanguageModel(local_copy(model_dir))
-        self.tasks = tasks
+        self.tasks, self.counter = tasks, counter
 
     def __call__(self, batch: Any) -> Any:
         from raygen.serving.runtimes.text import TextRequest
@@ -99,11 +100,12 @@ class _TextScorer:
                     if delta is not None:
                         texts[i] += delta.text
             batch[f"completion_{index}"] = texts
+        self.counter.add(len(batch))
         return batch
 
 
 def classify_samples(
-    spec: AuditSpec, check: ClassQualityCheck, model: str
+    spec: AuditSpec, check: ClassQualityCheck, model: str, progress: Progress
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate `samples_per_class` images of every class across Ray actors and classify
     them with the run's classifier: (asked class, 1 where the classifier agreed)."""
@@ -117,28 +119,30 @@ def classify_samples(
     items = [
         {"label": k, "index": i} for k in range(classes) for i in range(check.samples_per_class)
     ]
-    table = (
-        ray.data.from_items(items)
-        .map_batches(
-            _ImageClassifier,
-            fn_constructor_kwargs={
-                "model_dir": model,
-                "fid_dir": fid_dir(check.classifier),
-                "steps": check.num_inference_steps,
-                "seed": check.seed,
-            },
-            batch_size=spec.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=spec.workers),
-            num_cpus=1,
+    with progress.stage("generate and classify images", len(items)) as counter:
+        table = (
+            ray.data.from_items(items)
+            .map_batches(
+                _ImageClassifier,
+                fn_constructor_kwargs={
+                    "model_dir": model,
+                    "fid_dir": fid_dir(check.classifier),
+                    "steps": check.num_inference_steps,
+                    "seed": check.seed,
+                    "counter": counter,
+                },
+                batch_size=spec.batch_size,
+                batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=spec.workers),
+                num_cpus=1,
+            )
+            .to_pandas()
         )
-        .to_pandas()
-    )
     return table["label"].to_numpy(), table["correct"].to_numpy()
 
 
 class _ImageClassifier:
-    def __init__(self, model_dir: str, fid_dir: str, steps: int, seed: int):
+    def __init__(self, model_dir: str, fid_dir: str, steps: int, seed: int, counter: Counter):
         import torch
 
         from raygen.jobs.eval.fid import load_extractor
@@ -147,7 +151,7 @@ class _ImageClassifier:
         torch.set_num_threads(1)
         self.model = DiffusionModel(local_copy(model_dir))
         self.classifier = load_extractor("classifier", local_copy(fid_dir), None).network
-        self.steps, self.seed = steps, seed
+        self.steps, self.seed, self.counter = steps, seed, counter
 
     def __call__(self, batch: Any) -> Any:
         import torch
@@ -163,4 +167,5 @@ class _ImageClassifier:
         with torch.no_grad():
             predicted = self.classifier(pixels).argmax(-1).numpy()
         batch["correct"] = (predicted == batch["label"].to_numpy()).astype(int)
+        self.counter.add(len(batch))
         return batch

@@ -16,6 +16,7 @@ import numpy as np
 
 from raygen.cluster.storage import is_remote, join, write_text
 from raygen.jobs.errors import SpecError
+from raygen.jobs.progress import Progress, Report
 from raygen.serving.audit import fairness
 from raygen.serving.audit.checks import audit_spec_problems, checks_by_feature, evidence_of
 from raygen.serving.audit.inference import classify_samples, score_texts
@@ -47,8 +48,10 @@ def run_audit(
     model: str,
     out_dir: str | None = None,
     address: str | None = None,
+    on_progress: Report | None = None,
 ) -> dict[str, Any]:
     """Audit `model`, write audit.json and audit.html into `out_dir`, return the report.
+    `on_progress` hears the progress of the inference (`jobs.progress`).
 
     Raises:
         SpecError: the spec does not fit the model or its data.
@@ -63,14 +66,39 @@ def run_audit(
     started = time.monotonic()
     digest = model_sha256(model)
     connect(address)
-    results: list[fairness.CheckResult] = []
-    text_checks = [c for c in spec.checks if not isinstance(c, ClassQualityCheck)]
     scorers = {
         i: load_scorer(c.scorer) for i, c in enumerate(spec.checks) if isinstance(c, OutcomeCheck)
     }
+    with Progress(on_progress) as progress:
+        results = _check_results(spec, model, scorers, progress)
+    from importlib.metadata import version
+
+    report = {
+        "name": spec.name,
+        "passed": all(r.passed for r in results),
+        "model": model,
+        "model_sha256": digest,
+        "model_hash_format": MODEL_HASH_FORMAT,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "raygen_version": version("raygen"),
+        "duration_s": round(time.monotonic() - started, 1),
+        "spec": spec.model_dump(mode="json"),
+        "checks": [r.to_json() for r in results],
+    }
+    write_text(join(out_dir, AUDIT_FILE), json.dumps(report, indent=2, default=_json_number))
+    write_text(join(out_dir, REPORT_FILE), render_html(report))
+    report["paths"] = {"audit": join(out_dir, AUDIT_FILE), "report": join(out_dir, REPORT_FILE)}
+    return report
+
+
+def _check_results(
+    spec: AuditSpec, model: str, scorers: dict[int, Any], progress: Progress
+) -> list[fairness.CheckResult]:
+    """Every check's result: inference across Ray actors, then Fairlearn."""
+    results: list[fairness.CheckResult] = []
     evidence = evidence_of(spec)
-    if text_checks:
-        table = score_texts(spec, model)
+    if any(not isinstance(c, ClassQualityCheck) for c in spec.checks):
+        table = score_texts(spec, model, progress)
         for check, features in checks_by_feature(spec):
             name = fairness.INTERSECTION.join(features)
             if isinstance(check, QualityCheck):
@@ -105,30 +133,13 @@ def run_audit(
                 )
     for check in spec.checks:
         if isinstance(check, ClassQualityCheck):
-            classes, correct = classify_samples(spec, check, model)
+            classes, correct = classify_samples(spec, check, model, progress)
             results.append(
                 fairness.class_quality(
                     correct, classes, evidence, check.min_ratio, check.max_difference
                 )
             )
-    from importlib.metadata import version
-
-    report = {
-        "name": spec.name,
-        "passed": all(r.passed for r in results),
-        "model": model,
-        "model_sha256": digest,
-        "model_hash_format": MODEL_HASH_FORMAT,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "raygen_version": version("raygen"),
-        "duration_s": round(time.monotonic() - started, 1),
-        "spec": spec.model_dump(mode="json"),
-        "checks": [r.to_json() for r in results],
-    }
-    write_text(join(out_dir, AUDIT_FILE), json.dumps(report, indent=2, default=_json_number))
-    write_text(join(out_dir, REPORT_FILE), render_html(report))
-    report["paths"] = {"audit": join(out_dir, AUDIT_FILE), "report": join(out_dir, REPORT_FILE)}
-    return report
+    return results
 
 
 def _json_number(value: Any) -> Any:

@@ -111,7 +111,10 @@ def test_image_prep_decodes_dedupes_by_pixels_and_counts(ray_session, tmp_path, 
     )
     raw["data"]["eval_fraction"] = 0.3
     spec = validate_train_spec(spec_of(raw), "test")
-    stats = prepare_data(spec, str(tmp_path / "prepared"))
+    heard: list[tuple] = []
+    stats = prepare_data(spec, str(tmp_path / "prepared"), report=lambda *a: heard.append(a))
+    assert heard[0] == ("decode images", 0, stats["rows_in"])  # counted in Ray Data's tasks
+    assert heard[-1] == ("decode images", stats["rows_in"], stats["rows_in"])
     for key, value in expected.items():
         assert stats[key] == value, key
     assert stats["train_examples"] + stats["eval_examples"] == 20

@@ -157,6 +157,10 @@ def test_data_prepare_writes_shards_and_stats(tmp_path):
     assert json.loads(done.stdout) == stats
     assert stats["train_sequences"] > 0 and stats["train_tokens"] == 64 * stats["train_sequences"]
     assert stats["rows_out"] == stats["train_documents"] + stats["eval_documents"]
+    # Not a terminal: each stage's progress as plain lines.
+    read, train = stats["rows_in"], stats["train_documents"]
+    assert f"read and clean documents: {read:,}/{read:,} done in" in done.stderr
+    assert f"tokenize train documents: {train:,}/{train:,} done in" in done.stderr
     again = raygen("data", "prepare", str(path))
     assert "is up to date" in again.stderr
 

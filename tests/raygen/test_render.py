@@ -65,3 +65,37 @@ def test_sweep_progress_counts_ended_trials_on_a_terminal(monkeypatch):
         progress.trials(1, 8)  # nothing to draw in a log
         progress.line("trial b stopped early")
     assert buffer.getvalue().splitlines() == ["trial b stopped early"]
+
+
+def test_stage_progress_in_a_log_prints_a_stage_start_every_interval_and_end(monkeypatch):
+    log, buffer = console(terminal=False)
+    monkeypatch.setattr(render, "err", log)
+    clock = [100.0]
+    monkeypatch.setattr(render.time, "monotonic", lambda: clock[0])
+    with render.StageProgress(every_s=10) as progress:
+        progress("tokenize train documents", 0, 1000)
+        clock[0] += 4
+        progress("tokenize train documents", 200, 1000)  # within the interval: quiet
+        clock[0] += 6
+        progress("tokenize train documents", 500, 1000)
+        clock[0] += 10
+        progress("tokenize train documents", 1000, 1000)
+        progress("tokenize train documents", 1000, 1000)  # the end is said once
+    lines = [line.split("  ", 1)[1] for line in buffer.getvalue().splitlines()]
+    assert lines == [
+        "tokenize train documents: 0/1,000 (0%)",
+        "tokenize train documents: 500/1,000 (50%)  50.0/s  eta 0:00:10",
+        "tokenize train documents: 1,000/1,000 done in 0:00:20 (50.0/s)",
+    ]
+
+
+def test_stage_progress_on_a_terminal_shares_the_training_bar(monkeypatch):
+    terminal, _ = console(terminal=True)
+    monkeypatch.setattr(render, "out", terminal)
+    with render.TrainingProgress(total_steps=100) as progress:
+        progress.stages("read and clean documents", 5, 10)
+        progress(ROWS[0])
+        stage, step = progress.progress.tasks
+        assert stage.description == "read and clean documents"
+        assert (stage.completed, stage.total) == (5, 10)
+        assert (step.description, step.completed, step.total) == ("step", 10, 100)

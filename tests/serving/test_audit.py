@@ -80,7 +80,9 @@ def passed(ray_session, model, eval_sets) -> dict:
             },
         ],
     )
-    return run_audit(spec, "audit.yaml", str(model))
+    heard: list[tuple] = []
+    report = run_audit(spec, "audit.yaml", str(model), on_progress=lambda *a: heard.append(a))
+    return {**report, "heard": heard}
 
 
 def test_balanced_groups_pass_and_the_report_is_written(passed, model):
@@ -98,6 +100,9 @@ def test_balanced_groups_pass_and_the_report_is_written(passed, model):
     assert outcome["metric"] == "positive_rate" and 0 <= outcome["difference"] <= 0.15
     report = Path(passed["paths"]["report"]).read_text()
     assert "PASSED" in report and report.count("data:image/png;base64,") == 2
+    # The scoring's progress, counted in the Ray actors: from none to all 80 rows.
+    assert passed["heard"][0] == ("score evaluation rows", 0, 80)
+    assert passed["heard"][-1] == ("score evaluation rows", 80, 80)
 
 
 def test_a_group_from_another_distribution_fails_with_exit_3(
