@@ -95,10 +95,16 @@ def test_the_wheel_installs_one_package_that_imports_from_anywhere(tmp_path):
         "raygen/tuning/examples/code-lm-lr.yaml",
     ):
         assert expected in names, expected
+    for folder in ("raygen", "jobs", "cluster", "serving", "tuning"):  # every package
+        for init in (ROOT / folder).rglob("__init__.py"):
+            inside = init.relative_to(ROOT if folder == "raygen" else ROOT / folder)
+            path = str(inside if folder == "raygen" else Path("raygen", folder, inside))
+            assert path in names, f"{path} is not in the wheel: list its package in pyproject"
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = (
-        "import sys; sys.path.insert(0, 'site'); import raygen.jobs.spec, raygen.serving.spec; "
-        "print(raygen.jobs.spec.__file__); print(raygen.serving.spec.__file__)"
+        "import sys; sys.path.insert(0, 'site'); import raygen.cli, raygen.jobs.spec, "
+        "raygen.serving.spec; print(raygen.cli.__file__); print(raygen.jobs.spec.__file__); "
+        "print(raygen.serving.spec.__file__)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
