@@ -6,7 +6,9 @@ ZeRO paper's formulas (Rajbhandari et al. 2020, mixed precision, K = 12):
     stage 2: 2 Psi + (2 + K) Psi/N    stage 3: (4 + K) Psi/N
 
 and, with the optimizer offloaded, ZeRO-Offload's (Ren et al. 2021), which adds an fp32
-gradient partition on the CPU (4 Psi/N): bytes move to the CPU, they do not vanish.
+gradient partition on the CPU (4 Psi/N): bytes move to the CPU, they do not vanish. With
+LoRA only the adapters' Phi parameters train: the frozen weights keep their 2 Psi (2 Psi/N
+under ZeRO-3), gradients and optimizer state shrink to those of Phi (sharded as above).
 
     python benchmarks/zero_memory.py          # ~5 min on 2 cores
 
@@ -44,22 +46,27 @@ VOCAB, SEQ_LEN, MICRO, WORLD = 8192, 128, 2, 2
 K = 12
 # DeepSpeed's own gradient bucket size, which raygen replaces by one sized to the model.
 DEFAULT_BUCKET = {"zero_optimization": {"reduce_bucket_size": 500_000_000}}
+LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
 CONFIGS = [
-    ("ZeRO-0", 0, "none", "none", {}),
-    ("ZeRO-1", 1, "none", "none", {}),
-    ("ZeRO-2", 2, "none", "none", {}),
-    ("ZeRO-3", 3, "none", "none", {}),
-    ("ZeRO-3, DeepSpeed's default bucket", 3, "none", "none", DEFAULT_BUCKET),
-    ("ZeRO-2 + optimizer offload", 2, "cpu", "none", {}),
-    ("ZeRO-3 + optimizer/param offload", 3, "cpu", "cpu", {}),
+    ("ZeRO-0", 0, "none", "none", {}, None),
+    ("ZeRO-1", 1, "none", "none", {}, None),
+    ("ZeRO-2", 2, "none", "none", {}, None),
+    ("ZeRO-3", 3, "none", "none", {}, None),
+    ("ZeRO-3, DeepSpeed's default bucket", 3, "none", "none", DEFAULT_BUCKET, None),
+    ("ZeRO-2 + optimizer offload", 2, "cpu", "none", {}, None),
+    ("ZeRO-3 + optimizer/param offload", 3, "cpu", "cpu", {}, None),
+    ("ZeRO-2 + LoRA r=16", 2, "none", "none", {}, LORA),
+    ("ZeRO-3 + LoRA r=16", 3, "none", "none", {}, LORA),
 ]
 MIB = 2**20
 
 
-def spec(zero: int, offload_optimizer: str, offload_params: str, overrides: dict) -> dict[str, Any]:
+def spec(
+    zero: int, offload_optimizer: str, offload_params: str, overrides: dict, lora: dict | None
+) -> dict[str, Any]:
     return {
         "name": f"zero-memory-{zero}",
-        "model": {"arch": "gpt2", "config": MODEL},
+        "model": {"arch": "gpt2", "config": MODEL, "lora": lora},
         "data": {"train": "builtin:python-stdlib", "seq_len": SEQ_LEN},
         "train": {"micro_batch_size": MICRO, "precision": "bf16"},
         "deepspeed": {
@@ -72,14 +79,16 @@ def spec(zero: int, offload_optimizer: str, offload_params: str, overrides: dict
     }
 
 
-def formula(zero: int, offload: bool, psi: int, n: int) -> dict[str, float]:
+def formula(zero: int, offload: bool, psi: int, n: int, phi: int | None = None) -> dict[str, float]:
     """Bytes per rank by the papers: 16-bit params, 16-bit grads, K bytes of optimizer state
-    (and with offload an fp32 gradient partition on the CPU)."""
+    (and with offload an fp32 gradient partition on the CPU). `phi`: the parameters that
+    train, when not all (LoRA)."""
+    phi = psi if phi is None else phi
     params = 2 * psi / n if zero == 3 else 2 * psi
-    grads = 2 * psi / n if zero >= 2 else 2 * psi
+    grads = 2 * phi / n if zero >= 2 else 2 * phi
     if offload:
-        grads += 4 * psi / n
-    optimizer = K * psi / n if zero >= 1 else K * psi
+        grads += 4 * phi / n
+    optimizer = K * phi / n if zero >= 1 else K * phi
     return {"params": params, "grads": grads, "optimizer": optimizer}
 
 
@@ -149,9 +158,13 @@ def per_worker(config: dict[str, Any]) -> None:
     measured = live_tensor_bytes(engine)
     engine.step()
     psi = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    phi = sum(
+        getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad
+    )
     measured.update(
         rank=rank,
         psi=psi,
+        phi=phi,
         rss_peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         rss_start=rss_start,
         reduce_bucket_size=engine.zero_reduce_bucket_size(),
@@ -186,18 +199,19 @@ def main() -> None:
 
     ray.init(log_to_driver=False)
     rows = []
-    for name, zero, opt, par, overrides in CONFIGS:
+    for name, zero, opt, par, overrides, lora in CONFIGS:
         if args.only and name not in args.only:
             continue
-        raw = spec(zero, opt, par, overrides)
+        raw = spec(zero, opt, par, overrides, lora)
         ranks = measure(validate_spec(TrainSpec, raw, "bench").model_dump(mode="json"))
         r0 = ranks[0]
-        expected = formula(zero, opt == "cpu", r0["psi"], WORLD)
+        expected = formula(zero, opt == "cpu", r0["psi"], WORLD, r0["phi"])
         measured_total = r0["params"] + r0["grads"] + r0["optimizer"]
         expected_total = sum(expected.values())
         row = {
             "config": name,
             "psi_m": r0["psi"] / 1e6,
+            "trainable_m": r0["phi"] / 1e6,
             **{f"{c}_mib": r0[c] / MIB for c in ("params", "grads", "optimizer")},
             "total_mib": measured_total / MIB,
             "formula_mib": expected_total / MIB,

@@ -228,6 +228,7 @@ def _fit(
             "train_sequences": stats["train_sequences"],
             "eval_sequences": stats["eval_sequences"],
             "groups": stats.get("groups"),
+            "format": stats.get("format", "text"),
         }
 
     options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption

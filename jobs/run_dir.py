@@ -30,9 +30,11 @@ ATTEMPTS_FILE = "attempts.jsonl"
 
 
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"  # a LoRA run's PEFT adapter, beside the merged model
 
 
 MODEL_KIND = "model"  # what a published model directory's marker says it is
+ADAPTER_KIND = "adapter"
 
 
 PREEMPTED, FAILED = "preempted", "failed"  # the kinds of interruption

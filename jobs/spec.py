@@ -51,6 +51,19 @@ class EmaSpec(Section):
     )
 
 
+class LoraSpec(Section):
+    r: int = Field(8, ge=1, le=4096, description="Rank of each low-rank update.")
+    alpha: float = Field(
+        16, gt=0, description="Scaling numerator: an update is scaled by alpha / r."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get an update: `all-linear` (every linear layer but the "
+        "output head) or names matched by PEFT (e.g. [q_proj, v_proj]; for gpt2 [c_attn]).",
+    )
+
+
 class ModelSpec(Section):
     family: Literal["causal-lm", "diffusion"] = Field(
         "causal-lm",
@@ -90,6 +103,13 @@ class ModelSpec(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
+    lora: LoraSpec | None = Field(
+        None,
+        description="Causal LMs: train low-rank adapters (PEFT's LoRA) instead of the weights, "
+        "which stay frozen; only the adapters (and a chat template's new token embeddings) "
+        "hold gradients and optimizer state. The export holds the merged model in `model/` "
+        "and the adapter in `adapter/`.",
+    )
 
     @model_validator(mode="after")
     def _arch_xor_pretrained(self) -> ModelSpec:
@@ -118,11 +138,34 @@ def _one_or_many_schema(schema: dict[str, Any]) -> None:
 class DataSpec(Section):
     train: list[str] = Field(
         json_schema_extra=_one_or_many_schema,
-        description="Training data: Parquet files or directories of Parquet files (local or "
-        "s3://), or a builtin set: `builtin:python-stdlib` (the standard library's .py "
-        "sources, text) or `builtin:digits` (8x8 handwritten digits with labels, images).",
+        description="Training data: Parquet files, JSON Lines files (.jsonl) or directories "
+        "of either (local or s3://), data sets written by Hugging Face `datasets` "
+        "`save_to_disk` (one split's directory), or a builtin set: `builtin:python-stdlib` "
+        "(the standard library's .py sources, text) or `builtin:digits` (8x8 handwritten "
+        "digits with labels, images).",
     )
-    text_column: str = Field("text", description="Column holding the text in Parquet inputs.")
+    format: Literal["text", "chat"] = Field(
+        "text",
+        description="`text`: documents, the loss on every token. `chat`: conversations "
+        "(`messages_column`, or `prompt_column` + `response_column`), rendered with the "
+        "tokenizer's chat template; see `train.loss_on`.",
+    )
+    text_column: str = Field("text", description="Column holding the text (format: text).")
+    messages_column: str = Field(
+        "messages",
+        description="format chat: column holding each conversation, a list of "
+        "`{role, content}` (roles system, user, assistant; several turns).",
+    )
+    prompt_column: str | None = Field(
+        None,
+        description="format chat: instruction pairs instead of conversations: the column of "
+        "prompts (read as a user turn); needs `response_column`.",
+    )
+    response_column: str | None = Field(
+        None,
+        description="format chat: the column of responses to `prompt_column` (read as the "
+        "assistant turn).",
+    )
     image_column: str = Field(
         "image",
         description="Diffusion: column holding encoded images (PNG/JPEG bytes, or the "
@@ -197,6 +240,15 @@ class DataSpec(Section):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _pairs_come_whole(self) -> DataSpec:
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise ValueError(
+                "set both `prompt_column` and `response_column` (instruction pairs), or "
+                "neither (conversations in `messages_column`)"
+            )
+        return self
+
     @field_validator("train")
     @classmethod
     def _not_empty(cls, value: list[str]) -> list[str]:
@@ -217,6 +269,13 @@ class TokenizerSpec(Section):
     train: TokenizerTrainSpec | None = Field(
         None,
         description="Train a byte-level BPE on the training corpus; it is saved with the run.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="format chat, for a tokenizer without a chat template (raygen's own BPE, "
+        "a base model's): a Jinja template, or `chatml` (the built-in, ChatML-style: its "
+        "<|im_start|>/<|im_end|> tokens are added and the embeddings resized). A tokenizer "
+        "with its own template keeps it unless this is set.",
     )
 
     @model_validator(mode="after")
@@ -276,6 +335,12 @@ class TrainSection(Section):
     )
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     seed: int = Field(0, ge=0, description="Seed for weights, data order and dropout.")
+    loss_on: Literal["assistant", "all"] | None = Field(
+        None,
+        description="Which tokens the loss counts: `assistant` (format chat's default: only "
+        "the assistant's turns, end-of-turn included) or `all` (every token; format text "
+        "has no other). Metrics count the tokens counted.",
+    )
     group_weighting: GroupWeightingSpec | None = Field(
         None,
         description="Language models: per-token loss weights by a group column of the "
@@ -416,6 +481,12 @@ class TrainSpec(Section):
     )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers.")
     run: RunSpec = Field(default_factory=RunSpec, description="Storage and fault tolerance.")
+
+    @model_validator(mode="after")
+    def _loss_on_by_format(self) -> TrainSpec:
+        if self.train.loss_on is None and self.model.family == "causal-lm":
+            self.train.loss_on = "assistant" if self.data.format == "chat" else "all"
+        return self
 
 
 def global_batch_size(spec: TrainSpec, world_size: int | None = None) -> int:

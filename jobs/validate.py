@@ -5,11 +5,13 @@ import its library (transformers, diffusers) only when asked."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from raygen.cluster.storage import exists, join
+from raygen.cluster.storage import exists, is_remote, join, read_text
+from raygen.jobs.data.chat import BUILTIN_TEMPLATES
 from raygen.jobs.data.images import check_image_columns
-from raygen.jobs.data.inputs import check_columns, list_input_files
+from raygen.jobs.data.inputs import check_columns, list_input_files, source_columns
 from raygen.jobs.errors import SpecError
 from raygen.jobs.library_facts import recall, remember
 from raygen.jobs.pretrained import pretrained_problems, unet_config
@@ -111,10 +113,33 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
             f"`tokenizer.path`: {spec.tokenizer.path} is not a tokenizer directory (no "
             "tokenizer_config.json); save one with tokenizer.save_pretrained(dir)."
         )
+    if spec.model.lora and isinstance(spec.model.lora.target_modules, list) and not problems:
+        problems += _lora_target_problems(spec)
     d = spec.data
-    columns = {d.text_column: "data.text_column"}
+    if d.format == "chat":
+        problems += _chat_problems(spec)
+    else:
+        if spec.train.loss_on == "assistant":
+            problems.append(
+                "`train.loss_on`: assistant needs conversations; set data.format: chat, or "
+                "loss_on: all."
+            )
+        if spec.tokenizer.chat_template:
+            problems.append(
+                "`tokenizer.chat_template`: a template renders conversations; set "
+                "data.format: chat, or remove it."
+            )
+    columns = {
+        column: f"data.{name}_column" if name != "messages" else "data.messages_column"
+        for column, name in source_columns(d).items()
+    }
     weighting = spec.train.group_weighting
-    if weighting:
+    if weighting and d.format == "chat":
+        problems.append(
+            "`train.group_weighting`: group weighting works on text documents (format text); "
+            "remove it for chat data."
+        )
+    elif weighting:
         builtin = [e for e in d.train + (d.eval or []) if e.startswith(BUILTIN_PREFIX)]
         if builtin:
             problems.append(
@@ -130,6 +155,73 @@ def _language_model_problems(spec: TrainSpec) -> list[str]:
     return problems
 
 
+def _lora_target_problems(spec: TrainSpec) -> list[str]:
+    """LoRA's named target modules against the model's own (built on the meta device:
+    imports transformers and torch, only for specs that name modules)."""
+    from transformers import AutoConfig
+
+    from raygen.jobs.models.lora import unknown_targets
+
+    model = spec.model
+    if model.pretrained and is_remote(model.pretrained):
+        return []  # checked where the model is downloaded
+    config = (
+        AutoConfig.from_pretrained(model.pretrained)
+        if model.pretrained
+        else AutoConfig.for_model(model.arch, **model.config)
+    )
+    unknown, linear = unknown_targets(config, list(model.lora.target_modules))
+    if not unknown:
+        return []
+    return [
+        f"`model.lora.target_modules`: {', '.join(unknown)} matches no module of this "
+        f"{config.model_type} model; its linear layers are {', '.join(linear)} (or use "
+        "all-linear)."
+    ]
+
+
+def _chat_problems(spec: TrainSpec) -> list[str]:
+    """format chat: conversations, a chat template, and the loss on the right tokens."""
+    problems = []
+    d, tokenizer = spec.data, spec.tokenizer
+    builtin = [e for e in d.train + (d.eval or []) if e.startswith(BUILTIN_PREFIX)]
+    if builtin:
+        problems.append(
+            f"`data.train`: {', '.join(builtin)} is plain text; format chat reads conversations "
+            "from Parquet, JSON Lines or Hugging Face data sets."
+        )
+    template = tokenizer.chat_template
+    if template is not None and template not in BUILTIN_TEMPLATES and "{" not in template:
+        problems.append(
+            f"`tokenizer.chat_template`: {template!r} is neither a built-in "
+            f"({', '.join(BUILTIN_TEMPLATES)}) nor a Jinja template."
+        )
+    source = tokenizer.path or spec.model.pretrained
+    if template is None and not (source and not tokenizer.train and _has_template(source)):
+        whose = (
+            f"the tokenizer in {source}"
+            if source and not tokenizer.train
+            else ("a tokenizer trained here")
+        )
+        problems.append(
+            f"`tokenizer.chat_template`: {whose} has no chat template; set "
+            "tokenizer.chat_template: chatml (the built-in) or a Jinja template."
+        )
+    return problems
+
+
+def _has_template(tokenizer_dir: str) -> bool:
+    """Whether a saved tokenizer carries a chat template (in its config, or the
+    chat_template.jinja file newer transformers write beside it)."""
+    if exists(join(tokenizer_dir, "chat_template.jinja")):
+        return True
+    config = read_text(join(tokenizer_dir, "tokenizer_config.json"))
+    try:
+        return bool(config and json.loads(config).get("chat_template"))
+    except ValueError:
+        return False
+
+
 def _diffusion_problems(spec: TrainSpec) -> list[str]:
     problems = []
     d, sampling = spec.data, spec.sampling
@@ -141,8 +233,17 @@ def _diffusion_problems(spec: TrainSpec) -> list[str]:
             "losses); remove it, or audit the diffusion model's classes with class_accuracy."
         )
     tokenizer = spec.tokenizer
-    if tokenizer.path or tokenizer.train:
+    if tokenizer.path or tokenizer.train or tokenizer.chat_template:
         problems.append("`tokenizer`: diffusion models have no tokenizer; remove the section.")
+    if spec.model.lora:
+        problems.append(
+            "`model.lora`: LoRA adapts causal language models; remove it for a diffusion model."
+        )
+    if d.format == "chat" or spec.train.loss_on:
+        problems.append(
+            "`data.format`/`train.loss_on`: conversations and their loss are for language "
+            "models; a diffusion model trains on images (remove them)."
+        )
     text_sets = [e for e in d.train + (d.eval or []) if e.startswith(BUILTIN_PREFIX)]
     text_sets = [e for e in text_sets if e != BUILTIN_DIGITS]
     if text_sets:

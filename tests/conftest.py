@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,19 @@ import pytest
 from raygen.cluster.simulate import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def raygen(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`raygen ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "raygen", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
 # API keys for serving tests: set before the session's Ray starts, so replicas inherit them.
 TEST_API_KEYS_ENV = "RAYGEN_TEST_API_KEYS"
 TEST_API_KEYS = ("sk-test-alpha-5f3e", "sk-test-beta-91c2")

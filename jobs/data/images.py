@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raygen.cluster.storage import is_remote, join, list_files, open_input
+from raygen.jobs.data.inputs import count_rows
 from raygen.jobs.data.rows import (
     KeepRows,
     exact_duplicates,
@@ -190,6 +191,12 @@ def check_image_columns(files: list[Any], spec: TrainSpec, key: str) -> None:
     if d.label_column:
         wanted.append(("data.label_column", d.label_column))
     for f in files:
+        if f.kind in ("jsonl", "arrow"):
+            raise SpecError(
+                key,
+                f"`{key}`: {f.path}: images are read from Parquet (an image column of PNG/JPEG "
+                "bytes); convert it, e.g. with Hugging Face datasets' to_parquet.",
+            )
         if f.kind != "parquet":
             continue
         try:
@@ -221,18 +228,6 @@ def check_image_columns(files: list[Any], spec: TrainSpec, key: str) -> None:
                 f"column {d.label_column!r} of {f.path} is "
                 f"{schema.field(d.label_column).type}; class labels must be integers 0..K-1.",
             )
-
-
-def count_rows(files: list[Any]) -> int:
-    """Images in the inputs, from Parquet metadata."""
-    total = 0
-    for f in files:
-        if f.kind == "digits":
-            total += 1797
-        else:
-            with open_input(f.path) as handle:
-                total += pq.ParquetFile(handle).metadata.num_rows
-    return total
 
 
 def shard_rows(prepared_dir: str, split: str) -> int:

@@ -24,6 +24,7 @@ from raygen.cluster.storage import (
 )
 from raygen.jobs.data.inputs import InputFile, list_input_files
 from raygen.jobs.data.text import prepare_text
+from raygen.jobs.errors import SpecError
 from raygen.jobs.progress import Progress, Report
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.unet_facts import image_shape
@@ -161,6 +162,9 @@ def prepare_data(
         publish.finish(prepared_dir, PREPARED_KIND)
     except BaseException as exc:
         _clear_partial(prepared_dir)
+        problem = _spec_cause(exc)
+        if problem is not None:  # found in the data, inside a Ray task (a bad JSON line)
+            raise problem from None
         cause = _storage_cause(exc) if isinstance(exc, Exception) else None
         if cause is None:
             raise
@@ -178,6 +182,21 @@ def _clear_partial(prepared_dir: str) -> None:
             remove_dir(prepared_dir)
     except Exception:  # the storage may be what failed: say so, keep the first error
         logger.warning("could not remove the partial preparation in %s", prepared_dir)
+
+
+def _spec_cause(exc: BaseException) -> SpecError | None:
+    """The SpecError behind `exc`, if any. From a Ray Data task it arrives as text only (its
+    traceback, in the task error's message): the last line naming it is read back."""
+    import re
+
+    for _ in range(10):
+        if exc is None or isinstance(exc, SpecError):
+            return exc
+        named = re.findall(r"SpecError: ([\w.]+): (.+)", re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))
+        if named:
+            return SpecError(*named[-1])
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def _storage_cause(exc: BaseException) -> str | None:

@@ -24,7 +24,8 @@ from raygen.cluster.storage import (
     open_input,
     upload_dir,
 )
-from raygen.jobs.data.inputs import InputFile
+from raygen.jobs.data import chat
+from raygen.jobs.data.inputs import CHAT_COLUMNS, InputFile, count_rows, read_file, source_columns
 from raygen.jobs.data.rows import (
     KeepRows,
     exact_duplicates,
@@ -78,11 +79,13 @@ def prepare_text(
     weighting = spec.train.group_weighting
     group_column = weighting.column if weighting else None
     eval_fraction = 0.0 if eval_files else d.eval_fraction
-    rows_in = _count_documents(train_files + eval_files)
+    rows_in = count_rows(train_files + eval_files)
     sources = [("train", train_files)] + ([("eval", eval_files)] if eval_files else [])
-    with progress.stage("read and clean documents", rows_in) as counter:
+    columns = source_columns(d) | ({group_column: "group"} if group_column else {})
+    unit = "conversations" if d.format == "chat" else "documents"
+    with progress.stage(f"read and clean {unit}", rows_in) as counter:
         parts = [
-            _read_documents(files, d.text_column, group_column).map_batches(
+            _read_documents(files, columns, f"data.{source}").map_batches(
                 _Clean(d, source, eval_fraction, spec.train.seed, counter), batch_format="pyarrow"
             )
             for source, files in sources
@@ -92,7 +95,10 @@ def prepare_text(
     tags = read_columns(tagged, [c for c in _TAGS if c != "group" or weighting])
 
     reasons = tags["reason"].to_numpy(zero_copy_only=False)
-    removed = {reason: int((reasons == reason).sum()) for reason in REMOVAL_REASONS}
+    removed = {
+        reason: int((reasons == reason).sum())
+        for reason in REMOVAL_REASONS + ((chat.INVALID,) if d.format == "chat" else ())
+    }
     drop = exact_duplicates(tags) if d.dedupe != "none" else np.empty(0, np.uint64)
     removed["removed_duplicates"] = len(drop)
     keep = (
@@ -138,16 +144,19 @@ def prepare_text(
         ("train", train_docs, rows_train),
         ("eval", eval_docs, rows_eval),
     ):
-        with progress.stage(f"tokenize {split} documents", rows) as counter:
+        with progress.stage(f"tokenize {split} {unit}", rows) as counter:
+            if d.format == "chat":
+                tokenize = _TokenizeChat(tokenizer_dir, d.seq_len, spec.train.loss_on, counter)
+            else:
+                tokenize = _TokenizePack(tokenizer_dir, d.seq_len, group_names, counter)
             split_docs.map_batches(
-                _TokenizePack(tokenizer_dir, d.seq_len, group_names, counter),
-                batch_size=_PACK_BATCH_DOCS,
-                batch_format="pyarrow",
+                tokenize, batch_size=_PACK_BATCH_DOCS, batch_format="pyarrow"
             ).write_parquet(join(prepared_dir, split))
 
     stats = {
         "fingerprint": fp,
         "kind": "text",
+        "format": d.format,
         "rows_in": rows_in,
         "rows_out": rows_train + rows_eval,
         **removed,
@@ -157,6 +166,9 @@ def prepare_text(
         "tokenizer": tokenizer_dir,
     }
     for split in ("train", "eval"):
+        if d.format == "chat":
+            stats.update(_chat_shard_stats(join(prepared_dir, split), split))
+            continue
         sequences = sum(
             pq.ParquetFile(open_input(f.uri)).metadata.num_rows
             for f in list_files(join(prepared_dir, split), ".parquet")
@@ -212,30 +224,28 @@ def _tokens_per_group(split_dir: str, names: list[str]) -> dict[str, int]:
     return dict(zip(names, total.tolist(), strict=True))
 
 
-def _count_documents(files: list[InputFile]) -> int:
-    """Documents in the inputs, from Parquet metadata (a text file is one document)."""
-    return sum(
-        pq.ParquetFile(f.path).metadata.num_rows if f.kind == "parquet" else 1 for f in files
-    )
-
-
-def _read_documents(files: list[InputFile], text_column: str, group_column: str | None) -> Any:
-    """A Ray Dataset with a `text` column (and `group`, with a group column), one row per
-    document."""
+def _read_documents(files: list[InputFile], columns: dict[str, str], key: str) -> Any:
+    """A Ray Dataset of the inputs' `columns` (source name -> name here: `text`, or a chat
+    data set's `messages` or `prompt` and `response`, and `group`), one row per document
+    or conversation, with a `row_hash` identifying it."""
     import ray.data
 
     parquet = [f.path for f in files if f.kind == "parquet"]
+    others = [(f.path, f.kind) for f in files if f.kind in ("jsonl", "arrow")]
     texts = [f.path for f in files if f.kind == "text"]
-    columns = {text_column: "text"}
-    if group_column:
-        columns[group_column] = "group"
+    renames = {old: new for old, new in columns.items() if old != new}
     parts = []
     # One read per scheme: Ray Data reads a list of paths through one filesystem.
     for paths in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
         if paths:
             ds = ray.data.read_parquet(paths, columns=list(columns), include_row_hash=True)
-            renames = {old: new for old, new in columns.items() if old != new}
             parts.append(ds.rename_columns(renames) if renames else ds)
+    if others:
+        parts.append(
+            ray.data.from_items([{"path": p, "kind": k} for p, k in others]).map_batches(
+                _ReadFiles(columns, key), batch_size=1, batch_format="pyarrow"
+            )
+        )
     if texts:
         parts.append(
             ray.data.from_items([{"path": p} for p in texts]).map_batches(
@@ -243,6 +253,18 @@ def _read_documents(files: list[InputFile], text_column: str, group_column: str 
             )
         )
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+class _ReadFiles:
+    """Reads JSON Lines and Arrow files whole (one file per batch), renamed as asked."""
+
+    def __init__(self, columns: dict[str, str], key: str):
+        self.columns, self.key = columns, key
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        (path,), (kind,) = batch["path"].to_pylist(), batch["kind"].to_pylist()
+        table = read_file(path, kind, list(self.columns), self.key)
+        return table.rename_columns([self.columns.get(n, n) for n in table.column_names])
 
 
 def _read_text_files(batch: pa.Table) -> pa.Table:
@@ -295,16 +317,36 @@ class _Clean:
             return "removed_repetitive"
         return ""
 
+    def conversations(self, batch: pa.Table) -> tuple[list[str], list[str]]:
+        """format chat: each row's conversation as canonical JSON, and its removal reason
+        (the filters look at what the turns say)."""
+        texts, reasons = [], []
+        for row in batch.select([c for c in CHAT_COLUMNS if c in batch.column_names]).to_pylist():
+            turns = chat.conversation(row)
+            if isinstance(turns, str):
+                texts.append("")
+                reasons.append(chat.INVALID)
+                continue
+            for turn in turns:
+                turn["content"] = normalize_text(turn["content"], self.d.collapse_whitespace)
+            texts.append(chat.encode(turns))
+            reasons.append(self.reason("\n".join(t["content"] for t in turns)))
+        return texts, reasons
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [
-            normalize_text(raw or "", self.d.collapse_whitespace)
-            for raw in batch["text"].to_pylist()
-        ]
+        if self.d.format == "chat":
+            texts, reasons = self.conversations(batch)
+        else:
+            texts = [
+                normalize_text(raw or "", self.d.collapse_whitespace)
+                for raw in batch["text"].to_pylist()
+            ]
+            reasons = [self.reason(t) for t in texts]
         columns = {
             "text": pa.array(texts, pa.large_string()),
             "hash": pa.array([content_hash(t) for t in texts], pa.string()),
             "source": pa.array([self.source] * len(texts), pa.string()),
-            "reason": pa.array([self.reason(t) for t in texts], pa.string()),
+            "reason": pa.array(reasons, pa.string()),
             "split": pa.array(
                 [split_of(t, self.source, self.eval_fraction, self.seed) for t in texts],
                 pa.string(),
@@ -406,13 +448,70 @@ class _TokenizePack:
         return pa.table(columns)
 
 
+class _TokenizeChat:
+    """Render each conversation with the chat template into one right-padded `seq_len`
+    sequence: `input_ids`, `targets` (1 where the loss counts the token), and per row its
+    real `tokens`, `loss_tokens` and whether it was `truncated`."""
+
+    def __init__(self, tokenizer_dir: str, seq_len: int, loss_on: str, counter: Counter):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
+        self.render = chat.ChatTokenizer(tokenizer, seq_len, loss_on)
+        self.seq_len, self.counter = seq_len, counter
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.render(chat.decode(text)) for text in batch["text"].to_pylist()]
+        n, width = len(rows), self.seq_len
+        ids = np.concatenate([r.input_ids for r in rows]) if rows else np.empty(0, np.int32)
+        targets = np.concatenate([r.targets for r in rows]) if rows else np.empty(0, np.uint8)
+        self.counter.add(batch.num_rows)
+        return pa.table(
+            {
+                "input_ids": _blocks(ids, n, width),
+                "targets": _blocks(targets, n, width),
+                "tokens": pa.array([r.tokens for r in rows], pa.int32()),
+                "loss_tokens": pa.array([int(r.targets.sum()) for r in rows], pa.int32()),
+                "truncated": pa.array([r.truncated for r in rows], pa.bool_()),
+            }
+        )
+
+
+def _chat_shard_stats(split_dir: str, split: str) -> dict[str, int]:
+    """Sequences, real tokens, tokens the loss counts and truncated conversations of one
+    split's shards."""
+    import ray.data
+
+    ds = ray.data.read_parquet(split_dir, columns=["tokens", "loss_tokens", "truncated"])
+    sequences = ds.count()
+    sums = ds.sum(["tokens", "loss_tokens", "truncated"]) if sequences else {}
+    return {
+        f"{split}_sequences": sequences,
+        f"{split}_examples": sequences,
+        f"{split}_tokens": int(sums.get("sum(tokens)", 0)),
+        f"{split}_loss_tokens": int(sums.get("sum(loss_tokens)", 0)),
+        f"{split}_truncated": int(sums.get("sum(truncated)", 0)),
+    }
+
+
 def _blocks(stream: np.ndarray, n: int, seq_len: int) -> pa.FixedSizeListArray:
     """The first n x seq_len items of `stream` as n fixed-size lists."""
     return pa.FixedSizeListArray.from_arrays(stream[: n * seq_len], seq_len)
 
 
 def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:
-    """Copy the given/pretrained tokenizer, or train a byte-level BPE on the training docs."""
+    """Copy the given/pretrained tokenizer, or train a byte-level BPE on the training docs;
+    for chat data, with its chat template (`tokenizer.chat_template`)."""
+    tokenizer = _base_tokenizer(spec, train_docs)
+    if spec.data.format == "chat":
+        try:
+            chat.apply_template(tokenizer, spec.tokenizer.chat_template)
+        except ValueError as exc:
+            raise SpecError("tokenizer.chat_template", str(exc)) from None
+    tokenizer.save_pretrained(out_dir)
+
+
+def _base_tokenizer(spec: TrainSpec, train_docs: Any) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source = spec.tokenizer.path or (spec.model.pretrained if not spec.tokenizer.train else None)
@@ -422,8 +521,7 @@ def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:
             raise SpecError(
                 "tokenizer.path", f"the tokenizer in {source} has no EOS token to join documents."
             )
-        tokenizer.save_pretrained(out_dir)
-        return
+        return tokenizer
 
     from tokenizers import ByteLevelBPETokenizer
 
@@ -434,7 +532,8 @@ def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:
 
     def texts():
         for batch in train_docs.iter_batches(batch_size=1024, batch_format="pyarrow"):
-            yield from batch["text"].to_pylist()
+            for text in batch["text"].to_pylist():
+                yield chat.contents(text) if spec.data.format == "chat" else text
 
     bpe.train_from_iterator(
         texts(),
@@ -450,4 +549,4 @@ def _prepare_tokenizer(spec: TrainSpec, train_docs: Any, out_dir: str) -> None:
         unk_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
     )
-    tokenizer.save_pretrained(out_dir)
+    return tokenizer

@@ -36,7 +36,14 @@ def save_and_report(
 
     tmp = tempfile.mkdtemp(prefix="raygen-ckpt-")
     try:
-        engine.save_checkpoint(tmp, tag=f"step_{step:08d}", client_state=client_state)
+        # A LoRA run's frozen weights are rebuilt from the model it started from: only what
+        # trains (the adapters) is saved, with its optimizer state.
+        engine.save_checkpoint(
+            tmp,
+            tag=f"step_{step:08d}",
+            client_state=client_state,
+            exclude_frozen_parameters=_has_frozen(engine),
+        )
         if rank_state is not None:
             os.makedirs(os.path.join(tmp, RANK_STATE_DIR))
             torch.save(rank_state, os.path.join(tmp, RANK_STATE_DIR, _rank_file()))
@@ -71,7 +78,9 @@ def restore_latest(
     if checkpoint is None:
         return 0, {}, None
     with checkpoint.as_directory() as path, data_only_loads():
-        load_path, client_state = engine.load_checkpoint(path)
+        load_path, client_state = engine.load_checkpoint(
+            path, load_module_strict=not _has_frozen(engine)
+        )
         rank_file = os.path.join(path, RANK_STATE_DIR, _rank_file())
         rank_state = (
             torch.load(rank_file, map_location="cpu", weights_only=True)
@@ -81,6 +90,10 @@ def restore_latest(
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
     return int(client_state["step"]), client_state, rank_state
+
+
+def _has_frozen(engine: Any) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from raygen.cluster.publish import publish_dir
 from raygen.cluster.storage import join, local_copy
+from raygen.jobs.data.chat import end_of_turn_ids
 from raygen.jobs.models.causal_lm import build_causal_lm, build_config, largest_parameter
 from raygen.jobs.models.group_loss import (
     GroupDRO,
@@ -19,7 +20,8 @@ from raygen.jobs.models.group_loss import (
     token_losses,
     weighted_mean_loss,
 )
-from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
+from raygen.jobs.models.lora import add_lora, load_lora
+from raygen.jobs.run_dir import ADAPTER_DIR, ADAPTER_KIND, MODEL_DIR, MODEL_KIND
 from raygen.jobs.spec import TrainSpec, global_batch_size
 from raygen.jobs.train import metrics as m
 from raygen.jobs.train.checkpoint import restore_latest, save_and_report
@@ -49,6 +51,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     run_dir, prepared = config["run_dir"], config["prepared"]
     tokenizer = AutoTokenizer.from_pretrained(local_copy(prepared["tokenizer"]))
     engine, scheduler, zero3 = build_engine(spec, len(tokenizer), tokenizer.eos_token_id, world)
+    if tokenizer.chat_template:  # generation ends at EOS or the template's end of turn
+        engine.module.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
 
     start_step, client_state, _ = restore_latest(engine, config.get("start_from"))
     apply_peak_lr(scheduler, spec.train.lr)
@@ -69,6 +73,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     device = engine.device
     groups = prepared.get("groups")
     objective = GroupObjective(spec, groups, world, client_state.get(DRO_STATE)) if groups else None
+    # Chat data: each sequence says which tokens the loss counts (`targets`).
+    masked = prepared.get("format") == "chat"
 
     def evaluate() -> dict[str, float]:
         engine.eval()
@@ -89,6 +95,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 if i % world != rank:
                     continue
                 ids = batch["input_ids"].long()
+                if masked:
+                    summed, counted = masked_loss(engine, batch)
+                    total += torch.stack([summed.double(), counted.double()])
+                    continue
                 if groups:
                     losses = token_losses(engine(input_ids=ids).logits, ids)
                     sums, counts = group_sums(
@@ -101,7 +111,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 total[1] += 1
         dist.all_reduce(total)
         engine.train()
-        loss = (total[0] / total[1]).item()
+        loss = (total[0] / total[1].clamp(min=1)).item()
         out = {m.EVAL_LOSS: loss, m.PERPLEXITY: m.perplexity(loss)}
         if groups:
             dist.all_reduce(by_group)
@@ -122,7 +132,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     watch = PreemptionWatch(device)
     window = TrainWindow(spec, world, device, tokens_per_step)
     while step < spec.train.max_steps:
-        for _ in range(spec.train.grad_accum):
+        if masked:
+            masked_step(
+                engine, [next(batches) for _ in range(spec.train.grad_accum)], world, window
+            )
+        for _ in range(0 if masked else spec.train.grad_accum):
             batch = next(batches)
             ids = batch["input_ids"].long()  # (B, T)
             if objective:
@@ -148,13 +162,38 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if checkpoint_cadence(step, is_last, spec, save, watch, run_dir, rank, config.get("gate")):
             window.restart_clock()  # checkpoint time is not step time
 
-    export_model(engine, tokenizer, run_dir, rank, spec.deepspeed.zero_stage)
+    export_model(engine, tokenizer, run_dir, rank, spec)
     if log:
         log.close()
     del zero3
 
 
 DRO_STATE = "group_dro"
+
+
+def masked_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, tokens counted) of a micro-batch of chat sequences: the loss of
+    predicting each token marked in `targets` (an assistant's, under loss_on assistant)."""
+    ids = batch["input_ids"].long()
+    losses = token_losses(engine(input_ids=ids).logits, ids)  # (B, T-1): predicting ids[:, 1:]
+    mask = batch["targets"][:, 1:].to(losses.dtype)
+    return (losses * mask).sum(), mask.sum()
+
+
+def masked_step(engine: Any, micro: list[dict[str, Any]], world: int, window: Any) -> None:
+    """One optimizer step on chat sequences: the gradient of the mean loss over every
+    counted token of the step, on all ranks (micro-batches with more counted tokens weigh
+    more). DeepSpeed divides each backward by the accumulation steps and averages ranks'
+    gradients: each micro-batch's summed loss is scaled back by both."""
+    counted = torch.stack([b["targets"][:, 1:].sum() for b in micro]).sum()
+    total = counted.double().to(engine.device)
+    dist.all_reduce(total)
+    scale = len(micro) * world / total.clamp(min=1)
+    for batch in micro:
+        summed, tokens = masked_loss(engine, batch)
+        engine.backward(summed * scale.to(summed.dtype))
+        engine.step()
+        window.add(summed, tokens)
 
 
 def build_engine(spec: TrainSpec, vocab_size: int, eos_token_id: int, world: int) -> tuple:
@@ -176,7 +215,18 @@ def build_engine(spec: TrainSpec, vocab_size: int, eos_token_id: int, world: int
         # ever holds the full model.
         zero3 = HfDeepSpeedConfig(ds_config)
     model = build_causal_lm(spec.model, model_config)
+    rows = model.get_input_embeddings().num_embeddings
+    new_token_ids = list(range(rows, vocab_size))
+    if new_token_ids:
+        # A chat template's tokens, added to a pretrained tokenizer: new rows start at the
+        # mean of the others.
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
     model.generation_config.pad_token_id = eos_token_id
+    if spec.model.lora:
+        # New token rows train with the adapters, except under ZeRO-3 on CPUs, where PEFT
+        # cannot gather them (its code is CUDA-only): they keep their distinct initial values.
+        cpu_zero3 = spec.deepspeed.zero_stage == 3 and not spec.scaling.use_gpu
+        model = add_lora(model, spec.model.lora, [] if cpu_zero3 else new_token_ids)
     # The schedule is built on DeepSpeed's wrapped optimizer (ZeRO regroups parameters).
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -235,17 +285,43 @@ def group_eval_losses(
     return out
 
 
-def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, zero_stage: int) -> None:
-    """Save the consolidated weights and tokenizer to `<run>/model` (safetensors).
+def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, spec: TrainSpec) -> None:
+    """Save the consolidated weights and tokenizer to `<run>/model` (safetensors); with
+    LoRA the merged model there, and the PEFT adapter (with the tokenizer) in `<run>/adapter`.
 
     All ranks must call this: with ZeRO-3 the weights are gathered from every partition.
     """
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    zero3 = spec.deepspeed.zero_stage == 3
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     if rank != 0:
         return
+    model = engine.module
+    if spec.model.lora:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the CPU copy is built whole, not partitioned
+        from transformers import AutoConfig
+
+        lora = model.peft_config["default"]
+        peft = load_lora(model.config, state_dict or model.state_dict(), lora)
+        # Token rows added for a chat template that did not train with the adapters (see
+        # build_engine) are part of the model: the adapter carries the embeddings then.
+        grown = bool(spec.model.pretrained) and (
+            model.config.vocab_size > AutoConfig.from_pretrained(spec.model.pretrained).vocab_size
+        )
+        with_embeddings = grown and not lora.trainable_token_indices
+
+        def write_adapter(out: str) -> None:
+            peft.save_pretrained(
+                out, safe_serialization=True, save_embedding_layers=with_embeddings
+            )
+            tokenizer.save_pretrained(out)
+
+        publish_dir(join(run_dir, ADAPTER_DIR), ADAPTER_KIND, write_adapter, key="run.storage")
+        model, state_dict = peft.merge_and_unload(), None
 
     def write(out: str) -> None:
-        engine.module.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
     publish_dir(join(run_dir, MODEL_DIR), MODEL_KIND, write, key="run.storage")

@@ -17,6 +17,7 @@ TRAIN_LOSS = "train_loss"
 LR = "lr"
 SAMPLES_PER_S = "samples_per_s"
 TOKENS_PER_S = "tokens_per_s"
+LOSS_TOKENS = "loss_tokens"  # train.loss_on assistant: tokens the loss counted, per step
 STEP_TIME_S = "step_time_s"
 EVAL_LOSS = "eval_loss"
 PERPLEXITY = "perplexity"

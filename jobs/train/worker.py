@@ -240,11 +240,19 @@ class TrainWindow:
     def __init__(self, spec: TrainSpec, world: int, device: Any, tokens_per_step: int = 0):
         self.spec, self.world, self.tokens_per_step = spec, world, tokens_per_step
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.counted = torch.zeros((), dtype=torch.float64, device=device)
+        self.counting = False  # losses come as sums over counted tokens
         self.steps, self.start = 0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor) -> None:
-        """One micro-batch's loss."""
-        self.loss += loss.detach().double() / self.spec.train.grad_accum
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """One micro-batch's mean loss; or, with `tokens`, its loss summed over that many
+        counted tokens (the window's loss is then the mean over every counted token)."""
+        if tokens is None:
+            self.loss += loss.detach().double() / self.spec.train.grad_accum
+            return
+        self.counting = True
+        self.loss += loss.detach().double()
+        self.counted += tokens.detach().double()
 
     def end_step(self, step: int, lr: float, is_last: bool) -> dict[str, Any]:
         """Count a finished optimizer step; at a log step (every `train.log_every` and the
@@ -257,23 +265,32 @@ class TrainWindow:
 
         from raygen.jobs.spec import global_batch_size
 
-        mean_loss = self.loss / self.steps
-        dist.all_reduce(mean_loss)
         elapsed = time.perf_counter() - self.start
+        if self.counting:
+            totals = torch.stack([self.loss, self.counted])
+            dist.all_reduce(totals)
+            train_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        else:
+            mean_loss = self.loss / self.steps
+            dist.all_reduce(mean_loss)
+            train_loss = mean_loss.item() / self.world
         row = {
             m.STEP: step,
-            m.TRAIN_LOSS: mean_loss.item() / self.world,
+            m.TRAIN_LOSS: train_loss,
             m.LR: lr,
             m.STEP_TIME_S: elapsed / self.steps,
             m.SAMPLES_PER_S: global_batch_size(self.spec, self.world) * self.steps / elapsed,
         }
         if self.tokens_per_step:
             row[m.TOKENS_PER_S] = self.tokens_per_step * self.steps / elapsed
+        if self.counting:
+            row[m.LOSS_TOKENS] = totals[1].item() / self.steps
         return row
 
     def reset(self) -> None:
         """After a logged row: the next window starts now, empty."""
         self.loss.zero_()
+        self.counted.zero_()
         self.steps, self.start = 0, time.perf_counter()
 
     def restart_clock(self) -> None:

@@ -1,4 +1,4 @@
-"""`raygen train`, `raygen export`, `raygen sample`."""
+"""`raygen train`, `raygen export`, `raygen sample`, `raygen generate`."""
 
 from __future__ import annotations
 
@@ -119,3 +119,44 @@ def sample(
             suffix = f"_class{labels[i]}" if labels else ""
             save_png(image, out_dir / f"sample_{i:04d}{suffix}.png")
         render.out.print(f"wrote {n} PNGs to {out_dir}")
+
+
+def generate(
+    model_dir: Annotated[str, typer.Argument(help="A language model's model/ dir (or s3:// URI).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The text to continue, or to answer.")],
+    chat: Annotated[
+        bool,
+        typer.Option("--chat", help="Send the prompt as a user turn through the chat template."),
+    ] = False,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, max=32768, help="Tokens to generate at most.")
+    ] = 128,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0, max=2, help="0: greedy.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed (as the API's `seed`).")] = 0,
+) -> None:
+    """Generate text with a trained language model, streamed as it comes; sampled and seeded
+    as the serving API samples a completion."""
+    from raygen.cluster.storage import exists, join, local_copy
+    from raygen.jobs.seeding import derive_seed
+    from raygen.serving.runtimes.text import LanguageModel, TextRequest
+
+    if exists(join(model_dir, "model_index.json")):
+        raise typer.BadParameter(f"{model_dir} is a diffusion model; use raygen sample")
+    if not exists(join(model_dir, "config.json")):
+        raise typer.BadParameter(
+            f"{model_dir} is not a model directory (no config.json); give a run's model/"
+        )
+    model = LanguageModel(local_copy(model_dir))
+    if chat and not model.has_chat_template:
+        raise typer.BadParameter(
+            f"{model_dir} has no chat template (it was trained on text); leave out --chat"
+        )
+    text = model.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = model.encode(text)[-max(1, model.context_length - max_tokens) :]
+    request = TextRequest(ids, max_tokens, temperature, 1.0, [], derive_seed(seed, 0))
+    for (delta,) in model.generate([request]):
+        if delta is not None:
+            render.out.print(delta.text, end="", highlight=False, markup=False, soft_wrap=True)
+    render.out.print()

@@ -54,6 +54,13 @@ class LanguageModel:
             getattr(config, "max_position_embeddings", None) or config.n_positions
         )
         self.eos_token_id = self.tokenizer.eos_token_id
+        # Generation ends at EOS, or at any end the model's generation config names (a chat
+        # template's end of turn).
+        ends = self.model.generation_config.eos_token_id
+        ends = ends if isinstance(ends, list) else [] if ends is None else [ends]
+        self.stop_token_ids = frozenset(
+            [*ends, *([self.eos_token_id] if self.eos_token_id is not None else [])]
+        )
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
@@ -64,6 +71,17 @@ class LanguageModel:
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.chat_template)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The conversation rendered with the model's chat template, up to the assistant's
+        turn (what training rendered before each answer)."""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
     def generate(self, requests: list[TextRequest]) -> Iterator[list[TextDelta | None]]:
         """Generate all `requests` as one batch, a token per step.
@@ -145,7 +163,7 @@ class _RowState:
     def advance(self, token: int, model: LanguageModel) -> TextDelta:
         request = self.request
         finish = None
-        if token == model.eos_token_id:
+        if token in model.stop_token_ids:
             finish = "stop"
         else:
             self.ids.append(token)

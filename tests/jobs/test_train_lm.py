@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from raygen.jobs.loader import validate_spec
 from raygen.jobs.run_dir import fresh_name
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.train.metrics import read_metrics
-from tests.conftest import KILL_RUN_STEPS, run_and_kill_rank0, tiny_lm_spec
+from tests.conftest import KILL_RUN_STEPS, raygen, run_and_kill_rank0, tiny_lm_spec
 
 
 def spec_of(raw: dict) -> TrainSpec:
@@ -245,12 +243,6 @@ def test_run_storage_on_s3_trains_exports_and_resumes_there(ray_session, bucket,
 
 
 # --- a run stays one run; nothing raygen did not write is touched -----------------------------
-
-
-def raygen(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "raygen", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def test_a_rerun_that_changes_what_is_trained_is_refused_with_the_changes(lm_run, tmp_path):

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, raygen
+
 EXAMPLE = ROOT / "jobs" / "examples" / "code-lm-tiny.yaml"
-
-
-def raygen(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "raygen", *args], capture_output=True, text=True, cwd=cwd
-    )
 
 
 def test_bad_spec_exits_2_with_every_problem_and_no_traceback(tmp_path):

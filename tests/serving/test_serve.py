@@ -7,8 +7,6 @@ import base64
 import io
 import json
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +18,7 @@ import pytest
 import yaml
 
 from raygen.serving.deploy import replica_counts
-from tests.conftest import TEST_API_KEYS, TEST_API_KEYS_ENV, TINY_UNET
+from tests.conftest import TEST_API_KEYS, TEST_API_KEYS_ENV, TINY_UNET, raygen
 from tests.serving.deployments import start, stop, wait_for
 
 KEY = TEST_API_KEYS[1]
@@ -421,12 +419,6 @@ def test_a_dead_replica_is_replaced_while_the_other_keeps_answering(lm_run, serv
 
 
 # --- the CLI ------------------------------------------------------------------------------
-
-
-def raygen(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "raygen", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 def test_cli_deploys_detached_lists_and_shuts_down(lm_run, serve_port, tmp_path):

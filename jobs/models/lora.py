@@ -1,0 +1,75 @@
+"""LoRA adapters on causal language models (PEFT): added to a built model, and exported as
+a merged model and a PEFT adapter. Pure PEFT and transformers: state dicts in, files out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from raygen.jobs.spec import LoraSpec
+
+
+def lora_config(spec: LoraSpec, new_token_ids: list[int]) -> LoraConfig:
+    """PEFT's config for `spec`. `new_token_ids`: rows of the input embedding added for a
+    chat template's tokens, trained too (they start at the mean of the others, and would
+    stay identical to each other frozen)."""
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        trainable_token_indices=new_token_ids or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model: PreTrainedModel, spec: LoraSpec, new_token_ids: list[int]) -> PeftModel:
+    """`model` with frozen weights and trainable adapters."""
+    return get_peft_model(model, lora_config(spec, new_token_ids))
+
+
+def unknown_targets(config: PretrainedConfig, targets: list[str]) -> tuple[list[str], list[str]]:
+    """Names in `targets` matching no module of a model with `config` (PEFT matches a name
+    or a dotted suffix), and the model's linear layers' names to choose from. Builds the
+    model on the meta device: no memory, no weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if type(module).__name__ in ("Linear", "Conv1D") and name != "lm_head"
+        }
+    )
+    return unknown, linear
+
+
+def load_lora(
+    config: PretrainedConfig, state_dict: dict[str, torch.Tensor], lora: LoraConfig
+) -> PeftModel:
+    """A CPU copy of a LoRA run's model from its full state (base and adapters, with
+    PeftModel's keys): its `save_pretrained` writes the adapter (`PeftModel.from_pretrained
+    (base, dir)` loads it), its `merge_and_unload()` is the merged model."""
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(base, lora)
+    peft_model.to_empty(device="cpu")
+    missing, unexpected = peft_model.load_state_dict(state_dict, strict=False)  # keeps ties
+    if missing or unexpected:
+        raise RuntimeError(f"LoRA export: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return peft_model.float().eval()
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, all) parameter counts (ZeRO-3 partitions counted at full size)."""
+    trainable = total = 0
+    for param in model.parameters():
+        size = getattr(param, "ds_numel", param.numel())
+        total += size
+        trainable += size if param.requires_grad else 0
+    return trainable, total
