@@ -112,8 +112,11 @@ def test_zero3_bf16_llama_never_holds_the_full_model_and_exports_it(
     assert embed.shape == (512, 64) and embed.abs().sum() > 0
 
 
-def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, shared_prepared):
+def test_killed_worker_is_replaced_and_a_lora_run_resumes(ray_session, tmp_path, shared_prepared):
+    """A LoRA run, whose checkpoints hold only the adapters: resuming rebuilds the frozen
+    weights (from the seed here) and loads the adapters and their optimizer state."""
     raw = tiny_lm_spec(tmp_path, shared_prepared, train__eval_every=100)
+    raw["model"]["lora"] = {"r": 8, "alpha": 16}
     outcome, checkpointed, run_dir = run_and_kill_rank0(tmp_path, raw, max_failures=1)
 
     result = outcome["result"]
@@ -125,6 +128,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path, s
     assert attempts[1]["previous_error"].startswith("rank 0: worker process died")
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == KILL_RUN_STEPS
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_failure_beyond_max_failures_is_reported_with_the_last_checkpoint(
