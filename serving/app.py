@@ -366,6 +366,9 @@ class ModelServer:
         )
         for path in {COMPLETIONS, IMAGES} - {self.endpoint}:  # not this model's kind
             schema["paths"].pop(path, None)
+        for parameter in schema["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
+            if parameter["name"] == "model_id":  # the one model this server has
+                parameter["schema"] = {"type": "string", "enum": [self.spec.name]}
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         body = self.body_model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
@@ -397,6 +400,23 @@ class ModelServer:
     def models(self, request: Request) -> dict[str, Any]:
         """The deployed model (OpenAI's model list): what it is, its limits, its audit."""
         self._authorize(request)
+        return {"object": "list", "data": [self._model_entry()]}
+
+    @api.get("/v1/models/{model_id}", responses=_errors(401, 404))
+    def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        """One model (OpenAI's model object): this server's, by its name."""
+        self._authorize(request)
+        if model_id != self.spec.name:
+            raise ApiError(
+                404,
+                f"The model `{model_id}` does not exist here; this server serves "
+                f"`{self.spec.name}`.",
+                "model",
+                code="model_not_found",
+            )
+        return self._model_entry()
+
+    def _model_entry(self) -> dict[str, Any]:
         from raygen.serving.runtimes.common import LANGUAGE_MODEL
 
         limits = self.spec.limits
@@ -419,14 +439,13 @@ class ModelServer:
                 "max_body_bytes": limits.max_body_bytes,
             }
         about["audit"] = self.audit
-        entry = {
+        return {
             "id": self.spec.name,
             "object": "model",
             "created": self.created,
             "owned_by": "raygen",
             "raygen": about,
         }
-        return {"object": "list", "data": [entry]}
 
     @api.post(COMPLETIONS, responses=_errors(400, 401, 404, 413, 503))
     async def completions(self, request: Request) -> Response:

@@ -134,6 +134,16 @@ def test_models_lists_the_deployment_and_healthz_needs_no_key(lm_url):
     assert str(lm_url[1].parent) not in json.dumps(models)  # no storage paths
     assert httpx.get(f"{url}/healthz").json()["status"] == "ready"
     assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/completions"]
+    # One model by its id, as the openai client asks for it; another id is a 404 naming ours.
+    assert httpx.get(f"{url}/v1/models/code", headers=AUTH).json() == models[0]
+    missing = httpx.get(f"{url}/v1/models/gpt-4", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert "this server serves `code`" in missing.json()["error"]["message"]
+
+
+def test_the_openai_client_retrieves_the_model(client):
+    assert client.models.retrieve("code").id == "code"
+    assert [m.id for m in client.models.list()] == ["code"]
 
 
 @pytest.mark.parametrize(
