@@ -14,8 +14,7 @@ from raygen.jobs.spec import LoraSpec
 
 def lora_config(spec: LoraSpec, new_token_ids: list[int]) -> LoraConfig:
     """PEFT's config for `spec`. `new_token_ids`: rows of the input embedding added for a
-    chat template's tokens, trained too (they start at the mean of the others, and would
-    stay identical to each other frozen)."""
+    chat template's tokens, trained too (they start from samples around the others' mean)."""
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,

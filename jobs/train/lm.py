@@ -218,8 +218,8 @@ def build_engine(spec: TrainSpec, vocab_size: int, eos_token_id: int, world: int
     rows = model.get_input_embeddings().num_embeddings
     new_token_ids = list(range(rows, vocab_size))
     if new_token_ids:
-        # A chat template's tokens, added to a pretrained tokenizer: new rows start at the
-        # mean of the others.
+        # A chat template's tokens, added to a pretrained tokenizer: new rows are drawn from
+        # the other rows' mean and covariance (transformers' mean resizing).
         model.resize_token_embeddings(vocab_size, mean_resizing=True)
     model.generation_config.pad_token_id = eos_token_id
     if spec.model.lora:
