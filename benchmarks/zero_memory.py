@@ -140,6 +140,7 @@ def per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from raygen.jobs.models.lora import trainable_parameters
     from raygen.jobs.spec import TrainSpec
     from raygen.jobs.train.lm import build_engine
 
@@ -157,10 +158,7 @@ def per_worker(config: dict[str, Any]) -> None:
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     measured = live_tensor_bytes(engine)
     engine.step()
-    psi = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    phi = sum(
-        getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad
-    )
+    phi, psi = trainable_parameters(engine.module)
     measured.update(
         rank=rank,
         psi=psi,

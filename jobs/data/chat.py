@@ -67,8 +67,12 @@ def decode(text: str) -> list[dict[str, str]]:
 
 
 def contents(text: str) -> str:
-    """What the conversation says, without roles: for the text filters and the BPE."""
-    return "\n".join(t["content"] for t in decode(text))
+    """What an encoded conversation says, without roles: for the text filters and the BPE."""
+    return said(decode(text))
+
+
+def said(turns: list[dict[str, str]]) -> str:
+    return "\n".join(t["content"] for t in turns)
 
 
 def apply_template(tokenizer: Any, template: str | None) -> None:

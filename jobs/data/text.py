@@ -330,7 +330,7 @@ class _Clean:
             for turn in turns:
                 turn["content"] = normalize_text(turn["content"], self.d.collapse_whitespace)
             texts.append(chat.encode(turns))
-            reasons.append(self.reason("\n".join(t["content"] for t in turns)))
+            reasons.append(self.reason(chat.said(turns)))
         return texts, reasons
 
     def __call__(self, batch: pa.Table) -> pa.Table:

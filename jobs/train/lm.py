@@ -132,22 +132,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     watch = PreemptionWatch(device)
     window = TrainWindow(spec, world, device, tokens_per_step)
     while step < spec.train.max_steps:
+        micro = [next(batches) for _ in range(spec.train.grad_accum)]
         if masked:
-            masked_step(
-                engine, [next(batches) for _ in range(spec.train.grad_accum)], world, window
-            )
-        for _ in range(0 if masked else spec.train.grad_accum):
-            batch = next(batches)
-            ids = batch["input_ids"].long()  # (B, T)
-            if objective:
-                losses = token_losses(engine(input_ids=ids).logits, ids)  # (B, T-1)
-                loss = objective(losses, target_groups(batch["group_ids"]))
-                plain = losses.mean()  # logged: comparable with and without weighting
-            else:
-                loss = plain = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
-            engine.step()  # DeepSpeed only updates at the accumulation boundary
-            window.add(plain)
+            masked_step(engine, micro, world, window)
+        else:
+            plain_step(engine, micro, objective, window)
         step += 1
 
         is_last = step == spec.train.max_steps
@@ -169,6 +158,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 DRO_STATE = "group_dro"
+
+
+def plain_step(engine: Any, micro: list[dict[str, Any]], objective: Any, window: Any) -> None:
+    """One optimizer step on packed text: each micro-batch's mean token loss (or the group
+    objective's), DeepSpeed accumulating over the micro-batches."""
+    for batch in micro:
+        ids = batch["input_ids"].long()  # (B, T)
+        if objective:
+            losses = token_losses(engine(input_ids=ids).logits, ids)  # (B, T-1)
+            loss = objective(losses, target_groups(batch["group_ids"]))
+            plain = losses.mean()  # logged: comparable with and without weighting
+        else:
+            loss = plain = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()  # DeepSpeed only updates at the accumulation boundary
+        window.add(plain)
 
 
 def masked_loss(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

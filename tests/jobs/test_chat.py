@@ -65,11 +65,11 @@ def test_the_template_renders_as_plain_transformers_does(tokenizer):
     assert rendered == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     assert rendered.startswith("<|im_start|>system\nAnswer with one word.<|im_end|>\n")
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in chat.end_of_turn_ids(tokenizer)
-    with pytest.raises(ValueError, match="set tokenizer.chat_template: chatml"):
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-        bare.chat_template = None
+    bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="set tokenizer.chat_template: chatml"):
         chat.apply_template(bare, None)
 
 

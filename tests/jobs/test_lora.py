@@ -60,8 +60,7 @@ def test_unknown_target_modules_are_named_with_the_choices():
     assert {"c_attn", "c_proj", "c_fc"} <= set(linear)
 
 
-@pytest.mark.parametrize("family", ["diffusion"])
-def test_lora_is_refused_where_it_does_not_apply(family, tmp_path):
+def test_lora_is_refused_where_it_does_not_apply():
     from raygen.jobs.errors import SpecError
     from raygen.jobs.loader import validate_spec
     from raygen.jobs.spec import TrainSpec
@@ -69,7 +68,7 @@ def test_lora_is_refused_where_it_does_not_apply(family, tmp_path):
 
     raw = {
         "name": "x",
-        "model": {"family": family, "arch": "unet2d", "lora": {"r": 4}},
+        "model": {"family": "diffusion", "arch": "unet2d", "lora": {"r": 4}},
         "data": {"train": "builtin:digits"},
     }
     with pytest.raises(SpecError, match="`model.lora`: LoRA adapts causal language models"):
