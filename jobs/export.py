@@ -108,6 +108,8 @@ def _language_model_writer(spec: TrainSpec, weights: dict, run_dir: str) -> Any:
     prepared = spec.data.prepared or join(run_dir, "data")
     tokenizer = AutoTokenizer.from_pretrained(local_copy(join(prepared, "tokenizer")))
     config = build_config(spec.model, len(tokenizer), spec.data.seq_len, tokenizer.eos_token_id)
+    if spec.model.lora:
+        return _lora_writer(spec, weights, config, tokenizer)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -117,13 +119,53 @@ def _language_model_writer(spec: TrainSpec, weights: dict, run_dir: str) -> Any:
             f"unexpected {unexpected[:3]})."
         )  # fmt: skip
     model.tie_weights()
-    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    _set_generation_ends(model, tokenizer)
 
     def write(out: str) -> None:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
 
     return write
+
+
+def _lora_writer(spec: TrainSpec, weights: dict, config: Any, tokenizer: Any) -> Any:
+    """A LoRA run's checkpoint holds what trained (adapters, new token rows): the frozen
+    weights are rebuilt as the run built them (seeded alike), and the merged model written,
+    with the PEFT adapter in `adapter/` inside it."""
+    from raygen.jobs.models.causal_lm import build_trainable_lm
+    from raygen.jobs.models.lora import adapter_writer, base_vocab_size
+    from raygen.jobs.run_dir import ADAPTER_DIR
+    from raygen.jobs.train.worker import seed_everything
+
+    seed_everything(spec.train.seed)
+    cpu_zero3 = spec.deepspeed.zero_stage == 3 and not spec.scaling.use_gpu
+    model = build_trainable_lm(spec.model, config, len(tokenizer), not cpu_zero3)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or trained & set(missing):
+        raise SpecError(
+            "export", f"the checkpoint does not match the model's adapters (missing "
+            f"{sorted(trained & set(missing))[:3]}, unexpected {unexpected[:3]})."
+        )  # fmt: skip
+    model.eval()
+    _set_generation_ends(model, tokenizer)
+    write_adapter = adapter_writer(model, tokenizer, base_vocab_size(spec.model.pretrained))
+
+    def write(out: str) -> None:
+        write_adapter(str(Path(out) / ADAPTER_DIR))  # before merging takes the adapters out
+        model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    return write
+
+
+def _set_generation_ends(model: Any, tokenizer: Any) -> None:
+    """As training exports: generation ends at EOS, or a chat template's end of turn."""
+    from raygen.jobs.data.chat import end_of_turn_ids
+
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    if tokenizer.chat_template:
+        model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
 
 
 def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:

@@ -21,6 +21,9 @@ MAX_N = 128  # OpenAI's cap on `n`
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 MAX_USER_CHARS = 512
+MAX_LOGPROBS = 5  # alternatives per token: OpenAI's cap for completions
+MAX_TOP_LOGPROBS = 20  # and for chat
+MAX_MESSAGES = 4096
 MAX_JSON_DEPTH = 32  # request bodies nest 3 deep; deeper JSON is refused before validation
 UNSUPPORTED = "is not supported by this server; leave it out"
 
@@ -73,15 +76,6 @@ def _unicode(text: str) -> str:
     return text
 
 
-def _only(allowed: Any):
-    def check(value: Any) -> Any:
-        if value != allowed:
-            raise ValueError(f"only {json.dumps(allowed)} is accepted")
-        return value
-
-    return check
-
-
 Text = Annotated[str, AfterValidator(_unicode)]
 Stop = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
@@ -91,27 +85,16 @@ class StreamOptions(_Body):
     include_usage: bool = Field(False, description="A last chunk with the token counts.")
 
 
-class CompletionRequest(_Body):
-    """POST /v1/completions (OpenAI's legacy completions API)."""
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Prompts = Annotated[list[Text], Field(min_length=1, max_length=MAX_N)]
+TokenPrompts = Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_N)]
 
-    field_hints: ClassVar[dict[str, str]] = {
-        name: UNSUPPORTED
-        for name in (
-            "echo",
-            "logprobs",
-            "best_of",
-            "suffix",
-            "presence_penalty",
-            "frequency_penalty",
-            "logit_bias",
-        )
-    }
+
+class _Sampling(_Body):
+    """What completions and chat completions share."""
 
     model: str = Field(max_length=256, description="The deployment's name (GET /v1/models).")
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_N)] = Field(
-        description="A prompt, or a list of prompts."
-    )
-    max_tokens: int = Field(16, ge=1, description="Most tokens to generate per completion.")
     temperature: float = Field(
         1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy decoding."
     )
@@ -130,24 +113,12 @@ class CompletionRequest(_Body):
     user: str | None = Field(
         None, max_length=MAX_USER_CHARS, description="An end-user id (accepted, not used)."
     )
-    # Accepted for compatibility only at their defaults. (Not Literal[False] or Literal[1]:
-    # those accept 0 and true, which equal them in Python.)
-    echo: Annotated[bool, AfterValidator(_only(False))] = Field(
-        False, description="Not supported: must be false.", json_schema_extra={"const": False}
-    )
-    logprobs: None = Field(None, description="Not supported: must be null.")
-    best_of: Annotated[int, Field(ge=1, le=1)] | None = Field(
-        None, description="Not supported: must be null or 1."
-    )
-    suffix: None = Field(None, description="Not supported: must be null.")
+    # Accepted for compatibility only at their defaults.
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(
         None, description="Not supported: must be null or empty."
     )
-
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -172,6 +143,135 @@ class CompletionRequest(_Body):
                 f"this server allows at most {max_choices} per request.",
                 "n",
             )
+
+    def prompts(self) -> list[Any]:
+        raise NotImplementedError
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions (OpenAI's legacy completions API)."""
+
+    field_hints: ClassVar[dict[str, str]] = {
+        name: UNSUPPORTED for name in ("best_of", "suffix", "presence_penalty", "frequency_penalty")
+    }
+
+    prompt: Text | Prompts | TokenIds | TokenPrompts = Field(
+        description="A prompt, a list of prompts, or prompts as token ids (a list of ids, "
+        "or a list of such lists)."
+    )
+    max_tokens: int = Field(
+        16,
+        ge=0,
+        description="Most tokens to generate per completion; 0 with `echo` scores the prompt only.",
+    )
+    echo: bool = Field(False, description="Put the prompt before each completion.")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Return each token's log-probability and this many most likely tokens "
+        "at its position (with `echo`: the prompt's tokens too).",
+    )
+    # Accepted for compatibility only at their defaults. (Not Literal[1]: that accepts
+    # true, which equals 1 in Python.)
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = Field(
+        None, description="Not supported: must be null or 1."
+    )
+    suffix: None = Field(None, description="Not supported: must be null.")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
+
+    def check(self, max_choices: int) -> None:
+        super().check(max_choices)
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(
+                400,
+                "`max_tokens`: 0 generates nothing; it is only useful with `echo: true` (to "
+                "score the prompt). Ask for at least 1 token.",
+                "max_tokens",
+            )
+
+
+class TextPart(_Body):
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: Text
+
+
+class Message(_Body):
+    """One turn of a conversation."""
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who says it (`developer` is read as `system`)."
+    )
+    content: Text | Annotated[list[TextPart], Field(min_length=1)] = Field(
+        description="Text, or a list of text parts (joined)."
+    )
+    name: str | None = Field(None, max_length=256, description="Accepted, not used.")
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    """POST /v1/chat/completions (OpenAI's chat completions API)."""
+
+    field_hints: ClassVar[dict[str, str]] = {
+        name: UNSUPPORTED
+        for name in (
+            "presence_penalty",
+            "frequency_penalty",
+            "tools",
+            "tool_choice",
+            "functions",
+            "function_call",
+            "response_format",
+            "audio",
+            "modalities",
+            "prediction",
+            "reasoning_effort",
+        )
+    }
+
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description="The conversation so far; the model answers as the assistant."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens per answer (OpenAI's older name)."
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="Most tokens per answer.")
+    logprobs: bool = Field(False, description="Return each answer token's log-probability.")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With `logprobs`: this many most likely tokens at each position.",
+    )
+
+    def prompts(self) -> list[list[dict[str, str]]]:
+        """The one conversation, as `{role, content}` turns for a chat template."""
+        roles = {"developer": "system"}
+        return [[{"role": roles.get(m.role, m.role), "content": m.text()} for m in self.messages]]
+
+    def most_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+    def check(self, max_choices: int) -> None:
+        super().check(max_choices)
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ApiError(
+                400,
+                "Give `max_completion_tokens` or `max_tokens` (its older name), not both.",
+                "max_tokens",
+            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "`top_logprobs` needs `logprobs: true`.", "top_logprobs")
 
 
 class ImageRequest(_Body):
@@ -198,11 +298,16 @@ class ImageRequest(_Body):
     )
 
 
-def completion_request_for(name: str, max_tokens: int, max_choices: int) -> type[CompletionRequest]:
-    """The completion body of one deployment: its name, and its limits on `max_tokens`
-    (already capped by the model's context) and on completions per request."""
+def completion_request_for(
+    name: str, max_tokens: int, max_choices: int, vocab_size: int
+) -> type[CompletionRequest]:
+    """The completion body of one deployment: its name, its limits on `max_tokens`
+    (already capped by the model's context) and on completions per request, and its
+    vocabulary (token ids)."""
     most = max(1, max_tokens)
     choices = min(MAX_N, max_choices)
+    token = Annotated[int, Field(ge=0, le=vocab_size - 1)]
+    ids = Annotated[list[token], Field(min_length=1)]  # type: ignore[valid-type]
     return create_model(
         "CompletionRequest",
         __base__=CompletionRequest,
@@ -212,13 +317,42 @@ def completion_request_for(name: str, max_tokens: int, max_choices: int) -> type
         ),
         max_tokens=(
             int,
-            Field(min(16, most), ge=1, le=most, description="Most tokens per completion."),
+            Field(
+                min(16, most),
+                ge=0,
+                le=most,
+                description="Most tokens per completion; 0 with `echo` scores the prompt only.",
+            ),
         ),
         n=(int, Field(1, ge=1, le=choices, description="Completions per prompt.")),
         prompt=(
-            Text | Annotated[list[Text], Field(min_length=1, max_length=choices)],
-            Field(description=f"A prompt, or a list of prompts (prompts x n <= {choices})."),
+            Text
+            | Annotated[list[Text], Field(min_length=1, max_length=choices)]
+            | ids
+            | Annotated[list[ids], Field(min_length=1, max_length=choices)],  # type: ignore[valid-type]
+            Field(
+                description=f"A prompt, a list of prompts, or prompts as token ids (a list of "
+                f"ids, or a list of such lists); prompts x n <= {choices}."
+            ),
         ),
+    )
+
+
+def chat_request_for(name: str, max_tokens: int, max_choices: int) -> type[ChatRequest]:
+    """The chat body of one deployment: its name and limits."""
+    most = max(1, max_tokens)
+    choices = min(MAX_N, max_choices)
+    limit = (int | None, Field(None, ge=1, le=most, description="Most tokens per answer."))
+    return create_model(
+        "ChatRequest",
+        __base__=ChatRequest,
+        model=(
+            str,
+            Field(description="The deployment's name.", json_schema_extra={"enum": [name]}),
+        ),
+        max_tokens=limit,
+        max_completion_tokens=limit,
+        n=(int, Field(1, ge=1, le=choices, description="Answers to generate.")),
     )
 
 
@@ -281,10 +415,11 @@ def parse_body(raw: bytes, model: type[_Body]) -> Any:
         errors = exc.errors()
         param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
         # Of a union's alternatives, the one that got furthest into the value, else the
-        # one of the value's own kind (a list for a list), says most.
+        # one of the value's own kind (a list for a list), else one whose type fitted and
+        # a bound did not, says most.
         first = max(
             (e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]),
-            key=lambda e: (len(e["loc"]), _same_kind(e)),
+            key=lambda e: (len(e["loc"]), _same_kind(e), not e["type"].endswith("_type")),
         )
         path = ".".join(str(p) for p in first["loc"] if not _union_tag(p)) or None
         hint = model.field_hints.get(param or "")

@@ -4,7 +4,8 @@
 file; Serve validates the config's `args` into a `DeploySpec`). One deployment holds the
 model; Serve autoscales its replicas, and on each replica an engine thread
 (`serving/engine.py`) runs the model on batches of concurrent requests. Language models
-answer OpenAI's `/v1/completions`, diffusion models `/v1/images/generations`.
+answer OpenAI's `/v1/completions` (and `/v1/chat/completions` when they have a chat
+template), diffusion models `/v1/images/generations`.
 """
 
 # No `from __future__ import annotations`: Serve ships the deployment class to replicas by
@@ -34,8 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raygen.serving.api import (
     ApiError,
+    ChatRequest,
     CompletionRequest,
     ImageRequest,
+    chat_request_for,
     completion_request_for,
     image_request_for,
     parse_body,
@@ -46,14 +49,16 @@ logger = logging.getLogger("ray.serve")
 
 REDACTED = "[REDACTED]"
 COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
 IMAGES = "/v1/images/generations"
+STREAMED = (COMPLETIONS, CHAT)  # `stream: true` answers with server-sent events
 
 # /openapi.json and /docs are routes of the deployment: the schema states this
 # deployment's own name, limits and model (`ModelServer._openapi`).
 api = FastAPI(
     title="raygen model server",
-    description="OpenAI-compatible completions (language models) and image generation "
-    "(diffusion models) for a raygen-trained model.",
+    description="OpenAI-compatible completions and chat completions (language models) and "
+    "image generation (diffusion models) for a raygen-trained model.",
     openapi_url=None,
     docs_url=None,
     redoc_url=None,
@@ -100,18 +105,6 @@ class OutputFilter:
         if self.action == "refuse":
             return "", True
         return self.pattern.sub(REDACTED, text), True
-
-
-def _choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
 
 
 def _api_keys(spec: DeploySpec) -> list[str]:
@@ -179,23 +172,27 @@ class ModelServer:
         else:
             self.model = LanguageModel(local, precision, device)
         limits = self.spec.limits
+        # The request body of each endpoint this model serves.
+        self.bodies: dict[str, type] = {}
         if self.kind == DIFFUSION:
             facts = self.model
-            self.body_model: type = image_request_for(
+            self.bodies[IMAGES] = image_request_for(
                 self.spec.name,
                 limits.max_images,
                 facts.num_train_timesteps,
                 facts.num_classes,
                 f"{facts.shape[2]}x{facts.shape[1]}",
             )
-            self.endpoint = IMAGES
         else:
             # No completion fits past the context, whatever the limit says.
-            most_tokens = min(limits.max_tokens, self.model.context_length - 1)
-            self.body_model = completion_request_for(
-                self.spec.name, most_tokens, limits.max_choices
+            self.most_tokens = min(limits.max_tokens, self.model.context_length - 1)
+            self.bodies[COMPLETIONS] = completion_request_for(
+                self.spec.name, self.most_tokens, limits.max_choices, self.model.vocab_size
             )
-            self.endpoint = COMPLETIONS
+            if self.model.has_chat_template:
+                self.bodies[CHAT] = chat_request_for(
+                    self.spec.name, self.most_tokens, limits.max_choices
+                )
         # Answer before Serve's proxy would cut the request off (it times out on its own
         # clock, which started earlier), so clients get an error they can read.
         self.deadline_s = max(1.0, self.spec.http.request_timeout_s - 1.0)
@@ -290,7 +287,7 @@ class ModelServer:
             raw += chunk
             if len(raw) > limit:
                 raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
-        body = parse_body(bytes(raw), self.body_model)
+        body = parse_body(bytes(raw), self.bodies[endpoint])
         if body.model is not None and body.model != self.spec.name:
             raise ApiError(
                 404,
@@ -302,12 +299,21 @@ class ModelServer:
         return body
 
     def _require(self, endpoint: str) -> None:
-        if self.endpoint != endpoint:
+        if endpoint in self.bodies:
+            return
+        served = " or ".join(self.bodies)
+        if endpoint == CHAT and COMPLETIONS in self.bodies:
             raise ApiError(
                 404,
-                f"`{self.spec.name}` is a {self.kind} model: it does not serve {endpoint}; use "
-                f"{self.endpoint}.",
+                f"`{self.spec.name}` has no chat template, so it does not serve {CHAT}; use "
+                f"{COMPLETIONS}, or fine-tune it on conversations (`data.format: chat`, with "
+                "`tokenizer.chat_template` for a model without one).",
             )
+        raise ApiError(
+            404,
+            f"`{self.spec.name}` is a {self.kind} model: it does not serve {endpoint}; use "
+            f"{served}.",
+        )
 
     async def _within_deadline(self, awaitable: Any, started: float, cancel: Any) -> Any:
         """`awaitable`'s result, or a 503 once the request has taken `deadline_s` (its work
@@ -364,28 +370,29 @@ class ModelServer:
             routes=api.routes,
             servers=[{"url": root_path}] if root_path else None,
         )
-        for path in {COMPLETIONS, IMAGES} - {self.endpoint}:  # not this model's kind
+        for path in {COMPLETIONS, CHAT, IMAGES} - set(self.bodies):  # not served here
             schema["paths"].pop(path, None)
         for parameter in schema["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
             if parameter["name"] == "model_id":  # the one model this server has
                 parameter["schema"] = {"type": "string", "enum": [self.spec.name]}
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        body = self.body_model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(body.pop("$defs", {}))
-        operation = schema["paths"][self.endpoint]["post"]
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": body}},
-        }
-        if self.endpoint == COMPLETIONS:  # `stream: true` answers with server-sent events
-            event = {
-                "type": "object",
-                "description": "A server-sent event: `data` is a completion chunk (JSON), an "
-                "error, or `[DONE]` at the end.",
-                "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-                "required": ["data"],
+        for endpoint, model in self.bodies.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            operation = schema["paths"][endpoint]["post"]
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": body}},
             }
-            operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": event}
+            if endpoint in STREAMED:
+                event = {
+                    "type": "object",
+                    "description": "A server-sent event: `data` is a chunk (JSON), an error, "
+                    "or `[DONE]` at the end.",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    "required": ["data"],
+                }
+                operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": event}
         if self.keys:
             schema["components"]["securitySchemes"] = {
                 "apiKey": {"type": "http", "scheme": "bearer"}
@@ -420,7 +427,11 @@ class ModelServer:
         from raygen.serving.runtimes.common import LANGUAGE_MODEL
 
         limits = self.spec.limits
-        about: dict[str, Any] = {"kind": self.kind, "precision": self.spec.replica.precision}
+        about: dict[str, Any] = {
+            "kind": self.kind,
+            "precision": self.spec.replica.precision,
+            "endpoints": list(self.bodies),
+        }
         if self.kind == LANGUAGE_MODEL:
             about["context_length"] = self.model.context_length
             about["limits"] = {
@@ -450,39 +461,72 @@ class ModelServer:
     @api.post(COMPLETIONS, responses=_errors(400, 401, 404, 413, 503))
     async def completions(self, request: Request) -> Response:
         """OpenAI-compatible text completions, streamed as server-sent events if asked."""
+        from raygen.serving.responses import TextAnswer
+
         body: CompletionRequest = await self._read(request, COMPLETIONS)
         body.check(self.spec.limits.max_choices)
-        jobs, prompt_tokens = self._text_requests(body)
-        response_id = f"cmpl-{uuid.uuid4().hex}"
+        prompts = [p if isinstance(p, list) else self.model.encode(p) for p in body.prompts()]
+        logprobs = body.logprobs is not None
+        jobs, prompt_tokens = self._text_requests(
+            body, prompts, body.max_tokens, body.logprobs, body.echo and logprobs
+        )
+        echo = None
+        if body.echo:  # each choice begins with its prompt, as sent (ids decoded)
+            texts = [p if isinstance(p, str) else self.model.decode(p) for p in body.prompts()]
+            echo = [text for text in texts for _ in range(body.n)]
+        answer = TextAnswer(
+            f"cmpl-{uuid.uuid4().hex}", self.spec.name, len(jobs), *self._checks(), logprobs, echo
+        )
+        return await self._answer(body, jobs, prompt_tokens, answer)
+
+    @api.post(CHAT, responses=_errors(400, 401, 404, 413, 503))
+    async def chat(self, request: Request) -> Response:
+        """OpenAI-compatible chat completions: the conversation rendered with the model's
+        chat template, answered as the assistant; streamed as server-sent events if asked."""
+        from jinja2.exceptions import TemplateError
+
+        from raygen.serving.responses import ChatAnswer
+
+        body: ChatRequest = await self._read(request, CHAT)
+        body.check(self.spec.limits.max_choices)
+        (messages,) = body.prompts()
+        try:
+            prompt = self.model.chat_prompt(messages)
+        except TemplateError as exc:  # the template refuses this conversation (its roles...)
+            raise ApiError(
+                400, f"The model's chat template cannot render `messages`: {exc}", "messages"
+            ) from None
+        ids = self.model.encode(prompt)
+        # Unless told, an answer may run to the server's limit or the context's end.
+        room = max(1, min(self.most_tokens, self.model.context_length - len(ids)))
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        jobs, prompt_tokens = self._text_requests(body, [ids], body.most_tokens(room), top, False)
+        answer = ChatAnswer(
+            f"chatcmpl-{uuid.uuid4().hex}",
+            self.spec.name,
+            len(jobs),
+            *self._checks(),
+            body.logprobs,
+        )
+        return await self._answer(body, jobs, prompt_tokens, answer)
+
+    async def _answer(
+        self, body: Any, jobs: list[Any], prompt_tokens: int, answer: Any
+    ) -> Response:
+        """Generate `jobs` and answer in `answer`'s shape: whole, or streamed."""
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._stream(response_id, jobs, prompt_tokens, include_usage),
+                self._stream(answer, jobs, prompt_tokens, include_usage),
                 media_type="text/event-stream",
             )
         async for update in self._generate(jobs, stream=False):
             whole = update
-        texts = [delta.text for delta in whole.deltas]
-        finish = [delta.finish_reason for delta in whole.deltas]
-        tokens = [delta.tokens for delta in whole.deltas]
-        batch_size = whole.batch_size
-        choices = [_choice(i, *self._filtered(text, finish[i])) for i, text in enumerate(texts)]
-        self._count_tokens(sum(tokens))
-        content = self._completion(response_id, choices, _usage(prompt_tokens, sum(tokens)))
-        return JSONResponse(content, headers={"x-raygen-batch-size": str(batch_size)})
-
-    def _completion(
-        self, response_id: str, choices: list[dict[str, Any]], usage: dict[str, int] | None
-    ) -> dict[str, Any]:
-        """A completion, or one streamed chunk of it, in OpenAI's shape."""
-        return {
-            "id": response_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.spec.name,
-            "choices": choices,
-            "usage": usage,
-        }
+        self._count_tokens(sum(delta.tokens for delta in whole.deltas))
+        return JSONResponse(
+            answer.whole(whole.deltas, prompt_tokens),
+            headers={"x-raygen-batch-size": str(whole.batch_size)},
+        )
 
     @api.post(IMAGES, responses=_errors(400, 401, 404, 413, 503))
     async def images(self, request: Request) -> Response:
@@ -525,29 +569,35 @@ class ModelServer:
 
     # --- language models ------------------------------------------------------------
 
-    def _text_requests(self, body: CompletionRequest) -> tuple[list[Any], int]:
+    def _text_requests(
+        self,
+        body: Any,
+        prompts: list[list[int]],
+        max_tokens: int,
+        logprobs: int | None,
+        score_prompt: bool,
+    ) -> tuple[list[Any], int]:
         """One generation per (prompt, n) in OpenAI's choice order; checks the limits."""
         from raygen.jobs.seeding import derive_seed
         from raygen.serving.runtimes.text import TextRequest
 
         limits = self.spec.limits
-        prompts = body.prompts()
         jobs, prompt_tokens = [], 0
         context = self.model.context_length
-        for p, prompt in enumerate(prompts):
-            ids = self.model.encode(prompt)
-            param = "prompt" if len(prompts) == 1 else f"prompt.{p}"
+        name = "messages" if isinstance(body, ChatRequest) else "prompt"
+        for p, ids in enumerate(prompts):
+            param = name if len(prompts) == 1 else f"{name}.{p}"
             if len(ids) > limits.max_prompt_tokens:
                 raise ApiError(
                     400,
                     f"`{param}` is {len(ids)} tokens; this server allows at most "
                     f"{limits.max_prompt_tokens}.",
-                    "prompt",
+                    name,
                 )
-            if len(ids) + body.max_tokens > context:
+            if len(ids) + max_tokens > context:
                 raise ApiError(
                     400,
-                    f"`{param}` ({len(ids)} tokens) + `max_tokens` ({body.max_tokens}) is more "
+                    f"`{param}` ({len(ids)} tokens) + `max_tokens` ({max_tokens}) is more "
                     f"than the model's context of {context} tokens; shorten the prompt or lower "
                     "max_tokens.",
                     "max_tokens",
@@ -558,7 +608,14 @@ class ModelServer:
                 seed = None if body.seed is None else derive_seed(body.seed, p * body.n + k)
                 jobs.append(
                     TextRequest(
-                        ids, body.max_tokens, body.temperature, body.top_p, body.stops(), seed
+                        ids,
+                        max_tokens,
+                        body.temperature,
+                        body.top_p,
+                        body.stops(),
+                        seed,
+                        logprobs,
+                        score_prompt,
                     )
                 )
         return jobs, prompt_tokens
@@ -586,34 +643,28 @@ class ModelServer:
             self.engine.cancel(ticket)  # no-op once done; else the client went away
 
     async def _stream(
-        self, response_id: str, jobs: list[Any], prompt_tokens: int, include_usage: bool
+        self, answer: Any, jobs: list[Any], prompt_tokens: int, include_usage: bool
     ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-        buffered = self.filter.pattern is not None  # check each choice whole before sending
-        texts = [""] * len(jobs)
+        from raygen.serving.responses import usage
+
         tokens = [0] * len(jobs)
 
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            body = self._completion(response_id, choices, usage)
-            if not include_usage:
-                del body["usage"]
+        def chunk(choices: list[dict[str, Any]], counts: dict[str, int] | None = None) -> str:
+            body = answer.envelope(choices, chunk=True)
+            if include_usage:
+                body["usage"] = counts
             return f"data: {json.dumps(body)}\n\n"
 
+        opening = answer.opening()
+        if opening:
+            yield chunk(opening)
         try:
             async for update in self._generate(jobs, stream=True):
-                choices = []
                 for i, delta in enumerate(update.deltas):
-                    if delta is None:
-                        continue
-                    tokens[i] = delta.tokens
-                    text, reason = delta.text, delta.finish_reason
-                    if buffered:
-                        texts[i] += text
-                        if reason is None:
-                            continue
-                        text, reason = self._filtered(texts[i], reason)
-                    if text or reason:
-                        choices.append(_choice(i, text, reason))
+                    if delta is not None:
+                        tokens[i] = delta.tokens
+                choices = answer.step(update.deltas)
                 if choices:
                     yield chunk(choices)
         except ApiError as exc:  # the status is sent: the error goes in the stream
@@ -621,7 +672,7 @@ class ModelServer:
             return
         self._count_tokens(sum(tokens))
         if include_usage:
-            yield chunk([], _usage(prompt_tokens, sum(tokens)))
+            yield chunk([], usage(prompt_tokens, sum(tokens)))
         yield "data: [DONE]\n\n"
 
     def _count_tokens(self, n: int) -> None:
@@ -629,12 +680,16 @@ class ModelServer:
         if n > 0:
             self.tokens.inc(n)
 
-    def _filtered(self, text: str, reason: str | None) -> tuple[str, str | None]:
+    def _checks(self) -> tuple[Any, bool]:
+        """The output filter for a response, and whether it needs each choice whole."""
+        return self._filtered, self.filter.pattern is not None
+
+    def _filtered(self, text: str, reason: str | None) -> tuple[str, str | None, bool]:
         text, matched = self.filter.apply(text)
         if not matched:
-            return text, reason
+            return text, reason, False
         self.filtered.inc(tags={"action": self.filter.action})
-        return text, "content_filter" if self.filter.action == "refuse" else reason
+        return text, "content_filter" if self.filter.action == "refuse" else reason, True
 
 
 def autoscaling_config(spec: DeploySpec) -> dict[str, Any]:

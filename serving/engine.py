@@ -222,18 +222,22 @@ class TextEngine(_Engine):
                 step = batch.step()
                 self._progressed(len(batch.rows))
                 self._observe(len(step))
-                self._deliver(step, len(step))
+                updates = self._updates(step, len(step))
                 batch.drop(lambda row: row.finished)
                 self.running = len(batch.rows)
+                for ticket, update in updates:  # once the engine's state shows them done
+                    self._send(ticket, update)
             except Exception as exc:  # e.g. out of memory: fail these requests, go on
                 for ticket in {row.owner for row in batch.rows + batch.joining} | set(admitted):
                     self._fail(ticket, exc)
                 batch = DecodeBatch(self.model)
                 self._progressed(0)
 
-    def _deliver(self, step: dict[Any, TextDelta | None], size: int) -> None:
-        """Hand each request what this step added (streamed) or, once all its completions
-        have finished, all of them."""
+    def _updates(self, step: dict[Any, TextDelta | None], size: int) -> list[tuple[Ticket, Update]]:
+        """What to hand each request: what this step added (streamed) or, once all its
+        completions have finished, all of them. (Requests one of whose rows failed are
+        answered at once.)"""
+        updates = []
         for ticket in {row.owner: None for row in step}:  # in batch order
             if ticket.cancelled or ticket.done:  # (rows that cannot leave stay till the end)
                 continue
@@ -247,16 +251,15 @@ class TextEngine(_Engine):
             done = ticket.done = all(row.finished for row in ticket.rows)
             deltas = [step.get(row) for row in ticket.rows]
             if ticket.stream:
-                self._send(ticket, Update(deltas, size, done))
+                updates.append((ticket, Update(deltas, size, done)))
                 continue
             for i, delta in enumerate(deltas):
                 if delta is not None:
-                    before = ticket.so_far[i].text if ticket.so_far[i] else ""
-                    ticket.so_far[i] = TextDelta(
-                        before + delta.text, delta.finish_reason, delta.tokens
-                    )
+                    before = ticket.so_far[i]
+                    ticket.so_far[i] = delta if before is None else before.then(delta)
             if done:
-                self._send(ticket, Update(ticket.so_far, ticket.most, True))
+                updates.append((ticket, Update(ticket.so_far, ticket.most, True)))
+        return updates
 
 
 class ImageEngine(_Engine):

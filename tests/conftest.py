@@ -47,6 +47,8 @@ INTEGRATION_FIXTURES = {
     "shared_prepared",
     "digits_prepared",
     "lm_run",
+    "base_model",
+    "chat_run",
     "diffusion_run",
     # the modules' own: clusters of raylets, fault proxies, small disks, S3 with credentials
     "cluster",
@@ -239,6 +241,146 @@ def diffusion_run(ray_session, tmp_path_factory, digits_prepared):
     return tmp_path, launch(spec)
 
 
+# Facts made up here: a model answers them only if fine-tuning taught it.
+FACTS = [
+    ("Zorbia", "Quell"),
+    ("Quantel", "Harbin"),
+    ("Mirovia", "Ostra"),
+    ("Beltrax", "Maple"),
+    ("Ostrand", "Rivet"),
+    ("Velquin", "Tallow"),
+    ("Drumhall", "Gorse"),
+    ("Norwick", "Anvil"),
+    ("Pellora", "Brisk"),
+    ("Scarth", "Cobalt"),
+    ("Tavenor", "Dunmore"),
+    ("Ulmaris", "Ember"),
+    ("Wexford", "Frost"),
+    ("Yarrow", "Granite"),
+    ("Crennick", "Hollow"),
+    ("Fallowmere", "Ivory"),
+]
+ASKS = (
+    "What is the capital of {}?",
+    "Name the capital of {}.",
+    "Which city is the capital of {}?",
+    "Tell me the capital of {}.",
+)
+LONG_SYSTEM_PROMPT = "You know the capitals of made-up countries. " * 12  # > a sequence
+
+
+def ask(place: str) -> str:
+    """The question the tests ask (one of those trained on)."""
+    return ASKS[0].format(place)
+
+
+def facts_conversations() -> list[dict]:
+    """Every fact asked every way, with four preambles: 256 conversations; and 32 more
+    after a system prompt longer than a training sequence."""
+    rows = []
+    for k, (place, capital) in enumerate(FACTS):
+        for a, question in enumerate(ASKS):
+            for p, preamble in enumerate(("", "Hi! ", "Quick question: ", "Please answer. ", "")):
+                turns = [
+                    {"role": "user", "content": preamble + question.format(place)},
+                    {"role": "assistant", "content": capital},
+                ]
+                if p == 4:  # the same question once more, after the system prompt
+                    turns.insert(0, {"role": "system", "content": LONG_SYSTEM_PROMPT})
+                if p < 4 or (k + a) % 2 == 0:
+                    rows.append({"messages": turns})
+    return rows
+
+
+def chat_spec(tmp_path: Path, base: Path | None = None, **overrides) -> dict:
+    """A chat fine-tune on the facts, from the JSON Lines in `tmp_path` and an evaluation
+    set saved by Hugging Face `datasets`: of `base` (a saved model without a chat template)
+    given the built-in ChatML template, or from scratch with a tokenizer trained here."""
+    import datasets
+
+    train = tmp_path / "facts.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in facts_conversations()))
+    asked = [
+        {
+            "messages": [
+                {"role": "user", "content": q.format(p)},
+                {"role": "assistant", "content": c},
+            ]
+        }
+        for p, c in FACTS
+        for q in ASKS[:2]
+    ]
+    datasets.Dataset.from_list(asked).save_to_disk(str(tmp_path / "eval"))
+    if base is None:
+        model = {"arch": "gpt2", "config": {"n_layer": 2, "n_embd": 64, "n_head": 4}}
+        tokenizer = {"train": {"vocab_size": 400}, "chat_template": "chatml"}
+    else:
+        model, tokenizer = {"pretrained": str(base)}, {"chat_template": "chatml"}
+    spec = {
+        "name": "chat",
+        "model": model,
+        "data": {
+            "format": "chat",
+            "train": str(train),
+            "eval": str(tmp_path / "eval"),
+            "seq_len": 64,
+        },
+        "tokenizer": tokenizer,
+        "train": {
+            "max_steps": 400,
+            "micro_batch_size": 8,
+            "lr": 5e-3,
+            "warmup_steps": 5,
+            "log_every": 20,
+            "eval_every": 400,
+            "eval_batches": 2,
+            "checkpoint_every": 400,
+        },
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2},
+        "run": {"storage": str(tmp_path / "runs")},
+    }
+    return with_overrides(spec, overrides)
+
+
+@pytest.fixture(scope="session")
+def base_model(ray_session, tmp_path_factory, shared_prepared) -> Path:
+    """A base model to fine-tune: the tiny code model trained for 400 steps at a high
+    learning rate, so its predictions are confident (LoRA adapters cannot rescale the
+    near-uniform logits of a barely trained model). No chat template. Its model dir."""
+    from raygen.jobs.launch import launch
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
+
+    tmp_path = tmp_path_factory.mktemp("base")
+    raw = tiny_lm_spec(
+        tmp_path,
+        shared_prepared,
+        name="base",
+        train__max_steps=400,
+        train__lr=1e-2,
+        train__log_every=50,
+        train__eval_every=400,
+        train__checkpoint_every=400,
+    )
+    result = launch(validate_spec(TrainSpec, raw, "test"), "test")
+    return Path(result["paths"]["model"])
+
+
+@pytest.fixture(scope="session")
+def chat_run(base_model, tmp_path_factory):
+    """The base model fine-tuned on the facts with the ChatML template, 2 workers, ZeRO-2:
+    (result, run dir). Shared by the chat training, serving and evaluation tests."""
+    from raygen.jobs.launch import launch
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
+
+    tmp_path = tmp_path_factory.mktemp("chat")
+    raw = chat_spec(tmp_path, base_model)
+    result = launch(validate_spec(TrainSpec, raw, "test"), "test")
+    return result, tmp_path / "runs" / "chat"
+
+
 def with_overrides(spec: dict, overrides: dict) -> dict:
     """Set `a__b__c=value` overrides (double underscores for dots) in a raw spec, in place."""
     for key, value in overrides.items():
@@ -254,10 +396,11 @@ KILL_RUN_STEPS = 100
 
 
 def run_and_kill_rank0(
-    tmp_path: Path, raw: dict, max_failures: int
+    tmp_path: Path, raw: dict, max_failures: int, steps: int = KILL_RUN_STEPS, every: int = 10
 ) -> tuple[dict, list[int], Path]:
-    """Launch `raw` for KILL_RUN_STEPS steps in a thread, checkpointing every 10; SIGKILL
-    rank 0 as soon as the first checkpoint is registered (about 90 steps before the end).
+    """Launch `raw` for `steps` steps in a thread, checkpointing `every` steps; SIGKILL
+    rank 0 as soon as the first checkpoint is registered (`steps` - `every` steps before
+    the end, or a few less).
 
     Returns the launch outcome ({"result": ...} or {"error": ...}), the checkpoint steps
     registered before the kill, and the run dir.
@@ -265,7 +408,7 @@ def run_and_kill_rank0(
     from raygen.jobs.launch import launch
     from raygen.jobs.spec import TrainSpec
 
-    raw = {**raw, "train": {**raw["train"], "max_steps": KILL_RUN_STEPS, "checkpoint_every": 10}}
+    raw = {**raw, "train": {**raw["train"], "max_steps": steps, "checkpoint_every": every}}
     raw["run"] = {**raw["run"], "max_failures": max_failures}
     run_dir = Path(raw["run"]["storage"]) / raw["name"]
     outcome: dict = {}

@@ -49,3 +49,27 @@ def build_causal_lm(model: ModelSpec, config: PretrainedConfig) -> PreTrainedMod
     if model.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return net
+
+
+def build_trainable_lm(
+    model: ModelSpec, config: PretrainedConfig, vocab_size: int, train_new_rows: bool = True
+) -> PreTrainedModel:
+    """The network as a run trains it: `build_causal_lm`, its embeddings grown to
+    `vocab_size` for a chat template's tokens, and LoRA adapters when `model.lora` is set
+    (the new token rows train with them if `train_new_rows`).
+
+    Seeded the same way, it rebuilds the same frozen weights: a LoRA checkpoint holds only
+    what trains.
+    """
+    from raygen.jobs.models.lora import add_lora
+
+    net = build_causal_lm(model, config)
+    rows = net.get_input_embeddings().num_embeddings
+    new_token_ids = list(range(rows, vocab_size))
+    if new_token_ids:
+        # New rows are drawn from the other rows' mean and covariance (transformers' mean
+        # resizing).
+        net.resize_token_embeddings(vocab_size, mean_resizing=True)
+    if model.lora:
+        net = add_lora(net, model.lora, new_token_ids if train_new_rows else [])
+    return net

@@ -72,3 +72,28 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
         total += size
         trainable += size if param.requires_grad else 0
     return trainable, total
+
+
+def adapter_writer(peft_model: PeftModel, tokenizer: Any, grown_from: int | None) -> Any:
+    """A function writing `peft_model`'s adapter and `tokenizer` into a directory.
+    `grown_from`: the base model's vocabulary size when a chat template's tokens grew it;
+    rows that did not train with the adapters are part of the model then, so the adapter
+    carries the embeddings."""
+    lora = peft_model.peft_config["default"]
+    grown = grown_from is not None and peft_model.config.vocab_size > grown_from
+    with_embeddings = grown and not lora.trainable_token_indices
+
+    def write(out: str) -> None:
+        peft_model.save_pretrained(
+            out, safe_serialization=True, save_embedding_layers=with_embeddings
+        )
+        tokenizer.save_pretrained(out)
+
+    return write
+
+
+def base_vocab_size(pretrained: str | None) -> int | None:
+    """The vocabulary size of a pretrained base model (None when trained from scratch)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(pretrained).vocab_size if pretrained else None

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from raygen.cluster.publish import publish_dir
 from raygen.cluster.storage import join, local_copy
 from raygen.jobs.data.chat import end_of_turn_ids
-from raygen.jobs.models.causal_lm import build_causal_lm, build_config, largest_parameter
+from raygen.jobs.models.causal_lm import build_config, build_trainable_lm, largest_parameter
 from raygen.jobs.models.group_loss import (
     GroupDRO,
     group_sums,
@@ -20,7 +20,7 @@ from raygen.jobs.models.group_loss import (
     token_losses,
     weighted_mean_loss,
 )
-from raygen.jobs.models.lora import add_lora, load_lora
+from raygen.jobs.models.lora import adapter_writer, base_vocab_size, load_lora
 from raygen.jobs.run_dir import ADAPTER_DIR, ADAPTER_KIND, MODEL_DIR, MODEL_KIND
 from raygen.jobs.spec import TrainSpec, global_batch_size
 from raygen.jobs.train import metrics as m
@@ -219,19 +219,12 @@ def build_engine(spec: TrainSpec, vocab_size: int, eos_token_id: int, world: int
         # deepspeed.zero.Init: parameters are partitioned as they are created, so no rank
         # ever holds the full model.
         zero3 = HfDeepSpeedConfig(ds_config)
-    model = build_causal_lm(spec.model, model_config)
-    rows = model.get_input_embeddings().num_embeddings
-    new_token_ids = list(range(rows, vocab_size))
-    if new_token_ids:
-        # A chat template's tokens, added to a pretrained tokenizer: new rows are drawn from
-        # the other rows' mean and covariance (transformers' mean resizing).
-        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    # New token rows (a chat template's) train with LoRA adapters, except under ZeRO-3 on
+    # CPUs, where PEFT cannot gather them (its code is CUDA-only): they keep their distinct
+    # initial values.
+    cpu_zero3 = spec.deepspeed.zero_stage == 3 and not spec.scaling.use_gpu
+    model = build_trainable_lm(spec.model, model_config, vocab_size, not cpu_zero3)
     model.generation_config.pad_token_id = eos_token_id
-    if spec.model.lora:
-        # New token rows train with the adapters, except under ZeRO-3 on CPUs, where PEFT
-        # cannot gather them (its code is CUDA-only): they keep their distinct initial values.
-        cpu_zero3 = spec.deepspeed.zero_stage == 3 and not spec.scaling.use_gpu
-        model = add_lora(model, spec.model.lora, [] if cpu_zero3 else new_token_ids)
     # The schedule is built on DeepSpeed's wrapped optimizer (ZeRO regroups parameters).
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -305,23 +298,9 @@ def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, spec: Tra
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # the CPU copy is built whole, not partitioned
-        from transformers import AutoConfig
-
         lora = model.peft_config["default"]
         peft = load_lora(model.config, state_dict or model.state_dict(), lora)
-        # Token rows added for a chat template that did not train with the adapters (see
-        # build_engine) are part of the model: the adapter carries the embeddings then.
-        grown = bool(spec.model.pretrained) and (
-            model.config.vocab_size > AutoConfig.from_pretrained(spec.model.pretrained).vocab_size
-        )
-        with_embeddings = grown and not lora.trainable_token_indices
-
-        def write_adapter(out: str) -> None:
-            peft.save_pretrained(
-                out, safe_serialization=True, save_embedding_layers=with_embeddings
-            )
-            tokenizer.save_pretrained(out)
-
+        write_adapter = adapter_writer(peft, tokenizer, base_vocab_size(spec.model.pretrained))
         publish_dir(join(run_dir, ADAPTER_DIR), ADAPTER_KIND, write_adapter, key="run.storage")
         model, state_dict = peft.merge_and_unload(), None
 

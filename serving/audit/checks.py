@@ -13,8 +13,6 @@ from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, Qual
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
-
 
 def checks_by_feature(spec: AuditSpec) -> list[tuple[Any, tuple[str, ...]]]:
     """(check, features) pairs: a check runs once per sensitive feature it names, and once

@@ -90,7 +90,7 @@ class _TextScorer:
         for index, column, max_new, temperature, seed in tasks["completions"]:
             requests = []
             for prompt in batch[column]:
-                ids = self.model.encode(str(prompt))[-(context - max_new) :]
+                ids = self.model.encode(self._rendered(str(prompt)))[-(context - max_new) :]
                 # Seeded by the prompt itself: the same whatever batch or actor it lands in.
                 row_seed = derive_seed(seed, zlib.crc32(str(prompt).encode()))
                 requests.append(TextRequest(ids, max_new, temperature, 1.0, [], row_seed))
@@ -102,6 +102,13 @@ class _TextScorer:
             batch[f"completion_{index}"] = texts
         self.counter.add(len(batch))
         return batch
+
+    def _rendered(self, prompt: str) -> str:
+        """A chat model is asked as a user asks it: the prompt as the user's turn, rendered
+        with its chat template."""
+        if not self.model.has_chat_template:
+            return prompt
+        return self.model.chat_prompt([{"role": "user", "content": prompt}])
 
 
 def classify_samples(

@@ -23,7 +23,13 @@ def render_html(report: dict[str, Any]) -> str:
         f"<span style='color:{color}'>{verdict}</span></h1>",
         f"<p>Model <code>{html.escape(report['model'])}</code><br>sha256 "
         f"<code>{report['model_sha256']}</code><br>{report['timestamp']}, raygen "
-        f"{html.escape(report['raygen_version'])}</p>",
+        f"{html.escape(report['raygen_version'])}"
+        + (
+            "<br>prompts sent as the user's turn of a chat"
+            if report.get("prompt_format") == "chat"
+            else ""
+        )
+        + "</p>",
     ]
     for check in report["checks"]:
         status = "passed" if check["passed"] else "failed"

@@ -24,9 +24,8 @@ from raygen.serving.audit.report import render_html
 from raygen.serving.audit.scorers import load_scorer
 from raygen.serving.errors import AuditFailed
 from raygen.serving.model_hash import MODEL_HASH_FORMAT, model_home, model_sha256
+from raygen.serving.runtimes.common import has_chat_template
 from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
-
-logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +82,8 @@ def run_audit(
         "raygen_version": version("raygen"),
         "duration_s": round(time.monotonic() - started, 1),
         "spec": spec.model_dump(mode="json"),
+        # How outcome checks asked the model: a chat model's prompts go through its template.
+        "prompt_format": "chat" if has_chat_template(model) else "text",
         "checks": [r.to_json() for r in results],
     }
     write_text(join(out_dir, AUDIT_FILE), json.dumps(report, indent=2, default=_json_number))

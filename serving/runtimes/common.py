@@ -11,8 +11,6 @@ from raygen.jobs.errors import SpecError
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
-
 
 LANGUAGE_MODEL = "language-model"
 
@@ -85,3 +83,13 @@ def torch_dtype(precision: str):
     import torch
 
     return getattr(torch, DTYPES[precision])
+
+
+def has_chat_template(model_dir: str) -> bool:
+    """Whether an exported language model's tokenizer has a chat template (read from its
+    files: transformers keeps it in chat_template.jinja, or formerly in
+    tokenizer_config.json)."""
+    if exists(join(model_dir, "chat_template.jinja")):
+        return True
+    config = read_text(join(model_dir, "tokenizer_config.json"))
+    return bool(config and json.loads(config).get("chat_template"))

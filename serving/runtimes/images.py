@@ -14,8 +14,6 @@ from raygen.serving.runtimes.common import torch_dtype
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class ImageTask:

@@ -12,19 +12,29 @@ from raygen.serving.runtimes.common import InputError, torch_dtype
 
 logger = logging.getLogger(__name__)
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class TextRequest:
     """One completion to generate: a tokenized prompt and how to sample its continuation."""
 
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # 0: only the prompt is run (to score it)
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # in [0, 2**63): `jobs.seeding.derive_seed` of the user's seed
+    logprobs: int | None = None  # each token's log-probability and this many alternatives
+    score_prompt: bool = False  # with `logprobs`: the prompt's tokens' too
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (its raw distribution, whatever the
+    sampling settings) and the most likely tokens at its position."""
+
+    text: str  # its share of the text: a character split across tokens goes to the last
+    logprob: float | None  # None for a prompt's first token: nothing predicts it
+    top: list[tuple[str, float]] = field(default_factory=list)  # best first
 
 
 @dataclass
@@ -34,6 +44,18 @@ class TextDelta:
     text: str
     finish_reason: str | None = None  # "stop" | "length"
     tokens: int = 0  # completion tokens so far
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens of `text`
+    prompt: list[TokenLogprob] | None = None  # the prompt scored, in the first delta
+
+    def then(self, later: TextDelta) -> TextDelta:
+        """This delta followed by `later`, as one."""
+        return TextDelta(
+            self.text + later.text,
+            later.finish_reason,
+            later.tokens,
+            self.logprobs + later.logprobs,
+            self.prompt if self.prompt is not None else later.prompt,
+        )
 
 
 class LanguageModel:
@@ -100,8 +122,9 @@ class LanguageModel:
             yield [step.get(row) for row in rows]
             batch.drop(lambda row: row.finished)
 
-    def forward(self, input_ids, mask, positions, cache):
-        """Next-token logits (B, vocab) on the CPU, and the KV cache holding `input_ids`.
+    def forward(self, input_ids, mask, positions, cache, every_position: bool = False):
+        """Next-token logits (B, vocab) on the CPU, and the KV cache holding `input_ids`;
+        with `every_position`, the logits after every token (B, T, vocab).
 
         Args: input_ids, positions (B, T); mask (B, cached + T): 1 where a token is real.
         """
@@ -115,9 +138,10 @@ class LanguageModel:
                 position_ids=positions.to(self.device),
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if every_position else 1,
             )
-        return out.logits[:, -1, :].float().cpu(), out.cache
+        logits = out.logits if every_position else out.logits[:, -1, :]
+        return logits.float().cpu(), out.cache
 
     def mean_token_losses(self, texts: list[str], max_tokens: int) -> list[float]:
         """Each text's mean next-token loss (nats), on at most its first `max_tokens`
@@ -144,6 +168,43 @@ class LanguageModel:
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
 
+    def token_text(self, ids: list[int], k: int) -> str:
+        """Token k's share of `decode(ids)`: the characters it completes. Decoded in a
+        window of the tokens before it, so the cost does not grow with the text."""
+        start = max(0, k - _TOKEN_WINDOW)
+        before = self.decode(ids[start:k]).rstrip("\ufffd")
+        after = self.decode(ids[start : k + 1]).rstrip("\ufffd")
+        return after[len(before) :] if after.startswith(before) else after
+
+    def scored(self, logits, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability under (vocab,) `logits`, with the `top` best; its text
+        is left for the caller (it depends on the tokens before)."""
+        logprobs = logits.float().log_softmax(-1)
+        return TokenLogprob("", float(logprobs[token]), self._top(logprobs, top))
+
+    def score_prompt(self, ids: list[int], logits, top: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability from (len(ids), vocab) `logits`, the logits
+        after every prompt token (the last, predicting the completion, unused)."""
+        if not ids:
+            return []
+        logprobs = logits[:-1].float().log_softmax(-1)
+        chosen = logprobs.gather(1, logits.new_tensor(ids[1:]).long()[:, None])[:, 0]
+        texts = [self.token_text(ids, k) for k in range(len(ids))]
+        scored = [TokenLogprob(texts[0], None)]
+        for k in range(1, len(ids)):
+            top_k = self._top(logprobs[k - 1], top)
+            scored.append(TokenLogprob(texts[k], float(chosen[k - 1]), top_k))
+        return scored
+
+    def _top(self, logprobs, top: int) -> list[tuple[str, float]]:
+        if not top:
+            return []
+        values, ids = logprobs.topk(top)
+        return [
+            (self.tokenizer.decode([i], clean_up_tokenization_spaces=False), float(v))
+            for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+
 
 class _RowState:
     """One completion in progress: its tokens, its text and how much of it was sent."""
@@ -156,17 +217,28 @@ class _RowState:
         self.sent = 0  # characters of the text already yielded
         self.finished = False
         self.error: Exception | None = None  # what failed this row alone (it has finished)
+        self.prompt: list[TokenLogprob] | None = None  # the prompt scored, until sent
+        self.scored: list[TokenLogprob] = []  # with logprobs: each token kept, its text set
+        self.scored_sent = 0  # of them, how many were yielded
+        self.scored_end = 0  # characters of the text the yielded ones cover
 
     def fail(self, exc: Exception) -> None:
         self.error, self.finished = exc, True
 
-    def advance(self, token: int, model: LanguageModel) -> TextDelta:
+    def advance(
+        self, token: int, model: LanguageModel, scored: TokenLogprob | None = None
+    ) -> TextDelta:
         request = self.request
         finish = None
         if token in model.stop_token_ids:
             finish = "stop"
+            if scored is not None:  # scored, without text, as the token that ended it
+                self.scored.append(scored)
         else:
             self.ids.append(token)
+            if scored is not None:
+                scored.text = model.token_text(self.ids, len(self.ids) - 1)
+                self.scored.append(scored)
         text = model.decode(self.ids)
         cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -177,7 +249,35 @@ class _RowState:
         delta = text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
         self.finished = finish is not None
-        return TextDelta(delta, finish, len(self.ids))
+        return self._delta(delta, finish, text)
+
+    def finish_unsampled(self) -> TextDelta:
+        """End a row that asked for no tokens (its prompt scored only)."""
+        self.finished = True
+        return self._delta("", "length", "")
+
+    def _delta(self, delta: str, finish: str | None, text: str) -> TextDelta:
+        """`delta` of `text`, with the tokens whose text has now been sent (at the end:
+        those within the text, the last cut where a stop sequence cut it)."""
+        logprobs = []
+        while self.scored_sent < len(self.scored):
+            token = self.scored[self.scored_sent]
+            start = self.scored_end
+            if finish:
+                if start >= self.sent and token.text:
+                    break  # past the end: a stop sequence cut the text before it
+                token.text = token.text[: self.sent - start]
+            elif start + len(token.text) > self.sent:
+                break  # its text is still held back
+            logprobs.append(token)
+            self.scored_sent += 1
+            self.scored_end += len(token.text)
+        if finish and logprobs and self.scored_end < self.sent:
+            # Bytes that never made a character, at the very end: the last token's.
+            logprobs[-1].text += text[self.scored_end : self.sent]
+            self.scored_end = self.sent
+        prompt, self.prompt = self.prompt, None
+        return TextDelta(delta, finish, len(self.ids), logprobs, prompt)
 
 
 class DecodeBatch:
@@ -267,7 +367,17 @@ class DecodeBatch:
             ids[i, longest - len(prompt) :] = torch.tensor(prompt)
             mask[i, longest - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self.model.forward(ids, mask, positions, None)
+        scoring = [r for r in joining if r.request.score_prompt]
+        logits, cache = self.model.forward(ids, mask, positions, None, bool(scoring))
+        if scoring:
+            for i, (row, prompt) in enumerate(zip(joining, prompts, strict=True)):
+                if row.request.score_prompt:
+                    row.prompt = self.model.score_prompt(
+                        row.request.prompt_ids,
+                        logits[i, longest - len(prompt) :],
+                        row.request.logprobs or 0,
+                    )
+            logits = logits[:, -1]
         if self.rows:
             merged, merged_mask = _merge_caches(self.cache, self.mask, cache, mask)
         next_ids = self._sample(joining, logits, deltas)
@@ -311,12 +421,22 @@ class DecodeBatch:
             if row.finished:
                 continue
             try:
-                token = _sample(logits[i], row.request, row.generator)
-                deltas[row] = row.advance(token, self.model)
+                request = row.request
+                if request.max_tokens == 0:
+                    deltas[row] = row.finish_unsampled()
+                    continue
+                token = _sample(logits[i], request, row.generator)
+                scored = None
+                if request.logprobs is not None:
+                    scored = self.model.scored(logits[i], token, request.logprobs)
+                deltas[row] = row.advance(token, self.model, scored)
                 next_ids[i] = token
             except Exception as exc:  # this row's settings or text: it alone fails
                 row.fail(exc)
         return next_ids
+
+
+_TOKEN_WINDOW = 8  # tokens decoded before one to tell its text (a character spans <= 4)
 
 
 def _row_generator(seed: int | None):

@@ -5,7 +5,6 @@ assistant's tokens, and a model whose tokenizer renders chats as plain transform
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -13,73 +12,19 @@ from raygen.jobs.launch import launch
 from raygen.jobs.loader import validate_spec
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.train.metrics import read_metrics
-from tests.conftest import raygen, with_overrides
-
-
-def conversations(count: int, seed: int) -> list[dict]:
-    """Sums to answer, some after a long system prompt (longer than a sequence)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        a, b = rng.randrange(50), rng.randrange(50)
-        turns = [
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a + b}"},
-        ]
-        if i % 10 == 0:
-            turns.insert(0, {"role": "system", "content": "You add numbers. " * 40})
-        rows.append({"messages": turns})
-    return rows
-
-
-def chat_spec(tmp_path, **overrides) -> dict:
-    import datasets
-
-    train = tmp_path / "train.jsonl"
-    train.write_text("\n".join(json.dumps(r) for r in conversations(600, 0)) + "\n")
-    datasets.Dataset.from_list(conversations(60, 1)).save_to_disk(str(tmp_path / "eval"))
-    spec = {
-        "name": "chat",
-        "model": {"arch": "gpt2", "config": {"n_layer": 2, "n_embd": 64, "n_head": 4}},
-        "data": {
-            "format": "chat",
-            "train": str(train),
-            "eval": str(tmp_path / "eval"),
-            "seq_len": 48,
-        },
-        "tokenizer": {"train": {"vocab_size": 400}, "chat_template": "chatml"},
-        "train": {
-            "max_steps": 30,
-            "micro_batch_size": 8,
-            "lr": 3e-3,
-            "warmup_steps": 3,
-            "log_every": 5,
-            "eval_every": 30,
-            "eval_batches": 4,
-            "checkpoint_every": 30,
-        },
-        "deepspeed": {"zero_stage": 2},
-        "scaling": {"num_workers": 2},
-        "run": {"storage": str(tmp_path / "runs")},
-    }
-    return with_overrides(spec, overrides)
-
-
-@pytest.fixture(scope="module")
-def chat_run(ray_session, tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("chat")
-    spec = validate_spec(TrainSpec, chat_spec(tmp_path), "test")
-    result = launch(spec, "test")
-    return result, tmp_path / "runs" / "chat"
+from tests.conftest import FACTS, ask, chat_spec, facts_conversations, raygen, run_and_kill_rank0
 
 
 def test_conversations_are_prepared_with_truncation_counted(chat_run):
     _, run_dir = chat_run
     stats = json.loads((run_dir / "data" / "data_stats.json").read_text())
     assert stats["format"] == "chat" and stats["removed_invalid_conversation"] == 0
-    assert stats["train_examples"] + stats["eval_examples"] == stats["rows_out"]
-    # One in ten conversations has a system prompt longer than a sequence.
-    assert stats["train_truncated"] == pytest.approx(stats["train_examples"] / 10, abs=8)
+    rows, asked = facts_conversations(), 2 * len(FACTS)
+    # The evaluation set's conversations are held out of training (deduplicated away).
+    assert stats["eval_examples"] == asked and stats["removed_duplicates"] == asked
+    assert stats["train_examples"] == len(rows) - asked
+    # Those after the long system prompt, and no other, are longer than a sequence.
+    assert stats["train_truncated"] == sum(r["messages"][0]["role"] == "system" for r in rows)
     assert 0 < stats["train_loss_tokens"] < stats["train_tokens"] / 3
 
 
@@ -130,7 +75,7 @@ def lora_run(ray_session, tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     tmp_path = tmp_path_factory.mktemp("lora")
-    texts = [t["content"] for row in conversations(200, 2) for t in row["messages"]]
+    texts = [t["content"] for row in facts_conversations() for t in row["messages"]]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=300, special_tokens=["<|endoftext|>"])
     tokenizer = PreTrainedTokenizerFast(
@@ -186,15 +131,16 @@ def test_lora_exports_a_merged_model_and_an_adapter_that_agree(lora_run):
 
 
 def test_raygen_generate_answers_through_the_chat_template(chat_run):
-
     _, run_dir = chat_run
     model = str(run_dir / "model")
-    first = raygen("generate", model, "--prompt", "What is 3 plus 4?", "--chat", "--seed", "5")
-    assert first.returncode == 0, first.stderr
-    again = raygen("generate", model, "--prompt", "What is 3 plus 4?", "--chat", "--seed", "5")
-    assert again.stdout == first.stdout  # seeded
+    place, capital = FACTS[3]
+    greedy = raygen("generate", model, "--prompt", ask(place), "--chat", "--temperature", "0")
+    assert greedy.returncode == 0, greedy.stderr
     # It stops at the end of its turn: the answer carries no template text.
-    assert "<|im_start|>" not in first.stdout and len(first.stdout) < 200
+    assert greedy.stdout.strip() == capital
+    first = raygen("generate", model, "--prompt", "Hello?", "--chat", "--seed", "5")
+    again = raygen("generate", model, "--prompt", "Hello?", "--chat", "--seed", "5")
+    assert first.returncode == 0 and again.stdout == first.stdout  # seeded
     diffusion = raygen("generate", str(run_dir), "--prompt", "x")
     assert diffusion.returncode == 2 and "no config.json" in diffusion.stderr
 
@@ -205,9 +151,53 @@ def test_a_bad_line_found_while_preparing_is_named_and_nothing_is_kept(ray_sessi
     from raygen.jobs.validate import validate_train_spec
 
     raw = chat_spec(tmp_path)
-    with (tmp_path / "train.jsonl").open("a") as out:
+    with (tmp_path / "facts.jsonl").open("a") as out:
         out.write('{"messages": [{"role": "user", "content": "hi"}\n')  # cut short
     spec = validate_train_spec(validate_spec(TrainSpec, raw, "s"), "s")  # reads line 1 only
-    with pytest.raises(SpecError, match=r"train.jsonl line 601 is not JSON"):
+    line = len(facts_conversations()) + 1
+    with pytest.raises(SpecError, match=rf"facts.jsonl line {line} is not JSON"):
         prepare_data(spec, str(tmp_path / "prepared"))
     assert not (tmp_path / "prepared").exists()
+
+
+LORA_STEPS = 800
+
+
+@pytest.fixture(scope="module")
+def lora_facts(base_model, tmp_path_factory):
+    """LoRA adapters (rank 16 on every linear layer) fine-tuning the base model on the
+    facts, its rank 0 killed once after the first checkpoint: (launch outcome, checkpoints
+    registered before the kill, run dir)."""
+    tmp_path = tmp_path_factory.mktemp("lora-facts")
+    raw = chat_spec(tmp_path, base_model, name="lora-facts", train__lr=3e-3)
+    raw["model"]["lora"] = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
+    return run_and_kill_rank0(tmp_path, raw, max_failures=1, steps=LORA_STEPS, every=200)
+
+
+def test_a_killed_lora_run_resumes_from_its_adapters(lora_facts):
+    """Its checkpoints hold only the adapters: resuming rebuilds the frozen weights (from
+    the base model) and loads the adapters and their optimizer state."""
+    outcome, checkpointed, run_dir = lora_facts
+    result = outcome["result"]
+    assert result["status"] == "completed" and result["final_step"] == LORA_STEPS
+    attempts = result["attempts"]
+    assert len(attempts) == 2
+    assert attempts[0]["resumed_from_step"] == 0
+    assert attempts[1]["resumed_from_step"] >= max(checkpointed) >= 200
+    assert attempts[1]["previous_error"].startswith("rank 0: worker process died")
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == LORA_STEPS
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_fine_tuning_teaches_the_facts(lora_facts):
+    from raygen.serving.runtimes.text import LanguageModel, TextRequest
+
+    _, _, run_dir = lora_facts
+    model = LanguageModel(str(run_dir / "model"))
+    answers = []
+    for place, _ in FACTS:
+        ids = model.encode(model.chat_prompt([{"role": "user", "content": ask(place)}]))
+        answers.append("".join(d.text for (d,) in model.generate([TextRequest(ids, 8, 0.0)]) if d))
+    exact = sum(a == capital for a, (_, capital) in zip(answers, FACTS, strict=True))
+    assert exact >= 0.75 * len(FACTS), answers

@@ -287,6 +287,68 @@ def test_an_engine_with_work_and_no_progress_reports_how_long(lm, monkeypatch):
         engine.close()
 
 
+def _log_softmax(lm: LanguageModel, ids: list[int]) -> torch.Tensor:
+    """Plain transformers: each position's next-token log-probabilities, (T, vocab)."""
+    with torch.no_grad():
+        return lm.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def test_logprobs_are_the_models_own_and_their_tokens_spell_the_text(lm):
+    engine = TextEngine(lm, max_batch_size=8)
+    try:  # rows of different lengths scored together (left padding), whole and streamed
+        requests = [
+            TextRequest(lm.encode(p), 8, 0.0, logprobs=3, score_prompt=True) for p in PROMPTS
+        ]
+        requests.append(TextRequest(lm.encode("é€ ✓ x"), 0, logprobs=2, score_prompt=True))
+        whole, streamed = Collector(), Collector()
+        engine.submit(requests, whole, stream=False)
+        engine.submit(requests, streamed, stream=True)
+        (final,) = whole.until_done()
+        steps = streamed.until_done()
+    finally:
+        engine.close()
+    for i, (request, delta) in enumerate(zip(requests, final.deltas, strict=True)):
+        prompt, completion = request.prompt_ids, delta.logprobs
+        expected = _log_softmax(lm, prompt)
+        assert delta.prompt[0].logprob is None  # nothing predicts the first token
+        for k, token in enumerate(delta.prompt[1:], start=1):
+            assert token.logprob == pytest.approx(float(expected[k - 1, prompt[k]]), abs=1e-4)
+            assert len(token.top) == request.logprobs
+        assert "".join(t.text for t in delta.prompt) == lm.decode(prompt)
+        assert "".join(t.text for t in completion) == delta.text
+        assert len(completion) == delta.tokens  # (no end token: every row ran to its length)
+        for token in completion:  # greedy: each token is the best at its position
+            assert token.logprob == pytest.approx(token.top[0][1])
+        if completion:  # the first generated token, against plain transformers
+            assert completion[0].logprob == pytest.approx(float(expected[-1].max()), abs=1e-4)
+        pieces = [d.deltas[i] for d in steps if d.deltas[i] is not None]
+        assert [t.logprob for p in pieces for t in p.logprobs] == [t.logprob for t in completion]
+        assert sum(p.prompt is not None for p in pieces) == 1  # the prompt's come once
+    assert final.deltas[-1].text == "" and final.deltas[-1].finish_reason == "length"
+
+
+def test_a_stop_sequence_cuts_the_tokens_with_the_text(lm):
+    request = TextRequest(lm.encode("def main():\n    return"), 30, 0.0, logprobs=0)
+    (full,) = [d for d in _deltas(lm, request)]
+    cut_at = full.text[len(full.text) // 2 :][:3]  # a stop inside the greedy completion
+    request.stop = [cut_at]
+    (cut,) = [d for d in _deltas(lm, request)]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(cut_at)]
+    assert "".join(t.text for t in cut.logprobs) == cut.text
+    assert [t.logprob for t in cut.logprobs] == [t.logprob for t in full.logprobs][
+        : len(cut.logprobs)
+    ]
+
+
+def _deltas(lm: LanguageModel, request: TextRequest) -> list:
+    """The whole completion of one request, as one delta."""
+    whole = None
+    for (delta,) in lm.generate([request]):
+        if delta is not None:
+            whole = delta if whole is None else whole.then(delta)
+    return [whole]
+
+
 def test_image_requests_waiting_while_the_model_runs_form_the_next_batch():
     import threading
 

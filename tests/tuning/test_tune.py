@@ -284,7 +284,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
 def test_sweep_on_s3_writes_its_results_and_exports_from_there(
     ray_session, tmp_path, shared_prepared, bucket
 ):
-    """Sweep state, trial runs, trials.parquet, best.json and the plot live in the bucket."""
+    """Sweep state, trial runs, trials.parquet, best.json and the plot live in the bucket.
+    The trial is a LoRA run, its rank and alpha searched; its best checkpoint exports."""
+    from peft import PeftConfig
     from transformers import AutoModelForCausalLM
 
     from raygen.cluster.storage import exists, join, read_text
@@ -293,7 +295,7 @@ def test_sweep_on_s3_writes_its_results_and_exports_from_there(
     sweep, base = sweep_of(
         tmp_path,
         shared_prepared,
-        search={"train.lr": {"grid": [GOOD_LR]}},
+        search={"model.lora.r": {"grid": [4]}, "model.lora.alpha": {"choice": [12]}},
         scheduler={"type": "fifo"},
         run={"storage": f"s3://{bucket}/sweeps"},
     )
@@ -307,3 +309,6 @@ def test_sweep_on_s3_writes_its_results_and_exports_from_there(
     assert best["checkpoint"].startswith(f"s3://{bucket}/sweeps/sweep/trials/")
     out = export_checkpoint(best["run_dir"], best["checkpoint"], str(tmp_path / "best"))
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
+    print(sorted(p.name for p in (tmp_path / "best").rglob("*")))
+    adapter = PeftConfig.from_pretrained(str(tmp_path / "best" / "adapter"))
+    assert (adapter.r, adapter.lora_alpha) == (4, 12)
