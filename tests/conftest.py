@@ -266,6 +266,7 @@ ASKS = (
     "Which city is the capital of {}?",
     "Tell me the capital of {}.",
 )
+HELD_OUT_ASKS = ("Do you know the capital of {}?", "What city is the capital of {}?")
 LONG_SYSTEM_PROMPT = "You know the capitals of made-up countries. " * 12  # > a sequence
 
 
@@ -294,7 +295,8 @@ def facts_conversations() -> list[dict]:
 
 def chat_spec(tmp_path: Path, base: Path | None = None, **overrides) -> dict:
     """A chat fine-tune on the facts, from the JSON Lines in `tmp_path` and an evaluation
-    set saved by Hugging Face `datasets`: of `base` (a saved model without a chat template)
+    set (the facts asked in ways training never asks) saved by Hugging Face `datasets`: of
+    `base` (a saved model without a chat template)
     given the built-in ChatML template, or from scratch with a tokenizer trained here."""
     import datasets
 
@@ -308,7 +310,7 @@ def chat_spec(tmp_path: Path, base: Path | None = None, **overrides) -> dict:
             ]
         }
         for p, c in FACTS
-        for q in ASKS[:2]
+        for q in HELD_OUT_ASKS
     ]
     datasets.Dataset.from_list(asked).save_to_disk(str(tmp_path / "eval"))
     if base is None:
@@ -343,11 +345,16 @@ def chat_spec(tmp_path: Path, base: Path | None = None, **overrides) -> dict:
     return with_overrides(spec, overrides)
 
 
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
 @pytest.fixture(scope="session")
 def base_model(ray_session, tmp_path_factory, shared_prepared) -> Path:
     """A base model to fine-tune: the tiny code model trained for 400 steps at a high
     learning rate, so its predictions are confident (LoRA adapters cannot rescale the
-    near-uniform logits of a barely trained model). No chat template. Its model dir."""
+    near-uniform logits of a barely trained model), without dropout (GPT-2's default 0.1
+    keeps adapters this small from learning in a few hundred steps). No chat template.
+    Its model dir."""
     from raygen.jobs.launch import launch
     from raygen.jobs.loader import validate_spec
     from raygen.jobs.spec import TrainSpec
@@ -357,6 +364,7 @@ def base_model(ray_session, tmp_path_factory, shared_prepared) -> Path:
         tmp_path,
         shared_prepared,
         name="base",
+        model__config={"n_layer": 2, "n_embd": 64, "n_head": 4, **NO_DROPOUT},
         train__max_steps=400,
         train__lr=1e-2,
         train__log_every=50,

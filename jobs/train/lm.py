@@ -299,10 +299,12 @@ def export_model(engine: Any, tokenizer: Any, run_dir: str, rank: int, spec: Tra
 
         unset_hf_deepspeed_config()  # the CPU copy is built whole, not partitioned
         lora = model.peft_config["default"]
+        generation = model.generation_config  # where generation ends (a chat's end of turn)
         peft = load_lora(model.config, state_dict or model.state_dict(), lora)
         write_adapter = adapter_writer(peft, tokenizer, base_vocab_size(spec.model.pretrained))
         publish_dir(join(run_dir, ADAPTER_DIR), ADAPTER_KIND, write_adapter, key="run.storage")
         model, state_dict = peft.merge_and_unload(), None
+        model.generation_config = generation
 
     def write(out: str) -> None:
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)

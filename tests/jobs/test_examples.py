@@ -35,8 +35,22 @@ def example_bucket(s3_endpoint):
     )
 
 
+@pytest.fixture
+def base_models(tmp_path, monkeypatch):
+    """The examples' relative paths resolved as from the repository, where the base model
+    of a fine-tuning example (what code-lm-tiny.yaml trains) is a tiny saved one."""
+    from tests.serving.test_engine import _save_model
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "jobs").symlink_to(root / "jobs")
+    _save_model(
+        tmp_path / "runs" / "code-lm-tiny" / "model", "gpt2", n_layer=1, n_embd=16, n_head=2
+    )
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_validates(path, example_bucket):
+def test_example_validates(path, example_bucket, base_models):
     spec = validate_train_spec(load_spec(TrainSpec, path), str(path))
     assert spec.name == path.stem
 
@@ -47,6 +61,7 @@ def test_examples_exist():
         "llama-7b-zero3.yaml",
         "digits-ddpm.yaml",
         "unet256-s3-zero2.yaml",
+        "capitals-lora.yaml",
     }
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import httpx
 import pytest
 
 from tests.conftest import FACTS, ask
@@ -14,9 +13,9 @@ from tests.serving.deployments import start, stop
 
 
 @pytest.fixture(scope="module", autouse=True)
-def trained(lm_run, chat_run):
+def trained(base_model, chat_run):
     """Train first: the training fixtures need every CPU, which deployed replicas hold."""
-    return lm_run, chat_run
+    return base_model, chat_run
 
 
 @pytest.fixture(scope="module")
@@ -140,22 +139,6 @@ def test_completions_echo_and_score_token_prompts_like_transformers(client, chat
     assert len(choice.logprobs.tokens) == scored + (choice.finish_reason == "stop")
 
 
-def test_a_model_without_a_chat_template_refuses_chat_naming_the_fix(lm_run, serve_port, tmp_path):
-    model = tmp_path / "model"
-    shutil.copytree(lm_run[2] / "model", model)
-    url = start("plain", model, serve_port)
-    try:
-        body = {"model": "plain", "messages": [{"role": "user", "content": "hi"}]}
-        refused = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-        paths = httpx.get(f"{url}/openapi.json", timeout=60).json()["paths"]
-    finally:
-        stop("plain")
-    assert refused.status_code == 404
-    assert "has no chat template" in refused.json()["error"]["message"]
-    assert "data.format: chat" in refused.json()["error"]["message"]
-    assert "/v1/chat/completions" not in paths and "/v1/completions" in paths
-
-
 LM_EVAL_ARGS = {"num_concurrent": 1, "max_retries": 1, "timeout": 60}
 
 
@@ -255,3 +238,21 @@ def _fact_rows(model_dir: str | None = None) -> list[dict]:
             row["choices"], row["label"] = sorted(choices), sorted(choices).index(capital)
         rows.append(row)
     return rows
+
+
+def test_audits_ask_a_chat_model_through_its_template(chat_run):
+    """An outcome check's prompts reach a chat model as a user's turn, as served."""
+    import pandas as pd
+
+    from raygen.serving.audit.inference import _TextScorer
+
+    class Tally:
+        def add(self, n: int) -> None:
+            pass
+
+    model = str(chat_run[1] / "model")
+    tasks = {"loss": False, "text_column": "text", "max_text_tokens": 64}
+    scorer = _TextScorer(model, {**tasks, "completions": [(0, "prompt", 8, 0.0, 0)]}, Tally())
+    batch = scorer(pd.DataFrame({"prompt": [ask(place) for place, _ in FACTS]}))
+    right = sum(a == c for a, (_, c) in zip(batch["completion_0"], FACTS, strict=True))
+    assert right >= 0.75 * len(FACTS), list(batch["completion_0"])

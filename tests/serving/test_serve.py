@@ -146,6 +146,16 @@ def test_the_openai_client_retrieves_the_model(client):
     assert [m.id for m in client.models.list()] == ["code"]
 
 
+def test_a_model_without_a_chat_template_refuses_chat_naming_the_fix(lm_url):
+    body = {"model": "code", "messages": [{"role": "user", "content": "hi"}]}
+    refused = httpx.post(f"{lm_url[0]}/v1/chat/completions", json=body, headers=AUTH)
+    assert refused.status_code == 404
+    message = refused.json()["error"]["message"]
+    assert "has no chat template" in message and "data.format: chat" in message
+    paths = httpx.get(f"{lm_url[0]}/openapi.json", headers=AUTH).json()["paths"]
+    assert "/v1/chat/completions" not in paths and "/v1/completions" in paths
+
+
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEY}]
 )

@@ -88,8 +88,8 @@ def test_best_checkpoint_exports_a_model_transformers_loads(asha_sweep, tmp_path
 def test_every_stopped_trials_resources_are_released_so_waiting_trials_run(
     ray_session, tmp_path, shared_prepared
 ):
-    """Eight trials of one worker, two at a time, on 2 CPUs, ASHA stopping some early and
-    four erroring at their start (a batch larger than the data): the sweep finishes, errored
+    """Six trials of one worker, two at a time, on 2 CPUs, ASHA stopping some early and
+    three erroring at their start (a batch larger than the data): the sweep finishes, errored
     trials are reported and the others go on, and each trial's worker group's placement
     group is gone soon after the trial's last report (a group left behind holds a CPU the
     next trial waits for forever)."""
@@ -103,7 +103,7 @@ def test_every_stopped_trials_resources_are_released_so_waiting_trials_run(
         tmp_path,
         shared_prepared,
         search={
-            "train.lr": {"grid": [GOOD_LR, BAD_LR, 2e-3, 1e-6]},
+            "train.lr": {"grid": [GOOD_LR, BAD_LR, 2e-3]},  # the third waits for a CPU
             "train.micro_batch_size": {"grid": [8, 100_000]},
         },
         max_concurrent_trials=2,
@@ -134,7 +134,7 @@ def test_every_stopped_trials_resources_are_released_so_waiting_trials_run(
     time.sleep(1)
     stop.set()
     watcher.join()
-    assert len(summary["trials"]) == 8
+    assert len(summary["trials"]) == 6
     errored = [r for r in summary["trials"] if r["config.train.micro_batch_size"] == 100_000]
     ran = [r for r in summary["trials"] if r["config.train.micro_batch_size"] == 8]
     for row in errored:
