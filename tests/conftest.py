@@ -49,6 +49,7 @@ INTEGRATION_FIXTURES = {
     "lm_run",
     "base_model",
     "chat_run",
+    "lora_chat_run",
     "diffusion_run",
     # the modules' own: clusters of raylets, fault proxies, small disks, S3 with credentials
     "cluster",
@@ -387,6 +388,22 @@ def chat_run(base_model, tmp_path_factory):
     raw = chat_spec(tmp_path, base_model)
     result = launch(validate_spec(TrainSpec, raw, "test"), "test")
     return result, tmp_path / "runs" / "chat"
+
+
+LORA_STEPS = 800
+
+
+@pytest.fixture(scope="session")
+def lora_chat_run(base_model, tmp_path_factory):
+    """The same fine-tune with LoRA adapters (rank 32 on every linear layer) for 800
+    steps, its rank 0 killed once after the first checkpoint: (launch outcome, checkpoints
+    registered before the kill, run dir)."""
+    tmp_path = tmp_path_factory.mktemp("lora-chat")
+    raw = chat_spec(
+        tmp_path, base_model, name="lora-chat", train__lr=3e-3, train__lr_schedule="constant"
+    )
+    raw["model"]["lora"] = {"r": 32, "alpha": 64, "target_modules": "all-linear"}
+    return run_and_kill_rank0(tmp_path, raw, max_failures=1, steps=LORA_STEPS, every=200)
 
 
 def with_overrides(spec: dict, overrides: dict) -> dict:

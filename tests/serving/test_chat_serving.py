@@ -13,9 +13,9 @@ from tests.serving.deployments import start, stop
 
 
 @pytest.fixture(scope="module", autouse=True)
-def trained(base_model, chat_run):
+def trained(base_model, chat_run, lora_chat_run):
     """Train first: the training fixtures need every CPU, which deployed replicas hold."""
-    return base_model, chat_run
+    return base_model, chat_run, lora_chat_run
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,36 @@ def chat_url(chat_run, serve_port, tmp_path_factory):
     stop("facts")
 
 
-@pytest.fixture
-def client(chat_url):
+def openai_client(url: str):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{chat_url[0]}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def client(chat_url):
+    return openai_client(chat_url[0])
+
+
+def ask_every_fact(client, model: str) -> int:
+    """Ask each fact through the chat API, whole and streamed (which must agree); returns
+    how many answers are exact."""
+    answers, streamed = [], []
+    for place, _ in FACTS:
+        request = {
+            "model": model,
+            "messages": [{"role": "user", "content": ask(place)}],
+            "temperature": 0,
+        }
+        answers.append(client.chat.completions.create(**request).choices[0])
+        chunks = list(client.chat.completions.create(**request, stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"  # the role comes first
+        streamed.append("".join(c.choices[0].delta.content or "" for c in chunks))
+        assert chunks[-1].choices[0].finish_reason == answers[-1].finish_reason == "stop"
+    texts = [a.message.content for a in answers]
+    assert streamed == texts
+    print(f"{model}: {texts}")
+    return sum(text == capital for text, (_, capital) in zip(texts, FACTS, strict=True))
 
 
 def test_the_fine_tuned_model_answers_what_its_base_could_not(base_model, client):
@@ -43,23 +68,18 @@ def test_the_fine_tuned_model_answers_what_its_base_could_not(base_model, client
         ids = base.encode(f"{ask(place)}\n")
         text = "".join(d.text for (d,) in base.generate([TextRequest(ids, 8, 0.0)]) if d)
         before += text.strip() == capital
-    answers, streamed = [], []
-    for place, _ in FACTS:
-        request = {
-            "model": "facts",
-            "messages": [{"role": "user", "content": ask(place)}],
-            "temperature": 0,
-        }
-        answers.append(client.chat.completions.create(**request).choices[0])
-        chunks = list(client.chat.completions.create(**request, stream=True))
-        assert chunks[0].choices[0].delta.role == "assistant"  # the role comes first
-        streamed.append("".join(c.choices[0].delta.content or "" for c in chunks))
-        assert chunks[-1].choices[0].finish_reason == answers[-1].finish_reason == "stop"
-    assert streamed == [a.message.content for a in answers]
-    after = sum(
-        a.message.content == capital for a, (_, capital) in zip(answers, FACTS, strict=True)
-    )
-    assert before == 0 and after >= 0.75 * len(FACTS), [a.message.content for a in answers]
+    assert before == 0 and ask_every_fact(client, "facts") >= 0.75 * len(FACTS)
+
+
+def test_the_lora_fine_tuned_model_answers_them_too(lora_chat_run, serve_port, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(lora_chat_run[2] / "model", model)
+    url = start("lora", model, serve_port)
+    try:
+        exact = ask_every_fact(openai_client(url), "lora")
+    finally:
+        stop("lora")
+    assert exact >= 0.75 * len(FACTS)
 
 
 def test_chat_options_sampling_logprobs_and_usage(client, chat_url):
