@@ -169,6 +169,24 @@ def test_parquet_json_lines_and_hugging_face_data_sets_read_alike(tmp_path):
     assert again["row_hash"].to_pylist() == hashes[0]  # the same on every read
 
 
+def test_inputs_in_object_storage_read_as_local_ones(tmp_path, bucket):
+    import boto3
+
+    paths = write_inputs(tmp_path)
+    client = boto3.client("s3")
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"chats/{path.relative_to(tmp_path)}")
+    for kind, path in paths.items():
+        (local,) = list_input_files([str(path)], "data.train", None)
+        (remote,) = list_input_files([f"s3://{bucket}/chats/{path.name}"], "k", None)
+        assert remote.kind == local.kind and count_rows([remote]) == 3
+        if kind != "parquet":
+            read = read_file(remote.path, remote.kind, ["messages"], "k")
+            here = read_file(local.path, local.kind, ["messages"], "k")
+            assert read["messages"].to_pylist() == here["messages"].to_pylist()
+
+
 def test_input_mistakes_are_named(tmp_path):
     write_inputs(tmp_path)
     with pytest.raises(SpecError, match="DatasetDict with splits train, test; name one"):
