@@ -129,6 +129,25 @@ def test_lora_exports_a_merged_model_and_an_adapter_that_agree(lora_run):
         assert not torch.allclose(logits, base_model()(ids).logits, atol=1e-3)  # it trained
 
 
+def test_a_lora_checkpoint_exports_the_model_the_run_exported(lora_run, tmp_path):
+    """The checkpoint holds the adapters only: the export rebuilds the frozen weights (and
+    the template's token rows) as the run built them."""
+    import torch
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    from raygen.jobs.export import export_checkpoint
+
+    _, run_dir, _ = lora_run
+    out = export_checkpoint(str(run_dir), str(run_dir / "checkpoint_00000006"), str(tmp_path))
+    ids = torch.arange(20)[None] * 7 % 300
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        trained = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()(ids).logits
+    assert torch.equal(exported, trained)
+    assert PeftConfig.from_pretrained(f"{out}/adapter").r == 8
+
+
 def test_raygen_generate_answers_through_the_chat_template(chat_run):
     _, run_dir = chat_run
     model = str(run_dir / "model")
