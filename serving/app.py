@@ -471,11 +471,22 @@ class ModelServer:
             body, prompts, body.max_tokens, body.logprobs, body.echo and logprobs
         )
         echo = None
-        if body.echo:  # each choice begins with its prompt, as sent (ids decoded)
-            texts = [p if isinstance(p, str) else self.model.decode(p) for p in body.prompts()]
+        if body.echo:
+            # Each choice begins with its prompt: as sent; decoded from its tokens when they
+            # were sent, or when their log-probabilities' texts must spell it.
+            texts = [
+                p if isinstance(p, str) and not logprobs else self.model.decode(ids)
+                for p, ids in zip(body.prompts(), prompts, strict=True)
+            ]
             echo = [text for text in texts for _ in range(body.n)]
         answer = TextAnswer(
-            f"cmpl-{uuid.uuid4().hex}", self.spec.name, len(jobs), *self._checks(), logprobs, echo
+            f"cmpl-{uuid.uuid4().hex}",
+            self.spec.name,
+            len(jobs),
+            check=self._filtered,
+            buffered=self.filter.pattern is not None,
+            logprobs=logprobs,
+            echo=echo,
         )
         return await self._answer(body, jobs, prompt_tokens, answer)
 
@@ -483,7 +494,6 @@ class ModelServer:
     async def chat(self, request: Request) -> Response:
         """OpenAI-compatible chat completions: the conversation rendered with the model's
         chat template, answered as the assistant; streamed as server-sent events if asked."""
-        from jinja2.exceptions import TemplateError
 
         from raygen.serving.responses import ChatAnswer
 
@@ -492,21 +502,33 @@ class ModelServer:
         (messages,) = body.prompts()
         try:
             prompt = self.model.chat_prompt(messages)
-        except TemplateError as exc:  # the template refuses this conversation (its roles...)
+        except Exception as exc:  # the template is code: it may refuse a conversation any way
             raise ApiError(
-                400, f"The model's chat template cannot render `messages`: {exc}", "messages"
+                400,
+                f"The model's chat template cannot render `messages`: {type(exc).__name__}: {exc}",
+                "messages",
             ) from None
         ids = self.model.encode(prompt)
+        context = self.model.context_length
+        if len(ids) >= context:
+            raise ApiError(
+                400,
+                f"`messages` rendered with the chat template is {len(ids)} tokens; the "
+                f"model's context is {context}, and the answer needs room. Send a shorter "
+                "conversation.",
+                "messages",
+            )
         # Unless told, an answer may run to the server's limit or the context's end.
-        room = max(1, min(self.most_tokens, self.model.context_length - len(ids)))
+        room = min(self.most_tokens, context - len(ids))
         top = (body.top_logprobs or 0) if body.logprobs else None
         jobs, prompt_tokens = self._text_requests(body, [ids], body.most_tokens(room), top, False)
         answer = ChatAnswer(
             f"chatcmpl-{uuid.uuid4().hex}",
             self.spec.name,
             len(jobs),
-            *self._checks(),
-            body.logprobs,
+            check=self._filtered,
+            buffered=self.filter.pattern is not None,
+            logprobs=body.logprobs,
         )
         return await self._answer(body, jobs, prompt_tokens, answer)
 
@@ -575,7 +597,7 @@ class ModelServer:
         prompts: list[list[int]],
         max_tokens: int,
         logprobs: int | None,
-        score_prompt: bool,
+        echo_logprobs: bool,
     ) -> tuple[list[Any], int]:
         """One generation per (prompt, n) in OpenAI's choice order; checks the limits."""
         from raygen.jobs.seeding import derive_seed
@@ -615,7 +637,7 @@ class ModelServer:
                         body.stops(),
                         seed,
                         logprobs,
-                        score_prompt,
+                        echo_logprobs,
                     )
                 )
         return jobs, prompt_tokens
@@ -679,10 +701,6 @@ class ModelServer:
         # Ray's Counter refuses 0, which a completion ending at once (EOS first) adds.
         if n > 0:
             self.tokens.inc(n)
-
-    def _checks(self) -> tuple[Any, bool]:
-        """The output filter for a response, and whether it needs each choice whole."""
-        return self._filtered, self.filter.pattern is not None
 
     def _filtered(self, text: str, reason: str | None) -> tuple[str, str | None, bool]:
         text, matched = self.filter.apply(text)

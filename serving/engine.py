@@ -226,6 +226,7 @@ class TextEngine(_Engine):
                 batch.drop(lambda row: row.finished)
                 self.running = len(batch.rows)
                 for ticket, update in updates:  # once the engine's state shows them done
+                    ticket.done = update.done
                     self._send(ticket, update)
             except Exception as exc:  # e.g. out of memory: fail these requests, go on
                 for ticket in {row.owner for row in batch.rows + batch.joining} | set(admitted):
@@ -248,7 +249,7 @@ class TextEngine(_Engine):
                 self._fail(ticket, failed)
                 continue
             ticket.most = max(ticket.most, size)
-            done = ticket.done = all(row.finished for row in ticket.rows)
+            done = all(row.finished for row in ticket.rows)  # (marked once it is sent)
             deltas = [step.get(row) for row in ticket.rows]
             if ticket.stream:
                 updates.append((ticket, Update(deltas, size, done)))

@@ -51,7 +51,7 @@ class TextAnswer:
         self.echo = echo  # each choice's prompt text, when echoed
         self.texts = [""] * choices  # generated so far (held while buffered)
         self.tokens: list[list[TokenLogprob]] = [[] for _ in range(choices)]  # held likewise
-        self.offsets = [0] * choices  # characters of each choice already sent
+        self.offsets = [0] * choices  # characters of each choice its sent tokens cover
         self.started = [False] * choices
 
     def envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
@@ -118,8 +118,10 @@ class TextAnswer:
     ) -> dict[str, Any]:
         logprobs = None
         if tokens is not None:
+            # Offsets follow the tokens, whose text can trail the text sent so far (a tail
+            # held back while it could still become a stop sequence).
             logprobs = completion_logprobs(tokens, self.offsets[i])
-        self.offsets[i] += len(text)
+            self.offsets[i] += sum(len(t.text) for t in tokens)
         return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
@@ -152,7 +154,10 @@ class ChatAnswer(TextAnswer):
         tokens: list[TokenLogprob] | None,
         chunk: bool,
     ) -> dict[str, Any]:
-        logprobs = None if tokens is None else {"content": chat_logprobs(tokens), "refusal": None}
+        logprobs = None
+        if tokens is not None:  # (the end of turn is not part of the answer's tokens)
+            content = chat_logprobs([t for t in tokens if not t.ends])
+            logprobs = {"content": content, "refusal": None}
         if chunk:
             delta = {"content": text} if text else {}
             return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
@@ -161,7 +166,9 @@ class ChatAnswer(TextAnswer):
 
 
 def completion_logprobs(tokens: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    """The completions API's `logprobs`: parallel lists, offsets into the choice's text."""
+    """The completions API's `logprobs`: parallel lists, offsets into the choice's text.
+    Each position's `top_logprobs` holds the chosen token too, as OpenAI's does (up to
+    `logprobs` + 1 entries)."""
     offsets = []
     for token in tokens:
         offsets.append(offset)
@@ -179,6 +186,7 @@ def _top(token: TokenLogprob) -> dict[str, float]:
     top: dict[str, float] = {}
     for text, logprob in token.top:  # best first: tokens with the same text keep the best
         top.setdefault(text, logprob)
+    top.setdefault(token.text, token.logprob)
     return top
 
 

@@ -24,7 +24,7 @@ class TextRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # in [0, 2**63): `jobs.seeding.derive_seed` of the user's seed
     logprobs: int | None = None  # each token's log-probability and this many alternatives
-    score_prompt: bool = False  # with `logprobs`: the prompt's tokens' too
+    echo_logprobs: bool = False  # with `logprobs`: the prompt's tokens' too
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TokenLogprob:
     text: str  # its share of the text: a character split across tokens goes to the last
     logprob: float | None  # None for a prompt's first token: nothing predicts it
     top: list[tuple[str, float]] = field(default_factory=list)  # best first
+    ends: bool = False  # the end-of-text (or end-of-turn) token that stopped a completion
 
 
 @dataclass
@@ -89,7 +90,11 @@ class LanguageModel:
         self.bos_token_id = self.tokenizer.bos_token_id
         if self.bos_token_id is None:
             self.bos_token_id = self.pad_token_id
-        self.vocab_size = int(self.model.get_input_embeddings().num_embeddings)
+        # Ids a request may send: rows of the embedding that the tokenizer has tokens for
+        # (a model may pad its embedding past its vocabulary).
+        self.vocab_size = min(
+            int(self.model.get_input_embeddings().num_embeddings), len(self.tokenizer)
+        )
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -122,9 +127,8 @@ class LanguageModel:
             yield [step.get(row) for row in rows]
             batch.drop(lambda row: row.finished)
 
-    def forward(self, input_ids, mask, positions, cache, every_position: bool = False):
-        """Next-token logits (B, vocab) on the CPU, and the KV cache holding `input_ids`;
-        with `every_position`, the logits after every token (B, T, vocab).
+    def forward(self, input_ids, mask, positions, cache):
+        """Next-token logits (B, vocab) on the CPU, and the KV cache holding `input_ids`.
 
         Args: input_ids, positions (B, T); mask (B, cached + T): 1 where a token is real.
         """
@@ -138,10 +142,9 @@ class LanguageModel:
                 position_ids=positions.to(self.device),
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=0 if every_position else 1,
+                logits_to_keep=1,
             )
-        logits = out.logits if every_position else out.logits[:, -1, :]
-        return logits.float().cpu(), out.cache
+        return out.logits[:, -1, :].float().cpu(), out.cache
 
     def mean_token_losses(self, texts: list[str], max_tokens: int) -> list[float]:
         """Each text's mean next-token loss (nats), on at most its first `max_tokens`
@@ -176,33 +179,52 @@ class LanguageModel:
         after = self.decode(ids[start : k + 1]).rstrip("\ufffd")
         return after[len(before) :] if after.startswith(before) else after
 
-    def scored(self, logits, token: int, top: int) -> TokenLogprob:
-        """`token`'s log-probability under (vocab,) `logits`, with the `top` best; its text
-        is left for the caller (it depends on the tokens before)."""
+    def scored(self, logits, context: list[int], token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability under (vocab,) `logits`, the logits after `context`,
+        with the `top` most likely tokens there (texts as they would read after `context`);
+        its own text is left for the caller."""
         logprobs = logits.float().log_softmax(-1)
-        return TokenLogprob("", float(logprobs[token]), self._top(logprobs, top))
+        return TokenLogprob("", float(logprobs[token]), self._top(logprobs, context, top))
 
-    def score_prompt(self, ids: list[int], logits, top: int) -> list[TokenLogprob]:
-        """Each prompt token's log-probability from (len(ids), vocab) `logits`, the logits
-        after every prompt token (the last, predicting the completion, unused)."""
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability (and the `top` most likely tokens at its
+        position), from a forward pass of the prompt alone: only (T, top + 1) numbers leave
+        the device, whatever the vocabulary."""
+        import torch
+
         if not ids:
             return []
-        logprobs = logits[:-1].float().log_softmax(-1)
-        chosen = logprobs.gather(1, logits.new_tensor(ids[1:]).long()[:, None])[:, 0]
-        texts = [self.token_text(ids, k) for k in range(len(ids))]
-        scored = [TokenLogprob(texts[0], None)]
+        tokens = torch.tensor([ids], device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=tokens).logits[0, :-1]  # (T-1, vocab)
+            logprobs = logits.float().log_softmax(-1)
+            chosen = logprobs.gather(1, tokens[0, 1:, None])[:, 0].cpu()
+            best = logprobs.topk(top) if top else None
+        scored = [TokenLogprob(self.token_text(ids, 0), None)]
         for k in range(1, len(ids)):
-            top_k = self._top(logprobs[k - 1], top)
-            scored.append(TokenLogprob(texts[k], float(chosen[k - 1]), top_k))
+            alternatives = []
+            if best is not None:
+                values, choices = best.values[k - 1].tolist(), best.indices[k - 1].tolist()
+                alternatives = self._texts(ids[:k], choices, values)
+            scored.append(TokenLogprob(self.token_text(ids, k), float(chosen[k - 1]), alternatives))
         return scored
 
-    def _top(self, logprobs, top: int) -> list[tuple[str, float]]:
+    def _top(self, logprobs, context: list[int], top: int) -> list[tuple[str, float]]:
         if not top:
             return []
-        values, ids = logprobs.topk(top)
+        values, choices = logprobs.topk(top)
+        return self._texts(context, choices.tolist(), values.tolist())
+
+    def _texts(
+        self, context: list[int], choices: list[int], values: list[float]
+    ) -> list[tuple[str, float]]:
+        """(text, log-probability) of each possible next token after `context`: its text as
+        it would read there (a leading space kept, a special token empty), as `token_text`
+        gives the chosen one's."""
+        k = len(context)
         return [
-            (self.tokenizer.decode([i], clean_up_tokenization_spaces=False), float(v))
-            for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+            (self.token_text([*context[-_TOKEN_WINDOW:], choice], min(k, _TOKEN_WINDOW)), value)
+            for choice, value in zip(choices, values, strict=True)
         ]
 
 
@@ -233,6 +255,7 @@ class _RowState:
         if token in model.stop_token_ids:
             finish = "stop"
             if scored is not None:  # scored, without text, as the token that ended it
+                scored.ends = True
                 self.scored.append(scored)
         else:
             self.ids.append(token)
@@ -367,17 +390,17 @@ class DecodeBatch:
             ids[i, longest - len(prompt) :] = torch.tensor(prompt)
             mask[i, longest - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        scoring = [r for r in joining if r.request.score_prompt]
-        logits, cache = self.model.forward(ids, mask, positions, None, bool(scoring))
-        if scoring:
-            for i, (row, prompt) in enumerate(zip(joining, prompts, strict=True)):
-                if row.request.score_prompt:
-                    row.prompt = self.model.score_prompt(
-                        row.request.prompt_ids,
-                        logits[i, longest - len(prompt) :],
-                        row.request.logprobs or 0,
+        logits, cache = self.model.forward(ids, mask, positions, None)
+        scored: dict[tuple, list[TokenLogprob]] = {}  # each prompt scored once (n copies)
+        for row in joining:
+            request = row.request
+            if request.echo_logprobs:
+                key = (tuple(request.prompt_ids), request.logprobs)
+                if key not in scored:
+                    scored[key] = self.model.prompt_logprobs(
+                        request.prompt_ids, request.logprobs or 0
                     )
-            logits = logits[:, -1]
+                row.prompt = scored[key]
         if self.rows:
             merged, merged_mask = _merge_caches(self.cache, self.mask, cache, mask)
         next_ids = self._sample(joining, logits, deltas)
@@ -428,7 +451,8 @@ class DecodeBatch:
                 token = _sample(logits[i], request, row.generator)
                 scored = None
                 if request.logprobs is not None:
-                    scored = self.model.scored(logits[i], token, request.logprobs)
+                    context = request.prompt_ids + row.ids
+                    scored = self.model.scored(logits[i], context, token, request.logprobs)
                 deltas[row] = row.advance(token, self.model, scored)
                 next_ids[i] = token
             except Exception as exc:  # this row's settings or text: it alone fails

@@ -297,9 +297,9 @@ def test_logprobs_are_the_models_own_and_their_tokens_spell_the_text(lm):
     engine = TextEngine(lm, max_batch_size=8)
     try:  # rows of different lengths scored together (left padding), whole and streamed
         requests = [
-            TextRequest(lm.encode(p), 8, 0.0, logprobs=3, score_prompt=True) for p in PROMPTS
+            TextRequest(lm.encode(p), 8, 0.0, logprobs=3, echo_logprobs=True) for p in PROMPTS
         ]
-        requests.append(TextRequest(lm.encode("é€ ✓ x"), 0, logprobs=2, score_prompt=True))
+        requests.append(TextRequest(lm.encode("é€ ✓ x"), 0, logprobs=2, echo_logprobs=True))
         whole, streamed = Collector(), Collector()
         engine.submit(requests, whole, stream=False)
         engine.submit(requests, streamed, stream=True)
