@@ -17,6 +17,7 @@ import yaml
 
 from raygen.cluster.publish import check_ours, publish_dir
 from raygen.cluster.storage import join, local_copy, read_text
+from raygen.jobs.data.chat import set_generation_ends
 from raygen.jobs.errors import SpecError
 from raygen.jobs.run_dir import MODEL_KIND
 from raygen.jobs.spec import TrainSpec
@@ -119,7 +120,7 @@ def _language_model_writer(spec: TrainSpec, weights: dict, run_dir: str) -> Any:
             f"unexpected {unexpected[:3]})."
         )  # fmt: skip
     model.tie_weights()
-    _set_generation_ends(model, tokenizer)
+    set_generation_ends(model, tokenizer)
 
     def write(out: str) -> None:
         model.save_pretrained(out, safe_serialization=True)
@@ -135,11 +136,10 @@ def _lora_writer(spec: TrainSpec, weights: dict, config: Any, tokenizer: Any) ->
     from raygen.jobs.models.causal_lm import build_trainable_lm
     from raygen.jobs.models.lora import adapter_writer, base_vocab_size
     from raygen.jobs.run_dir import ADAPTER_DIR
-    from raygen.jobs.train.worker import seed_everything
+    from raygen.jobs.train.worker import seed_everything, trains_new_token_rows
 
-    seed_everything(spec.train.seed)
-    cpu_zero3 = spec.deepspeed.zero_stage == 3 and not spec.scaling.use_gpu
-    model = build_trainable_lm(spec.model, config, len(tokenizer), not cpu_zero3)
+    seed_everything(spec.train.seed)  # as the workers are seeded before they build it
+    model = build_trainable_lm(spec.model, config, len(tokenizer), trains_new_token_rows(spec))
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or trained & set(missing):
@@ -148,7 +148,7 @@ def _lora_writer(spec: TrainSpec, weights: dict, config: Any, tokenizer: Any) ->
             f"{sorted(trained & set(missing))[:3]}, unexpected {unexpected[:3]})."
         )  # fmt: skip
     model.eval()
-    _set_generation_ends(model, tokenizer)
+    set_generation_ends(model, tokenizer)
     write_adapter = adapter_writer(model, tokenizer, base_vocab_size(spec.model.pretrained))
 
     def write(out: str) -> None:
@@ -157,15 +157,6 @@ def _lora_writer(spec: TrainSpec, weights: dict, config: Any, tokenizer: Any) ->
         tokenizer.save_pretrained(out)
 
     return write
-
-
-def _set_generation_ends(model: Any, tokenizer: Any) -> None:
-    """As training exports: generation ends at EOS, or a chat template's end of turn."""
-    from raygen.jobs.data.chat import end_of_turn_ids
-
-    model.generation_config.pad_token_id = tokenizer.eos_token_id
-    if tokenizer.chat_template:
-        model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
 
 
 def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:

@@ -479,22 +479,13 @@ class ModelServer:
                 for p, ids in zip(body.prompts(), prompts, strict=True)
             ]
             echo = [text for text in texts for _ in range(body.n)]
-        answer = TextAnswer(
-            f"cmpl-{uuid.uuid4().hex}",
-            self.spec.name,
-            len(jobs),
-            check=self._filtered,
-            buffered=self.filter.pattern is not None,
-            logprobs=logprobs,
-            echo=echo,
-        )
+        answer = self._shape(TextAnswer, "cmpl", len(jobs), logprobs, echo)
         return await self._answer(body, jobs, prompt_tokens, answer)
 
     @api.post(CHAT, responses=_errors(400, 401, 404, 413, 503))
     async def chat(self, request: Request) -> Response:
         """OpenAI-compatible chat completions: the conversation rendered with the model's
         chat template, answered as the assistant; streamed as server-sent events if asked."""
-
         from raygen.serving.responses import ChatAnswer
 
         body: ChatRequest = await self._read(request, CHAT)
@@ -522,15 +513,17 @@ class ModelServer:
         room = min(self.most_tokens, context - len(ids))
         top = (body.top_logprobs or 0) if body.logprobs else None
         jobs, prompt_tokens = self._text_requests(body, [ids], body.most_tokens(room), top, False)
-        answer = ChatAnswer(
-            f"chatcmpl-{uuid.uuid4().hex}",
-            self.spec.name,
-            len(jobs),
-            check=self._filtered,
-            buffered=self.filter.pattern is not None,
-            logprobs=body.logprobs,
-        )
+        answer = self._shape(ChatAnswer, "chatcmpl", len(jobs), body.logprobs)
         return await self._answer(body, jobs, prompt_tokens, answer)
+
+    def _shape(
+        self, kind: type, prefix: str, choices: int, logprobs: bool, echo: Any = None
+    ) -> Any:
+        """A response of `kind` (`TextAnswer`, `ChatAnswer`) through this server's output
+        filter, which needs each choice whole when it has a blocklist."""
+        response_id = f"{prefix}-{uuid.uuid4().hex}"
+        buffered = self.filter.pattern is not None
+        return kind(response_id, self.spec.name, choices, self._filtered, buffered, logprobs, echo)
 
     async def _answer(
         self, body: Any, jobs: list[Any], prompt_tokens: int, answer: Any

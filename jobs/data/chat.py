@@ -102,6 +102,14 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def set_generation_ends(model: Any, tokenizer: Any) -> None:
+    """Where a model's generation ends (its generation config, exported with it): at EOS,
+    or a chat template's end of turn; padding with EOS."""
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    if tokenizer.chat_template:
+        model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+
+
 class Sequence(NamedTuple):
     input_ids: np.ndarray  # (seq_len,) int32, right-padded
     targets: np.ndarray  # (seq_len,) uint8: 1 where the loss counts the token

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from raygen.cluster.publish import publish_dir
 from raygen.cluster.storage import join, local_copy
-from raygen.jobs.data.chat import end_of_turn_ids
+from raygen.jobs.data.chat import set_generation_ends
 from raygen.jobs.models.causal_lm import build_config, build_trainable_lm, largest_parameter
 from raygen.jobs.models.group_loss import (
     GroupDRO,
@@ -37,6 +37,7 @@ from raygen.jobs.train.worker import (
     record_attempt,
     seed_everything,
     start_worker,
+    trains_new_token_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     run_dir, prepared = config["run_dir"], config["prepared"]
     tokenizer = AutoTokenizer.from_pretrained(local_copy(prepared["tokenizer"]))
     engine, scheduler, zero3 = build_engine(spec, len(tokenizer), tokenizer.eos_token_id, world)
-    if tokenizer.chat_template:  # generation ends at EOS or the template's end of turn
-        engine.module.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+    set_generation_ends(engine.module, tokenizer)
 
     start_step, client_state, _ = restore_latest(engine, config.get("start_from"))
     apply_peak_lr(scheduler, spec.train.lr)
@@ -219,12 +219,7 @@ def build_engine(spec: TrainSpec, vocab_size: int, eos_token_id: int, world: int
         # deepspeed.zero.Init: parameters are partitioned as they are created, so no rank
         # ever holds the full model.
         zero3 = HfDeepSpeedConfig(ds_config)
-    # New token rows (a chat template's) train with LoRA adapters, except under ZeRO-3 on
-    # CPUs, where PEFT cannot gather them (its code is CUDA-only): they keep their distinct
-    # initial values.
-    cpu_zero3 = spec.deepspeed.zero_stage == 3 and not spec.scaling.use_gpu
-    model = build_trainable_lm(spec.model, model_config, vocab_size, not cpu_zero3)
-    model.generation_config.pad_token_id = eos_token_id
+    model = build_trainable_lm(spec.model, model_config, vocab_size, trains_new_token_rows(spec))
     # The schedule is built on DeepSpeed's wrapped optimizer (ZeRO regroups parameters).
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,

@@ -96,6 +96,13 @@ def apply_peak_lr(scheduler: Any, lr: float) -> None:
         group["lr"] = lr * factor(scheduler.last_epoch)
 
 
+def trains_new_token_rows(spec: TrainSpec) -> bool:
+    """Whether a chat template's new token rows train with LoRA adapters: everywhere but
+    ZeRO-3 on CPUs, where PEFT cannot gather them (its code for it is CUDA-only); there they
+    keep their distinct initial values."""
+    return not (spec.deepspeed.zero_stage == 3 and not spec.scaling.use_gpu)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

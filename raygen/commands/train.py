@@ -153,7 +153,7 @@ def generate(
         raise typer.BadParameter(
             f"{model_dir} has no chat template (it was trained on text); leave out --chat"
         )
-    text = model.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+    text = model.user_turn(prompt) if chat else prompt
     ids = model.encode(text)[-max(1, model.context_length - max_tokens) :]
     request = TextRequest(ids, max_tokens, temperature, 1.0, [], derive_seed(seed, 0))
     for (delta,) in model.generate([request]):

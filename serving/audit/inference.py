@@ -87,10 +87,13 @@ class _TextScorer:
                 list(batch[tasks["text_column"]]), tasks["max_text_tokens"]
             )
         context = self.model.context_length
+        chat = self.model.has_chat_template
         for index, column, max_new, temperature, seed in tasks["completions"]:
             requests = []
             for prompt in batch[column]:
-                ids = self.model.encode(self._rendered(str(prompt)))[-(context - max_new) :]
+                # A chat model is asked as a user asks it: through its template.
+                text = self.model.user_turn(str(prompt)) if chat else str(prompt)
+                ids = self.model.encode(text)[-(context - max_new) :]
                 # Seeded by the prompt itself: the same whatever batch or actor it lands in.
                 row_seed = derive_seed(seed, zlib.crc32(str(prompt).encode()))
                 requests.append(TextRequest(ids, max_new, temperature, 1.0, [], row_seed))
@@ -102,13 +105,6 @@ class _TextScorer:
             batch[f"completion_{index}"] = texts
         self.counter.add(len(batch))
         return batch
-
-    def _rendered(self, prompt: str) -> str:
-        """A chat model is asked as a user asks it: the prompt as the user's turn, rendered
-        with its chat template."""
-        if not self.model.has_chat_template:
-            return prompt
-        return self.model.chat_prompt([{"role": "user", "content": prompt}])
 
 
 def classify_samples(

@@ -103,6 +103,10 @@ class LanguageModel:
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer.chat_template)
 
+    def user_turn(self, prompt: str) -> str:
+        """`prompt` as a user asks a chat model: their turn, rendered with the template."""
+        return self.chat_prompt([{"role": "user", "content": prompt}])
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """The conversation rendered with the model's chat template, up to the assistant's
         turn (what training rendered before each answer)."""
@@ -451,7 +455,8 @@ class DecodeBatch:
                 token = _sample(logits[i], request, row.generator)
                 scored = None
                 if request.logprobs is not None:
-                    context = request.prompt_ids + row.ids
+                    # The tokens before it (as many as its text can depend on).
+                    context = [*request.prompt_ids[-_TOKEN_WINDOW:], *row.ids[-_TOKEN_WINDOW:]]
                     scored = self.model.scored(logits[i], context, token, request.logprobs)
                 deltas[row] = row.advance(token, self.model, scored)
                 next_ids[i] = token

@@ -162,20 +162,23 @@ def test_completions_echo_and_score_token_prompts_like_transformers(client, chat
 LM_EVAL_ARGS = {"num_concurrent": 1, "max_retries": 1, "timeout": 60}
 
 
-def _facts_file(tmp_path, rows: list[dict]) -> str:
-    path = tmp_path / "facts.jsonl"
+def _facts_task(name: str, tmp_path, rows: list[dict]) -> dict:
+    """An lm-evaluation-harness task over `rows`, written as JSON Lines (no download)."""
+    path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+    }
 
 
 def test_lm_evaluation_harness_generates_through_chat_completions(chat_url, tmp_path):
     from lm_eval import simple_evaluate
 
     task = {
-        "task": "raygen_facts_chat",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": _facts_file(tmp_path, _fact_rows())}},
-        "test_split": "test",
+        **_facts_task("raygen_facts_chat", tmp_path, _fact_rows()),
         "output_type": "generate_until",
         "doc_to_text": "{{question}}",
         "doc_to_target": "{{answer}}",
@@ -203,10 +206,7 @@ def test_lm_evaluation_harness_loglikelihoods_equal_plain_transformers(chat_url,
 
     model_dir = str(chat_url[1])
     task = {
-        "task": "raygen_facts_choice",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": _facts_file(tmp_path, _fact_rows(model_dir))}},
-        "test_split": "test",
+        **_facts_task("raygen_facts_choice", tmp_path, _fact_rows(model_dir)),
         "output_type": "multiple_choice",
         "doc_to_text": "{{prompt}}",
         "doc_to_choice": "{{choices}}",
