@@ -232,17 +232,10 @@ def _fit(
         }
 
     options = ray.data.ExecutionOptions(preserve_order=True)  # deterministic resumption
-    datasets = trial.datasets or {
-        split: ray.data.read_parquet(join(prepared_dir, split)) for split in ("train", "eval")
-    }
     spare_cpus = total_resources().get("CPU", 0) - spec.scaling.num_workers * per_worker.get(
         "CPU", 0
     )
-    if spare_cpus < 1 and not trial.datasets:
-        # Ray Data's read tasks need a free CPU; with every CPU held by a training worker
-        # they would never run, so read the shards into the object store up front.
-        logger.info("No CPU left beside the workers: loading prepared data before training.")
-        datasets = {split: ds.materialize() for split, ds in datasets.items()}
+    datasets = trial.datasets or prepared_datasets(prepared_dir, stream=spare_cpus >= 1)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -289,6 +282,45 @@ def _fit(
         except Exception:  # nothing registered yet: no snapshot to read
             checkpoint = None
         return _FailedRun(exc, checkpoint)
+
+
+# Prepared splits up to this size (both together) are read by the driver itself straight
+# into the object store: starting Ray Data's read tasks costs seconds on a small machine.
+DRIVER_READ_BYTES = 256 * 2**20
+
+
+def prepared_datasets(prepared_dir: str, stream: bool = True) -> dict[str, Any]:
+    """The prepared `train` and `eval` splits as Ray Datasets, read the fastest way that
+    fits: small splits by this process; larger ones by Ray Data's read tasks, streamed
+    while training (`stream`), or read into the object store up front when no CPU is left
+    beside the training workers for read tasks to run on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from raygen.cluster.storage import list_files, resolve
+
+    files = {
+        split: list_files(join(prepared_dir, split), ".parquet") for split in ("train", "eval")
+    }
+    if sum(f.size for entries in files.values() for f in entries) <= DRIVER_READ_BYTES:
+        datasets = {}
+        for split, entries in files.items():
+            tables = []
+            for entry in entries:
+                fs, path = resolve(entry.uri)
+                tables.append(pq.read_table(path, filesystem=fs))
+            datasets[split] = ray.data.from_arrow(pa.concat_tables(tables))
+        return datasets
+    datasets = {
+        split: ray.data.read_parquet(join(prepared_dir, split)) for split in ("train", "eval")
+    }
+    if stream:
+        return datasets
+    # Ray Data's read tasks need a free CPU; with every CPU held by a training worker they
+    # would never run, so read the shards into the object store up front.
+    logger.info("No CPU left beside the workers: loading prepared data before training.")
+    return {split: ds.materialize() for split, ds in datasets.items()}
 
 
 class _FailedRun:

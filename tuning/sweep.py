@@ -65,20 +65,17 @@ def run_sweep(
             f"--set name={sweep.name}-2.",
         )
 
-    import ray.data
     from ray import tune
 
     from raygen.cluster.connection import connect, total_resources
     from raygen.jobs.data.prepare import prepare_data
+    from raygen.jobs.launch import prepared_datasets
 
     connect(address)
     base = trial_spec(base_raw, sweep, {}, sweep_dir)
     # Prepared and read once: every trial trains on these blocks in the object store.
     prepare_data(base, base.data.prepared, report=on_data)
-    datasets = {
-        split: ray.data.read_parquet(join(base.data.prepared, split)).materialize()
-        for split in ("train", "eval")
-    }
+    datasets = prepared_datasets(base.data.prepared, stream=False)
     write_text(join(sweep_dir, SWEEP_SPEC_FILE), yaml.safe_dump(sweep.model_dump(mode="json")))
 
     trainable = tune.with_resources(
