@@ -68,8 +68,9 @@ def test_chat_specs_are_checked_before_anything_runs(tmp_path):
 
 @pytest.fixture(scope="module")
 def lora_run(ray_session, tmp_path_factory):
-    """LoRA under ZeRO-3 on a saved base model without a chat template: the template's two
-    tokens grow its embeddings and train with the adapters."""
+    """LoRA under ZeRO-3 on a saved base model without a chat template, partitioned while
+    it loads (the merged export matching base + adapter shows the weights loaded): the
+    template's two tokens grow its embeddings."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 

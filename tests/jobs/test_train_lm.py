@@ -160,26 +160,6 @@ def test_worker_shortfall_blocks_only_an_embedded_ray(ray_session):
     assert capacity_problems({"CPU": 1}, 64, embedded=False) == []  # may autoscale
 
 
-def test_fine_tune_a_pretrained_model_with_zero3(ray_session, tmp_path, lm_run):
-    """`model.pretrained` loads saved weights (partitioned while loading) and its tokenizer."""
-    base = lm_run[1]["paths"]["model"]
-    raw = tiny_lm_spec(
-        tmp_path,
-        model={"pretrained": base},
-        tokenizer={},
-        deepspeed__zero_stage=3,
-        train__max_steps=10,
-        train__eval_every=10,
-        train__lr=1e-3,
-    )
-    result = launch(spec_of(raw))
-    first_before = read_metrics(Path(lm_run[1]["paths"]["metrics"]))[0]["train_loss"]
-    rows = read_metrics(Path(result["paths"]["metrics"]))
-    # Starting from trained weights: the first losses are far below a fresh model's.
-    assert rows[0]["train_loss"] < first_before - 0.4
-    assert (Path(result["paths"]["model"]) / "model.safetensors").is_file()
-
-
 def test_run_storage_on_s3_trains_exports_and_resumes_there(ray_session, bucket, tmp_path):
     """Checkpoints, metrics, spec, result, prepared data and the model all land in the bucket."""
     from transformers import AutoModelForCausalLM
