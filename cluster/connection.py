@@ -93,6 +93,36 @@ def total_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each node now in the cluster."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def default_worker_cpus(workers: int, use_gpu: bool, nodes: list[dict[str, float]]) -> int:
+    """The CPUs each of `workers` training workers gets when the spec does not say, so
+    that together they use the whole cluster.
+
+    CPU workers: the most CPUs per worker that still places every worker (a node with C
+    CPUs holds C // c workers of c CPUs). GPU workers: the fewest CPUs per GPU of any GPU
+    node, one CPU per node left for Ray Data and the driver. At least 1, e.g. on a cluster
+    that has yet to scale up.
+    """
+    if use_gpu:
+        shares = [
+            int((node.get("CPU", 0) - 1) // node["GPU"])
+            for node in nodes
+            if node.get("GPU", 0) >= 1
+        ]
+        return max(1, min(shares, default=1))
+    cpus = [int(node.get("CPU", 0)) for node in nodes]
+    fitting = [
+        c for c in range(1, max(cpus, default=1) + 1) if sum(n // c for n in cpus) >= workers
+    ]
+    return max(fitting, default=1)
+
+
 def capacity_problems(per_worker: dict[str, float], num_workers: int, embedded: bool) -> list[str]:
     """Why `num_workers` workers of `per_worker` resources can never be placed, if so.
 

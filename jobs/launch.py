@@ -84,6 +84,7 @@ def launch(
         ClusterError: Ray is unreachable or too small.
         TrainingFailed: the run failed after it started.
     """
+    timing = {"began": time.time()}  # when each start-up phase ended (see _startup)
     spec = validate_train_spec(spec, source)
     if fresh:
         spec = spec.model_copy(update={"name": fresh_name(spec)})
@@ -102,11 +103,25 @@ def launch(
         logger.info("%s is already trained to step %s.", run_dir, previous["final_step"])
         return {**previous, "up_to_date": True}
 
-    from raygen.cluster.connection import capacity_problems, connect
+    from raygen.cluster.connection import (
+        capacity_problems,
+        connect,
+        default_worker_cpus,
+        node_resources,
+    )
 
     embedded = connect(address, log_to_driver=verbose)
-    per_worker = spec.scaling.per_worker()
-    problems = capacity_problems(per_worker, spec.scaling.num_workers, embedded)
+    scaling = spec.scaling
+    per_worker = (trial or TrialHooks()).per_worker or scaling.per_worker(
+        default_worker_cpus(scaling.num_workers, scaling.use_gpu, node_resources())
+    )
+    logger.info(
+        "%d worker(s), each with %s%s",
+        scaling.num_workers,
+        ", ".join(f"{amount:g} {name}" for name, amount in per_worker.items()),
+        "" if scaling.resources_per_worker else " (the default: the whole cluster)",
+    )
+    problems = capacity_problems(per_worker, scaling.num_workers, embedded)
     if problems:
         raise SpecError(source, problems)
 
@@ -148,13 +163,13 @@ def launch(
     started = time.time()
     tail = _MetricsTail(join(run_dir, METRICS_FILE), on_metrics) if on_metrics else None
     try:
-        result = _fit(spec, run_dir, prepared_dir, stats, per_worker, trial or TrialHooks())
+        result = _fit(spec, run_dir, prepared_dir, stats, per_worker, trial or TrialHooks(), timing)
     finally:
         if tail:
             tail.stop()
         remove_unregistered_checkpoints(run_dir)  # first: it frees room on a full disk
         repair_snapshot(run_dir)
-    summary = _summarize(spec, run_dir, result, started)
+    summary = _summarize(spec, run_dir, result, started, per_worker, timing)
     try:
         write_text(join(run_dir, RESULT_FILE), json.dumps(summary, indent=2))
     except StorageError as exc:  # a full disk, say: say what happened to the run first
@@ -187,6 +202,8 @@ class TrialHooks:
             trials' workers for CPUs, and can wait for one forever).
         gate: a queue the workers wait on after each report until Tune lets the trial go on
             (schedulers that pause trials; see `jobs.worker.wait_for_scheduler`).
+        per_worker: each worker's resources, resolved by the sweep for all the trials it
+            runs at once.
     """
 
     callbacks: list[Any] = field(default_factory=list)
@@ -194,6 +211,7 @@ class TrialHooks:
     keep_best: tuple[str, str] | None = None
     datasets: dict[str, Any] | None = None
     gate: Any = None
+    per_worker: dict[str, float] | None = None
 
 
 def _fit(
@@ -203,6 +221,7 @@ def _fit(
     stats: dict,
     per_worker: dict,
     trial: TrialHooks,
+    timing: dict[str, float],
 ) -> Any:
     import ray.data
     import ray.train
@@ -273,6 +292,7 @@ def _fit(
             enable_shard_locality=False,
         ),
     )
+    timing["prepared"] = time.time()
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -331,13 +351,21 @@ class _FailedRun:
         self.checkpoint = checkpoint
 
 
-def _summarize(spec: TrainSpec, run_dir: str, result: Any, started: float) -> dict[str, Any]:
+def _summarize(
+    spec: TrainSpec,
+    run_dir: str,
+    result: Any,
+    started: float,
+    per_worker: dict[str, float],
+    timing: dict[str, float],
+) -> dict[str, Any]:
     from raygen.jobs.run_dir import step_of_checkpoint
 
     rows = m.read_metrics(join(run_dir, METRICS_FILE))
     final: dict[str, Any] = {}
     for row in rows:
         final.update(row)
+    final.pop(m.LOGGED_AT, None)
     checkpoint = None
     if result.checkpoint:
         # Ray reports paths inside the filesystem; put the scheme back for URIs.
@@ -359,9 +387,36 @@ def _summarize(spec: TrainSpec, run_dir: str, result: Any, started: float) -> di
             "model": join(run_dir, MODEL_DIR) if error is None else None,
             "samples": (join(run_dir, SAMPLES_DIR) if spec.model.family == "diffusion" else None),
         },
+        "resources": {"num_workers": spec.scaling.num_workers, "per_worker": per_worker},
         "attempts": read_attempts(run_dir),
         "wall_time_s": round(time.time() - started, 1),
+        "startup": _startup(run_dir, timing, rows),
     }
+
+
+def _startup(
+    run_dir: str, timing: dict[str, float], rows: list[dict[str, Any]]
+) -> dict[str, float] | None:
+    """Where this launch's time went before its first logged step, in seconds: `prepare`
+    (the spec, the data's fingerprint, preparing the data if needed, reading it into the
+    object store), `worker_group` (Ray Train starting its worker group, until the training
+    function began on rank 0), `model` (building the model and DeepSpeed's engine,
+    restoring a checkpoint) and `first_log` (the steps up to the first metrics row). None
+    if the run never got that far."""
+    began = timing["began"]
+    attempt = next(
+        (a for a in read_jsonl(join(run_dir, ATTEMPTS_FILE)) if a.get("launched_at", 0) >= began),
+        None,
+    )
+    if attempt is None or "prepared" not in timing:
+        return None
+    logged = [r[m.LOGGED_AT] for r in rows if r.get(m.LOGGED_AT, 0) >= attempt["started_at"]]
+    if not logged:
+        return None
+    points = [began, timing["prepared"], attempt["launched_at"], attempt["started_at"], min(logged)]
+    names = ("prepare", "worker_group", "model", "first_log")
+    out = {name: round(points[i + 1] - points[i], 2) for i, name in enumerate(names)}
+    return {**out, "total": round(points[-1] - began, 2)}
 
 
 def _short_error(error: BaseException) -> str:

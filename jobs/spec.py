@@ -400,13 +400,18 @@ class ScalingSpec(Section):
     num_workers: int = Field(2, ge=1, description="Training worker processes (one per GPU).")
     use_gpu: bool = Field(False, description="Give each worker one GPU.")
     resources_per_worker: dict[str, float] | None = Field(
-        None, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}. Default: {CPU: 1}."
+        None,
+        description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}; a worker's CPUs are "
+        "its PyTorch threads. Default: the whole cluster: each CPU worker gets its share of "
+        "the CPUs (the most that still places every worker), each GPU worker its node's "
+        "CPUs, less one, divided by its GPUs.",
     )
 
-    def per_worker(self) -> dict[str, float]:
-        """The Ray resources one worker asks for: `resources_per_worker` (default one CPU),
-        plus one GPU with `use_gpu` unless it names its own."""
-        resources = dict(self.resources_per_worker or {"CPU": 1})
+    def per_worker(self, default_cpus: int = 1) -> dict[str, float]:
+        """The Ray resources one worker asks for: `resources_per_worker`, else
+        `default_cpus` CPUs (see `raygen.cluster.connection.default_worker_cpus`); plus one
+        GPU with `use_gpu` unless it names its own."""
+        resources = dict(self.resources_per_worker or {"CPU": default_cpus})
         if self.use_gpu:
             resources.setdefault("GPU", 1)
         return resources

@@ -214,6 +214,10 @@ def training_summary(result: dict[str, Any]) -> None:
             f"{result['wall_time_s']:.0f} s"
             + (f" after {restarts} recovered failure(s)" if restarts else "")
         )
+    startup = result.get("startup")
+    if startup:
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in startup.items() if k != "total")
+        out.print(f"  first log   {startup['total']:.1f} s after launch ({phases})")
     for key in ("train_loss", "eval_loss", "perplexity", "fid"):
         if key in metrics:
             out.print(f"  {key:<11} {metrics[key]:.4f}")

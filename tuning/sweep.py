@@ -28,6 +28,10 @@ from raygen.tuning.validate import evaluations_of, sweep_problems
 
 logger = logging.getLogger(__name__)
 
+# A trial's driver only waits; its workers hold the real CPUs. (Not 0: Tune needs a
+# resource to place the trial by.)
+DRIVER_CPU = 0.01
+
 SWEEP_SPEC_FILE = "sweep.yaml"
 
 
@@ -67,7 +71,12 @@ def run_sweep(
 
     from ray import tune
 
-    from raygen.cluster.connection import connect, total_resources
+    from raygen.cluster.connection import (
+        connect,
+        default_worker_cpus,
+        node_resources,
+        total_resources,
+    )
     from raygen.jobs.data.prepare import prepare_data
     from raygen.jobs.launch import prepared_datasets
 
@@ -78,12 +87,21 @@ def run_sweep(
     datasets = prepared_datasets(base.data.prepared, stream=False)
     write_text(join(sweep_dir, SWEEP_SPEC_FILE), yaml.safe_dump(sweep.model_dump(mode="json")))
 
+    at_once = sweep.max_concurrent_trials or trials_that_fit(base, total_resources())
+    # The trials running at once share the cluster as one run's workers would; by default
+    # each worker leaves its trial's driver the CPU fraction it holds.
+    scaling = base.scaling
+    per_worker = scaling.per_worker(
+        default_worker_cpus(scaling.num_workers * at_once, scaling.use_gpu, node_resources())
+    )
+    if not scaling.resources_per_worker:
+        per_worker["CPU"] -= DRIVER_CPU
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_driver, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
-            sweep_dir=sweep_dir, datasets=datasets,
+            sweep_dir=sweep_dir, datasets=datasets, per_worker=per_worker,
         ),
-        {"cpu": 0.01},  # the driver only waits; its trial's workers hold the real CPUs
+        {"cpu": DRIVER_CPU},
     )  # fmt: skip
     resources = Resources(sweep.run.pending_timeout_s)
     run_config = tune.RunConfig(
@@ -104,7 +122,6 @@ def run_sweep(
     if resume:
         tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
     else:
-        at_once = sweep.max_concurrent_trials or trials_that_fit(base, total_resources())
         # Tune ignores max_concurrent_trials next to a generator: limit it here.
         generator = tune.search.BasicVariantGenerator(
             random_state=sweep.seed, max_concurrent=at_once

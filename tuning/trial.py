@@ -48,7 +48,12 @@ def trial_spec(base_raw: dict, sweep: SweepSpec, values: dict, sweep_dir: str) -
 
 
 def trial_driver(
-    config: dict[str, Any], base_raw: dict, sweep_raw: dict, sweep_dir: str, datasets: dict
+    config: dict[str, Any],
+    base_raw: dict,
+    sweep_raw: dict,
+    sweep_dir: str,
+    datasets: dict,
+    per_worker: dict[str, float],
 ) -> None:
     """One trial (a Tune function trainable): a raygen training run reporting to Tune.
 
@@ -89,6 +94,7 @@ def trial_driver(
                 keep_best=(sweep.metric, sweep.mode),
                 datasets=datasets,
                 gate=gate,
+                per_worker=per_worker,
             )
             outcome["result"] = launch(spec, f"trial {trial_id}", trial=hooks)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the Tune thread below

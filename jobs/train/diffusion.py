@@ -86,7 +86,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         ema.load_state_dict(rank_state["ema"])
     seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
     if rank == 0:
-        record_attempt(run_dir, start_step)
+        record_attempt(run_dir, start_step, config["launched_at"])
     log = m.MetricsLog(run_dir, start_step) if rank == 0 else None
 
     fid = None

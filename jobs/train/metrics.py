@@ -19,6 +19,7 @@ SAMPLES_PER_S = "samples_per_s"
 TOKENS_PER_S = "tokens_per_s"
 LOSS_TOKENS = "loss_tokens"  # train.loss_on assistant: tokens the loss counted, per step
 STEP_TIME_S = "step_time_s"
+LOGGED_AT = "logged_at"  # Unix time the row was written
 EVAL_LOSS = "eval_loss"
 PERPLEXITY = "perplexity"
 WORST_GROUP_EVAL_LOSS = "worst_group_eval_loss"  # runs with train.group_weighting
@@ -73,10 +74,11 @@ class MetricsLog:
         )
 
     def log(self, row: dict[str, Any]) -> None:
+        row = {**row, LOGGED_AT: round(time.time(), 3)}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for key, value in row.items():
-            if key != STEP and isinstance(value, (int, float)):
+            if key not in (STEP, LOGGED_AT) and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, row[STEP])
         self._pending.append(row)
         self._upload_part()

@@ -109,18 +109,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def record_attempt(run_dir: str, resumed_from_step: int) -> None:
-    """Append this start of the worker group to the run's attempt log (rank 0)."""
+def record_attempt(run_dir: str, resumed_from_step: int, launched_at: float) -> None:
+    """Append this start of the worker group to the run's attempt log (rank 0): when the
+    training function began (`launched_at`, from `start_worker`) and when its model was
+    ready to train (`started_at`)."""
     import ray
     from ray.util import get_current_placement_group
 
     group = get_current_placement_group()
     entry = {
+        "launched_at": launched_at,
         "started_at": time.time(),
         "resumed_from_step": resumed_from_step,
         "rank0_pid": os.getpid(),
         "rank0_node": os.uname().nodename,
         "rank0_node_id": ray.get_runtime_context().get_node_id(),
+        "torch_threads": torch.get_num_threads(),
         # The worker group's resources: a sweep checks they are released when its trial ends.
         "placement_group": group.id.hex() if group else None,
     }
@@ -330,9 +334,11 @@ def checkpoint_cadence(
 
 
 def start_worker(config: dict[str, Any]) -> tuple[TrainSpec, int, int]:
-    """What every training loop does first on its worker: read the spec, join the process
-    group (NCCL on GPUs, gloo on CPUs), seed, and read a remote pretrained model from the
-    local, content-keyed cache. Returns (spec, rank, world size)."""
+    """What every training loop does first on its worker: read the spec, give PyTorch a
+    thread per CPU of the worker, join the process group (NCCL on GPUs, gloo on CPUs),
+    seed, and read a remote pretrained model from the local, content-keyed cache. Returns
+    (spec, rank, world size). Notes when it began in `config["launched_at"]`."""
+    config["launched_at"] = time.time()
     import deepspeed
     import ray.train
 
@@ -341,6 +347,10 @@ def start_worker(config: dict[str, Any]) -> tuple[TrainSpec, int, int]:
     spec = TrainSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # PyTorch's threads: the worker's CPUs (a sweep's trials leave their drivers 0.01).
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, round(cpus)))
     deepspeed.init_distributed(dist_backend="nccl" if spec.scaling.use_gpu else "gloo")
     seed_everything(spec.train.seed)
     if spec.model.pretrained:

@@ -149,6 +149,9 @@ def test_an_image_column_named_image_without_labels_prepares_and_trains(ray_sess
     result = launch(spec_of(raw))
     assert result["status"] == "completed" and result["final_step"] == 4
     assert (Path(result["paths"]["model"]) / "model_index.json").is_file()
+    # One worker, by default: the whole (2-CPU) machine, a PyTorch thread per CPU.
+    assert result["resources"]["per_worker"] == {"CPU": 2}
+    assert result["attempts"][0]["torch_threads"] == 2
 
 
 # --- spec errors --------------------------------------------------------------------------

@@ -34,7 +34,16 @@ def test_lm_run_lowers_the_loss_and_logs_every_metric(lm_run):
     assert evals[-1]["perplexity"] == pytest.approx(2.718281828 ** evals[-1]["eval_loss"])
     assert [r["step"] for r in seen] == [r["step"] for r in rows]  # live progress saw each row
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert json.loads((run_dir / "result.json").read_text())["final_step"] == 40
+    recorded = json.loads((run_dir / "result.json").read_text())
+    assert recorded["final_step"] == 40
+    # By default the 2 workers share the session's 2 CPUs: one each, one PyTorch thread.
+    assert recorded["resources"] == {"num_workers": 2, "per_worker": {"CPU": 1}}
+    assert [a["torch_threads"] for a in recorded["attempts"]] == [1]
+    startup = recorded["startup"]
+    assert set(startup) == {"prepare", "worker_group", "model", "first_log", "total"}
+    assert min(startup.values()) >= 0
+    assert startup["total"] == pytest.approx(sum(startup.values()) - startup["total"], abs=0.05)
+    assert "logged_at" not in recorded["final_metrics"]
 
 
 def test_every_rank_shard_is_checkpointed_and_old_ones_pruned(lm_run):
@@ -150,6 +159,28 @@ def test_global_batch_larger_than_the_data_is_a_spec_error(ray_session, tmp_path
     raw = tiny_lm_spec(tmp_path, shared_prepared, train__micro_batch_size=4096)
     with pytest.raises(SpecError, match="one optimizer step takes micro_batch_size x grad_accum"):
         launch(spec_of(raw))
+
+
+@pytest.mark.parametrize(
+    ("workers", "use_gpu", "nodes", "cpus"),
+    [
+        (1, False, [{"CPU": 2}], 2),  # one worker: the whole machine
+        (2, False, [{"CPU": 2}], 1),
+        (3, False, [{"CPU": 16}], 5),  # 1 CPU left over
+        (2, False, [{"CPU": 0}, {"CPU": 8}, {"CPU": 4}], 4),  # a CPU-less head
+        (3, False, [{"CPU": 8}, {"CPU": 4}], 4),  # 4+4 on one node, 4 on the other
+        (4, False, [{"CPU": 3}, {"CPU": 3}], 1),  # 2 CPUs per worker would place only 2
+        (8, False, [{"CPU": 2}], 1),  # cannot place them all: capacity_problems says so
+        (2, False, [{"CPU": 0}], 1),  # no workers nodes yet (autoscaling from zero)
+        (8, True, [{"CPU": 96, "GPU": 8}], 11),  # one CPU left for Ray Data and the driver
+        (2, True, [{"CPU": 8, "GPU": 1}, {"CPU": 4, "GPU": 1}, {"CPU": 64}], 3),
+        (1, True, [{"CPU": 4}], 1),  # GPU nodes still to come
+    ],
+)
+def test_workers_share_the_whole_cluster_by_default(workers, use_gpu, nodes, cpus):
+    from raygen.cluster.connection import default_worker_cpus
+
+    assert default_worker_cpus(workers, use_gpu, nodes) == cpus
 
 
 def test_worker_shortfall_blocks_only_an_embedded_ray(ray_session):
