@@ -216,8 +216,8 @@ def training_summary(result: dict[str, Any]) -> None:
         )
     startup = result.get("startup")
     if startup:
-        phases = ", ".join(f"{k} {v:.1f}" for k, v in startup.items() if k != "total")
-        out.print(f"  first log   {startup['total']:.1f} s after launch ({phases})")
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in startup.items() if k != "total")
+        out.print(f"  first log   {startup['total']:.0f} s after launch ({phases})", soft_wrap=True)
     for key in ("train_loss", "eval_loss", "perplexity", "fid"):
         if key in metrics:
             out.print(f"  {key:<11} {metrics[key]:.4f}")
