@@ -30,9 +30,6 @@ def connect(address: str | None = None, log_to_driver: bool = False) -> bool:
     import ray.data
 
     _quiet_ray_data()
-    # Ray Train's controller checks its workers every 2 s by default, so a finished run
-    # waited up to 2 s more to end; a check costs one actor call per worker.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None

@@ -81,6 +81,18 @@ def list_files(uri: str, suffix: str) -> list[FileEntry]:
     )
 
 
+def read_table(uri: str, columns: list[str] | None = None):
+    """A Parquet file, or every Parquet file under a directory (in path order), local or
+    remote, as one pyarrow Table (of `columns`, default all)."""
+    import pyarrow.dataset as pads
+
+    fs, path = resolve(uri)
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    except OSError as exc:
+        raise storage_error(uri, exc) from None
+
+
 def open_input(uri: str):
     """A readable file object for a local path or URI."""
     fs, path = resolve(uri)

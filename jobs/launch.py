@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -103,25 +104,18 @@ def launch(
         logger.info("%s is already trained to step %s.", run_dir, previous["final_step"])
         return {**previous, "up_to_date": True}
 
-    from raygen.cluster.connection import (
-        capacity_problems,
-        connect,
-        default_worker_cpus,
-        node_resources,
-    )
+    from raygen.cluster.connection import capacity_problems, connect
 
     embedded = connect(address, log_to_driver=verbose)
-    scaling = spec.scaling
-    per_worker = (trial or TrialHooks()).per_worker or scaling.per_worker(
-        default_worker_cpus(scaling.num_workers, scaling.use_gpu, node_resources())
-    )
+    trial = trial or TrialHooks()
+    per_worker = trial.per_worker or worker_resources(spec.scaling)
     logger.info(
         "%d worker(s), each with %s%s",
-        scaling.num_workers,
+        spec.scaling.num_workers,
         ", ".join(f"{amount:g} {name}" for name, amount in per_worker.items()),
-        "" if scaling.resources_per_worker else " (the default: the whole cluster)",
+        "" if spec.scaling.resources_per_worker else " (the default: the whole cluster)",
     )
-    problems = capacity_problems(per_worker, scaling.num_workers, embedded)
+    problems = capacity_problems(per_worker, spec.scaling.num_workers, embedded)
     if problems:
         raise SpecError(source, problems)
 
@@ -163,7 +157,7 @@ def launch(
     started = time.time()
     tail = _MetricsTail(join(run_dir, METRICS_FILE), on_metrics) if on_metrics else None
     try:
-        result = _fit(spec, run_dir, prepared_dir, stats, per_worker, trial or TrialHooks(), timing)
+        result = _fit(spec, run_dir, prepared_dir, stats, per_worker, trial, timing)
     finally:
         if tail:
             tail.stop()
@@ -186,6 +180,16 @@ def launch(
             "rerun with --verbose to see the workers' own logs."
         )
     return summary
+
+
+def worker_resources(scaling: Any, runs_at_once: int = 1) -> dict[str, float]:
+    """The Ray resources of each of a run's workers: `scaling.resources_per_worker`, else
+    its share of the cluster when `runs_at_once` runs of this size share it (see
+    `default_worker_cpus`)."""
+    from raygen.cluster.connection import default_worker_cpus, node_resources
+
+    workers = scaling.num_workers * runs_at_once
+    return scaling.per_worker(default_worker_cpus(workers, scaling.use_gpu, node_resources()))
 
 
 @dataclass
@@ -292,6 +296,9 @@ def _fit(
             enable_shard_locality=False,
         ),
     )
+    # Ray Train's controller checks its workers every 2 s by default, so a finished run
+    # waited up to 2 s more to end; a check costs one actor call per worker.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     timing["prepared"] = time.time()
     try:
         return trainer.fit()
@@ -314,27 +321,15 @@ def prepared_datasets(prepared_dir: str, stream: bool = True) -> dict[str, Any]:
     fits: small splits by this process; larger ones by Ray Data's read tasks, streamed
     while training (`stream`), or read into the object store up front when no CPU is left
     beside the training workers for read tasks to run on."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.data
 
-    from raygen.cluster.storage import list_files, resolve
+    from raygen.cluster.storage import list_files, read_table
 
-    files = {
-        split: list_files(join(prepared_dir, split), ".parquet") for split in ("train", "eval")
-    }
-    if sum(f.size for entries in files.values() for f in entries) <= DRIVER_READ_BYTES:
-        datasets = {}
-        for split, entries in files.items():
-            tables = []
-            for entry in entries:
-                fs, path = resolve(entry.uri)
-                tables.append(pq.read_table(path, filesystem=fs))
-            datasets[split] = ray.data.from_arrow(pa.concat_tables(tables))
-        return datasets
-    datasets = {
-        split: ray.data.read_parquet(join(prepared_dir, split)) for split in ("train", "eval")
-    }
+    splits = {split: join(prepared_dir, split) for split in ("train", "eval")}
+    size = sum(f.size for uri in splits.values() for f in list_files(uri, ".parquet"))
+    if size <= DRIVER_READ_BYTES:
+        return {split: ray.data.from_arrow(read_table(uri)) for split, uri in splits.items()}
+    datasets = {split: ray.data.read_parquet(uri) for split, uri in splits.items()}
     if stream:
         return datasets
     # Ray Data's read tasks need a free CPU; with every CPU held by a training worker they
@@ -366,6 +361,7 @@ def _summarize(
     for row in rows:
         final.update(row)
     final.pop(m.LOGGED_AT, None)
+    attempts = read_attempts(run_dir)
     checkpoint = None
     if result.checkpoint:
         # Ray reports paths inside the filesystem; put the scheme back for URIs.
@@ -388,14 +384,14 @@ def _summarize(
             "samples": (join(run_dir, SAMPLES_DIR) if spec.model.family == "diffusion" else None),
         },
         "resources": {"num_workers": spec.scaling.num_workers, "per_worker": per_worker},
-        "attempts": read_attempts(run_dir),
+        "attempts": attempts,
         "wall_time_s": round(time.time() - started, 1),
-        "startup": _startup(run_dir, timing, rows),
+        "startup": _startup(attempts, timing, rows),
     }
 
 
 def _startup(
-    run_dir: str, timing: dict[str, float], rows: list[dict[str, Any]]
+    attempts: list[dict[str, Any]], timing: dict[str, float], rows: list[dict[str, Any]]
 ) -> dict[str, float] | None:
     """Where this launch's time went before its first logged step, in seconds: `prepare`
     (the spec, the data's fingerprint, preparing the data if needed, reading it into the
@@ -404,10 +400,7 @@ def _startup(
     restoring a checkpoint) and `first_log` (the steps up to the first metrics row). None
     if the run never got that far."""
     began = timing["began"]
-    attempt = next(
-        (a for a in read_jsonl(join(run_dir, ATTEMPTS_FILE)) if a.get("launched_at", 0) >= began),
-        None,
-    )
+    attempt = next((a for a in attempts if (a["launched_at"] or 0) >= began), None)
     if attempt is None or "prepared" not in timing:
         return None
     logged = [r[m.LOGGED_AT] for r in rows if r.get(m.LOGGED_AT, 0) >= attempt["started_at"]]

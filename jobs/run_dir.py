@@ -299,6 +299,7 @@ def read_attempts(run_dir: str) -> list[dict[str, Any]]:
                 "attempt": i + 1,
                 "reason": reason,
                 "resumed_from_step": attempt["resumed_from_step"],
+                "launched_at": attempt.get("launched_at"),
                 "started_at": attempt["started_at"],
                 "torch_threads": attempt.get("torch_threads"),
                 "previous_error": errors[-1] if errors else None,

@@ -71,14 +71,9 @@ def run_sweep(
 
     from ray import tune
 
-    from raygen.cluster.connection import (
-        connect,
-        default_worker_cpus,
-        node_resources,
-        total_resources,
-    )
+    from raygen.cluster.connection import connect, total_resources
     from raygen.jobs.data.prepare import prepare_data
-    from raygen.jobs.launch import prepared_datasets
+    from raygen.jobs.launch import prepared_datasets, worker_resources
 
     connect(address)
     base = trial_spec(base_raw, sweep, {}, sweep_dir)
@@ -90,11 +85,8 @@ def run_sweep(
     at_once = sweep.max_concurrent_trials or trials_that_fit(base, total_resources())
     # The trials running at once share the cluster as one run's workers would; by default
     # each worker leaves its trial's driver the CPU fraction it holds.
-    scaling = base.scaling
-    per_worker = scaling.per_worker(
-        default_worker_cpus(scaling.num_workers * at_once, scaling.use_gpu, node_resources())
-    )
-    if not scaling.resources_per_worker:
+    per_worker = worker_resources(base.scaling, runs_at_once=at_once)
+    if not base.scaling.resources_per_worker:
         per_worker["CPU"] -= DRIVER_CPU
     trainable = tune.with_resources(
         tune.with_parameters(

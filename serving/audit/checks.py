@@ -114,18 +114,6 @@ def fid_dir(path: str) -> str:
     return path if exists(join(path, CLASSIFIER_FILE)) else join(path, FID_DIR)
 
 
-def read_table(uri: str, columns: list[str]) -> Any:
-    import pyarrow.dataset as pads
-
-    from raygen.cluster.storage import resolve, storage_error
-
-    fs, path = resolve(uri)
-    try:
-        return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
-    except OSError as exc:
-        raise storage_error(uri, exc) from None
-
-
 def _columns(uri: str, problems: list[str]) -> list[str] | None:
     import pyarrow.dataset as pads
 

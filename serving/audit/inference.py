@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from raygen.cluster.storage import local_copy
+from raygen.cluster.storage import local_copy, read_table
 from raygen.jobs.errors import SpecError
 from raygen.jobs.progress import Counter, Progress
 from raygen.jobs.seeding import derive_seed
-from raygen.serving.audit.checks import fid_dir, read_table
+from raygen.serving.audit.checks import fid_dir
 from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
 
 logger = logging.getLogger(__name__)

@@ -161,6 +161,26 @@ def test_global_batch_larger_than_the_data_is_a_spec_error(ray_session, tmp_path
         launch(spec_of(raw))
 
 
+def test_prepared_splits_hold_the_same_rows_however_they_are_read(lm_run, monkeypatch):
+    """Small splits are read by the driver; larger ones by Ray Data, streamed or loaded up
+    front: the same rows every way."""
+    import raygen.jobs.launch as launching
+
+    prepared = lm_run[0]["data"]["prepared"]
+
+    def rows(datasets: dict) -> dict:
+        return {
+            split: sorted(tuple(int(t) for t in r["input_ids"]) for r in ds.take_all())
+            for split, ds in datasets.items()
+        }
+
+    by_driver = rows(launching.prepared_datasets(prepared))
+    assert len(by_driver["train"]) > 100 and len(by_driver["eval"]) > 10
+    monkeypatch.setattr(launching, "DRIVER_READ_BYTES", 0)
+    assert rows(launching.prepared_datasets(prepared, stream=True)) == by_driver
+    assert rows(launching.prepared_datasets(prepared, stream=False)) == by_driver
+
+
 @pytest.mark.parametrize(
     ("workers", "use_gpu", "nodes", "cpus"),
     [
