@@ -210,3 +210,31 @@ def test_exact_dedupe_keeps_the_held_out_copy_then_the_first_group_and_one_of_ea
     kept = same_file.filter(kept_mask(same_file, exact_duplicates(same_file)))
     assert kept["source"].to_pylist() == ["eval"]
     assert np.array_equal(source_row_hash(rows, "train"), rows)
+
+
+def test_packing_gives_the_transformers_tokenizers_ids_joined_with_eos(tmp_path):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from raygen.jobs.data.text import _TokenizePack
+    from raygen.jobs.progress import Counter
+
+    texts = [doc(i, 120) for i in range(6)] + ["Café ☕ naïve — 東京\n\tdef f(x): return x"]
+    _save_tokenizer(tmp_path / "tok", texts, 300)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    # A tokenizer saved truncating (or padding) still packs every token of every document.
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    groups = ["a", "b", "a", "b", "b", "a", "b"]
+    pack = _TokenizePack(str(tmp_path / "tok"), 16, ["a", "b"], Counter(None, "t"))
+    out = pack(pa.table({"text": texts, "group": groups}))
+
+    eos = tokenizer.eos_token_id
+    ids = AutoTokenizer.from_pretrained(tmp_path / "tok")(texts, add_special_tokens=False)
+    stream = [t for doc_ids in ids["input_ids"] for t in (*doc_ids, eos)]
+    owners = [i for i, doc_ids in enumerate(ids["input_ids"]) for _ in range(len(doc_ids) + 1)]
+    n = len(stream) // 16
+    assert n > 2 and max(len(d) for d in ids["input_ids"]) > 8
+    assert out["input_ids"].to_pylist() == [stream[k * 16 : (k + 1) * 16] for k in range(n)]
+    expected_groups = np.array([{"a": 0, "b": 1}[groups[i]] for i in owners[: n * 16]])
+    assert (np.concatenate(out["group_ids"].to_pylist()) == expected_groups).all()
