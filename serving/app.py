@@ -644,11 +644,21 @@ class ModelServer:
         ticket = self.engine.submit(
             jobs, lambda update: loop.call_soon_threadsafe(updates.put_nowait, update), stream
         )
+        failed = None  # a failure that came in behind steps not yet handed on
         try:
             while True:
-                update = await self._within_deadline(
+                update = failed or await self._within_deadline(
                     updates.get(), started, lambda: self.engine.cancel(ticket)
                 )
+                failed = None
+                # Steps that came in while the last was being sent go on as one: under load
+                # a stream sends fewer, fuller chunks instead of falling behind.
+                while not (update.done or update.error or updates.empty()):
+                    later = updates.get_nowait()
+                    if later.error:
+                        failed = later
+                        break
+                    update = update.then(later)
                 if update.error:
                     raise _failure(update.status, update.error)
                 yield update

@@ -32,6 +32,14 @@ class Update:
     error: str | None = None  # generation failed; the request gets nothing more
     status: int = 500  # with `error`: 400 when the request's own input caused it
 
+    def then(self, later: Update) -> Update:
+        """This update followed by `later` (without an error), as one."""
+        deltas = [
+            b if a is None else a if b is None else a.then(b)
+            for a, b in zip(self.deltas, later.deltas, strict=True)
+        ]
+        return Update(deltas, max(self.batch_size, later.batch_size), later.done)
+
 
 def error_status(exc: BaseException) -> int:
     """The HTTP status of a generation failure: 400 for the request's input, else 500."""

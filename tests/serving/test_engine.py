@@ -157,6 +157,13 @@ def test_engine_answers_whole_or_streamed_completions_joining_at_the_next_token(
             steps = s.until_done()
             assert "".join(u.deltas[0].text for u in steps if u.deltas[0]) == alone[i]
             assert steps[-1].deltas[0].finish_reason == final.deltas[0].finish_reason
+            # Steps a stream sends as one chunk (those queued while it was behind).
+            merged = steps[0]
+            for later in steps[1:]:
+                merged = merged.then(later)
+            assert merged.done and merged.deltas[0].text == alone[i]
+            assert merged.deltas[0].tokens == final.deltas[0].tokens
+            assert merged.deltas[0].finish_reason == final.deltas[0].finish_reason
         long.until_done()
     finally:
         engine.close()
