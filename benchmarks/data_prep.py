@@ -17,12 +17,13 @@ show how much of raygen's lead is that call. raygen runs with its defaults: at 1
 pinned to one core, at 2 CPUs on the machine. Each run's stages are timed (read and clean,
 the driver's own work, tokenize and pack).
 
-A larger cluster, simulated: raygen prepares again on a local Ray that reports N CPUs
-(N = 8, 32) on this machine, so it splits its work as it would for N CPUs; each stage's
-tasks' durations (Ray's task records) then give its parallelism: the time to run those
-tasks on N CPUs (longest first, each on the first CPU free) against their sum. The
-projected wall time at N CPUs scales each stage's 1-CPU time by that and adds the driver's
-time as measured: a projection (no network, no stragglers), not a measurement.
+A larger cluster, simulated: raygen prepares again on this machine's 2 CPUs, told the
+cluster has N (N = 8, 32), so it splits its work as it would for N CPUs; each stage's
+tasks' durations (Ray's task records; two at a time, so not slowed by contention) then
+give its parallelism: their sum against the time to run them on N CPUs (longest first,
+each on the first CPU free). The projected wall time at N CPUs divides each stage's 1-CPU
+time by that and adds the simulated run's own driver work: a projection (no network, no
+stragglers), not a measurement.
 
 Also measured: how fast the prepared shards stream into training (Ray Data read and
 iter_torch_batches) against what training consumes (train_overhead's tokens/s, if run).
@@ -148,16 +149,20 @@ def raygen_spec(corpus: Path, tokenizer_dir: str, prepared: Path) -> dict[str, A
     }
 
 
-def run_raygen(spec: dict[str, Any], cpus: int, simulated: bool = False) -> dict[str, Any]:
-    """Prepare in a fresh process on a local Ray of `cpus` CPUs (pinned to one core at 1;
-    `simulated`: more CPUs than the machine has). Returns its wall time, each stage's
-    time and tasks' durations, and (unless simulated) how fast the shards stream."""
+def run_raygen(spec: dict[str, Any], cpus: int, as_if: int | None = None) -> dict[str, Any]:
+    """Prepare in a fresh process on a local Ray of `cpus` CPUs (pinned to one core at 1),
+    raygen told the cluster has `as_if` CPUs when given (it splits its work for them; Ray
+    runs it on `cpus`). Returns its wall time, each stage's time and its tasks' durations,
+    and how fast the shards stream."""
     code = f"""
 import json, sys, time, ray
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from benchmarks.data_prep import timed_prepare
+import raygen.cluster.connection as connection
 ray.init(num_cpus={cpus}, log_to_driver=False)
-print(json.dumps(timed_prepare(json.loads({json.dumps(json.dumps(spec))}), {not simulated})))
+if {as_if!r}:
+    connection.total_resources = lambda: {{**ray.cluster_resources(), "CPU": {as_if!r}}}
+print(json.dumps(timed_prepare(json.loads({json.dumps(json.dumps(spec))}), {not as_if})))
 """
     command = [*pinned(cpus), sys.executable, "-c", code]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -202,6 +207,7 @@ def timed_prepare(raw: dict[str, Any], stream: bool) -> dict[str, Any]:
         "tokenize and pack": tokenize[1] - tokenize[0],
     }
     stages["driver"] = wall - sum(stages.values())
+    time.sleep(5)  # task records reach Ray's state API a little after the tasks end
     tasks = {}
     for stage, name in STAGES.items():
         records = list_tasks(filters=[("name", "=", name)], detail=True, limit=10_000)
@@ -230,8 +236,9 @@ def on_cpus(durations: list[float], cpus: int) -> float:
 
 def projected(one_cpu: dict[str, Any], simulated: dict[str, Any], cpus: int) -> dict[str, Any]:
     """The wall time at `cpus` CPUs: each stage's 1-CPU time over its parallelism in the
-    simulated run (its tasks' total over their time on `cpus` CPUs), plus the driver's."""
-    wall, parallelism = one_cpu["stages"]["driver"], {}
+    simulated run (its tasks' total over their time on `cpus` CPUs), plus the simulated
+    run's own driver work (which splits the corpus for `cpus` CPUs)."""
+    wall, parallelism = simulated["stages"]["driver"], {}
     for stage in STAGES:
         tasks = simulated["tasks"][stage]
         parallelism[stage] = sum(tasks) / on_cpus(tasks, cpus) if tasks else 1.0
@@ -281,9 +288,8 @@ def main() -> None:
     runs = {}
     for cpus in (1, 2, 8, 32):
         prepared = work / f"prepared-{cpus}"
-        runs[cpus] = run_raygen(
-            raygen_spec(work / "corpus", tokenizer_dir, prepared), cpus, cpus > 2
-        )
+        spec = raygen_spec(work / "corpus", tokenizer_dir, prepared)
+        runs[cpus] = run_raygen(spec, min(cpus, 2), cpus if cpus > 2 else None)
         if cpus <= 2:
             rows.append(
                 {"pipeline": "raygen data prepare", "cpus": cpus, "wall_s": runs[cpus]["wall"]}

@@ -34,6 +34,7 @@ class Update:
 
     def then(self, later: Update) -> Update:
         """This update followed by `later` (without an error), as one."""
+        assert later.error is None, "an update with an error is answered, not merged"
         deltas = [
             b if a is None else a if b is None else a.then(b)
             for a, b in zip(self.deltas, later.deltas, strict=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,11 +58,13 @@ TOKENIZER_DIR = "tokenizer"
 EOS_TOKEN = "<|endoftext|>"
 # Documents per tokenize/pack batch: packing drops < seq_len tokens at each batch's end.
 _PACK_BATCH_DOCS = 512
-# Tokenizing is most of preparation's work: it runs in at least this many tasks per CPU of
-# the cluster, so that every CPU is busy until near the end, each of at least this many
-# documents (each batch loses < seq_len tokens).
+# Tokenizing is most of preparation's work: a small corpus is split into up to this many
+# tasks per CPU of the cluster, so that every CPU is busy until near the end; each batch
+# of at least this many documents and (packing loses < seq_len tokens per batch) about this
+# many sequences' worth of text.
 _TOKENIZE_TASKS_PER_CPU = 4
-_TOKENIZE_TASK_DOCS = 128
+_TOKENIZE_BATCH_DOCS = 128
+_TOKENIZE_BATCH_SEQUENCES = 32
 # Group weighting: the group of documents without a value, and the most groups allowed.
 GROUP_MISSING = "(missing)"
 MAX_GROUPS = 1000
@@ -135,9 +139,13 @@ def prepare_text(
         )
     group_names = _group_names(kept, group_column) if weighting else None
 
-    docs, batch_docs = _spread(docs, rows_train + rows_eval)
-    train_docs = docs.filter(expr="split == 'train'")
-    eval_docs = docs.filter(expr="split == 'eval'")
+    fewest = _fewest_docs_per_batch(docs, rows_train + rows_eval, d.format, d.seq_len)
+    train_docs, train_batch = _spread(
+        docs.filter(expr="split == 'train'"), docs.num_blocks(), rows_train, fewest
+    )
+    eval_docs, eval_batch = _spread(
+        docs.filter(expr="split == 'eval'"), docs.num_blocks(), rows_eval, fewest
+    )
     tokenizer_dir = join(prepared_dir, TOKENIZER_DIR)
     with tempfile.TemporaryDirectory(prefix="raygen-tokenizer-") as tmp:
         _prepare_tokenizer(spec, train_docs, tmp)
@@ -146,9 +154,9 @@ def prepare_text(
         else:
             shutil.copytree(tmp, tokenizer_dir)
 
-    for split, split_docs, rows in (
-        ("train", train_docs, rows_train),
-        ("eval", eval_docs, rows_eval),
+    for split, split_docs, rows, batch_docs in (
+        ("train", train_docs, rows_train, train_batch),
+        ("eval", eval_docs, rows_eval, eval_batch),
     ):
         with progress.stage(f"tokenize {split} {unit}", rows) as counter:
             if d.format == "chat":
@@ -201,19 +209,34 @@ def prepare_text(
 _TAGS = ("hash", "reason", "source", "split", "group", "row_hash")
 
 
-def _spread(docs: Any, rows: int) -> tuple[Any, int]:
-    """`docs` in blocks enough to keep every CPU of the cluster tokenizing to the end, and
-    the documents per tokenize batch (Ray Data gives each task at least one batch).
+def _fewest_docs_per_batch(docs: Any, rows: int, data_format: str, seq_len: int) -> int:
+    """The fewest documents a tokenize batch should hold: packing loses < seq_len tokens at
+    each batch's end, so a batch of plain text should hold ~32 sequences' worth (tokens
+    estimated at 4 bytes each). Chat conversations are not packed."""
+    if data_format == "chat" or not rows:
+        return _TOKENIZE_BATCH_DOCS
+    tokens_per_doc = max(1.0, docs.size_bytes() / rows / 4)
+    wanted = math.ceil(_TOKENIZE_BATCH_SEQUENCES * seq_len / tokens_per_doc)
+    return max(_TOKENIZE_BATCH_DOCS, wanted)
 
-    Ray Data makes blocks of up to 128 MiB whatever the cluster: a 300 MB corpus would be
-    3 tasks however many CPUs there are."""
+
+def _spread(split_docs: Any, blocks: int, rows: int, fewest: int) -> tuple[Any, int]:
+    """One split's documents in blocks enough to keep every CPU of the cluster (the nodes
+    up now) tokenizing to the end, and the documents per tokenize batch.
+
+    Ray Data makes blocks of up to 128 MiB whatever the cluster: a 300 MB corpus would be 3
+    tasks however many CPUs there are. `blocks` (of the materialized dataset the split is
+    filtered from) is at least the split's; a corpus already in enough blocks is left as
+    it is. Each new block holds at least one batch, so each is one task (Ray Data gives a
+    task whole batches, joining blocks smaller than one)."""
     from raygen.cluster.connection import total_resources
 
     cpus = int(total_resources().get("CPU", 1))
-    wanted = min(_TOKENIZE_TASKS_PER_CPU * cpus, -(-rows // _TOKENIZE_TASK_DOCS))
-    if wanted <= docs.num_blocks():
-        return docs, _PACK_BATCH_DOCS
-    return docs.repartition(wanted).materialize(), min(_PACK_BATCH_DOCS, -(-rows // wanted))
+    batch = max(_PACK_BATCH_DOCS, fewest)
+    wanted = min(_TOKENIZE_TASKS_PER_CPU * cpus, rows // fewest)
+    if wanted <= blocks:
+        return split_docs, batch
+    return split_docs.repartition(wanted).materialize(), min(batch, rows // wanted)
 
 
 def _group_names(tags: pa.Table, column: str) -> list[str]:
@@ -440,9 +463,11 @@ class _TokenizePack:
     """Tokenize documents, join them with EOS and cut the stream into `seq_len` blocks.
 
     With `group_names`, a parallel `group_ids` column gives each token's document group
-    (the EOS after a document belongs to it). Encodes with the Rust tokenizer's batch
-    encoding without character offsets (`encode_batch_fast`: the same ids as calling the
-    transformers tokenizer, ~1.7x less CPU), its threads on as many cores as this task has.
+    (the EOS after a document belongs to it). A tokenizer with a Rust backend (any "fast"
+    one) encodes with its batch encoding without character offsets (`encode_batch_fast`:
+    the same ids as calling the transformers tokenizer, ~1.6x faster in the data
+    benchmark); each task on its one CPU (Ray runs a task per CPU), tokenizers' own threads
+    off whatever the driver's TOKENIZERS_PARALLELISM says.
     """
 
     def __init__(
@@ -451,22 +476,27 @@ class _TokenizePack:
         from transformers import AutoTokenizer
 
         self.counter = counter
-        tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
-        self.eos = tokenizer.eos_token_id
-        self.encoder = tokenizer.backend_tokenizer
-        self.encoder.no_truncation()
-        self.encoder.no_padding()
+        self.tokenizer = AutoTokenizer.from_pretrained(local_copy(tokenizer_dir))
+        self.eos = self.tokenizer.eos_token_id
         self.seq_len = seq_len
         self.group_ids = {name: i for i, name in enumerate(group_names or [])}
 
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        if not self.tokenizer.is_fast:
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return [np.asarray(doc, np.int32) for doc in ids]
+        encoder = self.tokenizer.backend_tokenizer
+        # As the transformers tokenizer's call sets them (the settings do not travel to
+        # the task with a pickled tokenizer, or may have been saved otherwise).
+        encoder.no_truncation()
+        encoder.no_padding()
+        encoder.encode_special_tokens = bool(getattr(self.tokenizer, "split_special_tokens", False))
+        encodings = encoder.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _tokenizer_threads()
-        docs = [
-            np.asarray(e.ids, np.int32)
-            for e in self.encoder.encode_batch_fast(
-                batch["text"].to_pylist(), add_special_tokens=False
-            )
-        ]
+        docs = self._encode(batch["text"].to_pylist())
         eos = np.array([self.eos], np.int32)
         stream = np.concatenate([part for doc in docs for part in (doc, eos)] or [eos[:0]])
         n = len(stream) // self.seq_len
@@ -508,22 +538,6 @@ class _TokenizeChat:
                 "truncated": pa.array([r.truncated for r in rows], pa.bool_()),
             }
         )
-
-
-def _tokenizer_threads() -> None:
-    """Tokenizers' Rust threads on the CPUs Ray gave this task, and no more (as PyTorch's
-    follow a training worker's), whatever TOKENIZERS_PARALLELISM the driver's environment
-    passed on. Runs in the task, before its process first encodes (the pool is made then)."""
-    import os
-
-    import ray
-
-    try:
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    except AssertionError:  # not in a Ray worker (called in the driver's process)
-        cpus = 1.0
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, round(cpus))))
 
 
 def _chat_shard_stats(split_dir: str, split: str) -> dict[str, int]:

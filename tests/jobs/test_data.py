@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pyarrow as pa
@@ -227,6 +228,7 @@ def test_packing_gives_the_transformers_tokenizers_ids_joined_with_eos(tmp_path)
     tokenizer.save_pretrained(tmp_path / "tok")
     groups = ["a", "b", "a", "b", "b", "a", "b"]
     pack = _TokenizePack(str(tmp_path / "tok"), 16, ["a", "b"], Counter(None, "t"))
+    pack = pickle.loads(pickle.dumps(pack))  # as Ray ships it to a task
     out = pack(pa.table({"text": texts, "group": groups}))
 
     eos = tokenizer.eos_token_id
