@@ -399,3 +399,59 @@ def test_image_requests_waiting_while_the_model_runs_form_the_next_batch():
     assert got == [(0, 1), (10, 3), (20, 3), (30, 3), (40, 1)]
     assert batches[-3:] == [[-1, 5], [-1], [5]]
     assert isinstance(error, ValueError) and answered == (50, 1)
+
+
+def test_a_stream_that_fell_behind_gets_the_queued_steps_as_one_then_the_error():
+    """The replica hands a stream every step queued since it last sent one, merged (two
+    completions, one already ended), and a failure behind them after them."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from raygen.serving.api import ApiError
+    from raygen.serving.app import ModelServer
+    from raygen.serving.runtimes.text import TextDelta
+
+    class QueuedEngine:  # delivers its updates at once, as if the stream had fallen behind
+        def __init__(self, updates: list[Update]):
+            self.updates, self.cancelled = updates, False
+
+        def submit(self, jobs, deliver, stream):
+            for update in self.updates:
+                deliver(update)
+            return object()
+
+        def cancel(self, ticket):
+            self.cancelled = True
+
+    replica = ModelServer.func_or_class  # its methods, on a stand-in without a model
+    server = SimpleNamespace(deadline_s=60.0)
+    server._within_deadline = lambda *args: replica._within_deadline(server, *args)
+    server.engine = QueuedEngine(
+        [
+            Update([TextDelta("a", None, 1), TextDelta("x", "stop", 1)], 2, False),
+            Update([TextDelta("b", None, 2), None], 2, False),
+            Update([TextDelta("c", "length", 3), None], 1, True),
+        ]
+    )
+
+    async def consume() -> list[Update]:
+        return [update async for update in replica._generate(server, [], stream=True)]
+
+    (merged,) = asyncio.run(consume())
+    assert merged.done and merged.batch_size == 2
+    first, second = merged.deltas
+    assert (first.text, first.finish_reason, first.tokens) == ("abc", "length", 3)
+    assert (second.text, second.finish_reason, second.tokens) == ("x", "stop", 1)
+
+    failing = Update([], 0, True, "RuntimeError: out of memory", 500)
+    server.engine = QueuedEngine([Update([TextDelta("a", None, 1)], 1, False), failing])
+    got: list[Update] = []
+
+    async def until_failure() -> None:
+        async for update in replica._generate(server, [], stream=True):
+            got.append(update)
+
+    with pytest.raises(ApiError) as error:
+        asyncio.run(until_failure())
+    assert [u.deltas[0].text for u in got] == ["a"] and error.value.status == 500
+    assert server.engine.cancelled
