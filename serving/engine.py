@@ -35,11 +35,17 @@ class Update:
     def then(self, later: Update) -> Update:
         """This update followed by `later` (without an error), as one."""
         assert later.error is None, "an update with an error is answered, not merged"
-        deltas = [
-            b if a is None else a if b is None else a.then(b)
-            for a, b in zip(self.deltas, later.deltas, strict=True)
-        ]
-        return Update(deltas, max(self.batch_size, later.batch_size), later.done)
+        return Update(
+            joined(self.deltas, later.deltas), max(self.batch_size, later.batch_size), later.done
+        )
+
+
+def joined(deltas: list[TextDelta | None], later: list[TextDelta | None]) -> list[Any]:
+    """Each completion's `deltas` followed by its `later` delta (None: nothing new)."""
+    return [
+        b if a is None else a if b is None else a.then(b)
+        for a, b in zip(deltas, later, strict=True)
+    ]
 
 
 def error_status(exc: BaseException) -> int:
@@ -263,10 +269,7 @@ class TextEngine(_Engine):
             if ticket.stream:
                 updates.append((ticket, Update(deltas, size, done)))
                 continue
-            for i, delta in enumerate(deltas):
-                if delta is not None:
-                    before = ticket.so_far[i]
-                    ticket.so_far[i] = delta if before is None else before.then(delta)
+            ticket.so_far = joined(ticket.so_far, deltas)
             if done:
                 updates.append((ticket, Update(ticket.so_far, ticket.most, True)))
         return updates
