@@ -39,14 +39,8 @@ def summarize(
     expected = evaluations_of(base)
     rows, curves = [], {}
     for result in results:
-        history = result.metrics_dataframe
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        values = (
-            history[sweep.metric].dropna().tolist()
-            if history is not None and sweep.metric in history
-            else []
-        )
-        steps = history["step"].tolist() if values else []
+        steps, values = _evaluations(result, sweep.metric)
         curves[trial_id] = (steps, values)
         iterations = len(values)
         if result.error is not None:
@@ -103,6 +97,22 @@ def summarize(
             "plot": join(sweep_dir, PLOT_FILE),
         },
     }
+
+
+def _evaluations(result: Any, metric: str) -> tuple[list[int], list[float]]:
+    """Steps and values of the metric at each evaluation the trial reported, in step order.
+
+    Every evaluation is a checkpoint report, and the driver keeps each checkpoint's metrics
+    in memory (and in the experiment state a resumed sweep restores). Tune's per-trial
+    `result.json` is not used: a trial that PBT pauses and restarts gets it back from the
+    last sync to storage, losing the reports made since.
+    """
+    points = {}
+    for _, metrics in result.best_checkpoints or []:
+        if metric in metrics and metrics[metric] is not None and "step" in metrics:
+            points[int(metrics["step"])] = float(metrics[metric])
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
 
 
 def _best_pointer(result: Any, sweep: SweepSpec) -> dict | None:
