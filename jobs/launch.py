@@ -52,6 +52,7 @@ from raygen.jobs.run_dir import (
     run_dir_of,
 )
 from raygen.jobs.spec import TrainSpec, global_batch_size
+from raygen.jobs.tracking import Tracker
 from raygen.jobs.train import metrics as m
 from raygen.jobs.validate import validate_train_spec
 
@@ -155,15 +156,24 @@ def launch(
         )
 
     started = time.time()
-    tail = _MetricsTail(join(run_dir, METRICS_FILE), on_metrics) if on_metrics else None
+    tracker = start_tracking(spec, run_dir, stats, trial.tracking_parent)
+    listeners = [f for f in (on_metrics, tracker and tracker.log_row) if f is not None]
+    tail = _MetricsTail(join(run_dir, METRICS_FILE), listeners) if listeners else None
     try:
-        result = _fit(spec, run_dir, prepared_dir, stats, per_worker, trial, timing)
-    finally:
-        if tail:
-            tail.stop()
-        remove_unregistered_checkpoints(run_dir)  # first: it frees room on a full disk
-        repair_snapshot(run_dir)
-    summary = _summarize(spec, run_dir, result, started, per_worker, timing)
+        try:
+            result = _fit(spec, run_dir, prepared_dir, stats, per_worker, trial, timing)
+        finally:
+            if tail:
+                tail.stop()
+            remove_unregistered_checkpoints(run_dir)  # first: it frees room on a full disk
+            repair_snapshot(run_dir)
+        summary = _summarize(spec, run_dir, result, started, per_worker, timing)
+    except BaseException as exc:
+        if tracker:
+            tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", wait_s=2)
+        raise
+    if tracker:
+        summary["tracking"] = finish_tracking(tracker, spec, summary)
     try:
         write_text(join(run_dir, RESULT_FILE), json.dumps(summary, indent=2))
     except StorageError as exc:  # a full disk, say: say what happened to the run first
@@ -208,6 +218,7 @@ class TrialHooks:
             (schedulers that pause trials; see `jobs.worker.wait_for_scheduler`).
         per_worker: each worker's resources, resolved by the sweep for all the trials it
             runs at once.
+        tracking_parent: the sweep's MLflow run, under which the trial's run is nested.
     """
 
     callbacks: list[Any] = field(default_factory=list)
@@ -216,6 +227,59 @@ class TrialHooks:
     datasets: dict[str, Any] | None = None
     gate: Any = None
     per_worker: dict[str, float] | None = None
+    tracking_parent: str | None = None
+
+
+def start_tracking(
+    spec: TrainSpec, run_dir: str, stats: dict[str, Any], parent: str | None
+) -> Tracker | None:
+    """Start (or continue) the run's MLflow run: its spec as parameters, what identifies it
+    as tags, its spec and data stats as artifacts, and the metric rows an earlier launch
+    logged but did not get into the store. None when tracking is off."""
+    from importlib.metadata import version
+
+    from raygen.jobs.data.prepare import STATS_FILE
+    from raygen.jobs.tracking import KIND_TAG, TRACKING_FILE, Tracker, flatten, tracking_target
+
+    target = tracking_target(spec.tracking, spec.run.storage)
+    if target is None:
+        return None
+    tags = {
+        KIND_TAG: "train",
+        "raygen.version": version("raygen"),
+        "raygen.run_dir": run_dir,
+        "raygen.data_fingerprint": stats["fingerprint"],
+    }
+    params = flatten(spec.model_dump(mode="json", exclude={"tracking"}))
+    tracker = Tracker(target, join(run_dir, TRACKING_FILE), spec.name, params, tags, parent)
+    tracker.log_artifact(join(run_dir, SPEC_FILE))
+    tracker.log_artifact(join(prepared_dir_of(spec), STATS_FILE))
+    rows = m.read_metrics(join(run_dir, METRICS_FILE))
+    tracker.log_rows([row for row in rows if row[m.STEP] > tracker.logged_step])
+    return tracker
+
+
+def finish_tracking(tracker: Tracker, spec: TrainSpec, summary: dict[str, Any]) -> dict[str, Any]:
+    """End the MLflow run with what the run produced: its status, the model's sha256, the
+    sample grids. Returns where the run is tracked and what did not reach the store."""
+    from raygen.jobs.tracking import STATUS_TAG
+
+    completed = summary["status"] == "completed"
+    tracker.set_tags({STATUS_TAG: summary["status"]})
+    model = summary["paths"].get("model")
+    if completed and model:
+
+        def tag_model(client: Any, run_id: str) -> None:  # hashing a large model takes a while
+            from raygen.jobs.model_hash import model_sha256
+            from raygen.jobs.tracking import set_tags
+
+            sha256 = model_sha256(model)
+            set_tags(client, run_id, {"raygen.model": model, "raygen.model_sha256": sha256})
+
+        tracker.call("model sha256", tag_model)
+    if summary["paths"].get("samples"):
+        tracker.log_artifact(summary["paths"]["samples"])
+    return tracker.finish("FINISHED" if completed else "FAILED")
 
 
 def _fit(
@@ -485,12 +549,12 @@ class FailureRecorder(UserCallback):
 
 
 class _MetricsTail:
-    """Follows a run's metrics in a thread and hands each new row to a callback, reading
+    """Follows a run's metrics in a thread and hands each new row to callbacks, reading
     only what was added since the last look (the file's new bytes; a remote log's new
     parts)."""
 
-    def __init__(self, path: str, callback: Callable[[dict[str, Any]], None]):
-        self.path, self.callback = path, callback
+    def __init__(self, path: str, callbacks: list[Callable[[dict[str, Any]], None]]):
+        self.path, self.callbacks = path, callbacks
         self.remote = is_remote(path)
         self.seen_step = max((r[m.STEP] for r in m.read_metrics(path)), default=0)
         self.offset = 0 if self.remote else _size(path)
@@ -514,7 +578,8 @@ class _MetricsTail:
             if m.RESUMED_FROM in record:  # a restart dropped the rows after its checkpoint
                 self.seen_step = min(self.seen_step, record[m.RESUMED_FROM])
             elif m.STEP in record and record[m.STEP] > self.seen_step:
-                self.callback(record)
+                for callback in self.callbacks:
+                    callback(record)
                 self.seen_step = record[m.STEP]
 
     def _new_records(self) -> list[dict[str, Any]]:

@@ -119,7 +119,7 @@ def check_same_run(spec: TrainSpec, run_dir: str, source: str) -> dict[str, Any]
     """
     import yaml
 
-    from raygen.jobs.spec import RESUMABLE_KEYS
+    from raygen.jobs.spec import is_resumable
 
     text = read_text(join(run_dir, SPEC_FILE))
     if text is None:
@@ -128,7 +128,7 @@ def check_same_run(spec: TrainSpec, run_dir: str, source: str) -> dict[str, Any]
     changes = [
         (key, old, new)
         for key, old, new in spec_changes(recorded, spec.model_dump(mode="json"))
-        if key not in RESUMABLE_KEYS
+        if not is_resumable(key)
     ]
     if changes:
         lines = [f"`{key}`: was {old!r}, now {new!r}" for key, old, new in changes]

@@ -442,6 +442,40 @@ class RunSpec(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
 
 
+class MlflowSpec(Section):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: a server (http://host:5000), a database "
+        "(sqlite:///path/mlflow.db, postgresql://...) or databricks. Default: "
+        "MLFLOW_TRACKING_URI, else a SQLite store `mlflow.db` under run.storage (artifacts "
+        "beside it in `mlartifacts/`; under ~/.raygen/mlflow when run.storage is an object "
+        "store).",
+    )
+    experiment: str = Field(
+        "raygen", min_length=1, description="Experiment the runs go to (created if missing)."
+    )
+    timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a finished run waits for records the tracking server has not "
+        "taken yet; what is still unsent then is reported (metric rows are sent again by the "
+        "run's next launch).",
+    )
+
+
+class TrackingSpec(Section):
+    mlflow: MlflowSpec | Literal[False] = Field(
+        default_factory=MlflowSpec,
+        description="Track the run in MLflow (parameters, metrics, tags, artifacts); false "
+        "turns tracking off.",
+    )
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _true_is_default(cls, value: Any) -> Any:
+        return {} if value is True or value is None else value
+
+
 # Keys a re-run may change and still continue the same run: they only schedule the rest
 # (how far to train, how often to log, evaluate and checkpoint, what to keep, how many
 # failures to survive) or what evaluation samples. Any other change starts another run.
@@ -459,6 +493,13 @@ RESUMABLE_KEYS = (
     "sampling.fid_samples",
     "sampling.steps",
 )
+# Sections a re-run may change in any key: they say where records go, not what trains.
+RESUMABLE_SECTIONS = ("tracking",)
+
+
+def is_resumable(key: str) -> bool:
+    """Whether a re-run may change this dotted spec key and continue the same run."""
+    return key in RESUMABLE_KEYS or key.split(".", 1)[0] in RESUMABLE_SECTIONS
 
 
 class TrainSpec(Section):
@@ -486,6 +527,9 @@ class TrainSpec(Section):
     )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers.")
     run: RunSpec = Field(default_factory=RunSpec, description="Storage and fault tolerance.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment tracking (MLflow)."
+    )
 
     @model_validator(mode="after")
     def _loss_on_by_format(self) -> TrainSpec:

@@ -228,6 +228,27 @@ def training_summary(result: dict[str, Any]) -> None:
         f"  run         {paths['run_dir']}  (metrics.jsonl, tensorboard/, result.json)",
         soft_wrap=True,
     )
+    tracking_summary(result.get("tracking"))
+
+
+def tracking_summary(tracking: dict[str, Any] | None) -> None:
+    """Where a run (or sweep) is tracked, and what the tracking store did not take."""
+    if not tracking:
+        return
+    run = tracking["run_id"] or "not created yet"
+    out.print(f"  mlflow      run {run} in experiment {tracking['experiment']!r}", soft_wrap=True)
+    out.print(f"              see it: {tracking['browse']}", soft_wrap=True, highlight=False)
+    unsent = tracking.get("unsent")
+    if unsent:
+        records = ", ".join(unsent["records"]) or "no other record"
+        err.print(
+            f"[yellow]MLflow did not take {unsent['metric_rows']} metric row(s) and {records}[/] "
+            f"({tracking.get('error')}); the metric rows are sent again when the run is next "
+            "launched.",
+            soft_wrap=True,
+        )
+    for refused in tracking.get("refused") or []:
+        err.print(f"[yellow]MLflow refused {refused}[/]", soft_wrap=True)
 
 
 def trials(summary: dict[str, Any], metric: str) -> None:
@@ -252,6 +273,7 @@ def trials(summary: dict[str, Any], metric: str) -> None:
     )
     for name, path in summary["paths"].items():
         out.print(f"  {name:<7} {path}", soft_wrap=True)
+    tracking_summary(summary.get("tracking"))
 
 
 def _interval(check: dict[str, Any], figure: str) -> str:

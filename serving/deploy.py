@@ -114,7 +114,7 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
     url = url_of(spec)
     if embedded and spec.autoscaling.min_replicas > 0:
         _wait_answering(url + "/healthz")
-    from raygen.serving.model_hash import model_sha256
+    from raygen.jobs.model_hash import model_sha256
 
     return {
         "name": spec.name,

@@ -21,9 +21,10 @@ from typing import Any
 
 from raygen.cluster.storage import join, list_files, read_text, write_text
 from raygen.jobs.errors import SpecError
+from raygen.jobs.model_hash import MODEL_HASH_FORMAT, model_sha256
 from raygen.serving.audit.run import failing_summary, run_audit
 from raygen.serving.errors import AuditFailed
-from raygen.serving.model_hash import MODEL_HASH_FORMAT, model_home, model_sha256
+from raygen.serving.model_hash import model_home
 from raygen.serving.spec import AuditOverride, DeploySpec
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def gate(
         SpecError: the audit spec or audit.json cannot be read.
     """
     from raygen.jobs.loader import load_spec
-    from raygen.serving.model_hash import model_sha256
+    from raygen.jobs.model_hash import model_sha256
     from raygen.serving.spec import AuditSpec
 
     assert spec.audit is not None  # resolve_deploy_spec requires it

@@ -15,7 +15,7 @@ from raygen.cluster.storage import is_remote, join, read_text, write_text
 from raygen.jobs.errors import SpecError
 from raygen.jobs.spec import TrainSpec
 from raygen.tuning.spec import SweepSpec
-from raygen.tuning.trial import POINTER_FILE
+from raygen.tuning.trial import POINTER_FILE, evaluations_log
 from raygen.tuning.validate import evaluations_of
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,7 @@ def summarize(
     expected = evaluations_of(base)
     rows, curves = [], {}
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        steps, values = _evaluations(result, sweep.metric)
+        trial_id, steps, values = _evaluations(result, sweep.metric, sweep_dir)
         curves[trial_id] = (steps, values)
         iterations = len(values)
         if result.error is not None:
@@ -99,20 +98,17 @@ def summarize(
     }
 
 
-def _evaluations(result: Any, metric: str) -> tuple[list[int], list[float]]:
-    """Steps and values of the metric at each evaluation the trial reported, in step order.
+def _evaluations(result: Any, metric: str, sweep_dir: str) -> tuple[str, list[int], list[float]]:
+    """The trial's id, and the steps and values of the metric at each evaluation it
+    reported, in step order (a step reported again, after a restart, counts once)."""
+    from raygen.jobs.train.metrics import metric_rows
 
-    Every evaluation is a checkpoint report, and the driver keeps each checkpoint's metrics
-    in memory (and in the experiment state a resumed sweep restores). Tune's per-trial
-    `result.json` is not used: a trial that PBT pauses and restarts gets it back from the
-    last sync to storage, losing the reports made since.
-    """
-    points = {}
-    for _, metrics in result.best_checkpoints or []:
-        if metric in metrics and metrics[metric] is not None and "step" in metrics:
-            points[int(metrics["step"])] = float(metrics[metric])
+    rows = metric_rows(read_text(evaluations_log(sweep_dir, result.path)))
+    # After PBT copies another trial into this one, its last result is the other's.
+    trial_id = rows[0]["trial_id"] if rows else (result.metrics or {}).get("trial_id")
+    points = {int(r["step"]): float(r[metric]) for r in rows if r.get(metric) is not None}
     steps = sorted(points)
-    return steps, [points[s] for s in steps]
+    return trial_id or Path(result.path).name, steps, [points[s] for s in steps]
 
 
 def _best_pointer(result: Any, sweep: SweepSpec) -> dict | None:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from raygen.jobs.spec import Section
+from raygen.jobs.spec import Section, TrackingSpec
 
 DOMAIN_KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 
@@ -164,6 +164,12 @@ class SweepSpec(Section):
         default_factory=SchedulerSpec, description="Early stopping / population based training."
     )
     run: SweepRunSpec = Field(default_factory=SweepRunSpec, description="Storage and retries.")
+    tracking: TrackingSpec | None = Field(
+        None,
+        description="Experiment tracking of the sweep (a parent MLflow run) and its trials "
+        "(a child run each). Default: the base spec's; its embedded store goes under this "
+        "sweep's run.storage.",
+    )
 
     def trials(self) -> int:
         """Trials the sweep runs: num_samples x every combination of the grid keys."""

@@ -15,15 +15,27 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
-from raygen.cluster.storage import exists, join, read_text, write_text
+from raygen.cluster.storage import exists, join, list_files, read_text, write_text
 from raygen.jobs.errors import SpecError
 from raygen.jobs.progress import Report
+from raygen.jobs.spec import TrackingSpec, TrainSpec
+from raygen.jobs.tracking import (
+    KIND_TAG,
+    PARENT_RUN_TAG,
+    STATUS_TAG,
+    TRACKING_FILE,
+    Tracker,
+    flatten,
+    read_record,
+    set_tags,
+    tracking_target,
+)
 from raygen.tuning.errors import SweepInterrupted, SweepStalled
 from raygen.tuning.resources import Resources
-from raygen.tuning.results import BEST_FILE, TRIALS_FILE, summarize
+from raygen.tuning.results import BEST_FILE, PLOT_FILE, TRIALS_FILE, summarize
 from raygen.tuning.schedulers import build_scheduler, param_space, trials_that_fit
 from raygen.tuning.spec import SweepSpec
-from raygen.tuning.trial import absolute, trial_driver, trial_spec
+from raygen.tuning.trial import TRIALS_DIR, absolute, trial_driver, trial_spec
 from raygen.tuning.validate import evaluations_of, sweep_problems
 
 logger = logging.getLogger(__name__)
@@ -76,6 +88,7 @@ def run_sweep(
     from raygen.jobs.launch import prepared_datasets, worker_resources
 
     connect(address)
+    sweep = sweep.model_copy(update={"tracking": resolved_tracking(sweep, base_raw)})
     base = trial_spec(base_raw, sweep, {}, sweep_dir)
     # Prepared and read once: every trial trains on these blocks in the object store.
     prepare_data(base, base.data.prepared, report=on_data)
@@ -88,10 +101,12 @@ def run_sweep(
     per_worker = worker_resources(base.scaling, runs_at_once=at_once)
     if not base.scaling.resources_per_worker:
         per_worker["CPU"] -= DRIVER_CPU
+    tracker = start_sweep_tracking(sweep, sweep_dir)
     trainable = tune.with_resources(
         tune.with_parameters(
             trial_driver, base_raw=base_raw, sweep_raw=sweep.model_dump(mode="json"),
             sweep_dir=sweep_dir, datasets=datasets, per_worker=per_worker,
+            tracking_parent=tracker.wait_started(PARENT_WAIT_S) if tracker else None,
         ),
         {"cpu": DRIVER_CPU},
     )  # fmt: skip
@@ -131,18 +146,99 @@ def run_sweep(
             run_config=run_config,
         )
     try:
-        results = tuner.fit()
-    finally:
-        resources.release_all()
-    if resources.stalled:
-        raise SweepStalled(resources.stalled)
-    unfinished = _unfinished_trials(sweep_dir)
-    if unfinished:
-        raise SweepInterrupted(
-            f"sweep {sweep.name} interrupted with {len(unfinished)} trial(s) unfinished; its "
-            f"state is saved in {sweep_dir}. Continue it with: raygen tune {source} --resume"
-        )
-    return summarize(sweep, base, results, sweep_dir, source)
+        try:
+            results = tuner.fit()
+        finally:
+            resources.release_all()
+        if resources.stalled:
+            raise SweepStalled(resources.stalled)
+        unfinished = _unfinished_trials(sweep_dir)
+        if unfinished:
+            raise SweepInterrupted(
+                f"sweep {sweep.name} interrupted with {len(unfinished)} trial(s) unfinished; "
+                f"its state is saved in {sweep_dir}. Continue it with: raygen tune {source} "
+                "--resume"
+            )
+        summary = summarize(sweep, base, results, sweep_dir, source)
+    except BaseException as exc:
+        if tracker:
+            tracker.finish("KILLED" if isinstance(exc, SweepInterrupted) else "FAILED", wait_s=2)
+        raise
+    if tracker:
+        summary["tracking"] = finish_sweep_tracking(tracker, sweep, sweep_dir, summary)
+    return summary
+
+
+# How a trial's MLflow run ends when the trial did not end it: by how the trial ended.
+RUN_END = {"completed": "FINISHED", "errored": "FAILED", "stopped_early": "KILLED"}
+
+# How long a sweep waits for its parent MLflow run before starting trials without one (a
+# tracking server that is down must not hold the sweep up; its trials are nested at the end).
+PARENT_WAIT_S = 10.0
+
+
+def resolved_tracking(sweep: SweepSpec, base_raw: dict) -> TrackingSpec:
+    """The sweep's tracking with its store resolved here, in the driver: the trials' runs
+    and the sweep's parent run go to one store (the embedded one under the sweep's
+    storage, unless a URI is given)."""
+    tracking = sweep.tracking or TrainSpec.model_validate(base_raw).tracking
+    target = tracking_target(tracking, absolute(sweep.run.storage))
+    if target is None:
+        return TrackingSpec(mlflow=False)
+    return TrackingSpec(
+        mlflow={"uri": target.uri, "experiment": target.experiment, "timeout_s": target.timeout_s}
+    )
+
+
+def start_sweep_tracking(sweep: SweepSpec, sweep_dir: str) -> Tracker | None:
+    """The sweep's parent MLflow run (continued on --resume): the sweep spec as parameters."""
+    from importlib.metadata import version
+
+    assert sweep.tracking is not None  # resolved by run_sweep
+    target = tracking_target(sweep.tracking, sweep_dir)
+    if target is None:
+        return None
+    params = flatten(sweep.model_dump(mode="json", exclude={"tracking"}))
+    tags = {KIND_TAG: "sweep", "raygen.version": version("raygen"), "raygen.sweep_dir": sweep_dir}
+    return Tracker(target, join(sweep_dir, TRACKING_FILE), sweep.name, params, tags)
+
+
+def finish_sweep_tracking(
+    tracker: Tracker, sweep: SweepSpec, sweep_dir: str, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """End the parent run with the sweep's results (best value, `trials.parquet`,
+    `best.json`, the metric plot) and mark each trial's run with how its trial ended."""
+    from mlflow.entities import Metric
+
+    best = summary["best"]
+    tracker.call(
+        "best value",
+        lambda c, run_id: c.log_batch(
+            run_id, metrics=[Metric(f"best_{sweep.metric}", best["value"], 0, 0)]
+        ),
+    )
+    tracker.set_tags({"raygen.best_trial": best["trial_id"], STATUS_TAG: "completed"})
+    for name in (TRIALS_FILE, BEST_FILE, PLOT_FILE):
+        tracker.log_artifact(join(sweep_dir, name))
+    status = {row["trial_id"]: row["status"] for row in summary["trials"]}
+    children = {}  # MLflow run id -> its trial's status
+    for entry in list_files(join(sweep_dir, TRIALS_DIR), TRACKING_FILE):
+        record = read_record(entry.uri)
+        run_name = entry.uri.rsplit("/", 2)[-2]
+        trial = run_name.split("-from-", 1)[0]  # PBT: `<trial>-from-<donor>-<step>`
+        if record.get("uri") == tracker.target.uri and record.get("run_id"):
+            children[record["run_id"]] = status.get(trial, "unknown")
+
+    def mark_trials(client: Any, parent: str) -> None:
+        for run_id, trial_status in children.items():
+            set_tags(client, run_id, {STATUS_TAG: trial_status, PARENT_RUN_TAG: parent})
+            # A trial Tune stopped (early, or to restart it from another's checkpoint)
+            # ended its run as failed, or not at all.
+            if trial_status == "stopped_early" or client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, RUN_END.get(trial_status, "KILLED"))
+
+    tracker.call("trial statuses", mark_trials)
+    return tracker.finish("FINISHED")
 
 
 def _unfinished_trials(sweep_dir: str) -> list[str]:

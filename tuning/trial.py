@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from raygen.cluster.storage import is_remote, join
+from raygen.cluster.storage import append_line, is_remote, join
 from raygen.jobs.spec import TrainSpec
 from raygen.tuning.schedulers import PAUSING_SCHEDULERS
 from raygen.tuning.spec import SweepSpec
@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 TRIALS_DIR = "trials"
+# `<trial dir name>.jsonl`: each evaluation a trial reported to Tune, in order (Tune's own
+# per-trial results lose reports when PBT pauses and restarts a trial).
+EVALUATIONS_DIR = "evaluations"
 POINTER_FILE = "raygen_checkpoint.json"  # a Tune checkpoint: which training checkpoint
 
 
@@ -43,8 +46,10 @@ def trial_spec(base_raw: dict, sweep: SweepSpec, values: dict, sweep_dir: str) -
     data = spec.data
     if not data.prepared:
         data = data.model_copy(update={"prepared": join(sweep_dir, "data")})
+    # The sweep's store, resolved by its driver (a trial's process may not see its env).
+    tracking = sweep.tracking or spec.tracking
     # Each evaluation is a checkpoint, so every Tune report can be resumed or copied (PBT).
-    return spec.model_copy(update={"train": train, "run": run, "data": data})
+    return spec.model_copy(update={"train": train, "run": run, "data": data, "tracking": tracking})
 
 
 def trial_driver(
@@ -54,6 +59,7 @@ def trial_driver(
     sweep_dir: str,
     datasets: dict,
     per_worker: dict[str, float],
+    tracking_parent: str | None = None,
 ) -> None:
     """One trial (a Tune function trainable): a raygen training run reporting to Tune.
 
@@ -95,6 +101,7 @@ def trial_driver(
                 datasets=datasets,
                 gate=gate,
                 per_worker=per_worker,
+                tracking_parent=tracking_parent,
             )
             outcome["result"] = launch(spec, f"trial {trial_id}", trial=hooks)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the Tune thread below
@@ -105,6 +112,7 @@ def trial_driver(
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
     run_dir = join(spec.run.storage, spec.name)
+    evaluations = evaluations_log(sweep_dir, tune.get_context().get_trial_dir())
     while (item := queue.get()) is not None:
         metrics, checkpoint = item
         if metrics.get("step", 0) >= spec.train.max_steps:
@@ -122,6 +130,7 @@ def trial_driver(
                 "checkpoint": _with_scheme(checkpoint, run_dir) if checkpoint else None,
             }
             Path(tmp, POINTER_FILE).write_text(json.dumps(pointer))
+            append_line(evaluations, json.dumps({"trial_id": trial_id, **metrics}))
             tune.report(
                 {**metrics, "run": spec.name, "run_dir": run_dir},
                 checkpoint=tune.Checkpoint.from_directory(tmp) if checkpoint else None,
@@ -131,6 +140,11 @@ def trial_driver(
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
+
+
+def evaluations_log(sweep_dir: str, trial_dir: str) -> str:
+    """Where the evaluations of the trial whose Tune directory is `trial_dir` are logged."""
+    return join(sweep_dir, EVALUATIONS_DIR, trial_dir.rstrip("/").rsplit("/", 1)[-1] + ".jsonl")
 
 
 def _with_scheme(path: str, run_dir: str) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from raygen.cluster.storage import is_remote, join, write_text
 from raygen.jobs.errors import SpecError
+from raygen.jobs.model_hash import MODEL_HASH_FORMAT, model_sha256
 from raygen.jobs.progress import Progress, Report
 from raygen.serving.audit import fairness
 from raygen.serving.audit.checks import audit_spec_problems, checks_by_feature, evidence_of
@@ -23,7 +24,7 @@ from raygen.serving.audit.inference import classify_samples, score_texts
 from raygen.serving.audit.report import render_html
 from raygen.serving.audit.scorers import load_scorer
 from raygen.serving.errors import AuditFailed
-from raygen.serving.model_hash import MODEL_HASH_FORMAT, model_home, model_sha256
+from raygen.serving.model_hash import model_home
 from raygen.serving.runtimes.common import has_chat_template
 from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
 

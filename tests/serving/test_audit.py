@@ -17,6 +17,7 @@ import yaml
 
 from raygen.jobs.errors import SpecError
 from raygen.jobs.loader import validate_spec
+from raygen.jobs.model_hash import model_sha256
 from raygen.serving.audit.run import run_audit
 from raygen.serving.deploy import deploy, resolve_deploy_spec
 from raygen.serving.errors import AuditFailed, DeployError
@@ -28,7 +29,6 @@ from raygen.serving.gate import (
     serving_clearance,
     write_record,
 )
-from raygen.serving.model_hash import model_sha256
 from raygen.serving.spec import AuditSpec, DeploySpec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from raygen.jobs.model_hash import model_sha256
 from raygen.serving.gate import OVERRIDE, list_records, read_record, write_record
-from raygen.serving.model_hash import model_sha256
 
 
 def _write(root: Path, files: dict[str, bytes]) -> Path:

@@ -212,6 +212,27 @@ def test_successive_halving_pauses_at_the_rung_and_resumes_the_winner(
     attempts = [json.loads(line) for line in (run / "attempts.jsonl").open()]
     assert [a["resumed_from_step"] for a in attempts] == [0, 10]  # paused, then resumed
     assert summary["best"]["config"] == {"train.lr": GOOD_LR}
+    # Tracked as one parent run (in the embedded store under the sweep's storage) with a
+    # child run per trial, each marked with how its trial ended.
+    from mlflow import MlflowClient
+
+    tracking = summary["tracking"]
+    assert tracking["uri"] == f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking["uri"])
+    parent = client.get_run(tracking["run_id"])
+    assert parent.data.tags["raygen.kind"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_eval_loss"] == summary["best"]["value"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "trials.parquet", "best.json", "metric.png"
+    }  # fmt: skip
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert {c.info.run_name: c.data.tags["raygen.status"] for c in children} == {
+        row["trial_id"]: row["status"] for row in summary["trials"]
+    }
+    ended = {c.info.run_name: c.info.status for c in children}
+    assert ended == {by_lr[GOOD_LR]["trial_id"]: "FINISHED", by_lr[BAD_LR]["trial_id"]: "KILLED"}
 
 
 def test_pbt_copies_the_good_trials_checkpoint_into_the_bad_one(
@@ -232,6 +253,10 @@ def test_pbt_copies_the_good_trials_checkpoint_into_the_bad_one(
         int(p.name.rsplit("-", 1)[1]): p for p in trials_dir.iterdir() if "-from-" in p.name
     }
     assert 10 in exploited, sorted(p.name for p in trials_dir.iterdir())
+    # Each row is its own trial's, though PBT gave one the other's last result.
+    assert sorted(r["trial_id"] for r in summary["trials"]) == sorted(
+        p.name for p in trials_dir.iterdir() if "-from-" not in p.name
+    )
     for step, run in exploited.items():
         first = json.loads((run / "attempts.jsonl").read_text().splitlines()[0])
         assert first["resumed_from_step"] == step
