@@ -103,6 +103,7 @@ def launch(
         and publish.state(join(run_dir, MODEL_DIR)) == "complete"
     ):
         logger.info("%s is already trained to step %s.", run_dir, previous["final_step"])
+        previous = track_finished_run(spec, run_dir, previous, data_fingerprint(spec))
         return {**previous, "up_to_date": True}
 
     from raygen.cluster.connection import capacity_problems, connect
@@ -257,6 +258,25 @@ def start_tracking(
     rows = m.read_metrics(join(run_dir, METRICS_FILE))
     tracker.log_rows([row for row in rows if row[m.STEP] > tracker.logged_step])
     return tracker
+
+
+def track_finished_run(
+    spec: TrainSpec, run_dir: str, result: dict[str, Any], fingerprint: str
+) -> dict[str, Any]:
+    """A finished run launched again: send the store what it has not taken (the rows of a
+    server that was down, or the whole run when tracking was off or went elsewhere).
+    Returns the result, with where it is tracked now (also written to `result.json`)."""
+    from raygen.jobs.tracking import TRACKING_FILE, read_record, tracking_target
+
+    target = tracking_target(spec.tracking, spec.run.storage)
+    record = read_record(join(run_dir, TRACKING_FILE))
+    tracked_here = record.get("uri") == (target and target.uri) and record.get("run_id")
+    if target is None or (tracked_here and not (result.get("tracking") or {}).get("unsent")):
+        return result
+    tracker = start_tracking(spec, run_dir, {"fingerprint": fingerprint}, None)
+    result = {**result, "tracking": finish_tracking(tracker, spec, result)}
+    write_text(join(run_dir, RESULT_FILE), json.dumps(result, indent=2))
+    return result
 
 
 def finish_tracking(tracker: Tracker, spec: TrainSpec, summary: dict[str, Any]) -> dict[str, Any]:

@@ -129,7 +129,8 @@ def test_a_server_that_goes_down_mid_run_costs_nothing_and_the_next_launch_fills
     ray_session, tmp_path, shared_prepared, mlflow_server
 ):
     """The server dies at the first metric row: training finishes, the rows it did not
-    take are reported; the resumed run continues the same MLflow run and sends them."""
+    take are reported; launched again, the run sends them; resumed to train further, it
+    continues the same MLflow run."""
     from raygen.jobs.launch import launch
 
     raw = tiny_lm_spec(tmp_path, shared_prepared, train__max_steps=20, train__eval_every=10)
@@ -150,10 +151,18 @@ def test_a_server_that_goes_down_mid_run_costs_nothing_and_the_next_launch_fills
     assert recorded["tracking"]["unsent"] == gap["unsent"]
 
     mlflow_server.start()
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    rows = read_metrics(Path(result["paths"]["run_dir"]) / "metrics.jsonl")
+    assert history(client, gap["run_id"], "train_loss") < rows_of(rows, "train_loss")
+    # Launched again as it is (nothing to train): the store gets what it missed.
+    again = launch(validate_spec(TrainSpec, raw, "test"))
+    assert again["up_to_date"] and "unsent" not in again["tracking"]
+    assert history(client, gap["run_id"], "train_loss") == rows_of(rows, "train_loss")
+    assert client.get_run(gap["run_id"]).info.status == "FINISHED"
+
     raw["train"]["max_steps"] = 30
     resumed = launch(validate_spec(TrainSpec, raw, "test"))
     assert resumed["tracking"]["run_id"] == gap["run_id"] and "unsent" not in resumed["tracking"]
-    client = MlflowClient(tracking_uri=mlflow_server.uri)
     run = client.get_run(gap["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["raygen.changed.train.max_steps"] == "30"
