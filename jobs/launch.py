@@ -174,7 +174,7 @@ def launch(
             tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", wait_s=2)
         raise
     if tracker:
-        summary["tracking"] = finish_tracking(tracker, spec, summary)
+        summary["tracking"] = finish_tracking(tracker, spec, summary, stats["fingerprint"])
     try:
         write_text(join(run_dir, RESULT_FILE), json.dumps(summary, indent=2))
     except StorageError as exc:  # a full disk, say: say what happened to the run first
@@ -264,24 +264,35 @@ def track_finished_run(
     spec: TrainSpec, run_dir: str, result: dict[str, Any], fingerprint: str
 ) -> dict[str, Any]:
     """A finished run launched again: send the store what it has not taken (the rows of a
-    server that was down, or the whole run when tracking was off or went elsewhere).
+    server that was down, or the whole run when tracking was off or went elsewhere), and
+    register its model if the spec now asks to.
     Returns the result, with where it is tracked now (also written to `result.json`)."""
     from raygen.jobs.tracking import TRACKING_FILE, read_record, tracking_target
 
     target = tracking_target(spec.tracking, spec.run.storage)
     record = read_record(join(run_dir, TRACKING_FILE))
     tracked_here = record.get("uri") == (target and target.uri) and record.get("run_id")
-    if target is None or (tracked_here and not (result.get("tracking") or {}).get("unsent")):
+    from raygen.jobs.registry import registered_versions
+
+    unregistered = spec.registry is not None and spec.registry.name not in {
+        v["name"] for v in registered_versions(join(run_dir, MODEL_DIR))
+    }
+    unsent = (result.get("tracking") or {}).get("unsent")
+    if target is None or (tracked_here and not unsent and not unregistered):
         return result
     tracker = start_tracking(spec, run_dir, {"fingerprint": fingerprint}, None)
-    result = {**result, "tracking": finish_tracking(tracker, spec, result)}
+    result = {**result, "tracking": finish_tracking(tracker, spec, result, fingerprint)}
     write_text(join(run_dir, RESULT_FILE), json.dumps(result, indent=2))
     return result
 
 
-def finish_tracking(tracker: Tracker, spec: TrainSpec, summary: dict[str, Any]) -> dict[str, Any]:
+def finish_tracking(
+    tracker: Tracker, spec: TrainSpec, summary: dict[str, Any], fingerprint: str | None = None
+) -> dict[str, Any]:
     """End the MLflow run with what the run produced: its status, the model's sha256, the
-    sample grids. Returns where the run is tracked and what did not reach the store."""
+    sample grids; register the model when the spec says so. Returns where the run is
+    tracked (and registered: `registered`, models:/NAME/VERSION) and what did not reach the
+    store."""
     from raygen.jobs.tracking import STATUS_TAG
 
     completed = summary["status"] == "completed"
@@ -299,7 +310,20 @@ def finish_tracking(tracker: Tracker, spec: TrainSpec, summary: dict[str, Any]) 
         tracker.call("model sha256", tag_model)
     if summary["paths"].get("samples"):
         tracker.log_artifact(summary["paths"]["samples"])
-    return tracker.finish("FINISHED" if completed else "FAILED")
+    registered: dict[str, str] = {}
+    if completed and model and spec.registry:
+        name = spec.registry.name
+
+        def register(client: Any, run_id: str) -> None:
+            from raygen.jobs.registry import FINGERPRINT_TAG, register_model
+
+            tags = {FINGERPRINT_TAG: fingerprint} if fingerprint else {}
+            version = register_model(model, name, tracker.target.uri, run_id, tags)
+            registered["registered"] = version.ref
+
+        tracker.call(f"registration as {name}", register)
+    report = tracker.finish("FINISHED" if completed else "FAILED")
+    return {**report, **registered}
 
 
 def _fit(

@@ -476,6 +476,15 @@ class TrackingSpec(Section):
         return {} if value is True or value is None else value
 
 
+class RegistrySpec(Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=256,
+        description="Registered model the exported model becomes a new version of (created "
+        "if missing), in the run's MLflow store.",
+    )
+
+
 # Keys a re-run may change and still continue the same run: they only schedule the rest
 # (how far to train, how often to log, evaluate and checkpoint, what to keep, how many
 # failures to survive) or what evaluation samples. Any other change starts another run.
@@ -494,7 +503,7 @@ RESUMABLE_KEYS = (
     "sampling.steps",
 )
 # Sections a re-run may change in any key: they say where records go, not what trains.
-RESUMABLE_SECTIONS = ("tracking",)
+RESUMABLE_SECTIONS = ("tracking", "registry")
 
 
 def is_resumable(key: str) -> bool:
@@ -530,6 +539,20 @@ class TrainSpec(Section):
     tracking: TrackingSpec = Field(
         default_factory=TrackingSpec, description="Experiment tracking (MLflow)."
     )
+    registry: RegistrySpec | None = Field(
+        None,
+        description="Register the exported model in MLflow's model registry (as a new "
+        "version of `name`) when the run completes.",
+    )
+
+    @model_validator(mode="after")
+    def _registry_needs_tracking(self) -> TrainSpec:
+        if self.registry is not None and self.tracking.mlflow is False:
+            raise ValueError(
+                "`registry` registers the model in the run's MLflow store, but "
+                "`tracking.mlflow` is false: turn tracking on, or remove `registry`."
+            )
+        return self
 
     @model_validator(mode="after")
     def _loss_on_by_format(self) -> TrainSpec:

@@ -271,7 +271,7 @@ class Tracker:
 
     def _start(self) -> Any:
         """Connect, then start the MLflow run or continue the recorded one; log the params."""
-        _limit_mlflow_retries()
+        limit_mlflow_retries()
         # Creating an embedded store's tables is routine, not news.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         from mlflow import MlflowClient
@@ -381,7 +381,7 @@ def set_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
         client.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH])
 
 
-def _limit_mlflow_retries() -> None:
+def limit_mlflow_retries() -> None:
     """MLflow retries a failed HTTP request itself for minutes; the tracker retries records
     on its own schedule, so let each request fail fast (a user's own settings win)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -389,7 +389,9 @@ def _limit_mlflow_retries() -> None:
 
 
 def _permanent(exc: BaseException) -> bool:
-    return getattr(exc, "error_code", None) in PERMANENT_ERRORS
+    from raygen.cluster.errors import RaygenError
+
+    return isinstance(exc, RaygenError) or getattr(exc, "error_code", None) in PERMANENT_ERRORS
 
 
 def _one_line(exc: BaseException) -> str:

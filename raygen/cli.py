@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from raygen import __version__, render
 from raygen.cluster.errors import RaygenError
-from raygen.commands import audit, cluster, data, schema, serve, submit, train, tune
+from raygen.commands import audit, cluster, data, models, schema, serve, submit, train, tune
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,6 +83,12 @@ _command(app, schema.schema, "schema")
 data_app = _group("Prepare training data.")
 _command(data_app, data.prepare, "prepare")
 app.add_typer(data_app, name="data")
+
+models_app = _group("The model registry (MLflow): register models, list and show versions.")
+_command(models_app, models.register, "register")
+_command(models_app, models.list_, "list")
+_command(models_app, models.show, "show")
+app.add_typer(models_app, name="models")
 
 
 class _DeployByDefault(TyperGroup):

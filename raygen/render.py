@@ -238,6 +238,8 @@ def tracking_summary(tracking: dict[str, Any] | None) -> None:
     run = tracking["run_id"] or "not created yet"
     out.print(f"  mlflow      run {run} in experiment {tracking['experiment']!r}", soft_wrap=True)
     out.print(f"              see it: {tracking['browse']}", soft_wrap=True, highlight=False)
+    if tracking.get("registered"):
+        out.print(f"  registered  {tracking['registered']}", soft_wrap=True)
     unsent = tracking.get("unsent")
     if unsent:
         records = ", ".join(unsent["records"]) or "no other record"
@@ -355,3 +357,32 @@ def stamped(line: str, to_err: bool = False) -> None:
 def _clock(seconds: float) -> str:
     minutes, secs = divmod(round(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def registered_models(models: list[dict[str, Any]], uri: str) -> None:
+    """Registered models' versions with their audit and deployment state."""
+    from rich.table import Table
+
+    table = Table(title=f"registered models in {uri}")
+    for column in ("version", "aliases", "audit", "deployed", "sha256", "model"):
+        table.add_column(column)
+    for model in models:
+        for v in model["versions"]:
+            audit = v["audit"]
+            if audit is None:
+                verdict = "[yellow]none[/]"
+            elif not audit["of_this_model"]:
+                verdict = "[yellow]of another model[/]"
+            elif audit["passed"]:
+                verdict = "[green]passed[/]"
+            else:
+                verdict = f"[red]failed[/]: {', '.join(audit['failing'])}"
+            deployed = ", ".join(
+                f"{app}{' (overridden)' if d.get('override') else ''}"
+                for app, d in v["deployments"].items()
+            )
+            table.add_row(
+                v["ref"], ", ".join(v["aliases"]), verdict, deployed or "-", v["sha256"][:12],
+                v["model"],
+            )  # fmt: skip
+    out.print(table)

@@ -18,7 +18,7 @@ import yaml
 
 from raygen.cluster.storage import is_remote
 from raygen.jobs.errors import SpecError
-from raygen.serving.errors import DeployError
+from raygen.serving.errors import AuditFailed, DeployError
 from raygen.serving.spec import DeploySpec
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
     from raygen.serving.runtimes.common import detect_kind
 
     problems: list[str] = []
+    spec = _resolve_registered(spec)
     model = spec.model if is_remote(spec.model) else str(Path(spec.model).resolve())
     try:
         detect_kind(model)
@@ -73,6 +74,31 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
         )
     audit = spec.audit if is_remote(spec.audit) else str(Path(spec.audit).resolve())
     return spec.model_copy(update={"model": model, "audit": audit})
+
+
+def _resolve_registered(spec: DeploySpec) -> DeploySpec:
+    """A spec whose `model` names a registered version, with the version's model directory
+    in its place and, unless the spec names one, the version's last audit as its gate.
+
+    Raises:
+        SpecError: no such version, or its model directory is not reachable from here.
+        AuditFailed: the version has no audit on record, and the spec names none.
+    """
+    from raygen.jobs.registry import is_registered, resolve_model
+
+    if not is_registered(spec.model):
+        return spec
+    version = resolve_model(spec.model)
+    audit = spec.audit or version.tags.get("audit.report")
+    if audit is None:
+        raise AuditFailed(
+            f"deployment of {spec.name} refused: {spec.model} ({version.ref}) has no audit on "
+            f"record. Audit it first: raygen audit AUDIT_SPEC --model {version.ref} (or give "
+            "`audit` in the deploy spec). Nothing was deployed."
+        )
+    return spec.model_copy(
+        update={"model": version.model, "registered_version": version.ref, "audit": audit}
+    )
 
 
 def http_options(spec: DeploySpec) -> dict[str, Any]:

@@ -132,7 +132,35 @@ def record_deployment(spec: DeploySpec, info: dict[str, Any]) -> str:
         "spec": spec.model_dump(mode="json", exclude={"audit_override"}),
     }
     name = write_record(spec.model, DEPLOYED, entry)
-    return join(model_home(spec.model), RECORDS_DIR, name)
+    path = join(model_home(spec.model), RECORDS_DIR, name)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _record_on_versions(spec, {**entry, "record": path, "at": at, "user": _user()})
+    return path
+
+
+def _record_on_versions(spec: DeploySpec, entry: dict[str, Any]) -> None:
+    """Record the deployment on the registered version deployed (or every version its
+    directory was registered as) and point their `serving` alias at it. The deployment
+    stands if the registry is unreachable: it is reported."""
+    from raygen.jobs.registry import record_deployment as record_on
+    from raygen.jobs.registry import registered_versions, resolve_model
+
+    if spec.registered_version:
+        refs = [(spec.registered_version, None)]
+    else:
+        listed = registered_versions(spec.model)
+        refs = [(f"models:/{v['name']}/{v['version']}", v["uri"]) for v in listed]
+    for ref, uri in refs:
+        try:
+            version = resolve_model(ref, uri)
+            if version.sha256 == entry["model_sha256"]:
+                record_on(version, entry)
+        except Exception as exc:  # noqa: BLE001 - the deployment's own record is written
+            logger.warning("could not record the deployment on %s: %s", ref, exc)
+
+
+def _user() -> str:
+    return os.environ.get("RAYGEN_USER") or getpass.getuser()
 
 
 # --- the driver's side ----------------------------------------------------------------------
@@ -160,7 +188,7 @@ def clear(
             'Fix the model (or the audit), or deploy anyway with --override-audit "REASON" '
             "(recorded with your name)."
         )
-    user = os.environ.get("RAYGEN_USER") or getpass.getuser()
+    user = _user()
     record = write_record(
         spec.model,
         OVERRIDE,

@@ -178,7 +178,14 @@ class DeploySpec(Section):
     )
     model: str = Field(
         description="An exported model directory or URI (`<run>/model`): a language model or "
-        "a diffusion pipeline, told apart by its files."
+        "a diffusion pipeline, told apart by its files; or a registered version, "
+        "models:/NAME/VERSION or models:/NAME@ALIAS (its audit is the gate's by default)."
+    )
+    registered_version: str | None = Field(
+        None,
+        description="Written by raygen when `model` names a registered version: the version "
+        "(models:/NAME/VERSION) the model directory was resolved from, on which each "
+        "deployment is recorded.",
     )
     route_prefix: str = Field(
         "/", pattern=r"^/", description="HTTP path prefix of the application."
@@ -186,7 +193,8 @@ class DeploySpec(Section):
     audit: str | None = Field(
         None,
         description="The deployment gate (required to deploy): an audit spec (YAML) run on "
-        "this model first, or the `audit.json` of a passed audit of this exact model.",
+        "this model first, or the `audit.json` of a passed audit of this exact model. "
+        "Default for a registered version: the last audit recorded on it.",
     )
     audit_override: AuditOverride | None = Field(
         None,

@@ -49,3 +49,22 @@ class SpecKind(str, Enum):
 def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("raygen").setLevel(logging.INFO)
+
+
+RegistryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--registry-uri",
+        envvar="MLFLOW_REGISTRY_URI",
+        help="The MLflow store of registered models (models:/...). Default: "
+        "$MLFLOW_TRACKING_URI, else the embedded store runs/mlflow.db.",
+    ),
+]
+
+
+def use_registry(uri: str | None) -> None:
+    """Make `uri` the registry every models:/ URI of this command resolves in."""
+    import os
+
+    if uri:
+        os.environ["MLFLOW_REGISTRY_URI"] = uri

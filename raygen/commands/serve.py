@@ -8,7 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from raygen import render
-from raygen.commands.common import AddressOption, OverrideOption, SetOption, setup_logging
+from raygen.commands.common import (
+    AddressOption,
+    OverrideOption,
+    RegistryOption,
+    SetOption,
+    setup_logging,
+    use_registry,
+)
 
 
 def deploy(
@@ -20,6 +27,7 @@ def deploy(
         typer.Option("--detach", help="Leave it running on the cluster and return."),
     ] = False,
     override_audit: OverrideOption = None,
+    registry_uri: RegistryOption = None,
 ) -> None:
     """Deploy a model behind an autoscaling HTTP API, if its audit passed; blocks until
     Ctrl-C (or --detach)."""
@@ -28,6 +36,7 @@ def deploy(
 
     deploy_spec = load_spec(DeploySpec, spec, set_)
     setup_logging()
+    use_registry(registry_uri)
     from raygen.serving.deploy import serve
 
     def deployed(info: dict[str, Any], gated: Any, record: str) -> None:
@@ -76,6 +85,7 @@ def build(
     set_: SetOption = None,
     address: AddressOption = None,
     override_audit: OverrideOption = None,
+    registry_uri: RegistryOption = None,
 ) -> None:
     """Write a Ray Serve config file for `serve deploy` or a KubeRay RayService (after the
     audit gate: its replicas check the audit again when they start)."""
@@ -86,6 +96,7 @@ def build(
 
     deploy_spec = load_spec(DeploySpec, spec, set_)
     setup_logging()
+    use_registry(registry_uri)
     resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=False)
     gated = gate(resolved, override_audit, address, on_event=render.plain)
     write_serve_config(gated, out_path)

@@ -135,6 +135,7 @@ def test_a_server_that_goes_down_mid_run_costs_nothing_and_the_next_launch_fills
 
     raw = tiny_lm_spec(tmp_path, shared_prepared, train__max_steps=20, train__eval_every=10)
     raw["tracking"] = {"mlflow": {"uri": mlflow_server.uri, "experiment": "team", "timeout_s": 3}}
+    raw["registry"] = {"name": "team-lm"}
     killed: list[int] = []
 
     def kill_server(row: dict) -> None:
@@ -146,6 +147,7 @@ def test_a_server_that_goes_down_mid_run_costs_nothing_and_the_next_launch_fills
     assert result["status"] == "completed" and result["final_step"] == 20 and killed
     gap = result["tracking"]
     assert gap["unsent"]["metric_rows"] > 0 and "end" in gap["unsent"]["records"], gap
+    assert "registration as team-lm" in gap["unsent"]["records"] and "registered" not in gap
     assert gap["error"] and gap["run_id"]
     recorded = json.loads((Path(result["paths"]["run_dir"]) / "result.json").read_text())
     assert recorded["tracking"]["unsent"] == gap["unsent"]
@@ -155,8 +157,18 @@ def test_a_server_that_goes_down_mid_run_costs_nothing_and_the_next_launch_fills
     rows = read_metrics(Path(result["paths"]["run_dir"]) / "metrics.jsonl")
     assert history(client, gap["run_id"], "train_loss") < rows_of(rows, "train_loss")
     # Launched again as it is (nothing to train): the store gets what it missed.
+    raw["tracking"]["mlflow"]["timeout_s"] = 60  # the model is uploaded to register it
     again = launch(validate_spec(TrainSpec, raw, "test"))
     assert again["up_to_date"] and "unsent" not in again["tracking"]
+    # ... the model registered too: uploaded to the run (a server may not point at this
+    # machine's disk), and tagged with where raygen keeps it.
+    assert again["tracking"]["registered"] == "models:/team-lm/1"
+    version = client.get_model_version("team-lm", "1")
+    assert version.source == f"runs:/{gap['run_id']}/model" and version.run_id == gap["run_id"]
+    assert version.tags["raygen.model"] == result["paths"]["model"]
+    from raygen.jobs.model_hash import model_sha256
+
+    assert version.tags["raygen.model_sha256"] == model_sha256(result["paths"]["model"])
     assert history(client, gap["run_id"], "train_loss") == rows_of(rows, "train_loss")
     assert client.get_run(gap["run_id"]).info.status == "FINISHED"
 

@@ -30,6 +30,7 @@ from raygen.serving.gate import (
     write_record,
 )
 from raygen.serving.spec import AuditSpec, DeploySpec
+from tests.conftest import raygen
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "serving" / "examples"
@@ -343,3 +344,52 @@ def test_quickstart_trains_audits_serves_and_shuts_down(tmp_path):
     assert (work / "runs/code-lm-tiny/audit/audit.html").is_file()
     (deployment,) = list_records(str(work / "runs/code-lm-tiny/model"))
     assert deployment["event"] == "deployed" and deployment["audit_passed"] is True
+
+
+def test_a_registered_version_is_gated_by_its_own_audit_and_records_its_deployments(
+    passed, model, eval_sets, tmp_path, monkeypatch
+):
+    """Register -> deploying it unaudited is refused -> audit models:/NAME/VERSION -> the
+    gate reads the version's audit -> the deployment is on the version, `serving` points
+    at it; `raygen models show` says so."""
+    from raygen.jobs.registry import register_by_path, resolve_model
+    from raygen.serving.gate import record_deployment
+
+    store = f"sqlite:///{tmp_path / 'registry' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", store)
+    (tmp_path / "registry").mkdir()
+    version = register_by_path(str(model.parent), "code-lm")
+    assert version.ref == "models:/code-lm/1" and version.model == str(model)
+    assert version.sha256 == passed["model_sha256"]
+
+    unaudited = DeploySpec.model_validate({"name": "reg", "model": "models:/code-lm/1"})
+    with pytest.raises(AuditFailed, match="has no audit on record"):
+        resolve_deploy_spec(unaudited, "deploy.yaml")
+
+    spec = audit_spec(
+        data=str(eval_sets["balanced"]),
+        sensitive_features=["quote_style"],
+        max_text_tokens=64,
+        checks=[{"metric": "perplexity", "max_ratio": 1.25}],
+    )
+    report = run_audit(spec, "audit.yaml", "models:/code-lm/1", out_dir=str(tmp_path / "audit"))
+    assert report["passed"] and report["registered"] == ["models:/code-lm/1"]
+    tags = resolve_model("models:/code-lm/1").tags
+    assert tags["audit.passed"] == "true" and tags["audit.failing"] == ""
+    assert tags["audit.report"] == report["paths"]["audit"]
+
+    resolved = resolve_deploy_spec(unaudited, "deploy.yaml")
+    assert resolved.model == str(model) and resolved.audit == report["paths"]["audit"]
+    assert resolved.registered_version == "models:/code-lm/1"
+    gated = gate(resolved)
+    record_deployment(gated, {"url": "http://127.0.0.1:8000/", "model_sha256": version.sha256})
+    deployed = resolve_model("models:/code-lm@serving")
+    assert deployed.version == "1" and json.loads(deployed.tags["deployment.reg"])["audit_passed"]
+
+    shown = raygen("models", "show", "code-lm", "--json", "--registry-uri", store)
+    assert shown.returncode == 0, shown.stderr
+    (listed,) = json.loads(shown.stdout)["versions"]
+    assert listed["audit"]["passed"] and listed["audit"]["of_this_model"]
+    assert listed["aliases"] == ["serving"] and set(listed["deployments"]) == {"reg"}
+    missing = raygen("models", "show", "code-lm/7", "--registry-uri", store)
+    assert missing.returncode == 2 and "no such version" in missing.stderr, missing.stderr

@@ -1,0 +1,328 @@
+"""The model registry, in MLflow: exported models as versions of registered models, each
+carrying the model's sha256, its run and data, its audits and its deployments. A version is
+named `models:/NAME/VERSION`, or `models:/NAME@ALIAS` (`serving`: the version deployed last).
+
+raygen serves, audits and traces a version from the model directory it registered (the
+version's `raygen.model` tag); the version's MLflow `source` is that directory too, except
+for a local directory registered on a tracking server (a server may not point at a client's
+disk): then the model is uploaded to the run's artifacts and the source is `runs:/…/model`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raygen.cluster.storage import exists, is_remote, join, read_text, write_text
+from raygen.jobs.errors import SpecError
+
+logger = logging.getLogger(__name__)
+
+MODELS_PREFIX = "models:/"
+REGISTRY_FILE = "registry.json"  # in a run dir: the versions its model was registered as
+SERVING_ALIAS = "serving"  # set on a version each time it is deployed
+
+MODEL_TAG = "raygen.model"  # the model directory (or URI) raygen registered
+SHA256_TAG = "raygen.model_sha256"
+RUN_DIR_TAG = "raygen.run_dir"
+FINGERPRINT_TAG = "raygen.data_fingerprint"
+AUDIT_PREFIX = "audit."  # audit.passed, audit.failing, audit.report, audit.model_sha256, ...
+DEPLOYMENT_PREFIX = "deployment."  # deployment.<app name>: the last deployment record
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+
+
+def is_registered(model: str) -> bool:
+    return model.startswith(MODELS_PREFIX)
+
+
+def registry_uri(explicit: str | None = None, storage: str = "runs") -> str:
+    """The store of the registry: `explicit`, else MLFLOW_REGISTRY_URI or
+    MLFLOW_TRACKING_URI, else the embedded store under `storage` (the default run.storage)."""
+    from raygen.jobs.spec import TrackingSpec
+    from raygen.jobs.tracking import tracking_target
+
+    explicit = explicit or os.environ.get("MLFLOW_REGISTRY_URI")
+    target = tracking_target(TrackingSpec(mlflow={"uri": explicit}), storage)
+    assert target is not None
+    return target.uri
+
+
+def client_of(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    from raygen.jobs.tracking import limit_mlflow_retries
+
+    limit_mlflow_retries()
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered version, as raygen uses it."""
+
+    uri: str  # the registry's store
+    name: str
+    version: str
+    model: str  # the model directory raygen registered
+    sha256: str
+    run_id: str | None
+    tags: dict[str, str]
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{MODELS_PREFIX}{self.name}/{self.version}"
+
+
+def register_model(
+    model: str,
+    name: str,
+    uri: str,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> ModelVersion:
+    """Register the exported model directory `model` as a new version of `name` (created
+    if missing), tagged with its sha256; the run dir's `registry.json` lists it.
+
+    Raises:
+        SpecError: `model` is not an exported model directory.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from raygen.jobs.model_hash import model_sha256
+
+    _check_model_dir(model, f"registering {model}")
+    client = client_of(uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+            raise
+    run_dir = model.rstrip("/").rsplit("/", 1)[0]
+    tags = {MODEL_TAG: model, SHA256_TAG: model_sha256(model), RUN_DIR_TAG: run_dir, **(tags or {})}
+    source = model if is_remote(model) else str(Path(model).resolve())
+    if uri.startswith(("http://", "https://")) and not is_remote(model):
+        if run_id is None:
+            raise SpecError(
+                "registry",
+                f"{model} is on this machine's disk and {uri} is a tracking server, which "
+                "may not point at a client's files: register a model from a tracked run "
+                "(its files are then uploaded to the run), or one in object storage.",
+            )
+        client.log_artifacts(run_id, model, "model")
+        source = f"runs:/{run_id}/model"
+    version = client.create_model_version(
+        name, source, run_id=run_id, tags=tags, await_creation_for=0
+    )
+    registered = version_of(client, uri, name, version.version)
+    _remember(run_dir, registered)
+    logger.info("registered %s as %s", model, registered.ref)
+    return registered
+
+
+def register_by_path(path: str, name: str, uri: str | None = None) -> ModelVersion:
+    """`raygen models register`: a run directory's model (or a model directory) as a new
+    version of `name`, linked to the run's MLflow run when it was tracked in this store."""
+    from raygen.jobs.tracking import TRACKING_FILE, read_record
+
+    path = path.rstrip("/")
+    is_model = exists(join(path, "config.json")) or exists(join(path, "model_index.json"))
+    model = path if is_model else join(path, "model")
+    if not is_remote(model):
+        model = str(Path(model).resolve())
+    uri = uri or registry_uri()
+    run_dir = model.rsplit("/", 1)[0]
+    record = read_record(join(run_dir, TRACKING_FILE))
+    run_id = record.get("run_id") if record.get("uri") == uri else None
+    try:
+        state = json.loads(read_text(join(run_dir, "run_state.json")) or "{}")
+    except json.JSONDecodeError:
+        state = {}
+    tags = {FINGERPRINT_TAG: state["data_fingerprint"]} if state.get("data_fingerprint") else {}
+    return register_model(model, name, uri, run_id, tags)
+
+
+def resolve_model(ref: str, uri: str | None = None) -> ModelVersion:
+    """The version `models:/NAME/VERSION` or `models:/NAME@ALIAS` names.
+
+    Raises:
+        SpecError: the URI is malformed, or names no version, or a model raygen cannot read.
+    """
+    match = _URI.match(ref)
+    if not match:
+        raise SpecError(
+            "model",
+            f"{ref!r} is not a registered model's URI: give models:/NAME/VERSION (e.g. "
+            "models:/code-lm/3) or models:/NAME@ALIAS (e.g. models:/code-lm@serving).",
+        )
+    uri = uri or registry_uri()
+    client = client_of(uri)
+    from mlflow.exceptions import MlflowException
+
+    name = match["name"]
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(name, match["alias"]).version
+        else:
+            version = match["version"]
+        found = version_of(client, uri, name, version)
+    except MlflowException as exc:
+        known = [m.name for m in client.search_registered_models(max_results=50)]
+        raise SpecError(
+            "model",
+            f"{ref}: no such version in the registry at {uri} ({_first_line(exc)}); "
+            f"registered models there: {', '.join(known) or 'none'}. `raygen models list` "
+            "shows them (MLFLOW_TRACKING_URI or --registry-uri choose the store).",
+        ) from None
+    _check_model_dir(found.model, f"{ref} (registered from {found.model})")
+    return found
+
+
+def version_of(client: Any, uri: str, name: str, version: str) -> ModelVersion:
+    v = client.get_model_version(name, str(version))
+    tags = dict(v.tags or {})
+    return ModelVersion(
+        uri=uri,
+        name=name,
+        version=str(v.version),
+        model=tags.get(MODEL_TAG) or v.source,
+        sha256=tags.get(SHA256_TAG, ""),
+        run_id=v.run_id or None,
+        tags=tags,
+        aliases=tuple(getattr(v, "aliases", None) or ()),
+    )
+
+
+def registered_versions(model: str) -> list[dict[str, str]]:
+    """The versions `model` (an exported model directory) was registered as, from its run
+    dir's `registry.json`: [{"uri", "name", "version"}]."""
+    run_dir = model.rstrip("/").rsplit("/", 1)[0]
+    try:
+        return json.loads(read_text(join(run_dir, REGISTRY_FILE)) or "[]")
+    except json.JSONDecodeError:
+        return []
+
+
+def record_audit(version: ModelVersion, report: dict[str, Any]) -> None:
+    """Put an audit's outcome on the version: `audit.passed`, the failing checks, the
+    report's URI and the hash of the model it judged."""
+    failing = [c["name"] for c in report["checks"] if not c.get("passed")]
+    tags = {
+        "audit.passed": str(report["passed"]).lower(),
+        "audit.failing": ", ".join(failing),
+        "audit.report": report["paths"]["audit"],
+        "audit.html": report["paths"]["report"],
+        "audit.model_sha256": report["model_sha256"],
+        "audit.at": report["timestamp"],
+        "audit.name": report["name"],
+    }
+    client = client_of(version.uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+    if version.run_id:
+        for path in report["paths"].values():
+            try:
+                _log_file(client, version.run_id, path, f"audits/{report['name']}")
+            except Exception as exc:  # noqa: BLE001 - the version's tags hold the outcome
+                logger.warning("could not attach %s to run %s: %s", path, version.run_id, exc)
+
+
+def record_deployment(version: ModelVersion, entry: dict[str, Any]) -> None:
+    """Put a deployment on the version (`deployment.<app>`) and, when the audit passed or
+    was overridden and the app is up, point the `serving` alias at it."""
+    client = client_of(version.uri)
+    record = {k: entry.get(k) for k in ("url", "at", "user", "audit_passed", "override", "record")}
+    client.set_model_version_tag(
+        version.name, version.version, f"{DEPLOYMENT_PREFIX}{entry['name']}", json.dumps(record)
+    )
+    client.set_registered_model_alias(version.name, SERVING_ALIAS, version.version)
+
+
+def list_models(uri: str) -> list[dict[str, Any]]:
+    """Every registered model with its versions (newest first)."""
+    client = client_of(uri)
+    out = []
+    for model in client.search_registered_models(max_results=1000):
+        versions = client.search_model_versions(f"name = '{model.name}'", max_results=1000)
+        out.append(
+            {
+                "name": model.name,
+                "versions": [
+                    summary(version_of(client, uri, model.name, v.version))
+                    for v in sorted(versions, key=lambda v: -int(v.version))
+                ],
+            }
+        )
+    return out
+
+
+def summary(version: ModelVersion) -> dict[str, Any]:
+    """A version as `raygen models list|show` prints it."""
+    tags = version.tags
+    audit = None
+    if "audit.passed" in tags:
+        audit = {
+            "passed": tags["audit.passed"] == "true",
+            "failing": [f for f in tags.get("audit.failing", "").split(", ") if f],
+            "report": tags.get("audit.report"),
+            "at": tags.get("audit.at"),
+            "of_this_model": tags.get("audit.model_sha256") == version.sha256,
+        }
+    deployments = {
+        key[len(DEPLOYMENT_PREFIX) :]: json.loads(value)
+        for key, value in tags.items()
+        if key.startswith(DEPLOYMENT_PREFIX)
+    }
+    return {
+        "ref": version.ref,
+        "model": version.model,
+        "sha256": version.sha256,
+        "run_id": version.run_id,
+        "data_fingerprint": tags.get(FINGERPRINT_TAG),
+        "aliases": list(version.aliases),
+        "audit": audit,
+        "deployments": deployments,
+    }
+
+
+def _remember(run_dir: str, version: ModelVersion) -> None:
+    records = registered_versions(join(run_dir, "model"))
+    records.append(
+        {"uri": version.uri, "name": version.name, "version": version.version, "at": time.time()}
+    )
+    write_text(join(run_dir, REGISTRY_FILE), json.dumps(records, indent=2))
+
+
+def _check_model_dir(model: str, what: str) -> None:
+    if not (exists(join(model, "config.json")) or exists(join(model, "model_index.json"))):
+        raise SpecError(
+            "model",
+            f"{what}: {model} is not an exported model directory reachable from here (no "
+            "config.json or model_index.json); give a run's model/ directory, and register "
+            "models in object storage (run.storage: s3://...) to use them from other machines.",
+        )
+
+
+def _log_file(client: Any, run_id: str, uri: str, artifact_path: str) -> None:
+    import tempfile
+
+    if not is_remote(uri):
+        client.log_artifact(run_id, uri, artifact_path)
+        return
+    with tempfile.TemporaryDirectory(prefix="raygen-artifact-") as tmp:
+        local = Path(tmp, uri.rsplit("/", 1)[-1])
+        local.write_text(read_text(uri) or "")
+        client.log_artifact(run_id, str(local), artifact_path)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
