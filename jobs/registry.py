@@ -214,7 +214,7 @@ def registered_versions(model: str) -> list[dict[str, str]]:
 def record_audit(version: ModelVersion, report: dict[str, Any]) -> None:
     """Put an audit's outcome on the version: `audit.passed`, the failing checks, the
     report's URI and the hash of the model it judged."""
-    failing = [c["name"] for c in report["checks"] if not c.get("passed")]
+    failing = [f"{c['metric']} by {c['feature']}" for c in report["checks"] if not c["passed"]]
     tags = {
         "audit.passed": str(report["passed"]).lower(),
         "audit.failing": ", ".join(failing),

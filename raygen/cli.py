@@ -19,7 +19,18 @@ from typer.core import TyperGroup
 
 from raygen import __version__, render
 from raygen.cluster.errors import RaygenError
-from raygen.commands import audit, cluster, data, models, schema, serve, submit, train, tune
+from raygen.commands import (
+    audit,
+    cluster,
+    data,
+    lineage,
+    models,
+    schema,
+    serve,
+    submit,
+    train,
+    tune,
+)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,6 +90,7 @@ _command(app, train.generate, "generate")
 _command(app, audit.audit, "audit")
 _command(app, submit.submit, "submit")
 _command(app, schema.schema, "schema")
+_command(app, lineage.lineage, "lineage")
 
 data_app = _group("Prepare training data.")
 _command(data_app, data.prepare, "prepare")

@@ -386,3 +386,46 @@ def registered_models(models: list[dict[str, Any]], uri: str) -> None:
                 v["model"],
             )  # fmt: skip
     out.print(table)
+
+
+def lineage(chain: dict[str, Any]) -> None:
+    """A model's lineage, link by link; what no longer matches is flagged in red."""
+    links = chain["links"]
+    files = links["inputs"]["files"]
+    changed = [f for f in files if not f["unchanged"]]
+    size = sum(f["size"] for f in files)
+    state = f"[red]{len(changed)} changed since[/]" if changed else "unchanged"
+    _link("inputs", f"{len(files)} file(s), {size} bytes, {state}")
+    data = links["prepared_data"]
+    _link("data", f"{data['path']} (fingerprint {data['fingerprint']})")
+    run = links["run"]
+    if "status" in run:
+        _link(
+            "run",
+            f"{run['path']}: {run['status']} at step {run['final_step']}, "
+            f"{run['attempts']} attempt(s), {run['failures']} failure(s), "
+            f"{run['preemptions']} preemption(s)",
+        )
+        if run.get("mlflow"):
+            _link("", f"MLflow run {run['mlflow']['run_id']} in {run['mlflow']['uri']}")
+    _link("checkpoint", str(links["checkpoint"]["path"]))
+    _link("model", f"{chain['model']} sha256 {chain['sha256'][:16]}")
+    for version in links["registered"]:
+        _link("registered", version["ref"])
+    for audit in links["audits"]:
+        verdict = "[green]passed[/]" if audit["passed"] else "[red]failed[/]"
+        if audit["failing"]:
+            verdict += f" ({', '.join(audit['failing'])})"
+        other = "" if audit["of_this_model"] else " [red]of other model files[/]"
+        _link("audit", f"{audit['name']} {verdict} at {audit['at']}{other}: {audit['path']}")
+    for d in links["deployments"]:
+        how = "audit passed" if d["audit_passed"] else "audit overridden"
+        if d["event"] != "deployed":
+            how = f"override by {d['user']}: {d['reason']}"
+        _link("deployed", f"{d['name']} at {d['at']} ({how}) {d['url'] or ''}")
+    for problem in chain["problems"]:
+        err.print(f"[red]! {problem}[/]", soft_wrap=True)
+
+
+def _link(name: str, text: str) -> None:
+    out.print(f"[bold]{name:<11}[/] {text}", soft_wrap=True)

@@ -78,6 +78,12 @@ def _identity(f: InputFile) -> tuple[str, str]:
     return (f.path, "builtin" if f.kind == "digits" else content_id(f.path))
 
 
+def input_record(f: InputFile) -> dict[str, Any]:
+    """An input file as `data_stats.json` lists it: path, size and content id (a hash of
+    a local file's bytes, an object's ETag)."""
+    return {"path": f.path, "size": f.size, "content_id": _identity(f)[1]}
+
+
 def _dir_contents(uri: str) -> dict[str, str]:
     """{relative path: content id} of a directory's files, weights left out."""
     root = uri.rstrip("/") if is_remote(uri) else str(Path(uri).resolve())
@@ -158,6 +164,11 @@ def prepare_data(
                 stats["fid"] = prepare_fid_reference(spec, prepared_dir, stats)
             else:
                 stats = prepare_text(spec, prepared_dir, train_files, eval_files, fp, progress)
+        # What was read, as the fingerprint identified it: lineage checks it against today.
+        stats["inputs"] = {
+            "train": [input_record(f) for f in train_files],
+            "eval": [input_record(f) for f in eval_files],
+        }
         write_text(join(prepared_dir, STATS_FILE), json.dumps(stats, indent=2))
         publish.finish(prepared_dir, PREPARED_KIND)
     except BaseException as exc:

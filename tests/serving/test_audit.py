@@ -347,20 +347,24 @@ def test_quickstart_trains_audits_serves_and_shuts_down(tmp_path):
 
 
 def test_a_registered_version_is_gated_by_its_own_audit_and_records_its_deployments(
-    passed, model, eval_sets, tmp_path, monkeypatch
+    lm_run, eval_sets, tmp_path, monkeypatch
 ):
     """Register -> deploying it unaudited is refused -> audit models:/NAME/VERSION -> the
     gate reads the version's audit -> the deployment is on the version, `serving` points
-    at it; `raygen models show` says so."""
+    at it; `raygen models show` says so, and `raygen lineage` walks back to the input
+    files, flagging the model once its files change after the audit."""
     from raygen.jobs.registry import register_by_path, resolve_model
     from raygen.serving.gate import record_deployment
 
+    run = tmp_path / "run"  # a copy: the session's run may be trained further by others
+    shutil.copytree(lm_run[2], run, ignore=shutil.ignore_patterns("checkpoint_*"))
+    model = run / "model"
     store = f"sqlite:///{tmp_path / 'registry' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", store)
     (tmp_path / "registry").mkdir()
-    version = register_by_path(str(model.parent), "code-lm")
+    version = register_by_path(str(run), "code-lm")
     assert version.ref == "models:/code-lm/1" and version.model == str(model)
-    assert version.sha256 == passed["model_sha256"]
+    assert version.sha256 == model_sha256(str(model))
 
     unaudited = DeploySpec.model_validate({"name": "reg", "model": "models:/code-lm/1"})
     with pytest.raises(AuditFailed, match="has no audit on record"):
@@ -372,8 +376,9 @@ def test_a_registered_version_is_gated_by_its_own_audit_and_records_its_deployme
         max_text_tokens=64,
         checks=[{"metric": "perplexity", "max_ratio": 1.25}],
     )
-    report = run_audit(spec, "audit.yaml", "models:/code-lm/1", out_dir=str(tmp_path / "audit"))
+    report = run_audit(spec, "audit.yaml", "models:/code-lm/1")
     assert report["passed"] and report["registered"] == ["models:/code-lm/1"]
+    assert report["paths"]["audit"] == str(run / "audit" / "audit.json")
     tags = resolve_model("models:/code-lm/1").tags
     assert tags["audit.passed"] == "true" and tags["audit.failing"] == ""
     assert tags["audit.report"] == report["paths"]["audit"]
@@ -393,3 +398,25 @@ def test_a_registered_version_is_gated_by_its_own_audit_and_records_its_deployme
     assert listed["aliases"] == ["serving"] and set(listed["deployments"]) == {"reg"}
     missing = raygen("models", "show", "code-lm/7", "--registry-uri", store)
     assert missing.returncode == 2 and "no such version" in missing.stderr, missing.stderr
+
+    from raygen.serving.lineage import lineage
+
+    chain = lineage("models:/code-lm/1")
+    assert chain["problems"] == [], chain["problems"]
+    links = chain["links"]
+    files = links["inputs"]["files"]
+    assert files and all(f["unchanged"] and f["content_id"] for f in files)
+    stats = json.loads((Path(lm_run[0]["data"]["prepared"]) / "data_stats.json").read_text())
+    assert links["prepared_data"]["fingerprint"] == stats["fingerprint"]
+    assert links["run"]["status"] == "completed" and links["run"]["attempts"] >= 1
+    assert [a["passed"] for a in links["audits"]] == [True]
+    assert [d["name"] for d in links["deployments"]] == ["reg"]
+    assert [v["ref"] for v in links["registered"]] == ["models:/code-lm/1"]
+
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "n_ctx": 64}))
+    traced = raygen("lineage", str(model), "--json")
+    assert traced.returncode == 0, traced.stderr
+    problems = json.loads(traced.stdout)["problems"]
+    assert any("changed since its audit" in p for p in problems), problems
+    assert any("changed since it was registered" in p for p in problems), problems
