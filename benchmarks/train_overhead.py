@@ -3,6 +3,7 @@ the same model, batch and data, inside Ray Train and outside it (one bare proces
 
     python benchmarks/train_overhead.py            # the full matrix (~20 min on 2 cores)
     python benchmarks/train_overhead.py --quick    # three configurations
+    python benchmarks/train_overhead.py --tracking # raygen with MLflow tracking on and off
 
 Every run trains the same GPT-2 (4 layers, 256 wide, the prepared stdlib corpus' 8k
 vocabulary, 256-token sequences, micro-batch 8) for the same steps from the same Parquet
@@ -168,7 +169,9 @@ def run_handwritten(prepared: Path, model: dict, world: int, zero: int, precisio
     return window_rate(reported["step_times"], world), startup, reported["threads"]
 
 
-def run_raygen(spec: dict, world: int, zero: int, precision: str) -> tuple[float, dict, int]:
+def run_raygen(
+    spec: dict, world: int, zero: int, precision: str, tracking: bool = True
+) -> tuple[float, dict, int]:
     from raygen.jobs.launch import launch
     from raygen.jobs.loader import validate_spec
     from raygen.jobs.spec import TrainSpec
@@ -179,7 +182,11 @@ def run_raygen(spec: dict, world: int, zero: int, precision: str) -> tuple[float
     spec["scaling"] = {"num_workers": world}
     spec["deepspeed"] = {"zero_stage": zero}
     spec["train"]["precision"] = precision
+    if not tracking:
+        spec["tracking"] = {"mlflow": False}
+    began = time.perf_counter()
     result = launch(validate_spec(TrainSpec, spec, "bench"), fresh=True)
+    result["startup"]["launch_s"] = time.perf_counter() - began  # end to end, tracking's wait
     rows = m.read_metrics(result["paths"]["metrics"])
     windows = [r[m.STEP_TIME_S] for r in rows if m.STEP_TIME_S in r and r[m.STEP] > WARMUP_STEPS]
     steady = statistics.median(windows)
@@ -255,6 +262,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three configurations only")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument(
+        "--tracking", action="store_true", help="raygen with MLflow tracking on vs off only"
+    )
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -284,6 +294,9 @@ def main() -> None:
     # One short Ray Train run first, not counted: the session's first run pays for cold
     # caches (modules read from disk), whichever loop it is.
     run_handwritten(Path(spec["data"]["prepared"]), model, 1, 0, "fp32", WARMUP_STEPS + WINDOW)
+    if args.tracking:
+        compare_tracking(spec, args.steps, ray_start)
+        return
     rows, phases = [], []
     for world, zero, precision in QUICK if args.quick else FULL:
         ours, ours_start, ours_threads = run_raygen(spec, world, zero, precision)
@@ -360,6 +373,54 @@ def main() -> None:
             },
         },
     )  # fmt: skip
+    print(f"wrote {path}")
+
+
+def compare_tracking(spec: dict[str, Any], steps: int, ray_start: float) -> None:
+    """raygen with MLflow tracking (the embedded SQLite store, the default) and without,
+    alternated (on, off, off, on, on, off) so drift on the machine falls on both."""
+    rows = []
+    for world, zero, precision in ((1, 0, "fp32"), (2, 2, "fp32")):
+        runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for tracking in (True, False, False, True, True, False):
+            rate, startup, _ = run_raygen(spec, world, zero, precision, tracking)
+            runs[tracking].append((rate, startup["launch_s"]))
+        on, off = runs[True], runs[False]
+        row = {
+            "workers": world,
+            "zero": zero,
+            "precision": precision,
+            "tracked_tok_s": statistics.mean(r for r, _ in on),
+            "untracked_tok_s": statistics.mean(r for r, _ in off),
+            "tracked_launch_s": statistics.mean(t for _, t in on),
+            "untracked_launch_s": statistics.mean(t for _, t in off),
+        }
+        row["tok_s_ratio"] = row["tracked_tok_s"] / row["untracked_tok_s"]
+        row["launch_s_added"] = row["tracked_launch_s"] - row["untracked_launch_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    import ray
+
+    ray.shutdown()
+    print()
+    print_table(
+        rows,
+        [
+            "workers", "zero", "precision", "tracked_tok_s", "untracked_tok_s", "tok_s_ratio",
+            "tracked_launch_s", "untracked_launch_s", "launch_s_added",
+        ],
+    )  # fmt: skip
+    path = write_results(
+        "tracking_overhead",
+        rows,
+        {
+            "steps": steps,
+            "runs": "3 tracked and 3 untracked per configuration, alternated; means",
+            "store": "the embedded SQLite store (the default)",
+            "steady_state": f"median of {WINDOW}-step window means after {WARMUP_STEPS} steps",
+            "ray_start_s": ray_start,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -224,13 +224,15 @@ def record_audit(version: ModelVersion, report: dict[str, Any]) -> None:
         "audit.at": report["timestamp"],
         "audit.name": report["name"],
     }
+    from raygen.jobs.tracking import log_artifact_to
+
     client = client_of(version.uri)
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, value)
     if version.run_id:
         for path in report["paths"].values():
             try:
-                _log_file(client, version.run_id, path, f"audits/{report['name']}")
+                log_artifact_to(client, version.run_id, path, f"audits/{report['name']}")
             except Exception as exc:  # noqa: BLE001 - the version's tags hold the outcome
                 logger.warning("could not attach %s to run %s: %s", path, version.run_id, exc)
 
@@ -309,18 +311,6 @@ def _check_model_dir(model: str, what: str) -> None:
             "config.json or model_index.json); give a run's model/ directory, and register "
             "models in object storage (run.storage: s3://...) to use them from other machines.",
         )
-
-
-def _log_file(client: Any, run_id: str, uri: str, artifact_path: str) -> None:
-    import tempfile
-
-    if not is_remote(uri):
-        client.log_artifact(run_id, uri, artifact_path)
-        return
-    with tempfile.TemporaryDirectory(prefix="raygen-artifact-") as tmp:
-        local = Path(tmp, uri.rsplit("/", 1)[-1])
-        local.write_text(read_text(uri) or "")
-        client.log_artifact(run_id, str(local), artifact_path)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -167,7 +167,7 @@ class Tracker:
         """A file or directory (local or in object storage) as an artifact of the run."""
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         self._enqueue(
-            f"artifact {name}", lambda c: _log_artifact(c, self.run_id, uri, artifact_path)
+            f"artifact {name}", lambda c: log_artifact_to(c, self.run_id, uri, artifact_path)
         )
 
     def set_tags(self, tags: dict[str, str]) -> None:
@@ -351,7 +351,7 @@ class Tracker:
             logger.warning("could not write %s: %s", self.record_uri, exc)
 
 
-def _log_artifact(client: Any, run_id: str, uri: str, artifact_path: str | None) -> None:
+def log_artifact_to(client: Any, run_id: str, uri: str, artifact_path: str | None) -> None:
     """A file or a directory, local or in object storage (downloaded first); nothing if
     it is not there."""
     import pyarrow.fs as pafs
@@ -382,10 +382,13 @@ def set_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
 
 
 def limit_mlflow_retries() -> None:
-    """MLflow retries a failed HTTP request itself for minutes; the tracker retries records
-    on its own schedule, so let each request fail fast (a user's own settings win)."""
+    """MLflow as raygen's library: each HTTP request fails fast (MLflow would retry one for
+    minutes; the tracker retries records on its own schedule), and MLflow's usage
+    telemetry stays off (its threads would call out from every training driver, on
+    clusters that often cannot reach the internet). A user's own settings win."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def _permanent(exc: BaseException) -> bool:
