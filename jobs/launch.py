@@ -169,6 +169,9 @@ def launch(
             remove_unregistered_checkpoints(run_dir)  # first: it frees room on a full disk
             repair_snapshot(run_dir)
         summary = _summarize(spec, run_dir, result, started, per_worker, timing)
+        if tracker:  # the rows the tail had no time to see (an object store's last part)
+            rows = m.read_metrics(join(run_dir, METRICS_FILE))
+            tracker.log_rows([row for row in rows if row[m.STEP] > tracker.given_step])
     except BaseException as exc:
         if tracker:
             tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", wait_s=2)
@@ -236,15 +239,28 @@ def start_tracking(
 ) -> Tracker | None:
     """Start (or continue) the run's MLflow run: its spec as parameters, what identifies it
     as tags, its spec and data stats as artifacts, and the metric rows an earlier launch
-    logged but did not get into the store. None when tracking is off."""
-    from importlib.metadata import version
-
-    from raygen.jobs.data.prepare import STATS_FILE
-    from raygen.jobs.tracking import KIND_TAG, TRACKING_FILE, Tracker, flatten, tracking_target
+    logged but did not get into the store. None when tracking is off (or cannot start: the
+    run goes on, said in a warning)."""
+    from raygen.jobs.tracking import tracking_target
 
     target = tracking_target(spec.tracking, spec.run.storage)
     if target is None:
         return None
+    try:
+        return _start_tracker(spec, run_dir, stats, parent, target)
+    except Exception as exc:  # noqa: BLE001 - tracking never stops a run
+        logger.warning("not tracking run %s in MLflow: %s", spec.name, exc)
+        return None
+
+
+def _start_tracker(
+    spec: TrainSpec, run_dir: str, stats: dict[str, Any], parent: str | None, target: Any
+) -> Tracker:
+    from importlib.metadata import version
+
+    from raygen.jobs.data.prepare import STATS_FILE
+    from raygen.jobs.tracking import KIND_TAG, TRACKING_FILE, Tracker, flatten
+
     tags = {
         KIND_TAG: "train",
         "raygen.version": version("raygen"),
@@ -252,11 +268,12 @@ def start_tracking(
         "raygen.data_fingerprint": stats["fingerprint"],
     }
     params = flatten(spec.model_dump(mode="json", exclude={"tracking"}))
-    tracker = Tracker(target, join(run_dir, TRACKING_FILE), spec.name, params, tags, parent)
+    tracker = Tracker(
+        target, join(run_dir, TRACKING_FILE), spec.name, params, tags, parent,
+        backlog=lambda: m.read_metrics(join(run_dir, METRICS_FILE)),
+    )  # fmt: skip
     tracker.log_artifact(join(run_dir, SPEC_FILE))
     tracker.log_artifact(join(prepared_dir_of(spec), STATS_FILE))
-    rows = m.read_metrics(join(run_dir, METRICS_FILE))
-    tracker.log_rows([row for row in rows if row[m.STEP] > tracker.logged_step])
     return tracker
 
 
@@ -267,22 +284,29 @@ def track_finished_run(
     server that was down, or the whole run when tracking was off or went elsewhere), and
     register its model if the spec now asks to.
     Returns the result, with where it is tracked now (also written to `result.json`)."""
+    from raygen.jobs.registry import registered_versions
     from raygen.jobs.tracking import TRACKING_FILE, read_record, tracking_target
 
     target = tracking_target(spec.tracking, spec.run.storage)
-    record = read_record(join(run_dir, TRACKING_FILE))
-    tracked_here = record.get("uri") == (target and target.uri) and record.get("run_id")
-    from raygen.jobs.registry import registered_versions
-
-    unregistered = spec.registry is not None and spec.registry.name not in {
-        v["name"] for v in registered_versions(join(run_dir, MODEL_DIR))
-    }
-    unsent = (result.get("tracking") or {}).get("unsent")
-    if target is None or (tracked_here and not unsent and not unregistered):
+    if target is None:
         return result
-    tracker = start_tracking(spec, run_dir, {"fingerprint": fingerprint}, None)
-    result = {**result, "tracking": finish_tracking(tracker, spec, result, fingerprint)}
-    write_text(join(run_dir, RESULT_FILE), json.dumps(result, indent=2))
+    try:
+        record = read_record(join(run_dir, TRACKING_FILE))
+        tracked_here = record.get("run_id") and (record.get("uri"), record.get("experiment")) == (
+            target.uri, target.experiment
+        )  # fmt: skip
+        unregistered = spec.registry is not None and spec.registry.name not in {
+            v["name"] for v in registered_versions(join(run_dir, MODEL_DIR))
+        }
+        if tracked_here and not (result.get("tracking") or {}).get("unsent") and not unregistered:
+            return result
+        tracker = start_tracking(spec, run_dir, {"fingerprint": fingerprint}, None)
+        if tracker is None:
+            return result
+        result = {**result, "tracking": finish_tracking(tracker, spec, result, fingerprint)}
+        write_text(join(run_dir, RESULT_FILE), json.dumps(result, indent=2))
+    except Exception as exc:  # noqa: BLE001 - the run is trained; tracking says what it lacks
+        logger.warning("could not bring run %s's tracking up to date: %s", spec.name, exc)
     return result
 
 
@@ -297,6 +321,10 @@ def finish_tracking(
 
     completed = summary["status"] == "completed"
     tracker.set_tags({STATUS_TAG: summary["status"]})
+    if summary["paths"].get("samples"):
+        tracker.log_artifact(summary["paths"]["samples"])
+    status = "FINISHED" if completed else "FAILED"
+    tracker.end(status)  # before what may take long (hashing, uploading the model)
     model = summary["paths"].get("model")
     if completed and model:
 
@@ -308,8 +336,6 @@ def finish_tracking(
             set_tags(client, run_id, {"raygen.model": model, "raygen.model_sha256": sha256})
 
         tracker.call("model sha256", tag_model)
-    if summary["paths"].get("samples"):
-        tracker.log_artifact(summary["paths"]["samples"])
     registered: dict[str, str] = {}
     if completed and model and spec.registry:
         name = spec.registry.name
@@ -322,7 +348,7 @@ def finish_tracking(
             registered["registered"] = version.ref
 
         tracker.call(f"registration as {name}", register)
-    report = tracker.finish("FINISHED" if completed else "FAILED")
+    report = tracker.finish(status)
     return {**report, **registered}
 
 

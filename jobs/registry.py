@@ -15,6 +15,8 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,14 +56,38 @@ def registry_uri(explicit: str | None = None, storage: str = "runs") -> str:
     return target.uri
 
 
-def client_of(uri: str) -> Any:
+def client_of(uri: str, existing: bool = True) -> Any:
+    """An MLflow client of the store at `uri`.
+
+    Raises:
+        SpecError: `existing` and `uri` is an embedded (SQLite) store that does not exist.
+    """
     from mlflow import MlflowClient
 
     from raygen.jobs.tracking import limit_mlflow_retries
 
+    if existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise SpecError(
+            "registry",
+            f"there is no model registry at {uri}: give the store with --registry-uri (or "
+            "MLFLOW_TRACKING_URI), e.g. sqlite:///path/to/runs/mlflow.db, the embedded store "
+            "under the runs' run.storage.",
+        )
     limit_mlflow_retries()
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def registry_errors(uri: str, what: str) -> Iterator[None]:
+    """MLflow's failures as one clear line: the store unreachable, or what it refused."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        message = f"{what}: the registry at {uri} says: {_first_line(exc)}"
+        raise SpecError("registry", message) from None
 
 
 @dataclass(frozen=True)
@@ -100,7 +126,7 @@ def register_model(
     from raygen.jobs.model_hash import model_sha256
 
     _check_model_dir(model, f"registering {model}")
-    client = client_of(uri)
+    client = client_of(uri, existing=False)
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -147,7 +173,8 @@ def register_by_path(path: str, name: str, uri: str | None = None) -> ModelVersi
     except json.JSONDecodeError:
         state = {}
     tags = {FINGERPRINT_TAG: state["data_fingerprint"]} if state.get("data_fingerprint") else {}
-    return register_model(model, name, uri, run_id, tags)
+    with registry_errors(uri, f"registering {model} as {name}"):
+        return register_model(model, name, uri, run_id, tags)
 
 
 def resolve_model(ref: str, uri: str | None = None) -> ModelVersion:
@@ -175,7 +202,13 @@ def resolve_model(ref: str, uri: str | None = None) -> ModelVersion:
             version = match["version"]
         found = version_of(client, uri, name, version)
     except MlflowException as exc:
-        known = [m.name for m in client.search_registered_models(max_results=50)]
+        missing = getattr(exc, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+        if not missing and "not found" not in str(exc).lower():
+            raise SpecError(
+                "model", f"{ref}: the registry at {uri} cannot be read: {_first_line(exc)}"
+            ) from None
+        with registry_errors(uri, f"{ref}: no such version"):
+            known = [m.name for m in client.search_registered_models(max_results=50)]
         raise SpecError(
             "model",
             f"{ref}: no such version in the registry at {uri} ({_first_line(exc)}); "
@@ -238,8 +271,8 @@ def record_audit(version: ModelVersion, report: dict[str, Any]) -> None:
 
 
 def record_deployment(version: ModelVersion, entry: dict[str, Any]) -> None:
-    """Put a deployment on the version (`deployment.<app>`) and, when the audit passed or
-    was overridden and the app is up, point the `serving` alias at it."""
+    """Put a deployment (its audit passed, or overridden on the record) on the version
+    (`deployment.<app>`) and point the `serving` alias at it."""
     client = client_of(version.uri)
     record = {k: entry.get(k) for k in ("url", "at", "user", "audit_passed", "override", "record")}
     client.set_model_version_tag(
@@ -251,6 +284,11 @@ def record_deployment(version: ModelVersion, entry: dict[str, Any]) -> None:
 def list_models(uri: str) -> list[dict[str, Any]]:
     """Every registered model with its versions (newest first)."""
     client = client_of(uri)
+    with registry_errors(uri, "listing the registered models"):
+        return _list_models(client, uri)
+
+
+def _list_models(client: Any, uri: str) -> list[dict[str, Any]]:
     out = []
     for model in client.search_registered_models(max_results=1000):
         versions = client.search_model_versions(f"name = '{model.name}'", max_results=1000)

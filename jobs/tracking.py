@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -95,6 +96,12 @@ def tracking_target(tracking: TrackingSpec, storage: str) -> TrackingTarget | No
     return TrackingTarget(uri, mlflow.experiment, mlflow.timeout_s)
 
 
+def metric_name(key: str) -> str:
+    """`key` as MLflow accepts a metric name (letters, digits and `_-./ :`): a group's name
+    from the data (`eval_loss/<group>`) may hold other characters."""
+    return re.sub(r"[^\w./\- :]", "_", key)
+
+
 def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """A nested spec as MLflow parameters: dotted keys, lists and nulls as JSON."""
     out: dict[str, str] = {}
@@ -131,9 +138,14 @@ class Tracker:
         params: dict[str, str],
         tags: dict[str, str],
         parent_run_id: str | None = None,
+        backlog: Callable[[], list[dict[str, Any]]] | None = None,
     ):
+        """`backlog` gives the metric rows logged before this launch; once the run is
+        started or continued, those the store does not have yet are sent first."""
         self.target, self.record_uri, self.name = target, record_uri, name
         self._params, self._tags, self._parent = params, tags, parent_run_id
+        self._backlog = backlog
+        self.given_step = 0  # the highest step of the rows handed to `log_rows`
         record = read_record(record_uri)
         same_store = record.get("uri") == target.uri and record.get("experiment") == (
             target.experiment
@@ -147,7 +159,7 @@ class Tracker:
         self._rows: deque[dict[str, Any]] = deque()
         self._ops: deque[tuple[str, Callable[[Any], None]]] = deque()
         self._cond = threading.Condition()
-        self._closing = False
+        self._closing = self._ended = False
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._work, name=f"mlflow-{name}", daemon=True)
         self._thread.start()
@@ -158,6 +170,7 @@ class Tracker:
         """Metric rows as `metrics.jsonl` has them (`step`, `logged_at` and the values)."""
         with self._cond:
             self._rows.extend(rows)
+            self.given_step = max([self.given_step, *(row["step"] for row in rows)])
             self._cond.notify()
 
     def log_row(self, row: dict[str, Any]) -> None:
@@ -177,6 +190,11 @@ class Tracker:
         """Any other record: `fn(client, run_id)`."""
         self._enqueue(what, lambda c: fn(c, self.run_id))
 
+    def end(self, status: str) -> None:
+        """Record the run's end now (`finish` waits for what is queued after it)."""
+        self._ended = True
+        self._enqueue("end", lambda c: c.set_terminated(self.run_id, status))
+
     def wait_started(self, timeout: float) -> str | None:
         """The MLflow run's id once the store has it (None if not within `timeout` s)."""
         self._started.wait(timeout)
@@ -186,7 +204,8 @@ class Tracker:
         """End the run (`FINISHED`, `FAILED` or `KILLED`), wait at most `wait_s` (default
         `target.timeout_s`) for the records still waiting, and say where the run is and
         what was not sent."""
-        self._enqueue("end", lambda c: c.set_terminated(self.run_id, status))
+        if not self._ended:
+            self.end(status)
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -247,9 +266,12 @@ class Tracker:
                     logger.warning("MLflow at %s takes records again.", self.target.uri)
                     self.error = None
             except Exception as exc:  # noqa: BLE001 - tracking never stops a run
-                if client is not None and _permanent(exc):
+                if _permanent(exc):
                     logger.warning("MLflow refused %s of run %s: %s", what, self.name, exc)
                     self.dropped.append(f"{what}: {_one_line(exc)}")
+                    if client is None:  # no run to record into: everything stays unsent
+                        self.error = _one_line(exc)
+                        return
                     self._done(len(rows) if op is None else 0, op)
                     continue
                 if self.error is None:
@@ -258,9 +280,15 @@ class Tracker:
                         "training goes on.", self.target.uri, _one_line(exc),
                     )  # fmt: skip
                 self.error = _one_line(exc)
-                with self._cond:
-                    self._cond.wait(delay)
+                self._pause(delay)
                 delay = min(delay * 2, LAST_RETRY_S)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before retrying; new records do not cut the wait short."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
 
     def _done(self, rows: int, op: Callable[[Any], None] | None) -> None:
         with self._cond:
@@ -293,13 +321,15 @@ class Tracker:
         if self._continue:
             try:
                 run = client.get_run(self._continue)
-            except MlflowException:  # deleted from the store: start another
-                run = None
+            except MlflowException as exc:
+                if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # the store is unreachable, not the run gone: retried
             if run is not None and run.info.lifecycle_stage == "deleted":
                 run = None
         if run is None:
             tags = {**self._tags, **({PARENT_RUN_TAG: self._parent} if self._parent else {})}
             run = client.create_run(experiment_id, tags=tags, run_name=self.name)
+            self._continue = run.info.run_id  # a retry of what follows continues this one
             self.logged_step = 0
             logged: dict[str, str] = {}
         else:
@@ -320,6 +350,11 @@ class Tracker:
             set_tags(client, run_id, changed)
         self.run_id = run_id
         self._save_record()
+        if self._backlog is not None:
+            earlier = [row for row in self._backlog() if row["step"] > self.logged_step]
+            self._backlog = None
+            with self._cond:
+                self._rows.extendleft(reversed(earlier))
         self._started.set()
         return client
 
@@ -327,7 +362,12 @@ class Tracker:
         from mlflow.entities import Metric
 
         metrics = [
-            Metric(key, float(value), int(row.get("logged_at", time.time()) * 1000), row["step"])
+            Metric(
+                metric_name(key),
+                float(value),
+                int(row.get("logged_at", time.time()) * 1000),
+                row["step"],
+            )
             for row in rows
             for key, value in row.items()
             if key not in ("step", "logged_at")

@@ -16,7 +16,7 @@ from typing import Any
 
 from raygen.cluster.errors import StorageError
 from raygen.cluster.storage import content_id, exists, is_remote, join, read_text
-from raygen.jobs.model_hash import model_sha256
+from raygen.jobs.model_hash import MODEL_HASH_FORMAT, model_sha256
 from raygen.jobs.run_dir import (
     INTERRUPTIONS_FILE,
     PREEMPTED,
@@ -199,7 +199,12 @@ def _audits(
                 "of_this_model": of_this_model,
             }
         )
-        if not of_this_model:
+        if report.get("model_hash_format") != MODEL_HASH_FORMAT:
+            problems.append(
+                f"the audit {path} hashed the model another way (an older raygen): its "
+                "sha256 cannot be compared with today's; audit the model again"
+            )
+        elif not of_this_model:
             problems.append(
                 f"the model's files changed since its audit {path} ({report.get('timestamp')}):"
                 f" it judged sha256 {str(report.get('model_sha256'))[:16]}, the model is "

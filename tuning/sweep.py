@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from ray.tune import Callback
 
+from raygen.cluster.errors import StorageError
 from raygen.cluster.storage import exists, join, list_files, read_text, write_text
 from raygen.jobs.errors import SpecError
 from raygen.jobs.progress import Report
@@ -170,7 +171,9 @@ def run_sweep(
 
 
 # How a trial's MLflow run ends when the trial did not end it: by how the trial ended.
-RUN_END = {"completed": "FINISHED", "errored": "FAILED", "stopped_early": "KILLED"}
+RUN_END = {
+    "completed": "FINISHED", "errored": "FAILED", "stopped_early": "KILLED", "replaced": "KILLED"
+}  # fmt: skip
 
 # How long a sweep waits for its parent MLflow run before starting trials without one (a
 # tracking server that is down must not hold the sweep up; its trials are nested at the end).
@@ -200,7 +203,11 @@ def start_sweep_tracking(sweep: SweepSpec, sweep_dir: str) -> Tracker | None:
         return None
     params = flatten(sweep.model_dump(mode="json", exclude={"tracking"}))
     tags = {KIND_TAG: "sweep", "raygen.version": version("raygen"), "raygen.sweep_dir": sweep_dir}
-    return Tracker(target, join(sweep_dir, TRACKING_FILE), sweep.name, params, tags)
+    try:
+        return Tracker(target, join(sweep_dir, TRACKING_FILE), sweep.name, params, tags)
+    except Exception as exc:  # noqa: BLE001 - tracking never stops a sweep
+        logger.warning("not tracking sweep %s in MLflow: %s", sweep.name, exc)
+        return None
 
 
 def finish_sweep_tracking(
@@ -222,20 +229,38 @@ def finish_sweep_tracking(
         tracker.log_artifact(join(sweep_dir, name))
     status = {row["trial_id"]: row["status"] for row in summary["trials"]}
     children = {}  # MLflow run id -> its trial's status
-    for entry in list_files(join(sweep_dir, TRIALS_DIR), TRACKING_FILE):
+    try:
+        entries = list_files(join(sweep_dir, TRIALS_DIR), TRACKING_FILE)
+    except StorageError as exc:
+        logger.warning("could not list the trials' MLflow runs: %s", exc)
+        entries = []
+    latest: dict[str, tuple[int, str]] = {}  # trial -> the step its last run started at
+    for entry in entries:
         record = read_record(entry.uri)
         run_name = entry.uri.rsplit("/", 2)[-2]
         trial = run_name.split("-from-", 1)[0]  # PBT: `<trial>-from-<donor>-<step>`
+        start = int(run_name.rsplit("-", 1)[1]) if "-from-" in run_name else 0
         if record.get("uri") == tracker.target.uri and record.get("run_id"):
             children[record["run_id"]] = status.get(trial, "unknown")
+            if start >= latest.get(trial, (-1, ""))[0]:
+                latest[trial] = (start, record["run_id"])
+    # A run PBT replaced by a copy of another trial's did not end as its trial did.
+    final = {run_id for _, run_id in latest.values()}
+    children = {r: s if r in final else "replaced" for r, s in children.items()}
 
     def mark_trials(client: Any, parent: str) -> None:
         for run_id, trial_status in children.items():
-            set_tags(client, run_id, {STATUS_TAG: trial_status, PARENT_RUN_TAG: parent})
-            # A trial Tune stopped (early, or to restart it from another's checkpoint)
-            # ended its run as failed, or not at all.
-            if trial_status == "stopped_early" or client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, RUN_END.get(trial_status, "KILLED"))
+            try:
+                set_tags(client, run_id, {STATUS_TAG: trial_status, PARENT_RUN_TAG: parent})
+                # A trial Tune stopped (early, or to restart it from another's checkpoint)
+                # ended its run as failed, or not at all.
+                ended = client.get_run(run_id).info.status
+                if trial_status in ("stopped_early", "replaced") or ended == "RUNNING":
+                    client.set_terminated(run_id, RUN_END.get(trial_status, "KILLED"))
+            except Exception as exc:  # noqa: BLE001 - one trial's run: the others go on
+                if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                logger.warning("trial run %s is not in the store: %s", run_id, exc)
 
     tracker.call("trial statuses", mark_trials)
     return tracker.finish("FINISHED")

@@ -114,7 +114,12 @@ def _record_on_versions(report: dict[str, Any], version: Any) -> list[str]:
         try:
             registered = version if version is not None else resolve_model(ref, uri)
             if registered.sha256 != report["model_sha256"]:
-                continue  # the directory holds another model now than the one registered
+                logger.warning(
+                    "the audit is not recorded on %s: %s holds other files now than the "
+                    "model registered as it (register it again to audit it as a version)",
+                    ref, report["model"],
+                )  # fmt: skip
+                continue
             record_audit(registered, report)
             recorded.append(ref)
         except Exception as exc:  # noqa: BLE001 - the audit stands in its files

@@ -237,3 +237,26 @@ def test_tracking_settings_may_change_between_launches_of_a_run(tmp_path):
     for tracking in ({"mlflow": False}, {"mlflow": {"uri": "http://tracking:5000"}}):
         changed = validate_spec(TrainSpec, {**raw, "tracking": tracking}, "test")
         assert check_same_run(changed, run_dir, "test") is not None
+
+
+def test_a_launch_sends_the_rows_the_store_lacks_first_and_any_group_name(tmp_path):
+    """Without Ray: a tracker given the rows of earlier launches sends only those past the
+    step the store took, then the new ones; a group's name that MLflow would refuse as a
+    metric name is made one it takes (not the whole batch dropped)."""
+    target = TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", "x", timeout_s=30)
+    record = str(tmp_path / TRACKING_FILE)
+    rows = [{"step": s, "logged_at": 1.0 + s, "train_loss": 1.0 / s} for s in range(1, 11)]
+    first = Tracker(target, record, "run", {"a": "1"}, {}, backlog=lambda: rows[:4])
+    first.log_rows(rows[4:6])
+    assert first.finish("FINISHED").get("unsent") is None
+    run_id = json.loads(Path(record).read_text())["run_id"]
+    assert json.loads(Path(record).read_text())["logged_step"] == 6
+
+    odd = {"step": 11, "logged_at": 12.0, "eval_loss/65+ (rare)": 2.0, "train_loss": 0.5}
+    again = Tracker(target, record, "run", {"a": "1"}, {}, backlog=lambda: rows)
+    again.log_rows([odd])
+    report = again.finish("FINISHED")
+    assert report["run_id"] == run_id and "refused" not in report, report
+    client = MlflowClient(tracking_uri=target.uri)
+    assert history(client, run_id, "train_loss") == rows_of([*rows, odd], "train_loss")
+    assert history(client, run_id, "eval_loss/65_ _rare_") == {(11, 2.0)}
