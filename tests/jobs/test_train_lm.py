@@ -81,6 +81,9 @@ def test_rerun_continues_from_the_latest_checkpoint(lm_run):
     assert extended["attempts"][-1]["resumed_from_step"] == 40
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 50
+    # Tracked as the same MLflow run throughout (docs/tracking.md).
+    assert again["tracking"]["run_id"] == extended["tracking"]["run_id"]
+    assert extended["tracking"]["run_id"] == first["tracking"]["run_id"]
 
 
 def test_fresh_picks_a_new_run_dir(lm_run):

@@ -420,3 +420,8 @@ def test_a_registered_version_is_gated_by_its_own_audit_and_records_its_deployme
     problems = json.loads(traced.stdout)["problems"]
     assert any("changed since its audit" in p for p in problems), problems
     assert any("changed since it was registered" in p for p in problems), problems
+    # A run whose data is not what it trained on any more: flagged too.
+    state = json.loads((run / "run_state.json").read_text())
+    (run / "run_state.json").write_text(json.dumps({**state, "data_fingerprint": "0" * 16}))
+    problems = lineage(str(model))["problems"]
+    assert any("not the 0000000000000000 the run trained on" in p for p in problems), problems

@@ -16,8 +16,12 @@ from tests.conftest import tiny_lm_spec
 GOOD_LR, BAD_LR = 3e-3, 1e-7  # a learning rate that learns, and one that cannot
 
 
-def sweep_of(tmp_path: Path, prepared: Path, **fields) -> tuple[SweepSpec, dict]:
-    """A sweep over the tiny LM: 1 worker per trial, 30 steps, an evaluation every 10."""
+def sweep_of(
+    tmp_path: Path, prepared: Path, tracked: bool = False, **fields
+) -> tuple[SweepSpec, dict]:
+    """A sweep over the tiny LM: 1 worker per trial, 30 steps, an evaluation every 10;
+    tracked in MLflow only when `tracked` (each trial's process would import MLflow: on 2
+    CPUs, seconds the tests not about tracking need not spend)."""
     base = tiny_lm_spec(
         tmp_path,
         prepared,
@@ -27,6 +31,8 @@ def sweep_of(tmp_path: Path, prepared: Path, **fields) -> tuple[SweepSpec, dict]
         train__warmup_steps=0,
         train__eval_batches=2,
     )
+    if not tracked:
+        base["tracking"] = {"mlflow": False}
     raw = {
         "name": "sweep",
         "base": "unused.yaml",
@@ -202,6 +208,7 @@ def test_successive_halving_pauses_at_the_rung_and_resumes_the_winner(
     sweep, base = sweep_of(
         tmp_path,
         shared_prepared,
+        tracked=True,
         scheduler={"type": "successive_halving", "grace_period": 1, "reduction_factor": 2},
     )
     summary = run_sweep(sweep, base, "test")
