@@ -365,7 +365,7 @@ def registered_models(models: list[dict[str, Any]], uri: str) -> None:
 
     table = Table(title=f"registered models in {uri}")
     for column in ("version", "aliases", "audit", "deployed", "sha256", "model"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # wrapped, never cut: each is looked up
     for model in models:
         for v in model["versions"]:
             audit = v["audit"]

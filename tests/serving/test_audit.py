@@ -396,6 +396,9 @@ def test_a_registered_version_is_gated_by_its_own_audit_and_records_its_deployme
     (listed,) = json.loads(shown.stdout)["versions"]
     assert listed["audit"]["passed"] and listed["audit"]["of_this_model"]
     assert listed["aliases"] == ["serving"] and set(listed["deployments"]) == {"reg"}
+    listed_all = raygen("models", "list", "--json", "--registry-uri", store)
+    assert listed_all.returncode == 0, listed_all.stderr
+    assert [m["name"] for m in json.loads(listed_all.stdout)] == ["code-lm"]
     missing = raygen("models", "show", "code-lm/7", "--registry-uri", store)
     assert missing.returncode == 2 and "no such version" in missing.stderr, missing.stderr
 
