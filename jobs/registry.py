@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +62,7 @@ def client_of(uri: str, existing: bool = True) -> Any:
     Raises:
         SpecError: `existing` and `uri` is an embedded (SQLite) store that does not exist.
     """
-    from mlflow import MlflowClient
-
-    from raygen.jobs.tracking import limit_mlflow_retries
+    from raygen.jobs.tracking import mlflow_client
 
     if existing and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
         raise SpecError(
@@ -73,9 +71,7 @@ def client_of(uri: str, existing: bool = True) -> Any:
             "MLFLOW_TRACKING_URI), e.g. sqlite:///path/to/runs/mlflow.db, the embedded store "
             "under the runs' run.storage.",
         )
-    limit_mlflow_retries()
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return mlflow_client(uri)
 
 
 @contextmanager
@@ -125,7 +121,7 @@ def register_model(
 
     from raygen.jobs.model_hash import model_sha256
 
-    _check_model_dir(model, f"registering {model}")
+    check_model_dir(model, f"registering {model}")
     client = client_of(uri, existing=False)
     try:
         client.create_registered_model(name)
@@ -215,7 +211,7 @@ def resolve_model(ref: str, uri: str | None = None) -> ModelVersion:
             f"registered models there: {', '.join(known) or 'none'}. `raygen models list` "
             "shows them (MLFLOW_TRACKING_URI or --registry-uri choose the store).",
         ) from None
-    _check_model_dir(found.model, f"{ref} (registered from {found.model})")
+    check_model_dir(found.model, f"{ref} (registered from {found.model})")
     return found
 
 
@@ -232,6 +228,51 @@ def version_of(client: Any, uri: str, name: str, version: str) -> ModelVersion:
         tags=tags,
         aliases=tuple(getattr(v, "aliases", None) or ()),
     )
+
+
+def registrations(model: str) -> list[tuple[str, ModelVersion | None]]:
+    """Each version `model` (an exported model directory) was registered as, resolved in
+    the store it was registered in: (models:/NAME/VERSION, the version, None when it
+    cannot be read now)."""
+    out: list[tuple[str, ModelVersion | None]] = []
+    for v in registered_versions(model):
+        ref = f"{MODELS_PREFIX}{v['name']}/{v['version']}"
+        try:
+            out.append((ref, resolve_model(ref, v["uri"])))
+        except Exception as exc:  # noqa: BLE001 - listed but unreadable: the caller says so
+            logger.warning("cannot read %s (registered in %s): %s", ref, v["uri"], exc)
+            out.append((ref, None))
+    return out
+
+
+def record_on_versions(
+    model: str,
+    sha256: str,
+    record: Callable[[ModelVersion], None],
+    what: str,
+    version: ModelVersion | None = None,
+) -> list[str]:
+    """Record `what` (an audit, a deployment) on `version`, else on every version `model`
+    was registered as, each only if it still names these files (`sha256`). The registry
+    being unreachable costs the audit or deployment nothing: it is warned about. Returns
+    the versions recorded on."""
+    versions = [(version.ref, version)] if version is not None else registrations(model)
+    recorded = []
+    for ref, registered in versions:
+        if registered is None:
+            continue
+        if registered.sha256 != sha256:
+            logger.warning(
+                "the %s is not recorded on %s: %s holds other files now than the model "
+                "registered as it (register it again)", what, ref, model,
+            )  # fmt: skip
+            continue
+        try:
+            record(registered)
+            recorded.append(ref)
+        except Exception as exc:  # noqa: BLE001 - the files of record are written
+            logger.warning("could not record the %s on %s: %s", what, ref, exc)
+    return recorded
 
 
 def registered_versions(model: str) -> list[dict[str, str]]:
@@ -341,7 +382,7 @@ def _remember(run_dir: str, version: ModelVersion) -> None:
     write_text(join(run_dir, REGISTRY_FILE), json.dumps(records, indent=2))
 
 
-def _check_model_dir(model: str, what: str) -> None:
+def check_model_dir(model: str, what: str) -> None:
     if not (exists(join(model, "config.json")) or exists(join(model, "model_index.json"))):
         raise SpecError(
             "model",

@@ -299,14 +299,10 @@ class Tracker:
 
     def _start(self) -> Any:
         """Connect, then start the MLflow run or continue the recorded one; log the params."""
-        limit_mlflow_retries()
-        # Creating an embedded store's tables is routine, not news.
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-        from mlflow import MlflowClient
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
-        client = MlflowClient(tracking_uri=self.target.uri)
+        client = mlflow_client(self.target.uri)
         experiment = client.get_experiment_by_name(self.target.experiment)
         if experiment is None:
             try:
@@ -421,14 +417,20 @@ def set_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
         client.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH])
 
 
-def limit_mlflow_retries() -> None:
-    """MLflow as raygen's library: each HTTP request fails fast (MLflow would retry one for
+def mlflow_client(uri: str) -> Any:
+    """An MLflow client of the store at `uri` (tracking and registry), MLflow set up as
+    raygen's library: each HTTP request fails fast (MLflow would retry one for
     minutes; the tracker retries records on its own schedule), and MLflow's usage
     telemetry stays off (its threads would call out from every training driver, on
     clusters that often cannot reach the internet). A user's own settings win."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Creating an embedded store's tables is routine, not news.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _permanent(exc: BaseException) -> bool:

@@ -134,29 +134,21 @@ def record_deployment(spec: DeploySpec, info: dict[str, Any]) -> str:
     name = write_record(spec.model, DEPLOYED, entry)
     path = join(model_home(spec.model), RECORDS_DIR, name)
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _record_on_versions(spec, {**entry, "record": path, "at": at, "user": _user()})
-    return path
-
-
-def _record_on_versions(spec: DeploySpec, entry: dict[str, Any]) -> None:
-    """Record the deployment on the registered version deployed (or every version its
-    directory was registered as) and point their `serving` alias at it. The deployment
-    stands if the registry is unreachable: it is reported."""
     from raygen.jobs.registry import record_deployment as record_on
-    from raygen.jobs.registry import registered_versions, resolve_model
+    from raygen.jobs.registry import record_on_versions, resolve_model
 
-    if spec.registered_version:
-        refs = [(spec.registered_version, None)]
-    else:
-        listed = registered_versions(spec.model)
-        refs = [(f"models:/{v['name']}/{v['version']}", v["uri"]) for v in listed]
-    for ref, uri in refs:
-        try:
-            version = resolve_model(ref, uri)
-            if version.sha256 == entry["model_sha256"]:
-                record_on(version, entry)
-        except Exception as exc:  # noqa: BLE001 - the deployment's own record is written
-            logger.warning("could not record the deployment on %s: %s", ref, exc)
+    # On the registered version deployed, else on every version the directory was
+    # registered as; each moves its `serving` alias.
+    try:
+        version = resolve_model(spec.registered_version) if spec.registered_version else None
+    except Exception as exc:  # noqa: BLE001 - the deployment stands; its record is written
+        logger.warning("could not record the deployment on %s: %s", spec.registered_version, exc)
+        return path
+    recorded = {**entry, "record": path, "at": at, "user": _user()}
+    record_on_versions(
+        spec.model, entry["model_sha256"], lambda v: record_on(v, recorded), "deployment", version
+    )
+    return path
 
 
 def _user() -> str:

@@ -40,23 +40,20 @@ def lineage(model: str) -> dict[str, Any]:
     from pathlib import Path
 
     from raygen.jobs.registry import (
+        check_model_dir,
         is_registered,
-        registered_versions,
+        registrations,
         resolve_model,
         summary,
     )
 
-    versions = []
     if is_registered(model):
         version = resolve_model(model)
         model, versions = version.model, [version]
     else:
         model = model if is_remote(model) else str(Path(model).resolve())
-        for v in registered_versions(model):
-            try:
-                versions.append(resolve_model(f"models:/{v['name']}/{v['version']}", v["uri"]))
-            except Exception:  # noqa: BLE001 - listed, unreadable: said below
-                versions.append(None)
+        check_model_dir(model, "raygen lineage")
+        versions = [version for _, version in registrations(model)]
     digest = model_sha256(model)
     run_dir = model_home(model)
     problems: list[str] = []

@@ -94,37 +94,12 @@ def run_audit(
     write_text(join(out_dir, AUDIT_FILE), json.dumps(report, indent=2, default=_json_number))
     write_text(join(out_dir, REPORT_FILE), render_html(report))
     report["paths"] = {"audit": join(out_dir, AUDIT_FILE), "report": join(out_dir, REPORT_FILE)}
-    report["registered"] = _record_on_versions(report, registered)
+    from raygen.jobs.registry import record_audit, record_on_versions
+
+    report["registered"] = record_on_versions(
+        model, digest, lambda v: record_audit(v, report), "audit", registered
+    )
     return report
-
-
-def _record_on_versions(report: dict[str, Any], version: Any) -> list[str]:
-    """Put the audit on the registered version audited, or on every version the model
-    directory was registered as; returns them (models:/NAME/VERSION). The registry being
-    unreachable costs the audit nothing: its files are written; it is reported."""
-    from raygen.jobs.registry import record_audit, registered_versions, resolve_model
-
-    if version is not None:
-        versions = [(version.ref, version.uri)]
-    else:
-        listed = registered_versions(report["model"])
-        versions = [(f"models:/{v['name']}/{v['version']}", v["uri"]) for v in listed]
-    recorded = []
-    for ref, uri in versions:
-        try:
-            registered = version if version is not None else resolve_model(ref, uri)
-            if registered.sha256 != report["model_sha256"]:
-                logger.warning(
-                    "the audit is not recorded on %s: %s holds other files now than the "
-                    "model registered as it (register it again to audit it as a version)",
-                    ref, report["model"],
-                )  # fmt: skip
-                continue
-            record_audit(registered, report)
-            recorded.append(ref)
-        except Exception as exc:  # noqa: BLE001 - the audit stands in its files
-            logger.warning("could not record the audit on %s: %s", ref, exc)
-    return recorded
 
 
 def _check_results(
