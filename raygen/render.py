@@ -307,10 +307,19 @@ def audit_report(report: dict[str, Any]) -> None:
 
 def deployment(info: dict[str, Any], spec: Any) -> None:
     url = info["url"]
+    replaced = info.get("replaced")
+    done = "updated" if replaced is not None else "deployed"
     out.print(
-        f"[green]deployed[/] {info['name']} ({info['kind']}) in {info['deploy_s']:.0f} s at {url}",
+        f"[green]{done}[/] {info['name']} ({info['kind']}) in {info['deploy_s']:.0f} s at {url}",
         soft_wrap=True,
     )
+    if replaced:
+        was = (replaced.get("model_sha256") or "?")[:16]
+        out.print(
+            f"  in place: model sha256 {was} -> {info['model_sha256'][:16]}; the old replicas "
+            "finished the requests they had",
+            highlight=False,
+        )
     endpoint = "/v1/completions" if info["kind"] == "language-model" else "/v1/images/generations"
     out.print(f"  {endpoint:<24} POST   API docs: {url}/docs", highlight=False)
     scaling = spec.autoscaling

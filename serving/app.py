@@ -65,6 +65,36 @@ api = FastAPI(
 )
 
 
+MODEL_SHA256_HEADER = "x-raygen-model-sha256"
+# This replica's model hash, set when it loads the model; one replica per process.
+_served: dict[str, str] = {}
+
+
+class _ModelHashHeader:
+    """Every response of a replica (answers, errors, streams) names the model behind it in
+    `x-raygen-model-sha256`, so clients see which model answered across updates."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        digest = _served.get("sha256")
+        if scope["type"] != "http" or not digest:
+            await self.app(scope, receive, send)
+            return
+        header = (MODEL_SHA256_HEADER.encode(), digest.encode())
+
+        async def send_named(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
+
+
+api.add_middleware(_ModelHashHeader)
+
+
 class _ErrorDetail(BaseModel):
     message: str
     type: str
@@ -161,6 +191,10 @@ class ModelServer:
         started = time.monotonic()
         self.spec = DeploySpec.model_validate(spec)
         self.audit = serving_clearance(self.spec)  # the gate holds wherever the app runs
+        # The module as imported on this replica (this class may arrive by value).
+        import raygen.serving.app as here
+
+        here._served["sha256"] = self.audit["model_sha256"]
         self.keys = _api_keys(self.spec)
         torch.set_num_threads(max(1, int(self.spec.replica.num_cpus)))
         device = "cuda" if self.spec.replica.num_gpus > 0 else "cpu"
@@ -234,6 +268,15 @@ class ModelServer:
             self.kind,
             self.load_s,
         )
+
+    def about(self) -> dict[str, Any]:
+        """What this replica serves, for `raygen serve` updating the application in place
+        (and putting it back if the update fails)."""
+        return {
+            "spec": self.spec.model_dump(mode="json"),
+            "model": self.spec.model,
+            "model_sha256": self.audit["model_sha256"],
+        }
 
     def check_health(self) -> None:
         """Serve's periodic health check (every 10 s): a replica whose engine thread has
@@ -740,4 +783,14 @@ def build_app(args: DeploySpec | dict[str, Any]) -> serve.Application:
         max_queued_requests=replica.max_queued_requests,
         backpressure_config=BackpressureConfig(retry_after_s=replica.retry_after_s),
         ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+        # A redeployment (another model or settings) starts the new replicas, which load the
+        # model and pass the gate, before the old ones stop taking requests; those then
+        # finish what they have (streams included) within `drain_s`.
+        max_surge_percent=spec.updates.surge_percent,
+        graceful_shutdown_timeout_s=drain_s(spec),
     ).bind(spec.model_dump(mode="json"))
+
+
+def drain_s(spec: DeploySpec) -> float:
+    """Seconds a replica being replaced or removed keeps working on the requests it has."""
+    return spec.updates.drain_timeout_s or spec.http.request_timeout_s

@@ -113,14 +113,23 @@ def url_of(spec: DeploySpec) -> str:
     return f"http://{host}:{spec.http.port}{spec.route_prefix.rstrip('/')}"
 
 
-def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
+def deploy(
+    spec: DeploySpec, embedded: bool, on_event: Callable[[str], None] = logger.info
+) -> dict[str, Any]:
     """Run the application on the connected Ray and wait until its replicas are up.
 
+    An application of that name already running is updated in place: its replicas keep
+    answering until new ones have loaded the model and passed the gate, then finish what
+    they have (`updates` in the spec). If the update fails, the application is put back as
+    it was.
+
     Returns:
-        {"name", "url", "model_sha256", "kind", "replicas", "deploy_s"}.
+        {"name", "url", "model_sha256", "kind", "replicas", "deploy_s", "replaced"}, where
+        `replaced` is {"model", "model_sha256"} of the model updated away from, or None.
 
     Raises:
-        DeployError: Serve could not start the application (the replica's error named).
+        DeployError: Serve could not start the application (the replica's error named), or
+            the name belongs to an application raygen did not deploy.
     """
     from ray import serve
 
@@ -129,19 +138,30 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
 
     started = time.monotonic()
     serve.start(http_options=http_options(spec))
+    running = _running(spec.name)
+    if running is not None:
+        on_event(
+            f"{spec.name} is running ({running.get('model', 'its model')}): updating it in place; "
+            "its replicas answer until the new ones have loaded the model and passed the gate"
+        )
     try:
         serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
     except RuntimeError as exc:
-        app = serve.status().applications.get(spec.name)
-        deployment = app.deployments.get(DEPLOYMENT) if app else None
-        _delete_quietly(spec.name)
-        reason = _replica_error((deployment.message if deployment else "") or str(exc))
-        raise DeployError(f"{spec.name} failed to start: {reason}") from None
+        reason = _replica_error(_deployment_message(spec.name) or str(exc))
+        if running is None:
+            _delete_quietly(spec.name)
+            raise DeployError(f"{spec.name} failed to start: {reason}") from None
+        raise DeployError(
+            f"the update of {spec.name} failed: {reason}. {_restore(spec.name, running)}"
+        ) from None
     url = url_of(spec)
     if embedded and spec.autoscaling.min_replicas > 0:
         _wait_answering(url + "/healthz")
     from raygen.jobs.model_hash import model_sha256
 
+    replaced = None
+    if running is not None:
+        replaced = {"model": running.get("model"), "model_sha256": running.get("model_sha256")}
     return {
         "name": spec.name,
         "url": url,
@@ -149,7 +169,57 @@ def deploy(spec: DeploySpec, embedded: bool) -> dict[str, Any]:
         "kind": detect_kind(spec.model),
         "replicas": replica_counts(spec.name),
         "deploy_s": time.monotonic() - started,
+        "replaced": replaced,
     }
+
+
+def _running(name: str) -> dict[str, Any] | None:
+    """What the running application `name` serves ({"spec", "model", "model_sha256"}; only
+    {} when its replicas cannot say), or None when no application has that name.
+
+    Raises:
+        DeployError: an application of that name runs that raygen did not deploy.
+    """
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    if app is None:
+        return None
+    if DEPLOYMENT not in app.deployments:
+        raise DeployError(
+            f"An application named {name!r} runs on this cluster, and raygen did not deploy "
+            "it: give the deploy spec another `name`, or remove it first (`serve shutdown`)."
+        )
+    try:
+        return serve.get_app_handle(name).about.remote().result(timeout_s=30)
+    except Exception as exc:  # noqa: BLE001 - no replica answers: update it all the same
+        logger.warning("%s runs, but its replicas did not say what they serve: %s", name, exc)
+        return {}
+
+
+def _restore(name: str, running: dict[str, Any]) -> str:
+    """Put back the application an update failed to replace; says how that went."""
+    from ray import serve
+
+    from raygen.serving.app import build_app
+
+    if "spec" not in running:
+        return "Its old replicas may still answer: see `raygen serve status`."
+    before = DeploySpec.model_validate(running["spec"])
+    try:
+        serve.run(build_app(before), name=name, route_prefix=before.route_prefix)
+    except RuntimeError as exc:
+        reason = _replica_error(_deployment_message(name) or str(exc))
+        return f"Putting back {before.model} failed too: {reason}; see `raygen serve status`."
+    return f"It serves {before.model} again, as before; nothing else changed."
+
+
+def _deployment_message(name: str) -> str:
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    deployment = app.deployments.get(DEPLOYMENT) if app else None
+    return deployment.message if deployment else ""
 
 
 def block(spec: DeploySpec, on_event: Callable[[str], None]) -> None:
@@ -200,7 +270,7 @@ def serve(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     gated = gate(resolved, override_audit, address, on_event=on_event)
     try:
-        info = deploy(gated, embedded=embedded)
+        info = deploy(gated, embedded=embedded, on_event=on_event)
         on_deployed(info, gated, record_deployment(gated, info))
         if detach:
             return

@@ -129,6 +129,7 @@ def record_deployment(spec: DeploySpec, info: dict[str, Any]) -> str:
         "audit": spec.audit,
         "audit_passed": spec.audit_override is None,
         "override": spec.audit_override.record if spec.audit_override else None,
+        "replaced": info.get("replaced"),
         "spec": spec.model_dump(mode="json", exclude={"audit_override"}),
     }
     name = write_record(spec.model, DEPLOYED, entry)

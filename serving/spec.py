@@ -84,6 +84,26 @@ class BatchingSpec(Section):
     )
 
 
+class UpdatesSpec(Section):
+    surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="When a running application is deployed again (another model or other "
+        "settings), the extra replicas it may start, as a percentage of its replicas (at "
+        "least one): new replicas load the model and pass the gate while the old ones keep "
+        "answering, so no request goes unanswered; the cluster needs room for them. 0: stop "
+        "old replicas before starting new ones (no extra room needed; requests wait for the "
+        "new replicas meanwhile).",
+    )
+    drain_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest a replica being replaced keeps working on the requests and "
+        "streams it has; default `http.request_timeout_s`, so every request it took finishes.",
+    )
+
+
 LOOPBACK_HOSTS = ("localhost", "::1")
 
 
@@ -214,6 +234,10 @@ class DeploySpec(Section):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     filters: FiltersSpec = Field(
         default_factory=FiltersSpec, description="Post-generation output filtering."
+    )
+    updates: UpdatesSpec = Field(
+        default_factory=UpdatesSpec,
+        description="How a running application of this name is updated in place.",
     )
 
     @model_validator(mode="after")

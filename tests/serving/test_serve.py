@@ -440,6 +440,160 @@ def test_a_dead_replica_is_replaced_while_the_other_keeps_answering(lm_run, serv
         stop("sturdy")
 
 
+def _reweighted(model: Path) -> None:
+    """The same architecture with other weights: another model, another sha256."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _p99(seconds: list[float]) -> float:
+    return seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
+
+
+def _answered(text: str, stream: bool) -> bool:
+    """A whole answer: choices, or a stream of chunks (no error event) ending in [DONE]."""
+    if not stream:
+        return bool(json.loads(text).get("choices"))
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    if not events or events[-1] != "[DONE]":
+        return False
+    return all("choices" in json.loads(event) for event in events[:-1])
+
+
+def test_an_update_under_load_drops_no_request_and_the_new_model_answers(
+    lm_run, serve_port, tmp_path
+):
+    """`raygen serve SPEC` on a running application: requests (whole and streamed) keep
+    coming and every one is answered; the new model answers once the update is done."""
+    import ray
+
+    from raygen.jobs.model_hash import model_sha256
+    from raygen.serving.gate import list_records
+
+    old, new = tmp_path / "old" / "model", tmp_path / "new" / "model"
+    shutil.copytree(lm_run[1]["paths"]["model"], old)
+    shutil.copytree(lm_run[1]["paths"]["model"], new)
+    _reweighted(new)
+    old_sha, new_sha = model_sha256(str(old)), model_sha256(str(new))
+    url = start("rolling", old, serve_port)
+    answers: list[tuple[float, float, str]] = []  # (sent at, seconds, model sha256)
+    failures: list[str] = []
+    done = threading.Event()
+
+    def load(stream: bool) -> None:
+        body = {"model": "rolling", "prompt": "import ", "max_tokens": 8, "stream": stream}
+        with httpx.Client(timeout=120) as http:
+            while not done.is_set():
+                sent = time.monotonic()
+                try:
+                    r = http.post(f"{url}/v1/completions", json=body)
+                except httpx.HTTPError as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                if r.status_code != 200 or not _answered(r.text, stream):
+                    failures.append(f"{r.status_code}: {r.text[-300:]}")
+                    continue
+                sha = r.headers["x-raygen-model-sha256"]
+                answers.append((sent, time.monotonic() - sent, sha))
+
+    spec = tmp_path / "rolling.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "rolling",
+                "model": str(new),
+                "route_prefix": "/rolling",
+                "audit": str(tmp_path / "none.json"),
+                "replica": {"num_cpus": 0.25},
+                "http": {"port": serve_port},
+                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            }
+        )
+    )
+    running: list[int] = []  # replicas answering, sampled through the update
+
+    def watch() -> None:
+        while not done.is_set():
+            running.append(replica_counts("rolling").get("RUNNING", 0))
+            time.sleep(0.1)
+
+    address = ray.get_runtime_context().gcs_address
+    clients = [threading.Thread(target=load, args=(s,)) for s in (False, False, True)]
+    try:
+        for c in clients:
+            c.start()
+        time.sleep(2)
+        began = time.monotonic()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        updated = raygen(
+            "serve", str(spec), "--detach", "--address", address, "--override-audit", "update"
+        )
+        ended = time.monotonic()
+        time.sleep(3)
+    finally:
+        done.set()
+        for thread in [*clients, watcher]:
+            thread.join()
+        stop("rolling")
+    assert updated.returncode == 0, updated.stderr
+    assert "updating it in place" in updated.stdout and "updated rolling" in updated.stdout
+    assert failures == [], failures[:3]
+    # The new replica loaded the model and passed the gate before the old one stopped.
+    assert min(running) >= 1, running
+    during = sorted(s for sent, s, _ in answers if began <= sent <= ended)
+    assert len(during) > 10, len(during)
+    before = sorted(s for sent, s, _ in answers if sent < began)
+    print(
+        f"update under load: {len(during)} requests answered during it, p99 "
+        f"{_p99(during):.2f} s ({_p99(before):.2f} s before it)"
+    )
+    assert {sha for sent, _, sha in answers if sent < began} == {old_sha}
+    # Sent a moment after the update returned: the old replicas no longer take requests.
+    assert {sha for sent, _, sha in answers if sent > ended + 1} == {new_sha}
+    (record,) = [r for r in list_records(str(new)) if r["event"] == "deployed"]
+    assert record["replaced"] == {"model": str(old), "model_sha256": old_sha}
+
+
+def test_a_failed_update_puts_the_application_back_as_it_was(lm_run, serve_port, tmp_path):
+    """New replicas that cannot start (here: their API keys are not set where they run):
+    the update is refused with the replica's reason, the old replicas never stopped
+    answering, and the application is declared as before again."""
+    from raygen.serving.deploy import deploy, resolve_deploy_spec
+    from raygen.serving.errors import DeployError
+    from raygen.serving.gate import gate
+    from raygen.serving.spec import DeploySpec
+
+    model = tmp_path / "model"
+    shutil.copytree(lm_run[1]["paths"]["model"], model)
+    url = start("steady", model, serve_port)
+    raw = {
+        "name": "steady",
+        "model": str(model),
+        "audit": str(tmp_path / "none.json"),
+        "route_prefix": "/steady",
+        "replica": {"num_cpus": 0.25},
+        "http": {"port": serve_port},
+        "auth": {"api_keys_env": "RAYGEN_TEST_KEYS_NOWHERE"},
+    }
+    # Not embedded: the driver cannot see the cluster's environment, the replicas can.
+    spec = resolve_deploy_spec(DeploySpec.model_validate(raw), "test", embedded=False)
+    try:
+        with pytest.raises(DeployError) as failed:
+            deploy(gate(spec, override_reason="failed update test"), embedded=False)
+        message = str(failed.value)
+        assert "the update of steady failed" in message and "RAYGEN_TEST_KEYS_NOWHERE" in message
+        assert f"It serves {model} again" in message
+        body = {"model": "steady", "prompt": "import ", "max_tokens": 3}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+    finally:
+        stop("steady")
+
+
 # --- the CLI ------------------------------------------------------------------------------
 
 
