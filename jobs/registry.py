@@ -36,6 +36,7 @@ RUN_DIR_TAG = "raygen.run_dir"
 FINGERPRINT_TAG = "raygen.data_fingerprint"
 AUDIT_PREFIX = "audit."  # audit.passed, audit.failing, audit.report, audit.model_sha256, ...
 DEPLOYMENT_PREFIX = "deployment."  # deployment.<app name>: the last deployment record
+ROLLOUT_PREFIX = "rollout."  # rollout.<app name>: the last canary decision it took part in
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
@@ -313,13 +314,30 @@ def record_audit(version: ModelVersion, report: dict[str, Any]) -> None:
 
 def record_deployment(version: ModelVersion, entry: dict[str, Any]) -> None:
     """Put a deployment (its audit passed, or overridden on the record) on the version
-    (`deployment.<app>`) and point the `serving` alias at it."""
+    (`deployment.<app>`) and, unless it serves as a canary, point the `serving` alias at it.
+    """
     client = client_of(version.uri)
-    record = {k: entry.get(k) for k in ("url", "at", "user", "audit_passed", "override", "record")}
+    keys = ("url", "at", "user", "audit_passed", "override", "record", "arm")
+    record = {k: entry.get(k) for k in keys}
     client.set_model_version_tag(
         version.name, version.version, f"{DEPLOYMENT_PREFIX}{entry['name']}", json.dumps(record)
     )
-    client.set_registered_model_alias(version.name, SERVING_ALIAS, version.version)
+    if entry.get("arm", "primary") == "primary":
+        client.set_registered_model_alias(version.name, SERVING_ALIAS, version.version)
+
+
+def record_rollout(version: ModelVersion, entry: dict[str, Any]) -> None:
+    """Put a canary rollout's decision on the version (`rollout.<app>`: promote or
+    rollback, why, by whom, when, which arm it was and the figures); a promoted canary's
+    version takes the `serving` alias."""
+    client = client_of(version.uri)
+    keys = ("action", "reason", "by", "at", "arm", "figures")
+    record = {k: entry.get(k) for k in keys}
+    client.set_model_version_tag(
+        version.name, version.version, f"{ROLLOUT_PREFIX}{entry['name']}", json.dumps(record)
+    )
+    if entry["action"] == "promote" and entry["arm"] == "canary":
+        client.set_registered_model_alias(version.name, SERVING_ALIAS, version.version)
 
 
 def list_models(uri: str) -> list[dict[str, Any]]:

@@ -104,8 +104,8 @@ app.add_typer(models_app, name="models")
 
 
 class _DeployByDefault(TyperGroup):
-    """`raygen serve SPEC` means `raygen serve deploy SPEC`; `status`, `shutdown` and
-    `build` are subcommands."""
+    """`raygen serve SPEC` means `raygen serve deploy SPEC`; `status`, `shutdown`, `build`,
+    `promote` and `rollback` are subcommands."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
@@ -116,7 +116,7 @@ class _DeployByDefault(TyperGroup):
 serve_app = _group(
     "Serve a trained model on Ray Serve: `raygen serve SPEC` deploys it.", cls=_DeployByDefault
 )
-for _name in ("deploy", "status", "shutdown", "build"):
+for _name in ("deploy", "status", "shutdown", "build", "promote", "rollback"):
     _command(serve_app, getattr(serve, _name), _name)
 app.add_typer(serve_app, name="serve")
 

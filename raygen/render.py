@@ -313,6 +313,14 @@ def deployment(info: dict[str, Any], spec: Any) -> None:
         f"[green]{done}[/] {info['name']} ({info['kind']}) in {info['deploy_s']:.0f} s at {url}",
         soft_wrap=True,
     )
+    canary = info.get("canary")
+    if canary:
+        out.print(
+            f"  canary: {canary['model']} (sha256 {canary['model_sha256'][:16]}) answers "
+            f"{canary['traffic_percent']:g}% of requests",
+            highlight=False,
+            soft_wrap=True,
+        )
     if replaced:
         was = (replaced.get("model_sha256") or "?")[:16]
         out.print(
@@ -345,6 +353,42 @@ def applications(rows: list[dict[str, Any]]) -> None:
             highlight=False,
             soft_wrap=True,
         )
+        serving = row.get("serving")
+        if serving and (len(serving["arms"]) > 1 or serving.get("decision")):
+            for arm, figures in serving["arms"].items():
+                share = serving["canary_percent"]
+                share = share if arm == "canary" else 100 - share
+                out.print(f"  {arm:<8} {share:g}%  {_arm_figures(figures)}", highlight=False)
+        decision = (serving or {}).get("decision")
+        if decision:
+            out.print(
+                f"  decided: {decision['action']} by {decision['by']} at {decision['at']}: "
+                f"{decision['reason']}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+def _arm_figures(f: dict[str, Any]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f} ms"
+
+    return (
+        f"sha256 {f['model_sha256'][:12]}  requests {f['requests']}  errors {f['errors']}  "
+        f"filtered {f['filtered']}  p50 {ms(f['p50_ms'])}  p99 {ms(f['p99_ms'])}"
+    )
+
+
+def rollout_decision(name: str, decision: dict[str, Any]) -> None:
+    done = "promoted" if decision["action"] == "promote" else "rolled back"
+    out.print(f"{name}: canary {done} ({decision['reason']})", highlight=False, soft_wrap=True)
+    for arm, figures in decision["figures"].items():
+        out.print(
+            f"  {arm:<8} requests {figures['requests']}  errors {figures['errors']}  "
+            f"filtered {figures['filtered']}  p99 {figures['p99_ms']} ms",
+            highlight=False,
+        )
+    out.print("recorded in both models' deployment records", highlight=False)
 
 
 def submitted(job: dict[str, Any], working_dir: Any) -> None:

@@ -1,15 +1,17 @@
-"""The Ray Serve application: a FastAPI ingress that batches requests into the model.
+"""The Ray Serve application: the model deployments behind the router, and their HTTP API.
 
 `build_app(spec)` is the application builder (`serving.app:build_app` in a Serve config
-file; Serve validates the config's `args` into a `DeploySpec`). One deployment holds the
-model; Serve autoscales its replicas, and on each replica an engine thread
+file; Serve validates the config's `args` into a `DeploySpec`). The router
+(`serving/router.py`) is the HTTP ingress; one deployment per arm (the primary, and the
+canary during a rollout) holds a model and answers the requests relayed to it with the API
+below. Serve autoscales each arm's replicas, and on each replica an engine thread
 (`serving/engine.py`) runs the model on batches of concurrent requests. Language models
 answer OpenAI's `/v1/completions` (and `/v1/chat/completions` when they have a chat
 template), diffusion models `/v1/images/generations`.
 """
 
-# No `from __future__ import annotations`: Serve ships the deployment class to replicas by
-# value, where FastAPI must still resolve the routes' annotations (Request) to classes.
+# No `from __future__ import annotations`: FastAPI resolves the routes' annotations
+# (Request) to classes when the class-based view is made.
 import asyncio
 import base64
 import hmac
@@ -30,6 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.serve._private.http_util import make_fastapi_class_based_view
 from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -159,7 +162,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """FastAPI's own refusals (an unknown path, a method a path does not take) in OpenAI's
     error shape too."""
     error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}.")
@@ -173,8 +176,6 @@ def _failure(status: int, error: str) -> ApiError:
     return ApiError(status, f"Generation failed: {error}", kind="server_error")
 
 
-@serve.deployment(name="model")
-@serve.ingress(api)
 class ModelServer:
     """One replica: the loaded model plus the HTTP API in front of it."""
 
@@ -191,10 +192,7 @@ class ModelServer:
         started = time.monotonic()
         self.spec = DeploySpec.model_validate(spec)
         self.audit = serving_clearance(self.spec)  # the gate holds wherever the app runs
-        # The module as imported on this replica (this class may arrive by value).
-        import raygen.serving.app as here
-
-        here._served["sha256"] = self.audit["model_sha256"]
+        _served["sha256"] = self.audit["model_sha256"]
         self.keys = _api_keys(self.spec)
         torch.set_num_threads(max(1, int(self.spec.replica.num_cpus)))
         device = "cuda" if self.spec.replica.num_gpus > 0 else "cpu"
@@ -268,6 +266,14 @@ class ModelServer:
             self.kind,
             self.load_s,
         )
+
+    async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict]:
+        """Answer one request the application's router relays (`serving/router.py`): the
+        response's ASGI messages, as this replica's API sends them, then how it went."""
+        from raygen.serving.relay import relay_messages
+
+        async for message in relay_messages(api, scope, body):
+            yield message
 
     def about(self) -> dict[str, Any]:
         """What this replica serves, for `raygen serve` updating the application in place
@@ -753,44 +759,17 @@ class ModelServer:
         if not matched:
             return text, reason, False
         self.filtered.inc(tags={"action": self.filter.action})
+        from raygen.serving.relay import note_filtered
+
+        note_filtered()
         return text, "content_filter" if self.filter.action == "refuse" else reason, True
 
 
-def autoscaling_config(spec: DeploySpec) -> dict[str, Any]:
-    """The spec's `autoscaling` section as Serve's autoscaling_config."""
-    a = spec.autoscaling
-    return {
-        "min_replicas": a.min_replicas,
-        "initial_replicas": a.min_replicas,
-        "max_replicas": a.max_replicas,
-        "target_ongoing_requests": a.target_ongoing_requests,
-        "upscale_delay_s": a.upscale_delay_s,
-        "downscale_delay_s": a.downscale_delay_s,
-    }
-
-
-def build_app(args: DeploySpec | dict[str, Any]) -> serve.Application:
-    """The Serve application for a deploy spec (the builder named in Serve config files,
-    whose `args` are a resolved deploy spec)."""
-    from ray.serve.config import BackpressureConfig
-
-    spec = args if isinstance(args, DeploySpec) else DeploySpec.model_validate(args)
-    replica = spec.replica
-    return ModelServer.options(
-        autoscaling_config=autoscaling_config(spec),
-        max_ongoing_requests=replica.max_ongoing_requests,
-        # Overload is shed at the proxy, at once: 503 with Retry-After past the queue.
-        max_queued_requests=replica.max_queued_requests,
-        backpressure_config=BackpressureConfig(retry_after_s=replica.retry_after_s),
-        ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
-        # A redeployment (another model or settings) starts the new replicas, which load the
-        # model and pass the gate, before the old ones stop taking requests; those then
-        # finish what they have (streams included) within `drain_s`.
-        max_surge_percent=spec.updates.surge_percent,
-        graceful_shutdown_timeout_s=drain_s(spec),
-    ).bind(spec.model_dump(mode="json"))
-
-
-def drain_s(spec: DeploySpec) -> float:
-    """Seconds a replica being replaced or removed keeps working on the requests it has."""
-    return spec.updates.drain_timeout_s or spec.http.request_timeout_s
+# The routes are ModelServer's methods: FastAPI gets the replica answering (`self`) from
+# Serve's replica context, as `serve.ingress` arranges for an ingress. The model deployments
+# are not HTTP ingresses (an application has one, its router): the router relays requests
+# to `ModelServer.forward`, which runs them through `api` here.
+make_fastapi_class_based_view(api, ModelServer)
+# A plain class, importable by name: replicas import this module rather than receive a
+# copy of the class, so the module's state (`api`, `_served`) is the replica's own.
+model_deployment = serve.deployment(ModelServer, name="model")

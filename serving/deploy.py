@@ -19,29 +19,34 @@ import yaml
 from raygen.cluster.storage import is_remote
 from raygen.jobs.errors import SpecError
 from raygen.serving.errors import AuditFailed, DeployError
-from raygen.serving.spec import DeploySpec
+from raygen.serving.spec import CANARY, PRIMARY, DeploySpec, arm_specs, with_arm
 
 logger = logging.getLogger(__name__)
 
-DEPLOYMENT = "model"  # the one deployment of every raygen application
+ROUTER = "router"  # every raygen application's ingress (serving/router.py)
+BEFORE_ROUTER = "model"  # the one deployment of applications of raygen before the router
 
 
 def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) -> DeploySpec:
-    """Check a deploy spec against its model and this machine; return it with the model's
-    local path made absolute (replicas do not share the caller's working directory).
+    """Check a deploy spec against its model(s) and this machine; return it with each
+    model's local path made absolute (replicas do not share the caller's working directory)
+    and registered versions resolved.
 
     Raises:
         SpecError: every problem found, each naming its key.
+        AuditFailed: a registered version with no audit on record, and none given.
     """
-    from raygen.serving.runtimes.common import detect_kind
-
     problems: list[str] = []
-    spec = _resolve_registered(spec)
-    model = spec.model if is_remote(spec.model) else str(Path(spec.model).resolve())
-    try:
-        detect_kind(model)
-    except SpecError as exc:
-        problems += [f"`model`: {p}" for p in exc.problems]
+    resolved, kinds = spec, {}
+    for arm, armed in arm_specs(spec).items():
+        armed, kinds[arm] = _resolve_arm(armed, "" if arm == PRIMARY else "canary.", problems)
+        resolved = with_arm(resolved, arm, armed)
+    if len(set(kinds.values()) - {None}) > 1:
+        problems.append(
+            f"`canary.model` is a {kinds[CANARY]} model and `model` a {kinds[PRIMARY]} one: a "
+            "canary answers the same requests as the model it may replace, so it must be the "
+            "same kind."
+        )
     replica = spec.replica
     if replica.precision == "fp16" and replica.num_gpus == 0:
         problems.append(
@@ -54,29 +59,47 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
             f"`auth.api_keys_env`: {name} is not set here; export {name}=key1,key2 (the API "
             "keys clients must send) or remove `auth` to serve without keys."
         )
-    if spec.audit is None:
-        problems.append(
-            "`audit`: missing; every deployment is gated by an audit of its model: give an "
-            "audit spec (YAML, run before deploying) or the audit.json of a passed "
-            "`raygen audit` of this model."
-        )
-    elif not (spec.audit.endswith(".json") or spec.audit.endswith((".yaml", ".yml"))):
-        problems.append(
-            f"`audit`: {spec.audit} is neither an audit spec (.yaml) nor an audit.json."
-        )
     if problems:
         raise SpecError(source, problems)
-    if not is_remote(spec.model) and not embedded:
-        logger.warning(
-            "model %s is a local path: every node of the cluster must see it there; use an "
-            "s3:// URI for a multi-node cluster.",
-            model,
+    for armed in arm_specs(resolved).values():
+        if not is_remote(armed.model) and not embedded:
+            logger.warning(
+                "model %s is a local path: every node of the cluster must see it there; use "
+                "an s3:// URI for a multi-node cluster.",
+                armed.model,
+            )
+    return resolved
+
+
+def _resolve_arm(spec: DeploySpec, key: str, problems: list[str]) -> tuple[DeploySpec, str | None]:
+    """One arm's spec with its model and audit resolved, and its model's kind (None when it
+    cannot be told); adds what is wrong to `problems`, naming keys under `key`."""
+    from raygen.serving.runtimes.common import detect_kind
+
+    spec = _resolve_registered(spec, key)
+    model = spec.model if is_remote(spec.model) else str(Path(spec.model).resolve())
+    kind = None
+    try:
+        kind = detect_kind(model)
+    except SpecError as exc:
+        problems += [f"`{key}model`: {p}" for p in exc.problems]
+    audit = spec.audit
+    if audit is None:
+        problems.append(
+            f"`{key}audit`: missing; every deployment is gated by an audit of its model: give "
+            "an audit spec (YAML, run before deploying) or the audit.json of a passed "
+            "`raygen audit` of this model."
         )
-    audit = spec.audit if is_remote(spec.audit) else str(Path(spec.audit).resolve())
-    return spec.model_copy(update={"model": model, "audit": audit})
+    elif not (audit.endswith(".json") or audit.endswith((".yaml", ".yml"))):
+        problems.append(
+            f"`{key}audit`: {audit} is neither an audit spec (.yaml) nor an audit.json."
+        )
+    elif not is_remote(audit):
+        audit = str(Path(audit).resolve())
+    return spec.model_copy(update={"model": model, "audit": audit}), kind
 
 
-def _resolve_registered(spec: DeploySpec) -> DeploySpec:
+def _resolve_registered(spec: DeploySpec, key: str = "") -> DeploySpec:
     """A spec whose `model` names a registered version, with the version's model directory
     in its place and, unless the spec names one, the version's last audit as its gate.
 
@@ -94,7 +117,7 @@ def _resolve_registered(spec: DeploySpec) -> DeploySpec:
         raise AuditFailed(
             f"deployment of {spec.name} refused: {spec.model} ({version.ref}) has no audit on "
             f"record. Audit it first: raygen audit AUDIT_SPEC --model {version.ref} (or give "
-            "`audit` in the deploy spec). Nothing was deployed."
+            f"`{key}audit` in the deploy spec). Nothing was deployed."
         )
     return spec.model_copy(
         update={"model": version.model, "registered_version": version.ref, "audit": audit}
@@ -133,7 +156,7 @@ def deploy(
     """
     from ray import serve
 
-    from raygen.serving.app import build_app
+    from raygen.serving.router import application
     from raygen.serving.runtimes.common import detect_kind
 
     started = time.monotonic()
@@ -145,7 +168,7 @@ def deploy(
             "its replicas answer until the new ones have loaded the model and passed the gate"
         )
     try:
-        serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
+        serve.run(application(spec), name=spec.name, route_prefix=spec.route_prefix)
     except RuntimeError as exc:
         reason = _replica_error(_deployment_message(spec.name) or str(exc))
         if running is None:
@@ -162,6 +185,14 @@ def deploy(
     replaced = None
     if running is not None:
         replaced = {"model": running.get("model"), "model_sha256": running.get("model_sha256")}
+    canary = None
+    if spec.canary is not None:
+        canary = {
+            "model": spec.canary.model,
+            "model_sha256": model_sha256(spec.canary.model),
+            "traffic_percent": spec.canary.traffic_percent,
+            "replicas": replica_counts(spec.name, CANARY),
+        }
     return {
         "name": spec.name,
         "url": url,
@@ -170,6 +201,7 @@ def deploy(
         "replicas": replica_counts(spec.name),
         "deploy_s": time.monotonic() - started,
         "replaced": replaced,
+        "canary": canary,
     }
 
 
@@ -185,7 +217,7 @@ def _running(name: str) -> dict[str, Any] | None:
     app = serve.status().applications.get(name)
     if app is None:
         return None
-    if DEPLOYMENT not in app.deployments:
+    if ROUTER not in app.deployments and BEFORE_ROUTER not in app.deployments:
         raise DeployError(
             f"An application named {name!r} runs on this cluster, and raygen did not deploy "
             "it: give the deploy spec another `name`, or remove it first (`serve shutdown`)."
@@ -201,13 +233,13 @@ def _restore(name: str, running: dict[str, Any]) -> str:
     """Put back the application an update failed to replace; says how that went."""
     from ray import serve
 
-    from raygen.serving.app import build_app
+    from raygen.serving.router import application
 
     if "spec" not in running:
         return "Its old replicas may still answer: see `raygen serve status`."
     before = DeploySpec.model_validate(running["spec"])
     try:
-        serve.run(build_app(before), name=name, route_prefix=before.route_prefix)
+        serve.run(application(before), name=name, route_prefix=before.route_prefix)
     except RuntimeError as exc:
         reason = _replica_error(_deployment_message(name) or str(exc))
         return f"Putting back {before.model} failed too: {reason}; see `raygen serve status`."
@@ -215,11 +247,14 @@ def _restore(name: str, running: dict[str, Any]) -> str:
 
 
 def _deployment_message(name: str) -> str:
+    """What Serve says went wrong with an application's deployments ("" if nothing)."""
     from ray import serve
 
     app = serve.status().applications.get(name)
-    deployment = app.deployments.get(DEPLOYMENT) if app else None
-    return deployment.message if deployment else ""
+    if app is None:
+        return ""
+    messages = [d.message for d in app.deployments.values() if d.message]
+    return "\n".join(messages) or app.message or ""
 
 
 def block(spec: DeploySpec, on_event: Callable[[str], None]) -> None:
@@ -254,7 +289,7 @@ def serve(
     import signal
 
     from raygen.cluster.connection import connect
-    from raygen.serving.gate import gate, record_deployment
+    from raygen.serving.gate import gate_arms, record_deployment
 
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     if detach and embedded:
@@ -268,7 +303,7 @@ def serve(
     # SIGTERM (containers, process managers) tears down like Ctrl-C does; set after
     # connecting, as Ray installs a SIGTERM handler of its own there.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    gated = gate(resolved, override_audit, address, on_event=on_event)
+    gated = gate_arms(resolved, override_audit, address, on_event=on_event)
     try:
         info = deploy(gated, embedded=embedded, on_event=on_event)
         on_deployed(info, gated, record_deployment(gated, info))
@@ -290,16 +325,16 @@ def teardown(name: str, embedded: bool) -> None:
         serve.shutdown()
 
 
-def replica_counts(name: str) -> dict[str, int]:
-    """Replicas of an application's model deployment by state (RUNNING, STARTING, ...)."""
+def replica_counts(name: str, arm: str = PRIMARY) -> dict[str, int]:
+    """Replicas of one arm's model deployment by state (RUNNING, STARTING, ...)."""
     from ray import serve
 
     app = serve.status().applications.get(name)
-    if app is None or DEPLOYMENT not in app.deployments:
+    if app is None or arm not in app.deployments:
         return {}
     return {
         str(k.value if hasattr(k, "value") else k): v
-        for k, v in app.deployments[DEPLOYMENT].replica_states.items()
+        for k, v in app.deployments[arm].replica_states.items()
     }
 
 
@@ -309,7 +344,6 @@ def status() -> list[dict[str, Any]]:
 
     rows = []
     for name, app in serve.status().applications.items():
-        deployment = app.deployments.get(DEPLOYMENT)
         rows.append(
             {
                 "name": name,
@@ -318,10 +352,46 @@ def status() -> list[dict[str, Any]]:
                     "%Y-%m-%d %H:%M:%S", time.localtime(app.last_deployed_time_s)
                 ),
                 "replicas": replica_counts(name),
-                "message": app.message or (deployment.message if deployment else ""),
+                "message": app.message or _deployment_message(name),
+                "serving": _serving(name) if ROUTER in app.deployments else None,
             }
         )
     return rows
+
+
+def _serving(name: str) -> dict[str, Any] | None:
+    """The router's account of an application: each arm's model and figures, the canary's
+    share and the rollout's decision (None when the router does not answer)."""
+    from ray import serve
+
+    try:
+        about = serve.get_app_handle(name).about.remote().result(timeout_s=30)
+    except Exception as exc:  # noqa: BLE001 - status shows what it can
+        logger.warning("%s: its router did not answer: %s", name, exc)
+        return None
+    about.pop("spec", None)
+    return about
+
+
+def decide(name: str, action: str) -> dict[str, Any]:
+    """`raygen serve promote|rollback NAME`: decide a canary rollout by hand; returns the
+    decision, with the figures behind it.
+
+    Raises:
+        DeployError: no such application, or it has no rollout to decide.
+    """
+    from ray import serve
+
+    from raygen.serving.gate import user_name
+
+    names = list(serve.status().applications)
+    if name not in names:
+        running = ", ".join(names) or "none"
+        raise DeployError(f"No application named {name!r} is running (running: {running}).")
+    decision = serve.get_app_handle(name).decide.remote(action, user_name()).result(timeout_s=60)
+    if "error" in decision:
+        raise DeployError(decision["error"])
+    return decision
 
 
 def shutdown(name: str) -> None:
@@ -348,7 +418,7 @@ def write_serve_config(spec: DeploySpec, out: Path) -> dict[str, Any]:
             {
                 "name": spec.name,
                 "route_prefix": spec.route_prefix,
-                "import_path": "raygen.serving.app:build_app",
+                "import_path": "raygen.serving.router:build_app",
                 "args": spec.model_dump(mode="json"),
             }
         ],

@@ -25,7 +25,7 @@ from raygen.jobs.model_hash import MODEL_HASH_FORMAT, model_sha256
 from raygen.serving.audit.run import failing_summary, run_audit
 from raygen.serving.errors import AuditFailed
 from raygen.serving.model_hash import model_home
-from raygen.serving.spec import AuditOverride, DeploySpec
+from raygen.serving.spec import PRIMARY, AuditOverride, DeploySpec, arm_specs, with_arm
 
 logger = logging.getLogger(__name__)
 
@@ -120,39 +120,53 @@ def list_records(model: str) -> list[dict[str, Any]]:
 
 
 def record_deployment(spec: DeploySpec, info: dict[str, Any]) -> str:
-    """Record a deployment that started; returns the record's path."""
+    """Record a deployment that started, on each model it serves (and their registered
+    versions); returns the path of the primary model's record."""
+    paths = {}
+    for arm, armed in arm_specs(spec).items():
+        arm_info = info if arm == PRIMARY else {**info, **info["canary"], "replaced": None}
+        paths[arm] = _record_arm(armed, arm_info, arm, spec)
+    return paths[PRIMARY]
+
+
+def _record_arm(armed: DeploySpec, info: dict[str, Any], arm: str, spec: DeploySpec) -> str:
+    """Record the deployment of one arm's model, beside the model and on its versions."""
+    override = armed.audit_override
     entry = {
         "name": spec.name,
-        "model": spec.model,
+        "model": armed.model,
         "model_sha256": info.get("model_sha256"),
         "url": info.get("url"),
-        "audit": spec.audit,
-        "audit_passed": spec.audit_override is None,
-        "override": spec.audit_override.record if spec.audit_override else None,
+        "audit": armed.audit,
+        "audit_passed": override is None,
+        "override": override.record if override else None,
         "replaced": info.get("replaced"),
+        "arm": arm,
         "spec": spec.model_dump(mode="json", exclude={"audit_override"}),
     }
-    name = write_record(spec.model, DEPLOYED, entry)
-    path = join(model_home(spec.model), RECORDS_DIR, name)
+    name = write_record(armed.model, DEPLOYED, entry)
+    path = join(model_home(armed.model), RECORDS_DIR, name)
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     from raygen.jobs.registry import record_deployment as record_on
     from raygen.jobs.registry import record_on_versions, resolve_model
 
     # On the registered version deployed, else on every version the directory was
-    # registered as; each moves its `serving` alias.
+    # registered as; a primary's moves its `serving` alias.
+    registered = armed.registered_version
     try:
-        version = resolve_model(spec.registered_version) if spec.registered_version else None
+        version = resolve_model(registered) if registered else None
     except Exception as exc:  # noqa: BLE001 - the deployment stands; its record is written
-        logger.warning("could not record the deployment on %s: %s", spec.registered_version, exc)
+        logger.warning("could not record the deployment on %s: %s", registered, exc)
         return path
-    recorded = {**entry, "record": path, "at": at, "user": _user()}
+    recorded = {**entry, "record": path, "at": at, "user": user_name()}
     record_on_versions(
-        spec.model, entry["model_sha256"], lambda v: record_on(v, recorded), "deployment", version
+        armed.model, entry["model_sha256"], lambda v: record_on(v, recorded), "deployment", version
     )
     return path
 
 
-def _user() -> str:
+def user_name() -> str:
+    """Who is acting: RAYGEN_USER, else the login name."""
     return os.environ.get("RAYGEN_USER") or getpass.getuser()
 
 
@@ -160,7 +174,11 @@ def _user() -> str:
 
 
 def clear(
-    spec: DeploySpec, report: dict[str, Any] | None, digest: str, override_reason: str | None
+    spec: DeploySpec,
+    report: dict[str, Any] | None,
+    digest: str,
+    override_reason: str | None,
+    arm: str = PRIMARY,
 ) -> DeploySpec:
     """The decision: `spec` as it may be deployed, or AuditFailed.
 
@@ -176,12 +194,13 @@ def clear(
         return spec.model_copy(update={"audit_override": None})
     if not override_reason:
         lines = "\n".join(f"  - {line}" for line in failing)
+        which = f"deployment of {spec.name}" if arm == PRIMARY else f"the canary of {spec.name}"
         raise AuditFailed(
-            f"deployment of {spec.name} refused by its audit:\n{lines}\nNothing was deployed. "
+            f"{which} refused by its audit:\n{lines}\nNothing was deployed. "
             'Fix the model (or the audit), or deploy anyway with --override-audit "REASON" '
             "(recorded with your name)."
         )
-    user = _user()
+    user = user_name()
     record = write_record(
         spec.model,
         OVERRIDE,
@@ -193,10 +212,31 @@ def clear(
             "reason": override_reason,
             "user": user,
             "failing": failing,
+            "arm": arm,
         },
     )
     logger.warning("audit overridden by %s: %s (record %s)", user, override_reason, record)
     return spec.model_copy(update={"audit_override": AuditOverride(record=record)})
+
+
+def gate_arms(
+    spec: DeploySpec,
+    override_reason: str | None = None,
+    address: str | None = None,
+    on_event: Callable[[str], None] = logger.info,
+) -> DeploySpec:
+    """The gate for each model the application serves: the primary, then the canary (no
+    traffic reaches a canary its gate refused). An override applies to whichever model's
+    audit failed, and its record says which arm that was.
+
+    Raises:
+        AuditFailed, SpecError: as `gate`, for either model.
+    """
+    gated = spec
+    for arm, armed in arm_specs(spec).items():
+        say = on_event if arm == PRIMARY else (lambda line: on_event(f"canary {line}"))
+        gated = with_arm(gated, arm, gate(armed, override_reason, address, say, arm))
+    return gated
 
 
 def gate(
@@ -204,6 +244,7 @@ def gate(
     override_reason: str | None = None,
     address: str | None = None,
     on_event: Callable[[str], None] = logger.info,
+    arm: str = PRIMARY,
 ) -> DeploySpec:
     """The deployment gate: a passed audit of this exact model, or an override on record.
 
@@ -235,7 +276,7 @@ def gate(
             f"{report['paths']['report']}"
         )
     resolved = spec.model_copy(update={"audit": audit_json})
-    return clear(resolved, report, model_sha256(spec.model), override_reason)
+    return clear(resolved, report, model_sha256(spec.model), override_reason, arm)
 
 
 # --- the replica's side ---------------------------------------------------------------------

@@ -188,6 +188,82 @@ class AuditOverride(Section):
     )
 
 
+class PromoteAfterSpec(Section):
+    requests: int = Field(
+        200, ge=1, description="Requests the canary has answered before it may be promoted."
+    )
+    seconds: float = Field(
+        300, ge=0, description="Seconds since the canary took its first request, at least."
+    )
+
+
+class RollbackIfSpec(Section):
+    """Thresholds against the primary arm, over the requests since the canary started.
+
+    A rate is judged crossed when the canary's rate is above the primary's plus the
+    threshold even at the low end of its 95% Wilson interval: a few unlucky requests do not
+    roll back a good canary, and a canary failing most of its requests is rolled back after
+    a handful. Latency is judged once each arm has answered 100 requests (a 99th
+    percentile of fewer says little)."""
+
+    error_rate: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Most the canary's share of failed requests (HTTP 5xx) may exceed the "
+        "primary's; null: not judged.",
+    )
+    p99_latency_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Most the canary's 99th-percentile latency may exceed the primary's, in "
+        "milliseconds; null: not judged.",
+    )
+    filtered_rate: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Most the canary's share of answers the output filter matched may exceed "
+        "the primary's; null: not judged.",
+    )
+
+
+class CanarySpec(Section):
+    """A second model answering a share of the traffic until it is promoted or rolled back."""
+
+    model: str = Field(
+        description="The canary's model: a directory or URI, or a registered version "
+        "(models:/NAME/VERSION, models:/NAME@ALIAS)."
+    )
+    audit: str | None = Field(
+        None,
+        description="The canary's gate, as `audit` is the primary's: an audit spec (YAML) or "
+        "the audit.json of a passed audit of this model (default for a registered version: "
+        "its last audit).",
+    )
+    traffic_percent: float = Field(
+        gt=0,
+        lt=100,
+        description="Share of requests the canary answers. A request carrying `user` always "
+        "goes to the same model.",
+    )
+    promote_after: PromoteAfterSpec = Field(
+        default_factory=PromoteAfterSpec,
+        description="When the canary becomes the primary, if no `rollback_if` threshold was "
+        "crossed by then: both conditions must hold.",
+    )
+    rollback_if: RollbackIfSpec = Field(
+        default_factory=RollbackIfSpec,
+        description="When the canary is rolled back at once (all traffic to the primary).",
+    )
+    registered_version: str | None = Field(
+        None, description="Written by raygen, as the deploy spec's own field."
+    )
+    audit_override: AuditOverride | None = Field(
+        None, description="Written by raygen, as the deploy spec's own field."
+    )
+
+
 class DeploySpec(Section):
     """A deployment: an exported model behind an autoscaling Ray Serve application."""
 
@@ -239,6 +315,11 @@ class DeploySpec(Section):
         default_factory=UpdatesSpec,
         description="How a running application of this name is updated in place.",
     )
+    canary: CanarySpec | None = Field(
+        None,
+        description="A canary rollout: another model (gated like this one) answering a share "
+        "of the requests beside it, promoted or rolled back on its figures.",
+    )
 
     @model_validator(mode="after")
     def _keys_where_reachable(self) -> DeploySpec:
@@ -250,6 +331,30 @@ class DeploySpec(Section):
             "auth.api_keys_env to the variable holding the API keys, or set "
             "auth.allow_anonymous: true to serve without keys on purpose"
         )
+
+
+PRIMARY = "primary"
+CANARY = "canary"
+_ARM_FIELDS = ("model", "audit", "audit_override", "registered_version")
+
+
+def arm_specs(spec: DeploySpec) -> dict[str, DeploySpec]:
+    """The deploy spec of each model the application serves: the primary's, and the
+    canary's (the primary's settings with the canary's model, gate and record)."""
+    arms = {PRIMARY: spec.model_copy(update={"canary": None})}
+    if spec.canary is not None:
+        canary = {field: getattr(spec.canary, field) for field in _ARM_FIELDS}
+        arms[CANARY] = spec.model_copy(update={**canary, "canary": None})
+    return arms
+
+
+def with_arm(spec: DeploySpec, arm: str, armed: DeploySpec) -> DeploySpec:
+    """`spec` with one arm's model, gate and record taken from `armed` (`arm_specs`'s)."""
+    fields = {field: getattr(armed, field) for field in _ARM_FIELDS}
+    if arm == PRIMARY:
+        return spec.model_copy(update=fields)
+    assert spec.canary is not None
+    return spec.model_copy(update={"canary": spec.canary.model_copy(update=fields)})
 
 
 # --- audits -------------------------------------------------------------------------------

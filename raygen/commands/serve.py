@@ -77,6 +77,32 @@ def shutdown(
     render.out.print(f"shut down {name}")
 
 
+def promote(
+    name: Annotated[str, typer.Argument(help="Application name (the deploy spec's `name`).")],
+    address: AddressOption = None,
+) -> None:
+    """Promote an application's canary now: it answers every request, the old model is
+    drained; recorded with your name and the figures so far."""
+    _decide(name, "promote", address)
+
+
+def rollback(
+    name: Annotated[str, typer.Argument(help="Application name (the deploy spec's `name`).")],
+    address: AddressOption = None,
+) -> None:
+    """Roll an application's canary back now: every request goes to the primary, the canary
+    is drained; recorded with your name and the figures so far."""
+    _decide(name, "rollback", address)
+
+
+def _decide(name: str, action: str, address: str | None) -> None:
+    from raygen.cluster.connection import connect_existing
+    from raygen.serving.deploy import decide
+
+    connect_existing(address)
+    render.rollout_decision(name, decide(name, action))
+
+
 def build(
     spec: Annotated[Path, typer.Argument(help="Deploy spec (YAML).")],
     out_path: Annotated[
@@ -91,14 +117,14 @@ def build(
     audit gate: its replicas check the audit again when they start)."""
     from raygen.jobs.loader import load_spec
     from raygen.serving.deploy import resolve_deploy_spec, write_serve_config
-    from raygen.serving.gate import gate
+    from raygen.serving.gate import gate_arms
     from raygen.serving.spec import DeploySpec
 
     deploy_spec = load_spec(DeploySpec, spec, set_)
     setup_logging()
     use_registry(registry_uri)
     resolved = resolve_deploy_spec(deploy_spec, str(spec), embedded=False)
-    gated = gate(resolved, override_audit, address, on_event=render.plain)
+    gated = gate_arms(resolved, override_audit, address, on_event=render.plain)
     write_serve_config(gated, out_path)
     if gated.audit_override:
         render.out.print(

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from raygen.serving.deploy import deploy, resolve_deploy_spec
-from raygen.serving.gate import gate
+from raygen.serving.gate import gate_arms
 from raygen.serving.spec import DeploySpec
 
 
@@ -24,7 +24,7 @@ def start(name: str, model: Path, port: int, **sections) -> str:
     }
     spec = resolve_deploy_spec(DeploySpec.model_validate(raw), "test")
     # These tests are about serving mechanics; the audit gate has its own (test_audit.py).
-    spec = gate(spec, override_reason="serving mechanics test")
+    spec = gate_arms(spec, override_reason="serving mechanics test")
     return deploy(spec, embedded=True)["url"]
 
 

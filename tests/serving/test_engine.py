@@ -423,7 +423,7 @@ def test_a_stream_that_fell_behind_gets_the_queued_steps_as_one_then_the_error()
         def cancel(self, ticket):
             self.cancelled = True
 
-    replica = ModelServer.func_or_class  # its methods, on a stand-in without a model
+    replica = ModelServer  # its methods, on a stand-in without a model
     server = SimpleNamespace(deadline_s=60.0)
     server._within_deadline = lambda *args: replica._within_deadline(server, *args)
     server.engine = QueuedEngine(

@@ -428,7 +428,7 @@ def test_a_dead_replica_is_replaced_while_the_other_keeps_answering(lm_run, serv
         names = [
             a["name"]
             for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("SERVE_REPLICA::sturdy#")
+            if a["name"].startswith("SERVE_REPLICA::sturdy#primary#")
         ]
         assert len(names) == 2
         ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)

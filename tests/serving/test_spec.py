@@ -22,8 +22,11 @@ def test_example_parses(path):
         assert audit.name == path.stem.replace("-audit", "-fairness")
         return
     spec = load_spec(DeploySpec, path)
-    assert spec.name == path.stem
+    # A canary example names the application it is tried on.
+    assert spec.name == path.stem.removesuffix("-canary")
     assert spec.audit and (path.parents[2] / spec.audit).is_file()
+    if path.stem.endswith("-canary"):
+        assert spec.canary and (path.parents[2] / str(spec.canary.audit)).is_file()
 
 
 def problems(**raw) -> str:
@@ -110,8 +113,8 @@ def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path)
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve.schema import ServeDeploySchema
 
-    from raygen.serving.app import build_app
     from raygen.serving.deploy import write_serve_config
+    from raygen.serving.router import build_app
 
     model = tmp_path / "model"
     model.mkdir()
@@ -123,11 +126,14 @@ def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path)
     config = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(config)  # Serve's own schema for `serve deploy`
     app = config["applications"][0]
-    assert app["import_path"] == "raygen.serving.app:build_app"
+    assert app["import_path"] == "raygen.serving.router:build_app"
     assert DeploySpec.model_validate(app["args"]) == spec
     assert config["http_options"]["request_timeout_s"] == spec.http.request_timeout_s
     built = call_user_app_builder_with_args_if_necessary(build_app, app["args"])
-    deployment = built._bound_deployment
+    assert built._bound_deployment.name == "router"
+    arms = built._bound_deployment._replica_config.init_args[1]  # the router's arms
+    assert list(arms) == ["primary"]
+    deployment = arms["primary"]._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     assert deployment._deployment_config.max_queued_requests == 64  # never unbounded
     assert deployment._deployment_config.backpressure_config.retry_after_s == 1

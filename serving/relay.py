@@ -1,0 +1,60 @@
+"""Answering a request relayed from the router on a model replica, in-process: the
+request's ASGI messages in, the response's out (`ModelServer.forward`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from typing import Any
+
+OUTCOME = "raygen.outcome"  # an arm's last message: how the answer went, not relayed
+
+# What answering one relayed request noted on the arm's replica (`relay_messages`).
+_outcome: ContextVar[dict[str, Any] | None] = ContextVar("raygen_outcome", default=None)
+
+
+def note_filtered() -> None:
+    """The answer being relayed matched the output filter (called on the arm's replica)."""
+    outcome = _outcome.get()
+    if outcome is not None:
+        outcome["filtered"] = True
+
+
+async def relay_messages(app: Any, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict]:
+    """Run one relayed request through an ASGI `app` in this process: yields the response's
+    ASGI messages, then {"type": OUTCOME, "filtered": ...} (what the app noted answering)."""
+    messages: asyncio.Queue = asyncio.Queue()
+    outcome = {"filtered": False}
+    _outcome.set(outcome)  # seen by the request's task, which copies this context
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # a client leaving arrives as this call's cancellation
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.put_nowait(message)
+
+    task = asyncio.ensure_future(app(scope, receive, send))
+    try:
+        while True:
+            getter = asyncio.ensure_future(messages.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                task.result()  # the app's own failure, if it failed
+                while not messages.empty():
+                    yield messages.get_nowait()
+                break
+            message = getter.result()
+            yield message
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                break
+        yield {"type": OUTCOME, **outcome}
+    finally:
+        task.cancel()
