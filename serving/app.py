@@ -267,13 +267,13 @@ class ModelServer:
             self.load_s,
         )
 
-    async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict]:
+    async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[list[dict]]:
         """Answer one request the application's router relays (`serving/router.py`): the
         response's ASGI messages, as this replica's API sends them, then how it went."""
         from raygen.serving.relay import relay_messages
 
-        async for message in relay_messages(api, scope, body):
-            yield message
+        async for messages in relay_messages(api, scope, body):
+            yield messages
 
     def about(self) -> dict[str, Any]:
         """What this replica serves, for `raygen serve` updating the application in place

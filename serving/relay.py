@@ -21,9 +21,11 @@ def note_filtered() -> None:
         outcome["filtered"] = True
 
 
-async def relay_messages(app: Any, scope: dict[str, Any], body: bytes) -> AsyncIterator[dict]:
+async def relay_messages(app: Any, scope: dict[str, Any], body: bytes) -> AsyncIterator[list[dict]]:
     """Run one relayed request through an ASGI `app` in this process: yields the response's
-    ASGI messages, then {"type": OUTCOME, "filtered": ...} (what the app noted answering)."""
+    ASGI messages, the last followed by {"type": OUTCOME, "filtered": ...} (what the app
+    noted answering). Messages are yielded in lists, as many as are ready: each yield is a
+    trip back to the router, and a whole (not streamed) answer makes one."""
     messages: asyncio.Queue = asyncio.Queue()
     outcome = {"filtered": False}
     _outcome.set(outcome)  # seen by the request's task, which copies this context
@@ -40,21 +42,26 @@ async def relay_messages(app: Any, scope: dict[str, Any], body: bytes) -> AsyncI
     async def send(message: dict) -> None:
         messages.put_nowait(message)
 
+    def is_last(message: dict) -> bool:
+        return message["type"] == "http.response.body" and not message.get("more_body")
+
     task = asyncio.ensure_future(app(scope, receive, send))
     try:
-        while True:
+        ended = False
+        while not ended:
             getter = asyncio.ensure_future(messages.get())
             await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
+            if getter.done():
+                ready = [getter.result()]
+            else:
                 getter.cancel()
                 task.result()  # the app's own failure, if it failed
-                while not messages.empty():
-                    yield messages.get_nowait()
-                break
-            message = getter.result()
-            yield message
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                break
-        yield {"type": OUTCOME, **outcome}
+                ready, ended = [], True
+            while not messages.empty():
+                ready.append(messages.get_nowait())
+            ended = ended or any(is_last(m) for m in ready)
+            if ended:
+                ready.append({"type": OUTCOME, **outcome})
+            yield ready
     finally:
         task.cancel()

@@ -167,25 +167,35 @@ def _portable(scope: dict[str, Any]) -> dict[str, Any]:
 
 
 class Relayed(Response):
-    """An arm's answer, relayed message by message (a stream as it comes), with the arm
-    named; reports how it went when it ends."""
+    """An arm's answer, relayed as it comes (a stream chunk by chunk), with the arm named;
+    reports how it went when it ends. `first` is the arm's first list of messages (the
+    response's start and what came with it), `rest` the generator of the next ones."""
 
-    def __init__(self, start: dict, rest: Any, arm: str, done: Any):
-        self.start, self.rest, self.arm, self.done = start, rest, arm, done
+    def __init__(self, first: list[dict], rest: Any, arm: str, done: Any):
+        self.first, self.rest, self.arm, self.done = first, rest, arm, done
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        status = self.start["status"]
-        headers = [*self.start.get("headers", []), (ARM_HEADER.encode(), self.arm.encode())]
+        start, *pending = self.first
+        status = start["status"]
+        headers = [*start.get("headers", []), (ARM_HEADER.encode(), self.arm.encode())]
         streamed = (b"content-type", b"text/event-stream") in {
             (k.lower(), v.split(b";")[0]) for k, v in headers
         }
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        filtered, ended, failed = False, False, False
+        filtered, ended, failed, told = False, False, False, False
         try:
-            while not failed:
+            while True:
+                for message in pending:
+                    if message["type"] == OUTCOME:
+                        filtered, told = message["filtered"], True
+                    elif not ended:
+                        await send(message)
+                        ended = not message.get("more_body", False)
+                if failed or told:  # the OUTCOME comes last: no need to ask for the end
+                    break
                 try:
-                    message = await self.rest.__anext__()
+                    pending = await self.rest.__anext__()
                 except StopAsyncIteration:  # after the body, the arm's OUTCOME
                     break
                 except Exception as exc:  # noqa: BLE001 - the arm failed mid-answer
@@ -194,12 +204,7 @@ class Relayed(Response):
                     error = ApiError(500, f"Generation failed: {exc}", kind="server_error")
                     # A stream says so in an event; a body cut short is its own sign.
                     tail = f"data: {json.dumps(error.body())}\n\n" if streamed else ""
-                    message = {"type": "http.response.body", "body": tail.encode()}
-                if message["type"] == OUTCOME:
-                    filtered = message["filtered"]
-                elif not ended:
-                    await send(message)
-                    ended = not message.get("more_body", False)
+                    pending = [{"type": "http.response.body", "body": tail.encode()}]
         finally:
             if not ended:
                 self.rest.cancel()  # the client left: the arm stops working on it
@@ -395,10 +400,10 @@ class Router:
         arm = arm_for(_user_of(body), self.canary_percent) if CANARY in self.arms else PRIMARY
         answer = self.arms[arm].options(stream=True).forward.remote(_portable(request.scope), body)
         try:
-            start = await answer.__anext__()
+            first = await answer.__anext__()
         except Exception as exc:  # noqa: BLE001 - refused or lost before answering
             return self._unanswered(arm, exc, started)
-        return Relayed(start, answer, arm, lambda s, f: self._record(arm, s, started, f))
+        return Relayed(first, answer, arm, lambda s, f: self._record(arm, s, started, f))
 
     async def _body(self, request: Request) -> bytes:
         """The request body, refused (413) past the application's limit."""
