@@ -1,11 +1,11 @@
-"""The Ray Serve application: the model deployments behind the router, and their HTTP API.
+"""The model deployments of a Ray Serve application, and their HTTP API.
 
-`build_app(spec)` is the application builder (`serving.app:build_app` in a Serve config
-file; Serve validates the config's `args` into a `DeploySpec`). The router
-(`serving/router.py`) is the HTTP ingress; one deployment per arm (the primary, and the
-canary during a rollout) holds a model and answers the requests relayed to it with the API
-below. Serve autoscales each arm's replicas, and on each replica an engine thread
-(`serving/engine.py`) runs the model on batches of concurrent requests. Language models
+The application (built by `serving/router.py`'s `build_app`, `raygen.serving.router:build_app`
+in a Serve config file) is a router, the HTTP ingress, in front of one deployment per arm
+(the primary, and the canary during a rollout); each holds a model and answers the requests
+relayed to it with the API below. Serve autoscales each arm's replicas, and on each
+replica an engine thread (`serving/engine.py`) runs the model on batches of concurrent
+requests. Language models
 answer OpenAI's `/v1/completions` (and `/v1/chat/completions` when they have a chat
 template), diffusion models `/v1/images/generations`.
 """
