@@ -392,6 +392,20 @@ def image_request_for(
     return model
 
 
+async def read_body(request: Any, limit: int) -> bytes:
+    """A request's body (a Starlette `Request`), refused with 413 past `limit` bytes, by its
+    declared length before reading, else as soon as it runs over."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"The request body is {declared} bytes; the limit is {limit}.")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
+    return bytes(raw)
+
+
 def parse_body(raw: bytes, model: type[_Body]) -> Any:
     """Validate a JSON request body.
 

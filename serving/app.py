@@ -45,7 +45,9 @@ from raygen.serving.api import (
     completion_request_for,
     image_request_for,
     parse_body,
+    read_body,
 )
+from raygen.serving.relay import note_filtered, relay_messages
 from raygen.serving.spec import DeploySpec
 
 logger = logging.getLogger("ray.serve")
@@ -169,7 +171,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
 
 
-def _failure(status: int, error: str) -> ApiError:
+def failure(status: int, error: str) -> ApiError:
     """A generation failure as an API error: the request's fault (4xx) or ours (5xx)."""
     if status < 500:
         return ApiError(status, f"The model cannot take this request: {error}")
@@ -270,19 +272,12 @@ class ModelServer:
     async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[list[dict]]:
         """Answer one request the application's router relays (`serving/router.py`): the
         response's ASGI messages, as this replica's API sends them, then how it went."""
-        from raygen.serving.relay import relay_messages
-
         async for messages in relay_messages(api, scope, body):
             yield messages
 
     def about(self) -> dict[str, Any]:
-        """What this replica serves, for `raygen serve` updating the application in place
-        (and putting it back if the update fails)."""
-        return {
-            "spec": self.spec.model_dump(mode="json"),
-            "model": self.spec.model,
-            "model_sha256": self.audit["model_sha256"],
-        }
+        """The model this replica serves and its hash (the router's `about` gathers them)."""
+        return {"model": self.spec.model, "model_sha256": self.audit["model_sha256"]}
 
     def check_health(self) -> None:
         """Serve's periodic health check (every 10 s): a replica whose engine thread has
@@ -327,16 +322,8 @@ class ModelServer:
         """The request's body, validated, once its key and endpoint are right."""
         self._authorize(request)
         self._require(endpoint)
-        limit = self.spec.limits.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"The request body is {declared} bytes; the limit is {limit}.")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise ApiError(413, f"The request body is over the limit of {limit} bytes.")
-        body = parse_body(bytes(raw), self.bodies[endpoint])
+        raw = await read_body(request, self.spec.limits.max_body_bytes)
+        body = parse_body(raw, self.bodies[endpoint])
         if body.model is not None and body.model != self.spec.name:
             raise ApiError(
                 404,
@@ -621,7 +608,7 @@ class ModelServer:
         if isinstance(outcome, Exception):
             from raygen.serving.engine import describe, error_status
 
-            raise _failure(error_status(outcome), describe(outcome))
+            raise failure(error_status(outcome), describe(outcome))
         images, batch_size = outcome
         from raygen.serving.runtimes.images import png_bytes
 
@@ -709,7 +696,7 @@ class ModelServer:
                         break
                     update = update.then(later)
                 if update.error:
-                    raise _failure(update.status, update.error)
+                    raise failure(update.status, update.error)
                 yield update
                 if update.done:
                     return
@@ -759,8 +746,6 @@ class ModelServer:
         if not matched:
             return text, reason, False
         self.filtered.inc(tags={"action": self.filter.action})
-        from raygen.serving.relay import note_filtered
-
         note_filtered()
         return text, "content_filter" if self.filter.action == "refuse" else reason, True
 

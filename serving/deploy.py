@@ -41,6 +41,12 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
     for arm, armed in arm_specs(spec).items():
         armed, kinds[arm] = _resolve_arm(armed, "" if arm == PRIMARY else "canary.", problems)
         resolved = with_arm(resolved, arm, armed)
+    arms = arm_specs(resolved)
+    if CANARY in arms and arms[CANARY].model == arms[PRIMARY].model:
+        problems.append(
+            f"`canary.model` is {arms[CANARY].model}, the primary's own model: a canary tries "
+            "another model; give its directory, URI or registered version."
+        )
     if len(set(kinds.values()) - {None}) > 1:
         problems.append(
             f"`canary.model` is a {kinds[CANARY]} model and `model` a {kinds[PRIMARY]} one: a "
@@ -61,7 +67,7 @@ def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) ->
         )
     if problems:
         raise SpecError(source, problems)
-    for armed in arm_specs(resolved).values():
+    for armed in arms.values():
         if not is_remote(armed.model) and not embedded:
             logger.warning(
                 "model %s is a local path: every node of the cluster must see it there; use "
@@ -222,11 +228,20 @@ def _running(name: str) -> dict[str, Any] | None:
             f"An application named {name!r} runs on this cluster, and raygen did not deploy "
             "it: give the deploy spec another `name`, or remove it first (`serve shutdown`)."
         )
+    return _about(name) or {}  # no router answers: update it all the same
+
+
+def _about(name: str) -> dict[str, Any] | None:
+    """The router's account of a running application (`Router.about`): its spec, each
+    arm's model and figures, the canary's share, the rollout's decision; None (warned
+    about) when it does not answer."""
+    from ray import serve
+
     try:
         return serve.get_app_handle(name).about.remote().result(timeout_s=30)
-    except Exception as exc:  # noqa: BLE001 - no replica answers: update it all the same
-        logger.warning("%s runs, but its replicas did not say what they serve: %s", name, exc)
-        return {}
+    except Exception as exc:  # noqa: BLE001 - the callers go on with what they have
+        logger.warning("%s: its router did not say what it serves: %s", name, exc)
+        return None
 
 
 def _restore(name: str, running: dict[str, Any]) -> str:
@@ -360,16 +375,10 @@ def status() -> list[dict[str, Any]]:
 
 
 def _serving(name: str) -> dict[str, Any] | None:
-    """The router's account of an application: each arm's model and figures, the canary's
-    share and the rollout's decision (None when the router does not answer)."""
-    from ray import serve
-
-    try:
-        about = serve.get_app_handle(name).about.remote().result(timeout_s=30)
-    except Exception as exc:  # noqa: BLE001 - status shows what it can
-        logger.warning("%s: its router did not answer: %s", name, exc)
-        return None
-    about.pop("spec", None)
+    """What `raygen serve status` shows of an application's router: `_about` but the spec."""
+    about = _about(name)
+    if about is not None:
+        about.pop("spec", None)
     return about
 
 
@@ -384,14 +393,28 @@ def decide(name: str, action: str) -> dict[str, Any]:
 
     from raygen.serving.gate import user_name
 
+    _require_running(name)
+    try:
+        handle = serve.get_app_handle(name)
+        decision = handle.decide.remote(action, user_name()).result(timeout_s=60)
+    except Exception as exc:  # noqa: BLE001 - a router that is gone, or none (older raygen)
+        raise DeployError(
+            f"{name}'s router did not take the decision: {_replica_error(str(exc) or repr(exc))}"
+            "; see `raygen serve status`."
+        ) from None
+    if "error" in decision:
+        raise DeployError(decision["error"])
+    return decision
+
+
+def _require_running(name: str) -> None:
+    """Raises DeployError naming the applications that do run, unless `name` is one."""
+    from ray import serve
+
     names = list(serve.status().applications)
     if name not in names:
         running = ", ".join(names) or "none"
         raise DeployError(f"No application named {name!r} is running (running: {running}).")
-    decision = serve.get_app_handle(name).decide.remote(action, user_name()).result(timeout_s=60)
-    if "error" in decision:
-        raise DeployError(decision["error"])
-    return decision
 
 
 def shutdown(name: str) -> None:
@@ -402,10 +425,7 @@ def shutdown(name: str) -> None:
     """
     from ray import serve
 
-    names = list(serve.status().applications)
-    if name not in names:
-        running = ", ".join(names) or "none"
-        raise DeployError(f"No application named {name!r} is running (running: {running}).")
+    _require_running(name)
     serve.delete(name)
 
 

@@ -27,10 +27,10 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raygen.serving.api import ApiError
-from raygen.serving.app import http_error, model_deployment
+from raygen.serving.api import ApiError, read_body
+from raygen.serving.app import failure, http_error, model_deployment
 from raygen.serving.relay import OUTCOME
-from raygen.serving.spec import CANARY, PRIMARY, DeploySpec, arm_specs
+from raygen.serving.spec import CANARY, PRIMARY, DeploySpec, arm_specs, with_arm
 
 logger = logging.getLogger("ray.serve")
 
@@ -201,7 +201,7 @@ class Relayed(Response):
                 except Exception as exc:  # noqa: BLE001 - the arm failed mid-answer
                     logger.warning("raygen: the %s arm failed mid-answer: %s", self.arm, exc)
                     status, failed = 500, True
-                    error = ApiError(500, f"Generation failed: {exc}", kind="server_error")
+                    error = failure(500, str(exc))
                     # A stream says so in an event; a body cut short is its own sign.
                     tail = f"data: {json.dumps(error.body())}\n\n" if streamed else ""
                     pending = [{"type": "http.response.body", "body": tail.encode()}]
@@ -363,8 +363,6 @@ class Router:
         return self.decision
 
     def _enact(self, decision: dict[str, Any]) -> None:
-        from raygen.serving.spec import arm_specs, with_arm
-
         try:
             _record_decision(self.spec, self.name, decision)
             if decision["action"] == ROLLBACK:
@@ -394,7 +392,7 @@ class Router:
     async def relay(self, path: str, request: Request) -> Response:
         started = time.monotonic()
         try:
-            body = await self._body(request)
+            body = await read_body(request, self.limit)
         except ApiError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         arm = arm_for(_user_of(body), self.canary_percent) if CANARY in self.arms else PRIMARY
@@ -404,18 +402,6 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - refused or lost before answering
             return self._unanswered(arm, exc, started)
         return Relayed(first, answer, arm, lambda s, f: self._record(arm, s, started, f))
-
-    async def _body(self, request: Request) -> bytes:
-        """The request body, refused (413) past the application's limit."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
-            raise ApiError(413, f"The request body is {declared} bytes; the limit is {self.limit}.")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.limit:
-                raise ApiError(413, f"The request body is over the limit of {self.limit} bytes.")
-        return bytes(raw)
 
     def _unanswered(self, arm: str, exc: Exception, started: float) -> Response:
         """The answer to a request its arm did not take: 503 with Retry-After when the
@@ -436,7 +422,7 @@ class Router:
             )
         else:
             logger.warning("raygen: the %s arm failed a request: %s", arm, exc)
-            status, error = 500, ApiError(500, f"Generation failed: {exc}", kind="server_error")
+            status, error = 500, failure(500, str(exc))
         self._record(arm, status, started, False)
         response = JSONResponse(error.body(), status_code=status, headers=error.headers)
         response.headers[ARM_HEADER] = arm

@@ -108,6 +108,26 @@ def test_model_dirs_are_checked_before_anything_starts(tmp_path, monkeypatch):
         assert "RAYGEN_NO_SUCH_KEYS is not set here" in message
 
 
+def test_a_canary_is_checked_like_the_primary_and_must_be_another_model(tmp_path):
+    from raygen.serving.deploy import resolve_deploy_spec
+
+    model = str(tmp_path / "missing")
+    spec = DeploySpec.model_validate(
+        {
+            "name": "d",
+            "model": model,
+            "audit": "a.json",
+            "canary": {"model": model, "audit": "canary.txt", "traffic_percent": 5},
+        }
+    )
+    with pytest.raises(SpecError) as info:
+        resolve_deploy_spec(spec, "deploy.yaml")
+    message = str(info.value)
+    assert "`canary.model` is " in message and "the primary's own model" in message
+    assert "`canary.model`: " in message and "does not exist" in message
+    assert "`canary.audit`: canary.txt is neither an audit spec" in message
+
+
 def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path):
     import yaml
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
