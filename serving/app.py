@@ -1,13 +1,13 @@
 """The model deployments of a Ray Serve application, and their HTTP API.
 
 The application (built by `serving/router.py`'s `build_app`, `raygen.serving.router:build_app`
-in a Serve config file) is a router, the HTTP ingress, in front of one deployment per arm
-(the primary, and the canary during a rollout); each holds a model and answers the requests
-relayed to it with the API below. Serve autoscales each arm's replicas, and on each
-replica an engine thread (`serving/engine.py`) runs the model on batches of concurrent
-requests. Language models
-answer OpenAI's `/v1/completions` (and `/v1/chat/completions` when they have a chat
-template), diffusion models `/v1/images/generations`.
+in a Serve config file) is one deployment per arm: the primary, the HTTP ingress, and during
+a canary rollout the canary, which answers the requests the primary's replicas relay to it.
+Each holds a model and answers with the API below; Serve autoscales each arm's replicas,
+and on each replica an engine thread (`serving/engine.py`) runs the model on batches of
+concurrent requests. Language models answer OpenAI's `/v1/completions` (and
+`/v1/chat/completions` when they have a chat template), diffusion models
+`/v1/images/generations`.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the routes' annotations
@@ -71,33 +71,36 @@ api = FastAPI(
 
 
 MODEL_SHA256_HEADER = "x-raygen-model-sha256"
-# This replica's model hash, set when it loads the model; one replica per process.
+ARM_HEADER = "x-raygen-arm"
+# This replica's model hash and arm, set when it loads the model; one replica per process.
 _served: dict[str, str] = {}
 
 
-class _ModelHashHeader:
+class _AnsweredBy:
     """Every response of a replica (answers, errors, streams) names the model behind it in
-    `x-raygen-model-sha256`, so clients see which model answered across updates."""
+    `x-raygen-model-sha256` and its arm (`primary` or `canary`) in `x-raygen-arm`, so
+    clients see which model answered across updates and rollouts."""
 
     def __init__(self, app: Any):
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        digest = _served.get("sha256")
-        if scope["type"] != "http" or not digest:
+        if scope["type"] != "http" or not _served:
             await self.app(scope, receive, send)
             return
-        header = (MODEL_SHA256_HEADER.encode(), digest.encode())
+        headers = [
+            (MODEL_SHA256_HEADER.encode(), _served["sha256"].encode()),
+            (ARM_HEADER.encode(), _served["arm"].encode()),
+        ]
 
         async def send_named(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
             await send(message)
 
         await self.app(scope, receive, send_named)
 
 
-api.add_middleware(_ModelHashHeader)
 
 
 class _ErrorDetail(BaseModel):
@@ -194,7 +197,8 @@ class ModelServer:
         started = time.monotonic()
         self.spec = DeploySpec.model_validate(spec)
         self.audit = serving_clearance(self.spec)  # the gate holds wherever the app runs
-        _served["sha256"] = self.audit["model_sha256"]
+        arm = serve.get_replica_context().deployment
+        _served.update(sha256=self.audit["model_sha256"], arm=arm)
         self.keys = _api_keys(self.spec)
         torch.set_num_threads(max(1, int(self.spec.replica.num_cpus)))
         device = "cuda" if self.spec.replica.num_gpus > 0 else "cpu"
@@ -270,13 +274,13 @@ class ModelServer:
         )
 
     async def forward(self, scope: dict[str, Any], body: bytes) -> AsyncIterator[list[dict]]:
-        """Answer one request the application's router relays (`serving/router.py`): the
+        """Answer one request a primary replica relays (`serving/router.py`): the
         response's ASGI messages, as this replica's API sends them, then how it went."""
-        async for messages in relay_messages(api, scope, body):
+        async for messages in relay_messages(answering, scope, body):
             yield messages
 
     def about(self) -> dict[str, Any]:
-        """The model this replica serves and its hash (the router's `about` gathers them)."""
+        """The model this replica serves and its hash (`PrimaryServer.about` gathers them)."""
         return {"model": self.spec.model, "model_sha256": self.audit["model_sha256"]}
 
     def check_health(self) -> None:
@@ -751,10 +755,13 @@ class ModelServer:
 
 
 # The routes are ModelServer's methods: FastAPI gets the replica answering (`self`) from
-# Serve's replica context, as `serve.ingress` arranges for an ingress. The model deployments
-# are not HTTP ingresses (an application has one, its router): the router relays requests
-# to `ModelServer.forward`, which runs them through `api` here.
+# Serve's replica context, as `serve.ingress` arranges for an ingress. Made here once for
+# both arms: the primary's replicas (`serving/router.py`'s `PrimaryServer`, the ingress)
+# run `api` for every request they answer, the canary's for every request relayed to
+# `ModelServer.forward`.
 make_fastapi_class_based_view(api, ModelServer)
 # A plain class, importable by name: replicas import this module rather than receive a
 # copy of the class, so the module's state (`api`, `_served`) is the replica's own.
 model_deployment = serve.deployment(ModelServer, name="model")
+# What a replica answers with: the API, its answers naming the model and arm behind them.
+answering = _AnsweredBy(api)

@@ -23,8 +23,10 @@ from raygen.serving.spec import CANARY, PRIMARY, DeploySpec, arm_specs, with_arm
 
 logger = logging.getLogger(__name__)
 
-ROUTER = "router"  # every raygen application's ingress (serving/router.py)
-BEFORE_ROUTER = "model"  # the one deployment of applications of raygen before the router
+# The ingress deployment of raygen's applications (serving/router.py), and of those of
+# raygen's earlier versions.
+INGRESSES = (PRIMARY, "router", "model")
+ROLLOUT = "rollout"  # the judge of a canary rollout
 
 
 def resolve_deploy_spec(spec: DeploySpec, source: str, embedded: bool = True) -> DeploySpec:
@@ -223,24 +225,24 @@ def _running(name: str) -> dict[str, Any] | None:
     app = serve.status().applications.get(name)
     if app is None:
         return None
-    if ROUTER not in app.deployments and BEFORE_ROUTER not in app.deployments:
+    if not set(INGRESSES) & set(app.deployments):
         raise DeployError(
             f"An application named {name!r} runs on this cluster, and raygen did not deploy "
             "it: give the deploy spec another `name`, or remove it first (`serve shutdown`)."
         )
-    return _about(name) or {}  # no router answers: update it all the same
+    return _about(name) or {}  # no replica answers: update it all the same
 
 
 def _about(name: str) -> dict[str, Any] | None:
-    """The router's account of a running application (`Router.about`): its spec, each
-    arm's model and figures, the canary's share, the rollout's decision; None (warned
-    about) when it does not answer."""
+    """A primary replica's account of a running application (`PrimaryServer.about`): its
+    spec, each arm's model and figures, the canary's share, the rollout's decision; None
+    (warned about) when none answers."""
     from ray import serve
 
     try:
         return serve.get_app_handle(name).about.remote().result(timeout_s=30)
     except Exception as exc:  # noqa: BLE001 - the callers go on with what they have
-        logger.warning("%s: its router did not say what it serves: %s", name, exc)
+        logger.warning("%s: its replicas did not say what it serves: %s", name, exc)
         return None
 
 
@@ -368,14 +370,14 @@ def status() -> list[dict[str, Any]]:
                 ),
                 "replicas": replica_counts(name),
                 "message": app.message or _deployment_message(name),
-                "serving": _serving(name) if ROUTER in app.deployments else None,
+                "serving": _serving(name) if PRIMARY in app.deployments else None,
             }
         )
     return rows
 
 
 def _serving(name: str) -> dict[str, Any] | None:
-    """What `raygen serve status` shows of an application's router: `_about` but the spec."""
+    """What `raygen serve status` shows of an application's arms: `_about` but the spec."""
     about = _about(name)
     if about is not None:
         about.pop("spec", None)
@@ -394,13 +396,18 @@ def decide(name: str, action: str) -> dict[str, Any]:
     from raygen.serving.gate import user_name
 
     _require_running(name)
-    try:
-        handle = serve.get_app_handle(name)
-        decision = handle.decide.remote(action, user_name()).result(timeout_s=60)
-    except Exception as exc:  # noqa: BLE001 - a router that is gone, or none (older raygen)
+    if ROLLOUT not in serve.status().applications[name].deployments:
         raise DeployError(
-            f"{name}'s router did not take the decision: {_replica_error(str(exc) or repr(exc))}"
-            "; see `raygen serve status`."
+            f"{name} has no canary rollout to decide (no canary); deploy a spec with `canary` "
+            "to start one."
+        )
+    try:
+        handle = serve.get_deployment_handle(ROLLOUT, name)
+        decision = handle.decide.remote(action, user_name()).result(timeout_s=60)
+    except Exception as exc:  # noqa: BLE001 - a judge that is gone
+        raise DeployError(
+            f"{name}'s rollout did not take the decision: "
+            f"{_replica_error(str(exc) or repr(exc))}; see `raygen serve status`."
         ) from None
     if "error" in decision:
         raise DeployError(decision["error"])

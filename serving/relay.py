@@ -1,10 +1,12 @@
-"""Answering a request relayed from the router on a model replica, in-process: the
-request's ASGI messages in, the response's out (`ModelServer.forward`)."""
+"""Answering a request relayed from a primary replica on a canary replica, in-process: the
+request's ASGI messages in, the response's out (`ModelServer.forward`); and what answering
+a request noted (`note_filtered`), which the rollout's figures count."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -15,17 +17,28 @@ _outcome: ContextVar[dict[str, Any] | None] = ContextVar("raygen_outcome", defau
 
 
 def note_filtered() -> None:
-    """The answer being relayed matched the output filter (called on the arm's replica)."""
+    """The answer being given matched the output filter."""
     outcome = _outcome.get()
     if outcome is not None:
         outcome["filtered"] = True
+
+
+@contextmanager
+def outcome_noted() -> Iterator[dict[str, Any]]:
+    """What answering a request in this context notes: {"filtered": ...}."""
+    outcome = {"filtered": False}
+    token = _outcome.set(outcome)
+    try:
+        yield outcome
+    finally:
+        _outcome.reset(token)
 
 
 async def relay_messages(app: Any, scope: dict[str, Any], body: bytes) -> AsyncIterator[list[dict]]:
     """Run one relayed request through an ASGI `app` in this process: yields the response's
     ASGI messages, the last followed by {"type": OUTCOME, "filtered": ...} (what the app
     noted answering). Messages are yielded in lists, as many as are ready: each yield is a
-    trip back to the router, and a whole (not streamed) answer makes one."""
+    trip back to the primary replica relaying, and a whole (not streamed) answer makes one."""
     messages: asyncio.Queue = asyncio.Queue()
     outcome = {"filtered": False}
     _outcome.set(outcome)  # seen by the request's task, which copies this context

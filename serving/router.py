@@ -1,15 +1,22 @@
-"""The application's HTTP ingress: relays each request to the model deployment that answers
-it, the primary or, during a canary rollout, the canary, and measures each arm.
+"""The Serve application of a deploy spec, and its canary rollouts.
 
-Every raygen application is this router in front of one model deployment per arm
-(`serving/app.py`'s `ModelServer`, each autoscaled on its own). The router holds no model:
-it reads the request, picks the arm (a request carrying `user` always lands on the same
-one), hands the request to that arm's replica, which answers it with the whole API (limits,
-errors, streams), and relays the answer with `x-raygen-arm` added.
+An application is one model deployment per arm (`serving/app.py`'s `ModelServer`, each
+autoscaled on its own): the primary, which is the HTTP ingress, and during a canary
+rollout the canary, beside the rollout's judge (`rollout`, one replica holding no model).
+Without a canary nothing stands between Serve's proxy and the primary's replicas, which
+answer every request themselves. During a rollout each primary replica picks the arm of
+each request it receives (a request carrying `user` always lands on the same one),
+answers the primary's share itself and relays the canary's to a canary replica, which
+answers with the whole API (limits, errors, streams); the outcome of every answer goes to
+the judge, which gathers each arm's figures across the replicas and decides.
+
+A rollout's state lives with the application (the judge, and the primary's Serve
+`user_config`, which reaches running replicas without restarting them), not with the
+process that deployed it.
 """
 
-# No `from __future__ import annotations`: as in app.py, FastAPI resolves the routes'
-# annotations on the replicas.
+from __future__ import annotations
+
 import asyncio
 import hashlib
 import json
@@ -21,25 +28,22 @@ import time
 from collections import deque
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from raygen.serving.api import ApiError, read_body
-from raygen.serving.app import failure, http_error, model_deployment
-from raygen.serving.relay import OUTCOME
+from raygen.serving.app import ARM_HEADER, ModelServer, answering, failure, model_deployment
+from raygen.serving.relay import OUTCOME, outcome_noted
 from raygen.serving.spec import CANARY, PRIMARY, DeploySpec, arm_specs, with_arm
 
 logger = logging.getLogger("ray.serve")
 
-ARM_HEADER = "x-raygen-arm"
+ROLLOUT = "rollout"  # the judge's deployment
 LATENCIES_KEPT = 10_000  # per arm: enough for a 99th percentile of the recent requests
-
-relay_api = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-# A method no route takes is refused here, in OpenAI's error shape as the arms refuse.
-relay_api.add_exception_handler(StarletteHTTPException, http_error)
+REPORT_EVERY_S = 0.1  # a primary replica sends the judge its requests' outcomes this often
+REPORT_TIMEOUT_S = 10.0
 
 
 class ArmFigures:
@@ -166,23 +170,54 @@ def _portable(scope: dict[str, Any]) -> dict[str, Any]:
     return {key: scope[key] for key in keep if key in scope}
 
 
-class Relayed(Response):
-    """An arm's answer, relayed as it comes (a stream chunk by chunk), with the arm named;
-    reports how it went when it ends. `first` is the arm's first list of messages (the
-    response's start and what came with it), `rest` the generator of the next ones."""
+# --- a primary replica: the application's HTTP ingress ---------------------------------
 
-    def __init__(self, first: list[dict], rest: Any, arm: str, done: Any):
-        self.first, self.rest, self.arm, self.done = first, rest, arm, done
+
+class Split:
+    """A primary replica's part in a rollout: the canary's share of its requests, and the
+    outcomes of those it answered or relayed, sent to the judge every REPORT_EVERY_S. The
+    judge answers with the share as it is now, so a decision reaches every replica busy
+    enough to matter within that time."""
+
+    def __init__(self, app: str, canary_percent: float):
+        self.canary_percent = canary_percent
+        self.canary = serve.get_deployment_handle(CANARY, app)
+        self.judge = serve.get_deployment_handle(ROLLOUT, app)
+        self.outcomes: list[tuple[str, int, float, bool]] = []
+        self.reporting: asyncio.Task | None = None
+
+    def note(self, arm: str, status: int, seconds: float, filtered: bool) -> None:
+        self.outcomes.append((arm, status, seconds, filtered))
+        if self.reporting is None or self.reporting.done():
+            self.reporting = asyncio.get_running_loop().create_task(self._report())
+
+    async def _report(self) -> None:
+        while self.outcomes:
+            await asyncio.sleep(REPORT_EVERY_S)
+            outcomes, self.outcomes = self.outcomes, []
+            try:
+                reply = self.judge.report.remote(outcomes)
+                self.canary_percent = await asyncio.wait_for(reply, REPORT_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a judge being replaced
+                logger.warning("raygen: %d outcomes missed the judge: %r", len(outcomes), exc)
+
+
+class Relayed(Response):
+    """The canary's answer, relayed as it comes (a stream chunk by chunk); reports how it
+    went when it ends. `first` is the canary's first list of messages (the response's start
+    and what came with it), `rest` the generator of the next ones."""
+
+    def __init__(self, first: list[dict], rest: Any, done: Any):
+        self.first, self.rest, self.done = first, rest, done
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         start, *pending = self.first
         status = start["status"]
-        headers = [*start.get("headers", []), (ARM_HEADER.encode(), self.arm.encode())]
         streamed = (b"content-type", b"text/event-stream") in {
-            (k.lower(), v.split(b";")[0]) for k, v in headers
+            (k.lower(), v.split(b";")[0]) for k, v in start.get("headers", [])
         }
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send(start)
         filtered, ended, failed, told = False, False, False, False
         try:
             while True:
@@ -196,10 +231,10 @@ class Relayed(Response):
                     break
                 try:
                     pending = await self.rest.__anext__()
-                except StopAsyncIteration:  # after the body, the arm's OUTCOME
+                except StopAsyncIteration:  # after the body, the canary's OUTCOME
                     break
-                except Exception as exc:  # noqa: BLE001 - the arm failed mid-answer
-                    logger.warning("raygen: the %s arm failed mid-answer: %s", self.arm, exc)
+                except Exception as exc:  # noqa: BLE001 - the canary failed mid-answer
+                    logger.warning("raygen: the canary failed mid-answer: %s", exc)
                     status, failed = 500, True
                     error = failure(500, str(exc))
                     # A stream says so in an event; a body cut short is its own sign.
@@ -207,8 +242,143 @@ class Relayed(Response):
                     pending = [{"type": "http.response.body", "body": tail.encode()}]
         finally:
             if not ended:
-                self.rest.cancel()  # the client left: the arm stops working on it
+                self.rest.cancel()  # the client left: the canary stops working on it
             self.done(status, filtered)
+
+
+class FrontDoor:
+    """A primary replica's ASGI app: the model API (`serving/app.py`'s `answering`), and
+    during a rollout the split of its requests between the arms."""
+
+    def __init__(self, server: PrimaryServer):
+        self.server = server
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        split = self.server.split
+        # What the arms are measured on is their answers: requests to generate (POST); the
+        # rest (health, model list, schema) the primary answers.
+        if split is None or scope["type"] != "http" or scope["method"] != "POST":
+            await answering(scope, receive, send)
+            return
+        started = time.monotonic()
+        try:
+            body = await read_body(Request(scope, receive), self.server.spec.limits.max_body_bytes)
+        except ApiError as exc:
+            await JSONResponse(exc.body(), status_code=exc.status)(scope, receive, send)
+            return
+        if arm_for(_user_of(body), split.canary_percent) == CANARY:
+            response = await self._relayed(split, scope, body, started)
+            await response(scope, receive, send)
+            return
+        status = 500  # unless the API answers
+
+        delivered = False
+
+        async def receive_read() -> dict:
+            nonlocal delivered
+            if delivered:  # after the body: the client's own messages (a leaving)
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send_noting(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with outcome_noted() as outcome:
+            try:
+                await answering(scope, receive_read, send_noting)
+            finally:
+                split.note(PRIMARY, status, time.monotonic() - started, outcome["filtered"])
+
+    async def _relayed(self, split: Split, scope: dict, body: bytes, started: float) -> Response:
+        """The canary's answer to a request, as a response to send."""
+
+        def done(status: int, filtered: bool) -> None:
+            split.note(CANARY, status, time.monotonic() - started, filtered)
+
+        answer = split.canary.options(stream=True).forward.remote(_portable(scope), body)
+        try:
+            first = await answer.__anext__()
+        except Exception as exc:  # noqa: BLE001 - refused or lost before answering
+            response = self._unanswered(exc)
+            done(response.status_code, False)
+            return response
+        return Relayed(first, answer, done)
+
+    def _unanswered(self, exc: Exception) -> Response:
+        """The answer to a request the canary did not take: 503 with Retry-After when its
+        queue is full (or it has no replica), 500 when its replica failed."""
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
+            replica = self.server.spec.replica
+            error = ApiError(
+                503,
+                "The model is overloaded: every replica is busy and the queue is full. Retry "
+                "after `Retry-After` seconds.",
+                kind="server_error",
+                code="overloaded",
+                headers={"Retry-After": str(math.ceil(replica.retry_after_s))},
+            )
+        else:
+            logger.warning("raygen: the canary failed a request: %s", exc)
+            error = failure(500, str(exc))
+        response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        response.headers[ARM_HEADER] = CANARY
+        return response
+
+
+@serve.ingress()
+class PrimaryServer(ModelServer):
+    """A replica of the primary arm: the model and its API as the application's HTTP
+    ingress (`FrontDoor`), which during a rollout also splits the traffic (`Split`).
+
+    `beside` are the application's other deployments (the canary and the judge), bound to
+    it so that Serve deploys them with the application. A replica finds them by name: a
+    running replica whose model and settings did not change is not restarted when they come
+    or go, and learns of them through `reconfigure`.
+    """
+
+    def __init__(self, spec: dict[str, Any], *beside: Any):
+        super().__init__(spec)
+        self.application = serve.get_replica_context().app_name
+        self.app_spec = spec
+        self.split: Split | None = None
+
+    def __serve_build_asgi_app__(self) -> FrontDoor:
+        return FrontDoor(self)
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """The application's spec and rollout (`application`'s `user_config`): Serve calls
+        this when the replica starts and whenever they change."""
+        self.app_spec = config["spec"]
+        if not config["rollout"]:
+            self.split = None
+        elif self.split is None:
+            self.split = Split(self.application, config["canary_percent"])
+        else:
+            self.split.canary_percent = config["canary_percent"]
+
+    async def about(self) -> dict[str, Any]:
+        """What the application serves: its spec and, per arm, the model's hash and, during
+        a rollout, figures (`raygen serve` updates and `raygen serve status` read it)."""
+        arms = {PRIMARY: ModelServer.about(self)}
+        about: dict[str, Any] = {"spec": self.app_spec, **arms[PRIMARY], "arms": arms}
+        if self.split is not None:
+            judged, canary = await asyncio.gather(
+                self.split.judge.about.remote(), self.split.canary.about.remote()
+            )
+            arms[CANARY] = canary
+            for arm, figures in judged.pop("arms").items():
+                arms[arm].update(figures)
+            about.update(judged)
+        return about
+
+
+# --- the judge ----------------------------------------------------------------------------
 
 
 def _app_status(name: str) -> str:
@@ -216,11 +386,12 @@ def _app_status(name: str) -> str:
     return str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
 
 
-def _redeploy(name: str, spec: DeploySpec, promoting: bool = False) -> None:
+def _redeploy(name: str, spec: DeploySpec, settled: float | None = None,
+              decision: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Deploy `spec` as application `name` from inside it, without waiting (the caller is
     one of the replicas the new version replaces)."""
     target = serve.RunTarget(
-        application(spec, promoting), name=name, route_prefix=spec.route_prefix
+        application(spec, settled, decision), name=name, route_prefix=spec.route_prefix
     )
     serve.run_many([target], wait_for_ingress_deployment_creation=False,
                    wait_for_applications_running=False)  # fmt: skip
@@ -252,32 +423,29 @@ def _record_decision(spec: DeploySpec, app: str, decision: dict[str, Any]) -> No
         )
 
 
-# Defined before the Router: Serve pickles the class when it is decorated, with the module
+# Defined before the judge: Serve pickles the class when it is decorated, with the module
 # globals its methods use as they are at that moment.
 
 
-@serve.deployment(name="router")
-@serve.ingress(relay_api)
-class Router:
-    """The application's ingress: one per application, holding no model."""
+@serve.deployment(name=ROLLOUT)
+class Rollout:
+    """The rollout's judge: each arm's figures, gathered from the primary's replicas, and
+    the decision on them. One replica per application with a canary, holding no model.
 
-    def __init__(self, spec: dict[str, Any], arms: dict[str, Any], promoting: bool = False):
+    `settled`: the canary's share once the rollout is decided, while the application is
+    brought to its end state in steps (`_settle`); None while measuring.
+    """
+
+    def __init__(self, spec: dict[str, Any], settled: float | None = None,
+                 decision: dict[str, Any] | None = None):  # fmt: skip
         self.spec = DeploySpec.model_validate(spec)
-        self.arms = arms  # arm -> DeploymentHandle of its ModelServer
+        assert self.spec.canary is not None
         self.name = serve.get_replica_context().app_name
-        self.limit = self.spec.limits.max_body_bytes
-        self.retry_after = str(math.ceil(self.spec.replica.retry_after_s))
         self.started = time.time()
-        self.figures = {arm: ArmFigures() for arm in arms}
-        self.decision: dict[str, Any] | None = None
-        if promoting:
-            # The second step of a promotion (`_enact`): the canary answers everything
-            # until the primary deployment runs its model too; then the canary goes.
-            self.canary_percent = 100.0
-            threading.Thread(target=self._finish_promotion, daemon=True).start()
-        else:
-            self.canary_percent = self.spec.canary.traffic_percent if self.spec.canary else 0.0
-        self.measuring = self.spec.canary is not None and not promoting
+        self.figures = {PRIMARY: ArmFigures(), CANARY: ArmFigures()}
+        self.decision = decision
+        self.measuring = settled is None
+        self.canary_percent = self.spec.canary.traffic_percent if settled is None else settled
         self.requests = Counter(
             "raygen_arm_requests",
             "Requests each arm answered, by outcome (ok, client_error, error).",
@@ -294,32 +462,26 @@ class Router:
             "Answers the output filter matched, by arm.",
             tag_keys=("arm",),
         )
+        if settled is not None:
+            threading.Thread(target=self._settle, args=(settled,), daemon=True).start()
+
+    async def report(self, outcomes: list[tuple[str, int, float, bool]]) -> float:
+        """A primary replica's outcomes since its last report; returns the canary's share
+        now (a decision changes it at once)."""
+        for arm, status, seconds, filtered in outcomes:
+            self._record(arm, status, seconds, filtered)
+        return self.canary_percent
 
     async def about(self) -> dict[str, Any]:
-        """What the application serves: its spec and, per arm, the model's hash and figures
-        (`raygen serve` updates and `raygen serve status` read it)."""
-        hashes = await asyncio.gather(*(h.about.remote() for h in self.arms.values()))
-        arms = {
-            arm: {
-                "model": about["model"],
-                "model_sha256": about["model_sha256"],
-                **self.figures[arm].summary(),
-            }
-            for arm, about in zip(self.arms, hashes, strict=True)
-        }
         return {
-            "spec": self.spec.model_dump(mode="json"),
-            "model": arms[PRIMARY]["model"],
-            "model_sha256": arms[PRIMARY]["model_sha256"],
-            "arms": arms,
+            "arms": {arm: figures.summary() for arm, figures in self.figures.items()},
             "canary_percent": self.canary_percent,
             "measuring": self.measuring,
             "decision": self.decision,
             "since": self.started,
         }
 
-    def _record(self, arm: str, status: int, started: float, filtered: bool) -> None:
-        seconds = time.monotonic() - started
+    def _record(self, arm: str, status: int, seconds: float, filtered: bool) -> None:
         self.figures[arm].add(status, seconds, filtered)
         outcome = "error" if status >= 500 else "client_error" if status >= 400 else "ok"
         self.requests.inc(tags={"arm": arm, "outcome": outcome})
@@ -337,17 +499,18 @@ class Router:
         """`raygen serve promote|rollback NAME`: decide the rollout by hand. Returns the
         decision, or {"error": why} when there is no rollout to decide."""
         if not self.measuring:
-            state = f"decided: {self.decision['action']}" if self.decision else "no canary"
+            assert self.decision is not None
             return {
-                "error": f"{self.name} has no canary rollout to decide ({state}); deploy a spec "
-                "with `canary` to start one."
+                "error": f"{self.name} has no canary rollout to decide (decided: "
+                f"{self.decision['action']}); deploy a spec with `canary` to start one."
             }
         verb = "promoted" if action == PROMOTE else "rolled back"
         return self._decide(action, f"{verb} by hand", by=by)
 
     def _decide(self, action: str, reason: str, by: str) -> dict[str, Any]:
-        """Act on a decision at once (all traffic to the model kept), record it with the
-        figures behind it, and redeploy the application without the model let go."""
+        """Act on a decision at once (all traffic to the model kept: the primary's replicas
+        learn it from their next report), record it with the figures behind it, and bring
+        the application to its end state."""
         self.measuring = False
         self.canary_percent = 100.0 if action == PROMOTE else 0.0
         self.decision = {
@@ -366,67 +529,27 @@ class Router:
         try:
             _record_decision(self.spec, self.name, decision)
             if decision["action"] == ROLLBACK:
-                _redeploy(self.name, self.spec.model_copy(update={"canary": None}))
-            else:  # first the primary deployment takes the canary's model (`promoting`)
+                _redeploy(self.name, self.spec, settled=0.0, decision=decision)
+            else:  # the primary deployment takes the canary's model first
                 promoted = with_arm(self.spec, PRIMARY, arm_specs(self.spec)[CANARY])
-                _redeploy(self.name, promoted, promoting=True)
+                _redeploy(self.name, promoted, settled=100.0, decision=decision)
         except Exception:  # noqa: BLE001 - nothing to answer to: the log says what failed
             logger.exception("raygen: %s: enacting the canary decision failed", self.name)
 
-    def _finish_promotion(self) -> None:
-        """Once the whole application runs (the primary deployment on the canary's model),
-        send everything to the primary and redeploy without the canary."""
+    def _settle(self, share: float) -> None:
+        """The steps after a decision, each once the whole application runs the previous:
+        a promotion's primary deployment runs the canary's model (share 100: the canary
+        answers meanwhile), then the primary answers everything (share 0), then the canary
+        goes. A step waits for the last so no replica relays to a canary that is gone."""
         try:
             while _app_status(self.name) != "RUNNING":
                 time.sleep(1)
-            self.canary_percent = 0.0
-            _redeploy(self.name, self.spec.model_copy(update={"canary": None}))
+            if share > 0:
+                _redeploy(self.name, self.spec, settled=0.0, decision=self.decision)
+            else:
+                _redeploy(self.name, self.spec.model_copy(update={"canary": None}))
         except Exception:  # noqa: BLE001
-            logger.exception("raygen: %s: finishing the promotion failed", self.name)
-
-    @relay_api.api_route(
-        "/{path:path}",
-        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-        include_in_schema=False,
-    )
-    async def relay(self, path: str, request: Request) -> Response:
-        started = time.monotonic()
-        try:
-            body = await read_body(request, self.limit)
-        except ApiError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
-        arm = arm_for(_user_of(body), self.canary_percent) if CANARY in self.arms else PRIMARY
-        answer = self.arms[arm].options(stream=True).forward.remote(_portable(request.scope), body)
-        try:
-            first = await answer.__anext__()
-        except Exception as exc:  # noqa: BLE001 - refused or lost before answering
-            return self._unanswered(arm, exc, started)
-        return Relayed(first, answer, arm, lambda s, f: self._record(arm, s, started, f))
-
-    def _unanswered(self, arm: str, exc: Exception, started: float) -> Response:
-        """The answer to a request its arm did not take: 503 with Retry-After when the
-        arm's queue is full (or it has no replica), 500 when its replica failed."""
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-        if isinstance(exc, (BackPressureError, DeploymentUnavailableError)):
-            status, error = (
-                503,
-                ApiError(
-                    503,
-                    "The model is overloaded: every replica is busy and the queue is full. Retry "
-                    "after `Retry-After` seconds.",
-                    kind="server_error",
-                    code="overloaded",
-                    headers={"Retry-After": self.retry_after},
-                ),
-            )
-        else:
-            logger.warning("raygen: the %s arm failed a request: %s", arm, exc)
-            status, error = 500, failure(500, str(exc))
-        self._record(arm, status, started, False)
-        response = JSONResponse(error.body(), status_code=status, headers=error.headers)
-        response.headers[ARM_HEADER] = arm
-        return response
+            logger.exception("raygen: %s: settling the canary decision failed", self.name)
 
 
 # --- the application ------------------------------------------------------------------
@@ -445,7 +568,8 @@ def autoscaling_config(spec: DeploySpec) -> dict[str, Any]:
     }
 
 
-ROUTER_MAX_ONGOING = 10_000  # the router only relays: the arms' own limits shed overload
+JUDGE_MAX_ONGOING = 1_000  # reports from the primary's replicas, a few per second each
+primary_deployment = serve.deployment(PrimaryServer, name=PRIMARY)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -454,10 +578,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return application(DeploySpec.model_validate(args))
 
 
-def application(spec: DeploySpec, promoting: bool = False) -> serve.Application:
-    """The Serve application of a deploy spec: the router in front of one model deployment
-    per arm, the primary and, during a canary rollout, the canary. `promoting`: the
-    router's second step of a promotion (`Router._finish_promotion`)."""
+def application(
+    spec: DeploySpec, settled: float | None = None, decision: dict[str, Any] | None = None
+) -> serve.Application:
+    """The Serve application of a deploy spec: the primary deployment (the HTTP ingress)
+    and, during a canary rollout, the canary's deployment and the judge. `settled` and
+    `decision`: a decided rollout's steps to its end (`Rollout._settle`)."""
     from ray.serve.config import BackpressureConfig
 
     replica = spec.replica
@@ -468,38 +594,57 @@ def application(spec: DeploySpec, promoting: bool = False) -> serve.Application:
         "max_surge_percent": spec.updates.surge_percent,
         "graceful_shutdown_timeout_s": drain_s(spec),
     }
-    arms = {
-        arm: model_deployment.options(
-            name=arm,
-            autoscaling_config=autoscaling_config(spec),
-            max_ongoing_requests=replica.max_ongoing_requests,
-            # Overload is shed at once: 503 with Retry-After past each arm's queue.
-            max_queued_requests=replica.max_queued_requests,
-            backpressure_config=BackpressureConfig(retry_after_s=replica.retry_after_s),
-            ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
-            **update,
+
+    def arm(deployment: Any, name: str, armed: DeploySpec) -> Any:
+        return (
+            deployment.options(
+                name=name,
+                autoscaling_config=autoscaling_config(spec),
+                max_ongoing_requests=replica.max_ongoing_requests,
+                # Overload is shed at once: 503 with Retry-After past each arm's queue.
+                max_queued_requests=replica.max_queued_requests,
+                backpressure_config=BackpressureConfig(retry_after_s=replica.retry_after_s),
+                ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+                **update,
+            )
+            # Serve restarts the replicas of a deployment whose version changed, and gives
+            # each deployment of `serve.run` a new random version unless told. Versioned by
+            # what they serve, an arm whose model and settings did not change keeps its
+            # replicas when the application is deployed again (a canary added or decided).
+            .options(version=_version_of(armed, model=armed.model), _internal=True)
         )
-        # Serve restarts the replicas of a deployment whose version changed, and gives each
-        # deployment of `serve.run` a new random version unless told. Versioned by what
-        # they serve, an arm whose model and settings did not change keeps its replicas
-        # when the application is deployed again (a canary added or decided).
-        .options(version=_version_of(armed), _internal=True)
-        .bind(armed.model_dump(mode="json"))
-        for arm, armed in arm_specs(spec).items()
+
+    arms = arm_specs(spec)
+    beside = []
+    if CANARY in arms:
+        canary = arm(model_deployment, CANARY, arms[CANARY])
+        judging = Rollout.options(
+            num_replicas=1,
+            max_ongoing_requests=JUDGE_MAX_ONGOING,
+            ray_actor_options={"num_cpus": 0},
+        ).options(version=_version_of(spec, settled, decision), _internal=True)
+        beside = [
+            canary.bind(arms[CANARY].model_dump(mode="json")),
+            judging.bind(spec.model_dump(mode="json"), settled, decision),
+        ]
+    share = spec.canary.traffic_percent if spec.canary else 0.0
+    rollout = {
+        "spec": spec.model_dump(mode="json"),
+        "rollout": spec.canary is not None,
+        "canary_percent": share if settled is None else settled,
     }
-    return Router.options(
-        num_replicas=1,
-        max_ongoing_requests=ROUTER_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0},
-        **update,
-    ).bind(spec.model_dump(mode="json"), arms, promoting)
+    primary = arm(primary_deployment, PRIMARY, arms[PRIMARY]).options(user_config=rollout)
+    return primary.bind(arms[PRIMARY].model_dump(mode="json"), *beside)
 
 
-def _version_of(armed: DeploySpec) -> str:
-    """A model deployment's version: its spec and its model's files."""
+def _version_of(*what: Any, model: str | None = None) -> str:
+    """A deployment's version: what it was given (deploy specs as JSON) and, for a model
+    deployment, its model's files."""
     from raygen.jobs.model_hash import model_sha256
 
-    about = [armed.model_dump(mode="json"), model_sha256(armed.model)]
+    about = [x.model_dump(mode="json") if isinstance(x, DeploySpec) else x for x in what]
+    if model is not None:
+        about.append(model_sha256(model))
     return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:16]
 
 

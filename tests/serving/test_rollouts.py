@@ -38,6 +38,42 @@ def models(lm_run, tmp_path) -> dict[str, Path]:
     return out
 
 
+def one_word_model(source: Path, target: Path) -> str:
+    """A copy of `source` that answers every prompt with one word, repeated; returns it.
+
+    Its final layer norm outputs the word's embedding whatever came before (weight 0, bias
+    the embedding), so the tied output layer scores that word highest: a word whose
+    embedding is closer to itself than to any other's. The session model's own greedy
+    answer to the tests' prompt is left out, so a blocklist of the word trips only this one.
+    """
+    import re
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    ids = tokenizer("import ", return_tensors="pt").input_ids
+    usual = tokenizer.decode(model.generate(ids, max_new_tokens=2, do_sample=False)[0, 1:])
+    shutil.copytree(source, target)
+    weights = load_file(target / "model.safetensors")
+    embeddings = weights[next(k for k in weights if k.endswith("wte.weight"))]
+    for token in torch.argsort(embeddings.norm(dim=1), descending=True).tolist():
+        word = tokenizer.decode([token])
+        if not re.fullmatch(r" [a-z]{3,}", word) or word.strip() in usual:
+            continue
+        if int(torch.argmax(embeddings @ embeddings[token])) == token:
+            break
+    else:
+        raise AssertionError("no word to say")
+    prefix = next(k for k in weights if k.endswith("ln_f.weight"))[: -len("weight")]
+    weights[prefix + "weight"] = torch.zeros_like(weights[prefix + "weight"])
+    weights[prefix + "bias"] = embeddings[token].clone()
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return word.strip()
+
+
 def passed_audit(model: Path) -> str:
     """A passed audit of `model` (a stand-in for `raygen audit`'s, which has its own tests),
     so its gate opens without an override record, and its spec stays the same."""
@@ -108,7 +144,7 @@ def test_a_canary_takes_its_share_users_stay_on_one_arm_and_promotion_drops_noth
             promoted = raygen("serve", "promote", "canaried", "--address", address)
             assert promoted.returncode == 0, promoted.stderr
             assert "canary promoted (promoted by hand)" in promoted.stdout
-            wait_for(lambda: app_deployments("canaried") == {"router", "primary"}, 120)
+            wait_for(lambda: app_deployments("canaried") == {"primary"}, 120)
         finally:
             done.set()
             for c in clients:
@@ -154,7 +190,7 @@ def test_a_failing_canary_is_rolled_back_and_a_good_one_promoted_on_their_figure
         assert figures["canary"]["requests"] == 10 and figures["canary"]["errors"] >= 8
         assert figures["primary"]["errors"] == 0
         assert all(r.status_code == 200 for r in answers if r.headers["x-raygen-arm"] == "primary")
-        wait_for(lambda: app_deployments("canaried") == {"router", "primary"}, 120)
+        wait_for(lambda: app_deployments("canaried") == {"primary"}, 120)
         assert all(ask(url, temperature=1.0).status_code == 200 for _ in range(10))
         # The primary's replicas were never restarted: it did not change.
         assert replica_actors("canaried", "primary") == primary_replicas
@@ -176,13 +212,49 @@ def test_a_failing_canary_is_rolled_back_and_a_good_one_promoted_on_their_figure
             assert sent < 200, "no decision"
         (decision,) = decisions(new)
         assert decision["action"] == "promote" and "within every threshold" in decision["reason"]
-        wait_for(lambda: app_deployments("canaried") == {"router", "primary"}, 120)
+        wait_for(lambda: app_deployments("canaried") == {"primary"}, 120)
         about = serve.get_app_handle("canaried").about.remote().result(timeout_s=30)
         assert about["model"] == str(new) and list(about["arms"]) == ["primary"]
         version = resolve_model("models:/code-lm@serving", store)
         rollout_tag = json.loads(version.tags["rollout.canaried"])
         assert rollout_tag["action"] == "promote" and rollout_tag["arm"] == "canary"
         assert rollout_tag["figures"]["canary"]["requests"] >= 20
+    finally:
+        stop("canaried")
+
+
+def test_a_canary_whose_answers_trip_the_blocklist_is_rolled_back(
+    models, lm_run, serve_port, tmp_path
+):
+    old = models["old"]
+    chatty = tmp_path / "chatty" / "model"
+    word = one_word_model(Path(lm_run[1]["paths"]["model"]), chatty)
+    canary = {
+        "model": str(chatty),
+        "audit": str(tmp_path / "none.json"),
+        "traffic_percent": 50,
+        "promote_after": {"requests": 1000},
+        "rollback_if": {"filtered_rate": 0.2},
+    }
+    filters = {"blocklist": [rf"\b{word}\b"], "action": "refuse"}
+    url = start("canaried", old, serve_port, canary=canary, filters=filters)
+    try:
+        answers = []
+        while not decisions(chatty):
+            answers.append(ask(url))
+            assert len(answers) < 200, "no decision"
+        assert all(r.status_code == 200 for r in answers)
+        refused = [
+            r for r in answers if r.json()["choices"][0]["finish_reason"] == "content_filter"
+        ]
+        assert refused and {r.headers["x-raygen-arm"] for r in refused} == {"canary"}
+        (decision,) = decisions(chatty)
+        assert decision["action"] == "rollback" and "filtered-output rate" in decision["reason"]
+        figures = decision["figures"]
+        assert figures["canary"]["filtered"] == figures["canary"]["requests"] == 10
+        assert figures["primary"]["filtered"] == 0 and figures["primary"]["requests"] > 0
+        wait_for(lambda: app_deployments("canaried") == {"primary"}, 120)
+        assert {ask(url).headers["x-raygen-arm"] for _ in range(5)} == {"primary"}
     finally:
         stop("canaried")
 

@@ -150,10 +150,9 @@ def test_serve_build_writes_a_serve_config_whose_builder_makes_the_app(tmp_path)
     assert DeploySpec.model_validate(app["args"]) == spec
     assert config["http_options"]["request_timeout_s"] == spec.http.request_timeout_s
     built = call_user_app_builder_with_args_if_necessary(build_app, app["args"])
-    assert built._bound_deployment.name == "router"
-    arms = built._bound_deployment._replica_config.init_args[1]  # the router's arms
-    assert list(arms) == ["primary"]
-    deployment = arms["primary"]._bound_deployment
+    deployment = built._bound_deployment  # the primary, the ingress; no canary, nothing beside
+    assert deployment.name == "primary" and len(deployment._replica_config.init_args) == 1
+    assert deployment._deployment_config.user_config["rollout"] is False
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
     assert deployment._deployment_config.max_queued_requests == 64  # never unbounded
     assert deployment._deployment_config.backpressure_config.retry_after_s == 1
