@@ -101,8 +101,6 @@ class _AnsweredBy:
         await self.app(scope, receive, send_named)
 
 
-
-
 class _ErrorDetail(BaseModel):
     message: str
     type: str
