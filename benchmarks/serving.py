@@ -1,6 +1,7 @@
 """Serving: `/v1/completions` and `/v1/chat/completions` of raygen on Ray Serve against (a)
-a plain FastAPI + uvicorn app calling the same model one request at a time, and (b) raygen
-with batching off.
+a plain FastAPI + uvicorn app calling the same model one request at a time, (b) raygen
+with batching off, and (c) raygen during a canary rollout (half the requests relayed from
+the primary's replica to the canary's, a copy of the model; two replicas of 1 CPU).
 
     python benchmarks/serving.py      # ~8 min on 2 cores
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -172,8 +174,6 @@ def train_model(work: Path) -> Path:
     spec["run"] = {"storage": str(work / "runs")}
     result = launch(validate_spec(TrainSpec, spec, "bench"))
     # A copy of the model whose tokenizer has a chat template: served on both routes.
-    import shutil
-
     from transformers import AutoTokenizer
 
     model = work / "model"
@@ -184,10 +184,12 @@ def train_model(work: Path) -> Path:
     return model
 
 
-def deploy(model: Path, name: str, port: int, batch: int, **autoscaling: Any) -> str:
+def deploy(
+    model: Path, name: str, port: int, batch: int, canary: Path | None = None, **autoscaling: Any
+) -> str:
     from raygen.serving.deploy import deploy as serve_deploy
     from raygen.serving.deploy import resolve_deploy_spec
-    from raygen.serving.gate import gate
+    from raygen.serving.gate import gate_arms
     from raygen.serving.spec import DeploySpec
 
     raw = {
@@ -201,9 +203,12 @@ def deploy(model: Path, name: str, port: int, batch: int, **autoscaling: Any) ->
         "limits": {"max_prompt_tokens": 256},
         "http": {"port": port},
     }
+    if canary is not None:  # half the requests relayed to a canary deployment like it
+        raw["canary"] = {"model": str(canary), "audit": raw["audit"], "traffic_percent": 50}
+        raw["canary"]["promote_after"] = {"requests": 10**9}
     spec = resolve_deploy_spec(DeploySpec.model_validate(raw), "bench")
     # A throughput measurement, not a deployment: the override is recorded as such.
-    spec = gate(spec, override_reason="benchmark: throughput only")
+    spec = gate_arms(spec, override_reason="benchmark: throughput only")
     return serve_deploy(spec, embedded=True)["url"]
 
 
@@ -258,6 +263,17 @@ def main() -> None:
     serve.delete("batched")
     measure("raygen, batching off", deploy(model, "unbatched", port, batch=1), "unbatched")
     serve.delete("unbatched")
+    # A rollout: the primary's replica answers half the requests and relays the other half
+    # to a canary's replica (each on 1 CPU, the load generator sharing them).
+    canary = work / "canary" / "model"
+    shutil.copytree(model, canary)
+    url = deploy(model, "rollout", port, batch=32, canary=canary)
+    for clients in (1, 32):
+        figures = asyncio.run(load(url, "rollout", clients, max(16, 4 * clients), texts))
+        rows.append({"server": "raygen, 50% canary", "route": "completions", "clients": clients})
+        rows[-1].update(figures)
+        print(json.dumps(rows[-1]), flush=True)
+    serve.delete("rollout")
     floor_url = serve_floor(port)
     rows.append({"server": "Ray Serve, empty handler", "route": "completions", "clients": 1})
     rows[-1].update(asyncio.run(load(floor_url, "floor", 1, 64, texts)))
