@@ -11,11 +11,9 @@ TORCH_SPEC ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test]"
+# The container images install with the same script (cluster/images/).
+$(VENV)/.installed: pyproject.toml cluster/images/install.sh
+	TORCH_SPEC="$(TORCH_SPEC)" cluster/images/install.sh $(VENV) -e ".[test]"
 	touch $@
 
 # Train the tiny code LM, deploy it behind its Fairlearn audit on Ray Serve, ask it for
@@ -23,7 +21,12 @@ $(VENV)/.installed: pyproject.toml
 quickstart: install
 	$(PY) serving/examples/quickstart.py
 
-test: install
+# The Azure Storage emulator for the storage tests (npm; the other test servers are Python).
+AZURITE := $(VENV)/azurite/node_modules/.bin/azurite-blob
+$(AZURITE):
+	npm install --prefix $(VENV)/azurite --no-audit --no-fund --silent azurite@3.37.0
+
+test: install $(AZURITE)
 	$(VENV)/bin/pytest -q
 
 # Unit tests only (no Ray, no servers): a couple of minutes, for the edit-test loop.

@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CPU = ["train_overhead.py", "zero_memory.py", "data_prep.py", "serving.py", "tuning.py"]
+CPU = [
+    "train_overhead.py",
+    "zero_memory.py",
+    "data_prep.py",
+    "serving.py",
+    "tuning.py",
+    "storage.py",
+]
 
 
 def main() -> None:

@@ -52,6 +52,37 @@ KNOWN_GPUS = {
         "Standard_ND96isr_H100_v5": 8,
     },
 }
+# The GPU model of those instance types, as Ray names it (`accelerator_type:NAME`).
+KNOWN_ACCELERATORS = {
+    **dict.fromkeys(["p4d.24xlarge", "p4de.24xlarge"], "A100"),
+    **dict.fromkeys(["p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge"], "H100"),
+    **dict.fromkeys(["g5.xlarge", "g5.2xlarge", "g5.12xlarge", "g5.48xlarge"], "A10G"),
+    **dict.fromkeys(["g6e.xlarge", "g6e.12xlarge", "g6e.48xlarge"], "L40S"),
+    **dict.fromkeys(
+        [
+            "a2-highgpu-1g",
+            "a2-highgpu-2g",
+            "a2-highgpu-4g",
+            "a2-highgpu-8g",
+            "a2-megagpu-16g",
+            "a2-ultragpu-8g",
+        ],
+        "A100",
+    ),  # fmt: skip
+    **dict.fromkeys(["a3-highgpu-8g", "a3-megagpu-8g"], "H100"),
+    "g2-standard-4": "L4",
+    **dict.fromkeys(
+        [
+            "Standard_NC24ads_A100_v4",
+            "Standard_NC96ads_A100_v4",
+            "Standard_ND96asr_v4",
+            "Standard_ND96amsr_A100_v4",
+        ],
+        "A100",
+    ),  # fmt: skip
+    "Standard_ND96isr_H100_v5": "H100",
+}
+ACCELERATOR_PREFIX = "accelerator_type:"
 # Ports that must not be open to the internet: dashboard / Jobs API, Ray Client, GCS.
 PRIVATE_PORTS = {8265: "the dashboard and Jobs API", 10001: "Ray Client", 6379: "the GCS"}
 
@@ -154,6 +185,12 @@ def _gpu_problems(provider: str, name: str, node: dict[str, Any]) -> list[str]:
             f"{key}: resources.GPU is {declared}, but a {instance} has {real} GPUs; set "
             f"GPU: {real} (the autoscaler schedules by the declared count)."
         )
+    model = KNOWN_ACCELERATORS.get(instance)
+    if model and node["resources"].get(ACCELERATOR_PREFIX + model) != 1:
+        problems.append(
+            f"{key}: a {instance} has {model} GPUs: declare `{ACCELERATOR_PREFIX}{model}: 1` "
+            f"in its resources, so the autoscaler starts it for jobs that ask for {model}."
+        )
     attached = sum(a.get("acceleratorCount", 0) for a in node_config.get("guestAccelerators", []))
     if provider == "gcp" and attached and attached != declared:
         problems.append(
@@ -197,7 +234,23 @@ def fit_problems(config: dict[str, Any], jobs: list[JobShape]) -> list[str]:
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
     problems = []
+    offered: dict[str, list[str]] = {}
+    for name, node in types.items():
+        for resource in node["resources"]:
+            if resource.startswith(ACCELERATOR_PREFIX):
+                offered.setdefault(resource.removeprefix(ACCELERATOR_PREFIX), []).append(name)
     for job in jobs:
+        wanted = [k.removeprefix(ACCELERATOR_PREFIX) for k in job.per_worker
+                  if k.startswith(ACCELERATOR_PREFIX)]  # fmt: skip
+        missing = [model for model in wanted if model not in offered]
+        if missing:
+            have = "; ".join(f"{m} ({', '.join(names)})" for m, names in sorted(offered.items()))
+            problems.append(
+                f"{job.name}: asks for {missing[0]} GPUs, which no node type has (node types "
+                f"have: {have or 'no declared GPU models'}); set scaling.accelerator_type to "
+                "one of those, or add a node type with that GPU."
+            )
+            continue
         capacity = 0
         for name, node in types.items():
             count = _bundles(node["resources"], job.per_worker)

@@ -20,7 +20,9 @@ from raygen.cluster.storage import (
     append_line,
     is_remote,
     join,
+    ray_location,
     read_text,
+    uri_of,
     write_text,
 )
 from raygen.jobs.errors import SpecError, TrainingFailed
@@ -393,6 +395,7 @@ def _fit(
         "CPU", 0
     )
     datasets = trial.datasets or prepared_datasets(prepared_dir, stream=spare_cpus >= 1)
+    storage_path, storage_filesystem = ray_location(spec.run.storage)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -410,7 +413,8 @@ def _fit(
         ),
         run_config=ray.train.RunConfig(
             name=spec.name,
-            storage_path=spec.run.storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(
                 max_failures=spec.run.max_failures,
                 max_preemption_failures=spec.run.max_preemptions,
@@ -463,7 +467,10 @@ def prepared_datasets(prepared_dir: str, stream: bool = True) -> dict[str, Any]:
     size = sum(f.size for uri in splits.values() for f in list_files(uri, ".parquet"))
     if size <= DRIVER_READ_BYTES:
         return {split: ray.data.from_arrow(read_table(uri)) for split, uri in splits.items()}
-    datasets = {split: ray.data.read_parquet(uri) for split, uri in splits.items()}
+    datasets = {}
+    for split, uri in splits.items():
+        path, filesystem = ray_location(uri)
+        datasets[split] = ray.data.read_parquet(path, filesystem=filesystem)
     if stream:
         return datasets
     # Ray Data's read tasks need a free CPU; with every CPU held by a training worker they
@@ -498,9 +505,7 @@ def _summarize(
     attempts = read_attempts(run_dir)
     checkpoint = None
     if result.checkpoint:
-        # Ray reports paths inside the filesystem; put the scheme back for URIs.
-        scheme = run_dir.split("://", 1)[0] + "://" if is_remote(run_dir) else ""
-        checkpoint = scheme + result.checkpoint.path
+        checkpoint = uri_of(run_dir, result.checkpoint.path)  # Ray reports the fs's path
     error = None if result.error is None else _short_error(result.error)
     return {
         "name": spec.name,

@@ -1,4 +1,4 @@
-"""Sample images from an exported diffusion model directory (`<run>/model`, local or s3://),
+"""Sample images from an exported diffusion model directory (`<run>/model`, local or in a bucket),
 and write images: one PNG each, or tiled into a grid."""
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ class DataSpec(Section):
     train: list[str] = Field(
         json_schema_extra=_one_or_many_schema,
         description="Training data: Parquet files, JSON Lines files (.jsonl) or directories "
-        "of either (local or s3://), data sets written by Hugging Face `datasets` "
+        "of either (local, s3://, gs:// or abfs://), data sets written by Hugging Face `datasets` "
         "`save_to_disk` (one split's directory), or a builtin set: `builtin:python-stdlib` "
         "(the standard library's .py sources, text) or `builtin:digits` (8x8 handwritten "
         "digits with labels, images).",
@@ -396,6 +396,14 @@ class SamplingSpec(Section):
     )
 
 
+ACCELERATOR_SHARE = 0.001  # of a node's `accelerator_type:NAME` resource (1 per node)
+
+
+def accelerator_resource(name: str) -> str:
+    """Ray's resource marking nodes whose GPUs are of type `name`."""
+    return f"accelerator_type:{name}"
+
+
 class ScalingSpec(Section):
     num_workers: int = Field(2, ge=1, description="Training worker processes (one per GPU).")
     use_gpu: bool = Field(False, description="Give each worker one GPU.")
@@ -406,14 +414,25 @@ class ScalingSpec(Section):
         "the CPUs (the most that still places every worker), each GPU worker its node's "
         "CPUs, less one, divided by its GPUs.",
     )
+    accelerator_type: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The GPU model every worker needs, as Ray names it (A100, H100, L4, A10G, "
+        "V100, T4...): workers run only on nodes of that type (Ray's `accelerator_type:NAME` "
+        "resource, which Ray sets on nodes with those GPUs and cluster configs declare for "
+        "their node types). Needs use_gpu.",
+    )
 
     def per_worker(self, default_cpus: int = 1) -> dict[str, float]:
         """The Ray resources one worker asks for: `resources_per_worker`, else
         `default_cpus` CPUs (see `raygen.cluster.connection.default_worker_cpus`); plus one
-        GPU with `use_gpu` unless it names its own."""
+        GPU with `use_gpu` unless it names its own, and a sliver of its accelerator type's
+        resource (Ray's convention: any amount places it on such a node)."""
         resources = dict(self.resources_per_worker or {"CPU": default_cpus})
         if self.use_gpu:
             resources.setdefault("GPU", 1)
+        if self.accelerator_type:
+            resources[accelerator_resource(self.accelerator_type)] = ACCELERATOR_SHARE
         return resources
 
 

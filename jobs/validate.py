@@ -76,6 +76,11 @@ def _common_problems(spec: TrainSpec) -> list[str]:
     per_worker = sc.resources_per_worker or {}
     if sc.use_gpu and per_worker.get("GPU", 1) <= 0:
         problems.append("`scaling.resources_per_worker.GPU`: must be > 0 with use_gpu: true.")
+    if sc.accelerator_type and not sc.use_gpu:
+        problems.append(
+            f"`scaling.accelerator_type`: {sc.accelerator_type} is a GPU model; set "
+            "scaling.use_gpu: true (or drop accelerator_type)."
+        )
     if t.warmup_steps >= t.max_steps and t.warmup_steps > 0:
         problems.append(
             f"`train.warmup_steps`: {t.warmup_steps} warm-up steps but max_steps is "

@@ -23,6 +23,7 @@ from raygen.commands import (
     audit,
     cluster,
     data,
+    k8s,
     lineage,
     models,
     schema,
@@ -131,6 +132,10 @@ cluster_app = _group(
 for _name in ("validate", "up", "down", "status", "attach", "dashboard", "simulate"):
     _command(cluster_app, getattr(cluster, _name), _name)
 app.add_typer(cluster_app, name="cluster")
+
+k8s_app = _group("Kubernetes: KubeRay manifests for runs, sweeps, deployments and clusters.")
+_command(k8s_app, k8s.render_manifests, "render")
+app.add_typer(k8s_app, name="k8s")
 
 
 def main() -> None:

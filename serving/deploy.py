@@ -436,9 +436,10 @@ def shutdown(name: str) -> None:
     serve.delete(name)
 
 
-def write_serve_config(spec: DeploySpec, out: Path) -> dict[str, Any]:
-    """Write a Ray Serve config file (for `serve deploy` or a KubeRay RayService)."""
-    config = {
+def serve_config(spec: DeploySpec) -> dict[str, Any]:
+    """The Ray Serve config of a deploy spec (for `serve deploy` or a KubeRay RayService's
+    serveConfigV2): the application's builder and the spec as its arguments."""
+    return {
         "proxy_location": "EveryNode",
         "http_options": http_options(spec),
         "applications": [
@@ -450,6 +451,11 @@ def write_serve_config(spec: DeploySpec, out: Path) -> dict[str, Any]:
             }
         ],
     }
+
+
+def write_serve_config(spec: DeploySpec, out: Path) -> dict[str, Any]:
+    """Write a Ray Serve config file (for `serve deploy` or a KubeRay RayService)."""
+    config = serve_config(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "# Ray Serve config written by `raygen serve build`; deploy with `serve deploy FILE`\n"

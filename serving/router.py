@@ -604,7 +604,7 @@ def application(
                 # Overload is shed at once: 503 with Retry-After past each arm's queue.
                 max_queued_requests=replica.max_queued_requests,
                 backpressure_config=BackpressureConfig(retry_after_s=replica.retry_after_s),
-                ray_actor_options={"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+                ray_actor_options=actor_options(replica),
                 **update,
             )
             # Serve restarts the replicas of a deployment whose version changed, and gives
@@ -635,6 +635,14 @@ def application(
     }
     primary = arm(primary_deployment, PRIMARY, arms[PRIMARY]).options(user_config=rollout)
     return primary.bind(arms[PRIMARY].model_dump(mode="json"), *beside)
+
+
+def actor_options(replica: Any) -> dict[str, Any]:
+    """A model replica's Ray actor options: its CPUs, GPUs and GPU model (ReplicaSpec)."""
+    options: dict[str, Any] = {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus}
+    if replica.accelerator_type:
+        options["accelerator_type"] = replica.accelerator_type
+    return options
 
 
 def _version_of(*what: Any, model: str | None = None) -> str:

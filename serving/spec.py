@@ -44,6 +44,22 @@ class AutoscalingSpec(Section):
 class ReplicaSpec(Section):
     num_cpus: float = Field(1, gt=0, description="CPUs per replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (fractions allowed).")
+    accelerator_type: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The GPU model a replica needs, as Ray names it (A100, H100, L4, A10G...): "
+        "replicas run only on nodes of that type. Needs num_gpus > 0.",
+    )
+
+    @model_validator(mode="after")
+    def _accelerator_needs_a_gpu(self) -> ReplicaSpec:
+        if self.accelerator_type and self.num_gpus <= 0:
+            raise ValueError(
+                f"accelerator_type {self.accelerator_type} is a GPU model: set num_gpus > 0 "
+                "(or drop accelerator_type)"
+            )
+        return self
+
     max_ongoing_requests: int = Field(
         16, ge=1, description="Requests one replica works on at once (more are queued)."
     )
@@ -443,7 +459,7 @@ class AuditSpec(Section):
     )
     data: str | None = Field(
         None,
-        description="Evaluation Parquet file or directory (local or s3://) with the text or "
+        description="Evaluation Parquet file or directory (local or in a bucket) with the text or "
         "prompt column and the sensitive-feature columns; not needed for class_accuracy.",
     )
     text_column: str = Field("text", description="Column with the texts of quality checks.")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from raygen.cluster.simulate import free_port
+from tests.servers import start_azurite, start_gcs_emulator, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,9 @@ os.environ[TEST_API_KEYS_ENV] = ",".join(TEST_API_KEYS)
 # integration"`); a test that starts such a component itself carries the mark by hand.
 INTEGRATION_FIXTURES = {
     "s3_endpoint",
+    "cloud_base",
+    "gcs_endpoint",
+    "azure_endpoint",
     "bucket",
     "ray_session",
     "serve_port",
@@ -90,7 +94,28 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
+def gcs_endpoint():
+    """A real Google Cloud Storage protocol server (gcp-storage-emulator) on 127.0.0.1,
+    named in STORAGE_EMULATOR_HOST (started before Ray, like the S3 server)."""
+    server, endpoint = start_gcs_emulator()
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    os.environ.setdefault("GOOGLE_CLOUD_PROJECT", "raygen-test")  # to create buckets
+    yield endpoint
+    stop(server)
+
+
+@pytest.fixture(scope="session")
+def azure_endpoint(tmp_path_factory):
+    """A real Azure Blob Storage protocol server (Azurite, from npm: `make test` installs
+    it) on 127.0.0.1, its development account in AZURE_STORAGE_CONNECTION_STRING."""
+    server, endpoint, connection = start_azurite(tmp_path_factory.mktemp("azurite"))
+    os.environ["AZURE_STORAGE_CONNECTION_STRING"] = connection
+    yield endpoint
+    stop(server)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint, gcs_endpoint, azure_endpoint):
     """One local Ray (2 CPUs, like CI) shared by every test that trains."""
     import ray
 
@@ -124,6 +149,35 @@ def bucket(s3_endpoint) -> str:
     name = f"raygen-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+CLOUDS = ("s3", "gs", "abfs")
+
+
+@pytest.fixture(params=CLOUDS)
+def cloud_base(request) -> str:
+    """A fresh, empty bucket (container) on each cloud's test server, as a URI: s3://B,
+    gs://B and abfs://C@devstoreaccount1.dfs.core.windows.net (Azurite's account)."""
+    import uuid
+
+    from raygen.cluster.storage import resolve
+
+    name = f"raygen-{uuid.uuid4().hex[:12]}"
+    request.getfixturevalue({"s3": "s3_endpoint", "gs": "gcs_endpoint",
+                             "abfs": "azure_endpoint"}[request.param])  # fmt: skip
+    uri = {
+        "s3": f"s3://{name}",
+        "gs": f"gs://{name}",
+        "abfs": f"abfs://{name}@devstoreaccount1.dfs.core.windows.net",
+    }[request.param]
+    if request.param == "s3":
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=name)
+    else:
+        fs, path = resolve(uri)
+        fs.create_dir(path)  # a bucket, or a container
+    return uri
 
 
 @pytest.fixture(scope="session")

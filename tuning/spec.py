@@ -112,7 +112,9 @@ class SchedulerSpec(Section):
 
 class SweepRunSpec(Section):
     storage: str = Field(
-        "runs", description="Directory or s3:// URI; the sweep is <storage>/<name>."
+        "runs",
+        description="Directory or bucket URI (s3://, gs://, abfs://); the sweep is "
+        "<storage>/<name>.",
     )
     max_failures: int = Field(
         0, ge=0, description="Retries of an errored trial (each retry resumes its checkpoint)."

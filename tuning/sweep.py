@@ -16,7 +16,7 @@ import yaml
 from ray.tune import Callback
 
 from raygen.cluster.errors import StorageError
-from raygen.cluster.storage import exists, join, list_files, read_text, write_text
+from raygen.cluster.storage import exists, join, list_files, ray_location, read_text, write_text
 from raygen.jobs.errors import SpecError
 from raygen.jobs.progress import Report
 from raygen.jobs.spec import TrackingSpec, TrainSpec
@@ -112,9 +112,11 @@ def run_sweep(
         {"cpu": DRIVER_CPU},
     )  # fmt: skip
     resources = Resources(sweep.run.pending_timeout_s)
+    storage_path, storage_filesystem = ray_location(absolute(sweep.run.storage))
     run_config = tune.RunConfig(
         name=sweep.name,
-        storage_path=absolute(sweep.run.storage),
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
         failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
         callbacks=[
             resources,

@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from raygen.cluster.storage import append_line, is_remote, join
+from raygen.cluster.storage import append_line, is_remote, join, uri_of
 from raygen.jobs.spec import TrainSpec
 from raygen.tuning.schedulers import PAUSING_SCHEDULERS
 from raygen.tuning.spec import SweepSpec
@@ -127,7 +127,7 @@ def trial_driver(
                 "run": spec.name,
                 "run_dir": run_dir,
                 "step": metrics.get("step"),
-                "checkpoint": _with_scheme(checkpoint, run_dir) if checkpoint else None,
+                "checkpoint": uri_of(run_dir, checkpoint) if checkpoint else None,
             }
             Path(tmp, POINTER_FILE).write_text(json.dumps(pointer))
             append_line(evaluations, json.dumps({"trial_id": trial_id, **metrics}))
@@ -145,13 +145,6 @@ def trial_driver(
 def evaluations_log(sweep_dir: str, trial_dir: str) -> str:
     """Where the evaluations of the trial whose Tune directory is `trial_dir` are logged."""
     return join(sweep_dir, EVALUATIONS_DIR, trial_dir.rstrip("/").rsplit("/", 1)[-1] + ".jsonl")
-
-
-def _with_scheme(path: str, run_dir: str) -> str:
-    """Ray reports paths inside the filesystem; put the URI scheme back for object stores."""
-    if is_remote(run_dir) and "://" not in path:
-        return run_dir.split("://", 1)[0] + "://" + path
-    return path
 
 
 class ReportToQueue(UserCallback):

@@ -17,7 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raygen.cluster.storage import is_remote, join, list_files, open_input
+from raygen.cluster.storage import (
+    join,
+    list_files,
+    open_input,
+    ray_location,
+    ray_locations,
+)
 from raygen.jobs.data.inputs import count_rows
 from raygen.jobs.data.rows import (
     KeepRows,
@@ -159,12 +165,13 @@ def read_images(
     parquet = [f.path for f in files if f.kind == "parquet"]
     columns = [d.image_column] + ([d.label_column] if d.label_column else [])
     renames = {d.image_column: "image", **({d.label_column: "label"} if d.label_column else {})}
-    for group in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
-        if group:
-            ds = ray.data.read_parquet(group, columns=columns, include_row_hash=True)
-            changed = {k: v for k, v in renames.items() if k != v}
-            # Ray Data refuses an empty rename: columns already named `image` (and `label`).
-            parts.append(ds.rename_columns(changed) if changed else ds)
+    for paths, filesystem in ray_locations(parquet):
+        ds = ray.data.read_parquet(
+            paths, filesystem=filesystem, columns=columns, include_row_hash=True
+        )
+        changed = {k: v for k, v in renames.items() if k != v}
+        # Ray Data refuses an empty rename: columns already named `image` (and `label`).
+        parts.append(ds.rename_columns(changed) if changed else ds)
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     decode = _DecodeImages(channels, size, source, eval_fraction, spec.train.seed, counter)
     return ds.map_batches(decode, batch_format="pyarrow")
@@ -331,9 +338,10 @@ def prepare_images(
         KeepRows(drop, ["pixels", "label", "split"]), batch_format="pyarrow"
     ).materialize()
     for split in counts:
+        path, filesystem = ray_location(join(prepared_dir, split))
         images.filter(expr=f"split == '{split}'").map_batches(
             to_training_rows, batch_format="pyarrow"
-        ).write_parquet(join(prepared_dir, split))
+        ).write_parquet(path, filesystem=filesystem)
     return {
         "fingerprint": fp,
         "kind": "images",

@@ -24,6 +24,8 @@ from raygen.cluster.storage import (
     list_files,
     local_copy,
     open_input,
+    ray_location,
+    ray_locations,
     upload_dir,
 )
 from raygen.jobs.data import chat
@@ -163,9 +165,10 @@ def prepare_text(
                 tokenize = _TokenizeChat(tokenizer_dir, d.seq_len, spec.train.loss_on, counter)
             else:
                 tokenize = _TokenizePack(tokenizer_dir, d.seq_len, group_names, counter)
+            path, filesystem = ray_location(join(prepared_dir, split))
             split_docs.map_batches(
                 tokenize, batch_size=batch_docs, batch_format="pyarrow"
-            ).write_parquet(join(prepared_dir, split))
+            ).write_parquet(path, filesystem=filesystem)
 
     stats = {
         "fingerprint": fp,
@@ -259,7 +262,8 @@ def _tokens_per_group(split_dir: str, names: list[str]) -> dict[str, int]:
         ids = batch["group_ids"].combine_chunks().flatten().to_numpy()
         return pa.table({"counts": [np.bincount(ids, minlength=len(names)).tolist()]})
 
-    parts = ray.data.read_parquet(split_dir, columns=["group_ids"]).map_batches(
+    path, filesystem = ray_location(split_dir)
+    parts = ray.data.read_parquet(path, filesystem=filesystem, columns=["group_ids"]).map_batches(
         count, batch_format="pyarrow"
     )
     total = np.zeros(len(names), dtype=np.int64)
@@ -279,11 +283,12 @@ def _read_documents(files: list[InputFile], columns: dict[str, str], key: str) -
     texts = [f.path for f in files if f.kind == "text"]
     renames = {old: new for old, new in columns.items() if old != new}
     parts = []
-    # One read per scheme: Ray Data reads a list of paths through one filesystem.
-    for paths in ([p for p in parquet if not is_remote(p)], [p for p in parquet if is_remote(p)]):
-        if paths:
-            ds = ray.data.read_parquet(paths, columns=list(columns), include_row_hash=True)
-            parts.append(ds.rename_columns(renames) if renames else ds)
+    # One read per filesystem: Ray Data reads a list of paths through one.
+    for paths, filesystem in ray_locations(parquet):
+        ds = ray.data.read_parquet(
+            paths, filesystem=filesystem, columns=list(columns), include_row_hash=True
+        )
+        parts.append(ds.rename_columns(renames) if renames else ds)
     if others:
         parts.append(
             ray.data.from_items([{"path": p, "kind": k} for p, k in others]).map_batches(
@@ -545,7 +550,10 @@ def _chat_shard_stats(split_dir: str, split: str) -> dict[str, int]:
     split's shards."""
     import ray.data
 
-    ds = ray.data.read_parquet(split_dir, columns=["tokens", "loss_tokens", "truncated"])
+    path, filesystem = ray_location(split_dir)
+    ds = ray.data.read_parquet(
+        path, filesystem=filesystem, columns=["tokens", "loss_tokens", "truncated"]
+    )
     sequences = ds.count()
     sums = ds.sum(["tokens", "loss_tokens", "truncated"]) if sequences else {}
     return {

@@ -74,7 +74,10 @@ def restore_latest(
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and start_from:
-        checkpoint = ray.train.Checkpoint(start_from)
+        from raygen.cluster.storage import ray_location
+
+        path, filesystem = ray_location(start_from)
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
     if checkpoint is None:
         return 0, {}, None
     with checkpoint.as_directory() as path, data_only_loads():

@@ -60,7 +60,7 @@ def detect_kind(model_dir: str) -> str:
         raise SpecError(
             "model",
             f"{model_dir} {where}; give an exported model directory (the `model/` of a "
-            "training run, or what `raygen export` wrote), local or s3://.",
+            "training run, or what `raygen export` wrote), local or in a bucket (s3://, gs://, abfs://).",
         )
     if "model_type" not in json.loads(config):
         raise SpecError(

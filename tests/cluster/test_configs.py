@@ -164,4 +164,46 @@ def test_simulation_mirrors_the_node_types_without_gpus(aws):
     assert "GPU" not in worker["resources"] and worker["max_workers"] == 3
     assert fake["available_node_types"]["ray.head.default"]["max_workers"] == 0
     assert [r["type"] for r in rows] == ["gpu_a100", "gpu_a100_spot"]
-    assert rows[0]["cloud"] == {"CPU": 96, "GPU": 8}
+    assert rows[0]["cloud"] == {"CPU": 96, "GPU": 8, "accelerator_type:A100": 1}
+    assert worker["resources"]["accelerator_type:A100"] == 1  # GPU-model jobs simulate too
+
+
+def test_gpu_models_are_declared_and_jobs_asking_for_another_are_named(aws):
+    from raygen.jobs.spec import ScalingSpec
+
+    a100 = ScalingSpec(num_workers=16, use_gpu=True, accelerator_type="A100")
+    assert a100.per_worker(8) == {"CPU": 8, "GPU": 1, "accelerator_type:A100": 0.001}
+    h100 = ScalingSpec(num_workers=8, use_gpu=True, accelerator_type="H100")
+    jobs = [
+        JobShape("a100.yaml", 16, a100.per_worker(8)),
+        JobShape("h100.yaml", 8, h100.per_worker(8)),
+    ]
+    assert config_problems(aws, jobs) == [
+        "h100.yaml: asks for H100 GPUs, which no node type has (node types have: A100 "
+        "(gpu_a100, gpu_a100_spot)); set scaling.accelerator_type to one of those, or add a "
+        "node type with that GPU."
+    ]
+    del aws["available_node_types"]["gpu_a100"]["resources"]["accelerator_type:A100"]
+    assert config_problems(aws) == [
+        "`available_node_types.gpu_a100`: a p4d.24xlarge has A100 GPUs: declare "
+        "`accelerator_type:A100: 1` in its resources, so the autoscaler starts it for jobs "
+        "that ask for A100."
+    ]
+
+
+def test_a_gpu_model_needs_a_gpu_in_train_and_deploy_specs():
+    from raygen.jobs.loader import validate_spec
+    from raygen.jobs.spec import TrainSpec
+    from raygen.jobs.validate import portable_problems
+    from raygen.serving.router import actor_options
+    from raygen.serving.spec import ReplicaSpec
+
+    raw = {"name": "t", "model": {"arch": "gpt2"}, "data": {"train": "builtin:python-stdlib"}}
+    spec = validate_spec(TrainSpec, {**raw, "scaling": {"accelerator_type": "A100"}}, "t.yaml")
+    assert any(
+        "`scaling.accelerator_type`: A100 is a GPU model" in p for p in portable_problems(spec)
+    )
+    with pytest.raises(ValueError, match="accelerator_type H100 is a GPU model: set num_gpus > 0"):
+        ReplicaSpec(accelerator_type="H100")
+    replica = ReplicaSpec(num_gpus=1, accelerator_type="H100")
+    assert actor_options(replica) == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "H100"}

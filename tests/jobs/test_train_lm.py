@@ -261,6 +261,59 @@ def test_run_storage_on_s3_trains_exports_and_resumes_there(ray_session, bucket,
     assert steps == sorted(set(steps)) and steps[-1] == 30
 
 
+@pytest.mark.parametrize("cloud_base", ["gs", "abfs"], indirect=True)
+def test_gcs_and_azure_hold_the_whole_path_prepare_train_resume_audit_serve(
+    ray_session, serve_port, cloud_base, tmp_path
+):
+    """The S3 case above on Google Cloud Storage and Azure Blob (their emulators): the
+    prepared data, checkpoints and model in the bucket, a resumed run, an audit of the
+    model there, and a deployment serving it from there."""
+    import httpx
+
+    from raygen.cluster.storage import exists, join, list_files, read_text
+    from raygen.serving.audit.run import run_audit
+    from raygen.serving.spec import AuditSpec
+    from tests.serving.deployments import start, stop
+
+    storage = f"{cloud_base}/runs"
+    raw = tiny_lm_spec(
+        tmp_path,
+        train__max_steps=10,
+        train__eval_every=10,
+        train__checkpoint_every=10,
+        run__storage=storage,
+    )
+    result = launch(spec_of(raw))
+    run_dir = join(storage, "tiny")
+    assert result["paths"]["checkpoint"] == join(run_dir, "checkpoint_00000010")
+    for name in ("spec.yaml", "result.json", "data/data_stats.json", "model/model.safetensors"):
+        assert exists(join(run_dir, name)), name
+    assert list_files(join(run_dir, "data", "train"), ".parquet")  # prepared in the bucket
+    assert "AccountKey" not in read_text(join(run_dir, "spec.yaml"))
+    raw["train"]["max_steps"] = 15
+    extended = launch(spec_of(raw))
+    assert extended["final_step"] == 15
+    assert extended["attempts"][-1]["resumed_from_step"] == 10
+
+    model = join(run_dir, "model")
+    examples = Path(__file__).resolve().parents[2] / "serving" / "examples"
+    audit = validate_spec(AuditSpec, {
+        "name": "cloud", "data": str(examples / "audit-eval.parquet"), "min_group_size": 30,
+        "sensitive_features": ["quote_style"], "max_text_tokens": 64,
+        "checks": [{"metric": "perplexity", "max_ratio": 10.0}],
+    }, "audit.yaml")  # fmt: skip
+    report = run_audit(audit, "audit.yaml", model)
+    assert report["passed"] and report["paths"]["audit"].startswith(cloud_base)
+    name = f"cloudy-{cloud_base.split(':')[0]}"
+    url = start(name, model, serve_port, audit=report["paths"]["audit"])
+    try:
+        body = {"model": name, "prompt": "import ", "max_tokens": 4}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"]
+    finally:
+        stop(name)
+
+
 # --- a run stays one run; nothing raygen did not write is touched -----------------------------
 
 
