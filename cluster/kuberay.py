@@ -84,6 +84,7 @@ def cluster_spec(
     env: list[dict[str, Any]] | None = None,
     serve: bool = False,
     node_selector: dict[str, str] | None = None,
+    serve_port: int = 8000,
 ) -> dict[str, Any]:
     """A RayCluster's spec: a head that runs no work (0 CPUs for Ray), and one autoscaled
     group of workers with `worker_cpus` (and `worker_gpus` of the model `accelerator`) each,
@@ -96,7 +97,7 @@ def cluster_spec(
         {"containerPort": 10001, "name": "client"},
     ]
     if serve:
-        ports.append({"containerPort": 8000, "name": "serve"})
+        ports.append({"containerPort": serve_port, "name": "serve"})
     mounts, volumes = [], []
     if config_map:
         mounts = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
@@ -105,7 +106,7 @@ def cluster_spec(
         "ray-head", image, {"cpu": HEAD_CPUS, "memory": HEAD_MEMORY}, _env(env),
         ports=ports, volumeMounts=mounts,
     )  # fmt: skip
-    cpus = max(1, int(worker_cpus))
+    cpus = max(1, math.ceil(worker_cpus))
     resources: dict[str, Any] = {"cpu": str(cpus), "memory": f"{cpus * MEMORY_PER_CPU_GI}Gi"}
     if worker_gpus:
         resources["nvidia.com/gpu"] = str(worker_gpus)
@@ -202,7 +203,7 @@ def service_manifest(
     cluster = cluster_spec(
         image, max(1, spec.autoscaling.min_replicas), max_replicas,
         max(1.0, replica.num_cpus), math.ceil(replica.num_gpus), replica.accelerator_type,
-        env=env, serve=True, node_selector=node_selector,
+        env=env, serve=True, node_selector=node_selector, serve_port=spec.http.port,
     )  # fmt: skip
     return {
         "apiVersion": API_VERSION,

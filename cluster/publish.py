@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from raygen.cluster.errors import StorageError
-from raygen.cluster.storage import is_remote, join, list_files, read_text, resolve, storage_error
+from raygen.cluster.storage import (
+    FAILURES,
+    is_remote,
+    join,
+    list_files,
+    read_text,
+    resolve,
+    storage_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +198,7 @@ def _upload_whole(local: str, uri: str, kind: str) -> None:
             local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
         )
         finish_remote(uri, kind, files)
-    except OSError as exc:
+    except FAILURES as exc:
         raise storage_error(uri, exc) from None
 
 
@@ -245,7 +253,7 @@ def begin(uri: str, key: str, legacy: Callable[[dict[str, int]], bool] | None = 
     if is_remote(uri):
         try:
             begin_remote(uri)
-        except OSError as exc:
+        except FAILURES as exc:
             raise storage_error(uri, exc) from None
     else:
         begin_local(uri)
@@ -256,7 +264,7 @@ def finish(uri: str, kind: str) -> None:
     if is_remote(uri):
         try:
             finish_remote(uri, kind)
-        except OSError as exc:
+        except FAILURES as exc:
             raise storage_error(uri, exc) from None
     else:
         finish_local(uri, kind)

@@ -120,6 +120,9 @@ def _azure_settings() -> dict[str, str]:
             "AccountKey": AZURITE_KEY,
             "BlobEndpoint": "http://127.0.0.1:10000/devstoreaccount1",
         }
+    endpoint_host = urlparse(settings.get("BlobEndpoint", "")).netloc
+    if not settings.get("AccountName") and ".blob." in endpoint_host:
+        settings["AccountName"] = endpoint_host.split(".", 1)[0]  # a SAS string names none
     for setting, variable in (
         ("AccountName", "AZURE_STORAGE_ACCOUNT_NAME"),
         ("AccountKey", "AZURE_STORAGE_ACCOUNT_KEY"),
@@ -153,12 +156,16 @@ def _azure(account: str, settings: tuple[tuple[str, str], ...]):
 
     given = dict(settings)
     options: dict[str, Any] = {}
-    if given.get("BlobEndpoint"):  # an emulator, or a custom domain
+    if given.get("BlobEndpoint"):
         endpoint = urlparse(given["BlobEndpoint"])
-        options.update(
-            blob_storage_authority=endpoint.netloc, blob_storage_scheme=endpoint.scheme,
-            dfs_storage_authority=endpoint.netloc, dfs_storage_scheme=endpoint.scheme,
-        )  # fmt: skip
+        host = endpoint.netloc
+        if host.startswith(f"{account}."):  # Azure's own: account.blob.<suffix>
+            blob = host[len(account) :]
+            options.update(blob_storage_authority=blob,
+                           dfs_storage_authority=blob.replace(".blob.", ".dfs.", 1))  # fmt: skip
+        else:  # an emulator, whose paths name the account (http://host:port/account)
+            options.update(blob_storage_authority=host, dfs_storage_authority=host)
+        options.update(blob_storage_scheme=endpoint.scheme, dfs_storage_scheme=endpoint.scheme)
     elif given.get("EndpointSuffix"):  # a sovereign cloud
         options.update(
             blob_storage_authority=f".blob.{given['EndpointSuffix']}",

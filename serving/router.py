@@ -44,6 +44,7 @@ ROLLOUT = "rollout"  # the judge's deployment
 LATENCIES_KEPT = 10_000  # per arm: enough for a 99th percentile of the recent requests
 REPORT_EVERY_S = 0.1  # a primary replica sends the judge its requests' outcomes this often
 REPORT_TIMEOUT_S = 10.0
+SETTLE_TIMEOUT_S = 1800  # a decided rollout's step (replicas loading a model) comes up within
 
 
 class ArmFigures:
@@ -179,21 +180,27 @@ class Split:
     judge answers with the share as it is now, so a decision reaches every replica busy
     enough to matter within that time."""
 
-    def __init__(self, app: str, canary_percent: float):
-        self.canary_percent = canary_percent
+    def __init__(self, app: str):
+        # Nothing to the canary until the judge says how much: it may still be loading.
+        self.canary_percent = 0.0
         self.canary = serve.get_deployment_handle(CANARY, app)
         self.judge = serve.get_deployment_handle(ROLLOUT, app)
         self.outcomes: list[tuple[str, int, float, bool]] = []
-        self.reporting: asyncio.Task | None = None
+        # Asked at once (the rollout starting), then with each batch of outcomes.
+        self.reporting: asyncio.Task | None = asyncio.get_running_loop().create_task(
+            self._report(at_once=True)
+        )
 
     def note(self, arm: str, status: int, seconds: float, filtered: bool) -> None:
         self.outcomes.append((arm, status, seconds, filtered))
         if self.reporting is None or self.reporting.done():
             self.reporting = asyncio.get_running_loop().create_task(self._report())
 
-    async def _report(self) -> None:
-        while self.outcomes:
-            await asyncio.sleep(REPORT_EVERY_S)
+    async def _report(self, at_once: bool = False) -> None:
+        while at_once or self.outcomes:
+            if not at_once:
+                await asyncio.sleep(REPORT_EVERY_S)
+            at_once = False
             outcomes, self.outcomes = self.outcomes, []
             try:
                 reply = self.judge.report.remote(outcomes)
@@ -358,9 +365,7 @@ class PrimaryServer(ModelServer):
         if not config["rollout"]:
             self.split = None
         elif self.split is None:
-            self.split = Split(self.application, config["canary_percent"])
-        else:
-            self.split.canary_percent = config["canary_percent"]
+            self.split = Split(self.application)
 
     async def about(self) -> dict[str, Any]:
         """What the application serves: its spec and, per arm, the model's hash and, during
@@ -379,6 +384,12 @@ class PrimaryServer(ModelServer):
 
 
 # --- the judge ----------------------------------------------------------------------------
+
+
+def _deployment_healthy(app: str, deployment: str) -> bool:
+    status = serve.status().applications.get(app)
+    found = status.deployments.get(deployment) if status else None
+    return found is not None and str(getattr(found.status, "value", found.status)) == "HEALTHY"
 
 
 def _app_status(name: str) -> str:
@@ -445,6 +456,8 @@ class Rollout:
         self.figures = {PRIMARY: ArmFigures(), CANARY: ArmFigures()}
         self.decision = decision
         self.measuring = settled is None
+        self.ready = settled is not None  # a decided rollout's canary already runs
+        self.next_check = 0.0
         self.canary_percent = self.spec.canary.traffic_percent if settled is None else settled
         self.requests = Counter(
             "raygen_arm_requests",
@@ -467,7 +480,18 @@ class Rollout:
 
     async def report(self, outcomes: list[tuple[str, int, float, bool]]) -> float:
         """A primary replica's outcomes since its last report; returns the canary's share
-        now (a decision changes it at once)."""
+        now: 0 until the canary's replicas run (they load the model and pass the gate
+        first), then the spec's, until a decision changes it."""
+        if not self.ready and time.monotonic() >= self.next_check:
+            self.next_check = time.monotonic() + 1.0
+            if await asyncio.to_thread(_deployment_healthy, self.name, CANARY):
+                # Measured from here: both arms over the same time, the canary answering.
+                self.ready, self.started = True, time.time()
+                self.figures = {PRIMARY: ArmFigures(), CANARY: ArmFigures()}
+                logger.info("raygen: %s: the canary runs; %g%% of requests go to it",
+                            self.name, self.canary_percent)  # fmt: skip
+        if not self.ready:
+            return 0.0
         for arm, status, seconds, filtered in outcomes:
             self._record(arm, status, seconds, filtered)
         return self.canary_percent
@@ -475,7 +499,7 @@ class Rollout:
     async def about(self) -> dict[str, Any]:
         return {
             "arms": {arm: figures.summary() for arm, figures in self.figures.items()},
-            "canary_percent": self.canary_percent,
+            "canary_percent": self.canary_percent if self.ready else 0.0,
             "measuring": self.measuring,
             "decision": self.decision,
             "since": self.started,
@@ -526,8 +550,9 @@ class Rollout:
         return self.decision
 
     def _enact(self, decision: dict[str, Any]) -> None:
+        """Redeploy towards the decision, then record it (a record that cannot be written
+        must not leave the application half decided)."""
         try:
-            _record_decision(self.spec, self.name, decision)
             if decision["action"] == ROLLBACK:
                 _redeploy(self.name, self.spec, settled=0.0, decision=decision)
             else:  # the primary deployment takes the canary's model first
@@ -535,6 +560,10 @@ class Rollout:
                 _redeploy(self.name, promoted, settled=100.0, decision=decision)
         except Exception:  # noqa: BLE001 - nothing to answer to: the log says what failed
             logger.exception("raygen: %s: enacting the canary decision failed", self.name)
+        try:
+            _record_decision(self.spec, self.name, decision)
+        except Exception:  # noqa: BLE001
+            logger.exception("raygen: %s: recording the canary decision failed", self.name)
 
     def _settle(self, share: float) -> None:
         """The steps after a decision, each once the whole application runs the previous:
@@ -542,7 +571,15 @@ class Rollout:
         answers meanwhile), then the primary answers everything (share 0), then the canary
         goes. A step waits for the last so no replica relays to a canary that is gone."""
         try:
-            while _app_status(self.name) != "RUNNING":
+            deadline = time.monotonic() + SETTLE_TIMEOUT_S
+            while (status := _app_status(self.name)) != "RUNNING":
+                if status in ("DEPLOY_FAILED", "UNHEALTHY") or time.monotonic() > deadline:
+                    logger.error(
+                        "raygen: %s: the canary decision's step did not come up (%s); the "
+                        "application stays as it is: see `raygen serve status`",
+                        self.name, status,
+                    )  # fmt: skip
+                    return
                 time.sleep(1)
             if share > 0:
                 _redeploy(self.name, self.spec, settled=0.0, decision=self.decision)
@@ -627,12 +664,9 @@ def application(
             canary.bind(arms[CANARY].model_dump(mode="json")),
             judging.bind(spec.model_dump(mode="json"), settled, decision),
         ]
-    share = spec.canary.traffic_percent if spec.canary else 0.0
-    rollout = {
-        "spec": spec.model_dump(mode="json"),
-        "rollout": spec.canary is not None,
-        "canary_percent": share if settled is None else settled,
-    }
+    # Running primary replicas learn of a canary from here (no restart); its share they
+    # learn from the judge.
+    rollout = {"spec": spec.model_dump(mode="json"), "rollout": spec.canary is not None}
     primary = arm(primary_deployment, PRIMARY, arms[PRIMARY]).options(user_config=rollout)
     return primary.bind(arms[PRIMARY].model_dump(mode="json"), *beside)
 

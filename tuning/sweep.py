@@ -130,7 +130,10 @@ def run_sweep(
         verbose=0,
     )
     if resume:
-        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            ray_location(sweep_dir)[0], trainable=trainable, resume_errored=True,
+            storage_filesystem=ray_location(sweep_dir)[1],
+        )  # fmt: skip
     else:
         # Tune ignores max_concurrent_trials next to a generator: limit it here.
         generator = tune.search.BasicVariantGenerator(

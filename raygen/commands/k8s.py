@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -118,6 +118,9 @@ def render_manifests(
         from raygen.serving.spec import DeploySpec
 
         deploy = load_spec(DeploySpec, spec, set_)
+        problems = _pod_problems(deploy)
+        if problems:
+            raise SpecError(str(spec), problems)
         resolved = resolve_deploy_spec(deploy, str(spec), embedded=False)
         gated = gate_arms(resolved, override_audit, None, on_event=render.plain)
         if gated.auth.api_keys_env and not api_keys_secret:
@@ -152,6 +155,30 @@ def render_manifests(
     out_path.write_text(text)
     kinds = ", ".join(m["kind"] for m in manifests)
     render.out.print(f"wrote {out_path} ({kinds}); apply it with `kubectl apply -f {out_path}`")
+
+
+def _pod_problems(deploy: Any) -> list[str]:
+    """What a deploy spec says that pods cannot do: read local files, or take requests from
+    a Kubernetes Service on the loopback interface."""
+    from raygen.cluster.storage import is_remote
+    from raygen.jobs.registry import is_registered
+    from raygen.serving.spec import arm_specs
+
+    problems = []
+    for prefix, armed in zip(("", "canary."), arm_specs(deploy).values(), strict=False):
+        for key, path in ((f"{prefix}model", armed.model), (f"{prefix}audit", armed.audit)):
+            if path and not is_remote(path) and not is_registered(path):
+                problems.append(
+                    f"`{key}`: {path!r} is a local path: the pods cannot read it. Give a bucket "
+                    "URI (s3://, gs://, abfs://) or a registered models:/ version."
+                )
+    if deploy.http.host in ("127.0.0.1", "localhost", "::1"):
+        problems.append(
+            f"`http.host`: {deploy.http.host} is the pod's loopback, which the Kubernetes "
+            "Service cannot reach: set http.host: 0.0.0.0 (with auth.api_keys_env, or "
+            "auth.allow_anonymous: true)."
+        )
+    return problems
 
 
 def _selector(pairs: list[str]) -> dict[str, str]:

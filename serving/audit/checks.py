@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from raygen.cluster.storage import exists, join
+from raygen.cluster.storage import FAILURES, exists, join
 from raygen.jobs.errors import SpecError
 from raygen.serving.audit.scorers import load_scorer
 from raygen.serving.spec import AuditSpec, ClassQualityCheck, OutcomeCheck, QualityCheck
@@ -122,6 +122,6 @@ def _columns(uri: str, problems: list[str]) -> list[str] | None:
     try:
         fs, path = resolve(uri)
         return list(pads.dataset(path, filesystem=fs, format="parquet").schema.names)
-    except (OSError, ValueError) as exc:
+    except (*FAILURES, ValueError) as exc:
         problems.append(f"`data`: cannot read {uri} as Parquet: {exc}.")
         return None

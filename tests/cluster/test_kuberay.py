@@ -5,6 +5,7 @@ entrypoints and specs, the serve config, Secrets named and never inlined."""
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import yaml
 from tests.conftest import raygen
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+# KubeRay's own CRDs, beside the checkout (`../shared/kuberay-crds`), or where
+# RAYGEN_KUBERAY_CRDS says.
+CRDS = Path(os.environ.get("RAYGEN_KUBERAY_CRDS", ROOT.parent / "shared" / "kuberay-crds"))
 CRD_FILES = {
     "RayJob": "ray.io_rayjobs.yaml",
     "RayService": "ray.io_rayservices.yaml",
@@ -26,7 +29,10 @@ SECRET = "wJalrXUtnFEMI-test-secret-value"
 
 @cache
 def crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load((CRDS / CRD_FILES[kind]).read_text())
+    path = CRDS / CRD_FILES[kind]
+    if not path.is_file():
+        pytest.fail(f"KubeRay's CRDs are not at {CRDS}: set RAYGEN_KUBERAY_CRDS to their folder.")
+    crd = yaml.safe_load(path.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
@@ -145,16 +151,38 @@ def test_a_cluster_to_submit_to_autoscales_between_its_bounds():
     assert {p["containerPort"] for p in ports} == {6379, 8265, 10001, 8000}
 
 
-def test_a_deployment_is_a_rayservice_whose_serve_config_passed_the_gate(lm_run, tmp_path):
+def test_a_deployment_is_a_rayservice_whose_serve_config_passed_the_gate(s3_endpoint, tmp_path):
+    import boto3
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from raygen.cluster.storage import upload_dir
     from raygen.serving.spec import DeploySpec
 
-    model = lm_run[1]["paths"]["model"]
+    # An untrained small GPT-2 with a tokenizer: what the gate checks is its files.
+    weights = tmp_path / "model"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["def f(x):\n    return x\n"] * 8, vocab_size=300)
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(weights)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(
+        weights
+    )
+    boto3.client("s3").create_bucket(Bucket="models")
+    model = "s3://models/code-lm/model"
+    upload_dir(str(weights), model)
     spec = tmp_path / "deploy.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "code-lm", "model": model, "audit": str(tmp_path / "none.json"),
+    raw = {
+        "name": "code-lm", "model": model, "audit": "s3://models/code-lm/audit.json",
         "http": {"host": "0.0.0.0"}, "auth": {"api_keys_env": "CODE_LM_KEYS"},
         "autoscaling": {"min_replicas": 1, "max_replicas": 4},
-    }))  # fmt: skip
+    }  # fmt: skip
+    spec.write_text(yaml.safe_dump({**raw, "model": str(weights)}))
+    local = raygen("k8s", "render", "serve", str(spec), "--override-audit", "demo")
+    assert local.returncode == 2 and "a local path: the pods cannot read it" in local.stderr
+    spec.write_text(yaml.safe_dump({**raw, "http": {"host": "127.0.0.1"}}))
+    loopback = raygen("k8s", "render", "serve", str(spec), "--override-audit", "demo")
+    assert loopback.returncode == 2 and "set http.host: 0.0.0.0" in loopback.stderr
+    spec.write_text(yaml.safe_dump(raw))
     refused = raygen("k8s", "render", "serve", str(spec))
     assert refused.returncode == 3 and "refused by its audit" in refused.stderr
     unkeyed = raygen("k8s", "render", "serve", str(spec), "--override-audit", "demo")
