@@ -49,7 +49,10 @@ def exact_duplicates(tags: pa.Table) -> np.ndarray:
     hash the held-out copy stays (no evaluation text in training), else the one of the first
     group name, then of the lowest row hash: the same copy on every run."""
     ok = tags.filter(pc.equal(tags["reason"], ""))
-    counts = ok.group_by("hash").aggregate([("hash", "count")])
+    # Single-threaded: a counting pass over hashes needs no pool, and Acero's threaded
+    # group-by can fail when a cloud filesystem's threads have grown Arrow's pools
+    # ("thread index N is out of range").
+    counts = ok.group_by("hash", use_threads=False).aggregate([("hash", "count")])
     repeated = counts.filter(pc.greater(counts["hash_count"], 1))["hash"]
     copies = ok.filter(pc.is_in(ok["hash"], value_set=repeated))
     groups = copies["group"].to_pylist() if "group" in copies.column_names else None
