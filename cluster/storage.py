@@ -400,7 +400,7 @@ _HINTS: dict[str, dict[str, Any]] = {
         "rejected": ("INVALID_ACCESS_KEY", "SIGNATURE", "CREDENTIAL", "TOKEN"),
         "credentials": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for "
         "temporary credentials, or AWS_PROFILE)",
-        "configured": lambda: _credentials_configured(),
+        "configured": lambda: _credentials_configured(),  # defined below
     },
     "gs": {
         "endpoint": _gcs_endpoint,
@@ -411,7 +411,7 @@ _HINTS: dict[str, dict[str, Any]] = {
         "rejected": ("UNAUTHENTICATED", "INVALID_GRANT", "INVALID CREDENTIALS", "OAUTH2"),
         "credentials": "GOOGLE_APPLICATION_CREDENTIALS to a service account key file (or run "
         "`gcloud auth application-default login`)",
-        "configured": lambda: _gcs_credentials_found(),
+        "configured": lambda: _gcs_credentials_found(),  # defined below
     },
     "abfs": {
         "endpoint": _azure_endpoint,

@@ -87,11 +87,17 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's registered che
 SNAPSHOT_COPY = "checkpoint_manager_snapshot.raygen.json"  # raygen's copy, written whole
 
 
-def durable_storage_problem(key: str, storage: str) -> str | None:
+def durable_storage_problem(key: str, storage: str, pods: bool = False) -> str | None:
     """Why `storage` would be lost by a job on a cluster (None if it would not): a relative
-    path lands in the job's temporary copy of the working directory."""
-    if "://" in storage or os.path.isabs(storage):
+    path lands in the job's temporary copy of the working directory; on Kubernetes
+    (`pods`) any local path goes with the pod."""
+    if "://" in storage or (os.path.isabs(storage) and not pods):
         return None
+    if pods:
+        return (
+            f"`{key}`: {storage!r} is a local path: a pod's disk goes with the pod. Give a "
+            f"bucket the pods can reach: --set {key}=s3://BUCKET/runs (or gs://, abfs://)."
+        )
     return (
         f"`{key}`: {storage!r} is relative: on the cluster it would be inside the job's "
         "temporary copy of the working directory, and lost. Give storage every node and you "

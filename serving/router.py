@@ -99,10 +99,11 @@ def wilson_low(events: int, n: int, z: float = Z_95) -> float:
 
 
 def judge(
-    canary: Any, primary: ArmFigures, tried: ArmFigures, seconds: float
+    canary: Any, primary: ArmFigures, tried: ArmFigures, seconds: float, latency: bool = True
 ) -> tuple[str, str] | None:
     """The rollout's decision on its figures so far: (ROLLBACK or PROMOTE, why), or None to
-    keep measuring. `canary` is the spec's CanarySpec; `tried` the canary's figures.
+    keep measuring. `canary` is the spec's CanarySpec; `tried` the canary's figures;
+    `latency`: judge the p99s too (they sort every latency kept).
 
     A rate threshold is crossed, once the canary has MIN_RATE_SAMPLES requests, when its
     rate is above the primary's plus the threshold even at the low end of its Wilson
@@ -127,7 +128,7 @@ def judge(
             )
     budget = limits.p99_latency_ms
     enough = min(len(tried.latencies), len(primary.latencies)) >= MIN_LATENCY_SAMPLES
-    if budget is not None and enough:
+    if latency and budget is not None and enough:
         p99, baseline_p99 = tried.summary()["p99_ms"], primary.summary()["p99_ms"]
         if p99 > baseline_p99 + budget:
             return ROLLBACK, (
@@ -492,8 +493,9 @@ class Rollout:
                             self.name, self.canary_percent)  # fmt: skip
         if not self.ready:
             return 0.0
-        for arm, status, seconds, filtered in outcomes:
-            self._record(arm, status, seconds, filtered)
+        for i, (arm, status, seconds, filtered) in enumerate(outcomes):
+            # p99s sort every latency kept: judged once per report, rates at every outcome.
+            self._record(arm, status, seconds, filtered, latency=i == len(outcomes) - 1)
         return self.canary_percent
 
     async def about(self) -> dict[str, Any]:
@@ -505,17 +507,20 @@ class Rollout:
             "since": self.started,
         }
 
-    def _record(self, arm: str, status: int, seconds: float, filtered: bool) -> None:
+    def _record(
+        self, arm: str, status: int, seconds: float, filtered: bool, latency: bool = True
+    ) -> None:
         self.figures[arm].add(status, seconds, filtered)
         outcome = "error" if status >= 500 else "client_error" if status >= 400 else "ok"
         self.requests.inc(tags={"arm": arm, "outcome": outcome})
         self.latency.observe(1000 * seconds, tags={"arm": arm})
         if filtered:
             self.filtered.inc(tags={"arm": arm})
-        if self.measuring and arm == CANARY:
+        if self.measuring and (arm == CANARY or latency):
             assert self.spec.canary is not None
             since = time.time() - self.started
-            verdict = judge(self.spec.canary, self.figures[PRIMARY], self.figures[CANARY], since)
+            primary, tried = self.figures[PRIMARY], self.figures[CANARY]
+            verdict = judge(self.spec.canary, primary, tried, since, latency)
             if verdict is not None:
                 self._decide(*verdict, by="raygen")
 

@@ -21,15 +21,6 @@ class Kind(str, enum.Enum):
     cluster = "cluster"
 
 
-def _bucket_problem(key: str, storage: str) -> str | None:
-    if "://" in storage:
-        return None
-    return (
-        f"`{key}`: {storage!r} is a local path: a pod's disk goes with the pod. Give a bucket "
-        f"the pods can reach: --set {key}=s3://BUCKET/runs (or gs://, abfs://)."
-    )
-
-
 def render_manifests(
     kind: Annotated[Kind, typer.Argument(help="train, tune or serve (with SPEC), or cluster.")],
     spec: Annotated[Path | None, typer.Argument(help="The train, sweep or deploy spec.")] = None,
@@ -68,6 +59,7 @@ def render_manifests(
     cloud's variables, optional), and --api-keys-secret."""
     from raygen.cluster import kuberay
     from raygen.jobs.errors import SpecError
+    from raygen.jobs.run_dir import durable_storage_problem
 
     setup_logging()
     gpu = worker_gpus > 0
@@ -81,7 +73,7 @@ def render_manifests(
 
         train = load_spec(TrainSpec, spec, set_)
         problems = portable_problems(train) + [
-            p for p in [_bucket_problem("run.storage", train.run.storage)] if p
+            p for p in [durable_storage_problem("run.storage", train.run.storage, pods=True)] if p
         ]
         if problems:
             raise SpecError(str(spec), problems)
@@ -96,7 +88,7 @@ def render_manifests(
         from raygen.tuning.validate import load_sweep
 
         sweep, base_raw = load_sweep(spec, set_)
-        problem = _bucket_problem("run.storage", sweep.run.storage)
+        problem = durable_storage_problem("run.storage", sweep.run.storage, pods=True)
         if problem:
             raise SpecError(str(spec), problem)
         base = TrainSpec.model_validate(base_raw)
