@@ -555,20 +555,22 @@ class Rollout:
         return self.decision
 
     def _enact(self, decision: dict[str, Any]) -> None:
-        """Redeploy towards the decision, then record it (a record that cannot be written
-        must not leave the application half decided)."""
+        """Record the decision, then redeploy towards it. Recorded first: the redeployment
+        replaces this replica, which would cut a record still being written short. Traffic
+        does not wait for either (the share changed when the decision was taken), and a
+        record that cannot be written does not stop the redeployment."""
+        try:
+            _record_decision(self.spec, self.name, decision)
+        except Exception:  # noqa: BLE001 - nothing to answer to: the log says what failed
+            logger.exception("raygen: %s: recording the canary decision failed", self.name)
         try:
             if decision["action"] == ROLLBACK:
                 _redeploy(self.name, self.spec, settled=0.0, decision=decision)
             else:  # the primary deployment takes the canary's model first
                 promoted = with_arm(self.spec, PRIMARY, arm_specs(self.spec)[CANARY])
                 _redeploy(self.name, promoted, settled=100.0, decision=decision)
-        except Exception:  # noqa: BLE001 - nothing to answer to: the log says what failed
-            logger.exception("raygen: %s: enacting the canary decision failed", self.name)
-        try:
-            _record_decision(self.spec, self.name, decision)
         except Exception:  # noqa: BLE001
-            logger.exception("raygen: %s: recording the canary decision failed", self.name)
+            logger.exception("raygen: %s: enacting the canary decision failed", self.name)
 
     def _settle(self, share: float) -> None:
         """The steps after a decision, each once the whole application runs the previous:
