@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,17 @@ KNOWN_ACCELERATORS = {
     "Standard_ND96isr_H100_v5": "H100",
 }
 ACCELERATOR_PREFIX = "accelerator_type:"
+# EFA interfaces an AWS instance type takes: one per network card; 0: no EFA. Types not
+# listed are not checked.
+EFA_INTERFACES = {
+    **dict.fromkeys(["p4d.24xlarge", "p4de.24xlarge"], 4),
+    **dict.fromkeys(["p5.48xlarge", "p5e.48xlarge"], 32),
+    "p5en.48xlarge": 16,
+    **dict.fromkeys(["g5.12xlarge", "g5.48xlarge", "g6e.12xlarge"], 1),
+    "g6e.48xlarge": 4,
+    **dict.fromkeys(["g5.xlarge", "g5.2xlarge", "g6e.xlarge"], 0),
+}
+EFA = ("efa", "efa-only")  # InterfaceType of an EFA (`efa-only`: no IP address, EFA traffic only)
 # Ports that must not be open to the internet: dashboard / Jobs API, Ray Client, GCS.
 PRIVATE_PORTS = {8265: "the dashboard and Jobs API", 10001: "Ray Client", 6379: "the GCS"}
 
@@ -163,6 +175,8 @@ def config_problems(config: dict[str, Any], jobs: list[JobShape] = ()) -> list[s
             f"`max_workers`: {config['max_workers']} is below the {minimum} workers the node "
             "types keep running (their min_workers)."
         )
+    if provider == "aws":
+        problems += _interface_problems(config)
     problems += _exposure_problems(config)
     problems += _token_problems(config)
     problems += fit_problems(config, jobs)
@@ -197,6 +211,126 @@ def _gpu_problems(provider: str, name: str, node: dict[str, Any]) -> list[str]:
             f"{key}: guestAccelerators attach {attached} GPUs but resources.GPU is {declared}; "
             "make them equal."
         )
+    return problems
+
+
+def efa_node_types(config: dict[str, Any]) -> list[str]:
+    """The node types of an AWS config whose nodes have EFA interfaces."""
+    return [
+        name
+        for name, node in (config.get("available_node_types") or {}).items()
+        if any(i.get("InterfaceType") in EFA for i in _interfaces(node))
+    ]
+
+
+def _interfaces(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return (node.get("node_config") or {}).get("NetworkInterfaces") or []
+
+
+def _interface_problems(config: dict[str, Any]) -> list[str]:
+    """AWS network interfaces as Ray's launcher takes them, and EFA as NCCL needs it."""
+    problems = []
+    efa_subnets: dict[str, list[str]] = {}
+    for name, node in config["available_node_types"].items():
+        interfaces = _interfaces(node)
+        if not interfaces:
+            continue
+        key = f"`available_node_types.{name}.node_config"
+        both = [
+            k for k in ("SubnetId", "SubnetIds", "SecurityGroupIds") if k in node["node_config"]
+        ]
+        if both:
+            problems.append(
+                f"{key}`: {', '.join(both)} beside NetworkInterfaces: with interfaces, Ray's "
+                "launcher takes the subnet and security groups from each interface only; "
+                "move them there (SubnetId, Groups)."
+            )
+        for i, interface in enumerate(interfaces):
+            missing = [k for k in ("SubnetId", "Groups") if not interface.get(k)]
+            if missing:
+                problems.append(
+                    f"{key}.NetworkInterfaces[{i}]`: no {' or '.join(missing)}; Ray's launcher "
+                    "needs each interface's subnet and security groups."
+                )
+        efa = [i for i in interfaces if i.get("InterfaceType") in EFA]
+        if not efa:
+            continue
+        instance = node["node_config"].get("InstanceType")
+        most = EFA_INTERFACES.get(instance)
+        if most == 0:
+            have = ", ".join(k for k, v in EFA_INTERFACES.items() if v)
+            problems.append(
+                f"{key}`: a {instance} has no EFA; remove the EFA interfaces or use an "
+                f"instance type that has them ({have})."
+            )
+        elif most is not None and len(efa) > most:
+            problems.append(
+                f"{key}.NetworkInterfaces`: a {instance} takes {most} EFA interfaces (one per "
+                f"network card), not {len(efa)}."
+            )
+        cards = Counter(i.get("NetworkCardIndex", 0) for i in interfaces)
+        shared = sorted(card for card, count in cards.items() if count > 1)
+        if shared:
+            problems.append(
+                f"{key}.NetworkInterfaces`: network card {shared[0]} has {cards[shared[0]]} "
+                "interfaces; give each its own NetworkCardIndex (0, 1, ...): an EFA needs a "
+                "card to itself."
+            )
+        if not any(
+            i.get("DeviceIndex") == 0 and i.get("NetworkCardIndex", 0) == 0 for i in interfaces
+        ):
+            problems.append(
+                f"{key}.NetworkInterfaces`: no primary interface (DeviceIndex 0 on network card "
+                "0); the node's address is on it."
+            )
+        for interface in efa:
+            if interface.get("SubnetId"):
+                efa_subnets.setdefault(interface["SubnetId"], []).append(name)
+    if len(efa_subnets) > 1:
+        problems.append(
+            "EFA interfaces are in more than one subnet ("
+            + "; ".join(f"{s}: {', '.join(sorted(set(n)))}" for s, n in efa_subnets.items())
+            + "): EFA traffic does not leave its subnet, so nodes in different ones cannot "
+            "reach each other over it. Put them all in one."
+        )
+    if efa_subnets:
+        problems += _efa_software_problems(config)
+    return problems
+
+
+def _efa_software_problems(config: dict[str, Any]) -> list[str]:
+    """What NCCL needs on nodes with EFA: the devices and unlimited locked memory in their
+    containers, and the settings that make it use EFA (not TCP)."""
+    problems = []
+    docker = config.get("docker") or {}
+    for name in efa_node_types(config) if docker else []:
+        node_docker = config["available_node_types"][name].get("docker") or {}
+        options = " ".join(
+            docker.get("run_options", [])
+            + node_docker.get("worker_run_options", docker.get("worker_run_options", []))
+        )
+        if "/dev/infiniband" not in options or not re.search(r"memlock=-1\b", options):
+            problems.append(
+                f"`docker.worker_run_options`: the containers of {name} cannot use its EFA "
+                "devices: add `--device=/dev/infiniband` and `--ulimit memlock=-1:-1` "
+                "(libfabric locks the memory it sends from)."
+            )
+    settings = (
+        " ".join(config.get("worker_start_ray_commands") or [])
+        + " "
+        + " ".join(docker.get("run_options", []) + docker.get("worker_run_options", []))
+    )
+    wanted = {
+        "FI_PROVIDER=efa": "libfabric's EFA provider, not a silent fallback to TCP",
+        "NCCL_NET_PLUGIN=": "NCCL's EFA plugin, aws-ofi-nccl (`ofi`), on LD_LIBRARY_PATH",
+    }
+    for setting, why in wanted.items():
+        if setting not in settings:
+            problems.append(
+                f"`worker_start_ray_commands`: NCCL on EFA needs {setting} ({why}) in the "
+                "environment `ray start` runs in, which every training worker inherits; see "
+                "cluster/clouds/aws-efa.yaml."
+            )
     return problems
 
 

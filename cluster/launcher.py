@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from raygen.cluster.configs import JobShape, config_problems, load_cluster_config
+from raygen.cluster.configs import (
+    EFA,
+    JobShape,
+    config_problems,
+    efa_node_types,
+    load_cluster_config,
+)
 from raygen.cluster.errors import ClusterError
 
 # The Python packages each provider's node provider imports, and how to get them.
@@ -27,6 +34,15 @@ PROVIDER_PACKAGES = {
     ),
 }
 TOKEN_FILE_MOUNT = "~/.ray/auth_token"
+# Values a shipped config leaves for its user to fill (`your-...`), and what goes there.
+PLACEHOLDER = re.compile(r"(^|-)your-")
+PLACEHOLDER_HINTS = {
+    "SubnetId": "a subnet's ID (subnet-...) in the provider's availability zone; `aws ec2 "
+    "describe-subnets --query 'Subnets[].[SubnetId,AvailabilityZone,VpcId]'` lists them",
+    "Groups": "a security group's ID (sg-...); `aws ec2 describe-security-groups --query "
+    "'SecurityGroups[].[GroupId,GroupName,VpcId]'` lists them",
+    "project_id": "your Google Cloud project's id; `gcloud config get-value project` says it",
+}
 
 
 def checked_config(path: str | Path, jobs: list[JobShape] = ()) -> dict[str, Any]:
@@ -46,7 +62,7 @@ def launch_problems(config: dict[str, Any], need_token: bool = True) -> list[str
     """What would stop Ray's launcher on this machine: the provider's SDK, credentials and
     (to start nodes, `need_token`) the cluster token the config copies to them."""
     provider = config["provider"]["type"]
-    problems = []
+    problems = placeholder_problems(config)
     modules, install = PROVIDER_PACKAGES.get(provider, ([], ""))
     missing = [m for m in modules if not _importable(m)]
     if missing:
@@ -59,6 +75,8 @@ def launch_problems(config: dict[str, Any], need_token: bool = True) -> list[str
                 "no AWS credentials: run `aws configure`, or set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
             )
+        elif not problems:
+            problems += aws_network_problems(config)
     elif provider == "gcp":
         import google.auth
         from google.auth.exceptions import DefaultCredentialsError
@@ -76,6 +94,103 @@ def launch_problems(config: dict[str, Any], need_token: bool = True) -> list[str
             f"the config copies your cluster token ({TOKEN_FILE_MOUNT}) to every node, and "
             "there is none yet: create it with `ray get-auth-token --generate`."
         )
+    return problems
+
+
+def placeholder_problems(config: dict[str, Any]) -> list[str]:
+    """Values the config leaves to be filled (`your-...`), each once, where it first appears."""
+    found: dict[str, list[str]] = {}
+
+    def walk(value: Any, path: list[str]) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, [*path, str(key)])
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                walk(inner, [*path[:-1], f"{path[-1]}[{i}]"] if path else [f"[{i}]"])
+        elif isinstance(value, str) and PLACEHOLDER.search(value):
+            found.setdefault(value, []).append(".".join(path))
+
+    walk(config, [])
+    problems = []
+    for value, paths in found.items():
+        key = paths[0].rsplit(".", 1)[-1].split("[")[0]
+        hint = PLACEHOLDER_HINTS.get(key, "your own value")
+        more = f" (and {len(paths) - 1} more places)" if len(paths) > 1 else ""
+        problems.append(f"`{paths[0]}`{more}: {value} is a placeholder for {hint}.")
+    return problems
+
+
+def aws_network_problems(config: dict[str, Any]) -> list[str]:
+    """What AWS says of the subnets and security groups the config's network interfaces
+    name: that they exist, the subnets in the provider's zones, and each group on an EFA
+    interface open to all traffic from itself, both ways (EFA's requirement: without it the
+    first collective across nodes hangs)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    interfaces = [
+        interface
+        for node in config["available_node_types"].values()
+        for interface in (node.get("node_config") or {}).get("NetworkInterfaces") or []
+    ]
+    subnets = sorted({i["SubnetId"] for i in interfaces if i.get("SubnetId")})
+    groups = sorted({g for i in interfaces for g in i.get("Groups") or []})
+    efa_groups = {
+        g
+        for name in efa_node_types(config)
+        for i in config["available_node_types"][name]["node_config"]["NetworkInterfaces"]
+        if i.get("InterfaceType") in EFA
+        for g in i.get("Groups") or []
+    }
+    if not subnets and not groups:
+        return []
+    provider = config["provider"]
+    ec2 = boto3.client("ec2", region_name=provider["region"])
+    zones = [z.strip() for z in str(provider.get("availability_zone") or "").split(",") if z]
+    problems = []
+    try:
+        if subnets:
+            for subnet in ec2.describe_subnets(SubnetIds=subnets)["Subnets"]:
+                if zones and subnet["AvailabilityZone"] not in zones:
+                    problems.append(
+                        f"subnet {subnet['SubnetId']} is in {subnet['AvailabilityZone']}, not "
+                        f"in the provider's availability_zone ({', '.join(zones)}); set one "
+                        "to match the other."
+                    )
+        if groups:
+            for group in ec2.describe_security_groups(GroupIds=groups)["SecurityGroups"]:
+                if group["GroupId"] in efa_groups:
+                    problems += _efa_group_problems(group)
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        problems.append(
+            f"AWS refused to describe the config's network ({', '.join(subnets + groups)}) in "
+            f"{provider['region']}: {error.get('Code')}: {error.get('Message')}"
+        )
+    except BotoCoreError as exc:
+        problems.append(f"cannot reach AWS to check the config's network: {exc}")
+    return problems
+
+
+def _efa_group_problems(group: dict[str, Any]) -> list[str]:
+    gid = group["GroupId"]
+    problems = []
+    for rules, direction, command in (
+        (group.get("IpPermissions", []), "in from", "ingress"),
+        (group.get("IpPermissionsEgress", []), "out to", "egress"),
+    ):
+        if not any(
+            rule.get("IpProtocol") == "-1"
+            and any(pair.get("GroupId") == gid for pair in rule.get("UserIdGroupPairs", []))
+            for rule in rules
+        ):
+            problems.append(
+                f"security group {gid} ({group.get('GroupName')}) does not let all traffic "
+                f"{direction} itself, which EFA needs: `aws ec2 authorize-security-group-"
+                f"{command} --group-id {gid} --ip-permissions "
+                f"'IpProtocol=-1,UserIdGroupPairs=[{{GroupId={gid}}}]'`."
+            )
     return problems
 
 

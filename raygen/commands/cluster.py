@@ -15,13 +15,14 @@ SHIPPED_CLUSTER_CONFIGS = (
     "ray-cluster.yaml",
     "cluster/clouds/gcp.yaml",
     "cluster/clouds/azure.yaml",
+    "cluster/clouds/aws-efa.yaml",
 )
 
 
 def validate(
     files: Annotated[
         list[Path] | None,
-        typer.Argument(help="Cluster configs. Default: raygen's (AWS, GCP, Azure)."),
+        typer.Argument(help="Cluster configs. Default: raygen's (AWS, GCP, Azure, AWS with EFA)."),
     ] = None,
     spec: Annotated[
         list[Path] | None,

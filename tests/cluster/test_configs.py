@@ -21,6 +21,7 @@ SHIPPED = [
     ROOT / "ray-cluster.yaml",
     ROOT / "cluster/clouds/gcp.yaml",
     ROOT / "cluster/clouds/azure.yaml",
+    ROOT / "cluster/clouds/aws-efa.yaml",
 ]
 
 
@@ -39,7 +40,7 @@ def test_every_shipped_config_is_valid_and_fits_the_example_specs():
     done = raygen("cluster", "validate")
     assert done.returncode == 0, done.stderr
     specs = len(list((ROOT / "jobs" / "examples").glob("*.yaml")))
-    assert done.stdout.count(f"valid (fits {specs} job specs)") == 3
+    assert done.stdout.count(f"valid (fits {specs} job specs)") == len(SHIPPED)
     for path in SHIPPED:
         config = load_cluster_config(path)
         assert config["provider"]["type"] in {"aws", "gcp", "azure"}
@@ -207,3 +208,153 @@ def test_a_gpu_model_needs_a_gpu_in_train_and_deploy_specs():
         ReplicaSpec(accelerator_type="H100")
     replica = ReplicaSpec(num_gpus=1, accelerator_type="H100")
     assert actor_options(replica) == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "H100"}
+
+
+@pytest.fixture
+def efa() -> dict:
+    return load_cluster_config(ROOT / "cluster/clouds/aws-efa.yaml")
+
+
+def test_efa_mistakes_are_named(efa):
+    node = efa["available_node_types"]["gpu_a100_efa"]["node_config"]
+    interfaces = node["NetworkInterfaces"]
+    assert [i["InterfaceType"] for i in interfaces] == ["efa"] * 4  # one per p4d network card
+    assert config_problems(efa) == []
+
+    broken = copy.deepcopy(efa)
+    bad = broken["available_node_types"]["gpu_a100_efa"]["node_config"]
+    bad["NetworkInterfaces"].append({**interfaces[3], "SubnetId": "subnet-other"})
+    bad["NetworkInterfaces"][0] = {**interfaces[0], "DeviceIndex": 1}
+    del bad["NetworkInterfaces"][1]["Groups"]
+    bad["SecurityGroupIds"] = ["sg-1"]
+    broken["docker"]["worker_run_options"] = ["--device=/dev/infiniband"]
+    broken["worker_start_ray_commands"] = [
+        c.replace("FI_PROVIDER=efa ", "") for c in broken["worker_start_ray_commands"]
+    ]
+    key = "`available_node_types.gpu_a100_efa.node_config"
+    assert config_problems(broken) == [
+        f"{key}`: SecurityGroupIds beside NetworkInterfaces: with interfaces, Ray's launcher "
+        "takes the subnet and security groups from each interface only; move them there "
+        "(SubnetId, Groups).",
+        f"{key}.NetworkInterfaces[1]`: no Groups; Ray's launcher needs each interface's "
+        "subnet and security groups.",
+        f"{key}.NetworkInterfaces`: a p4d.24xlarge takes 4 EFA interfaces (one per network "
+        "card), not 5.",
+        f"{key}.NetworkInterfaces`: network card 3 has 2 interfaces; give each its own "
+        "NetworkCardIndex (0, 1, ...): an EFA needs a card to itself.",
+        f"{key}.NetworkInterfaces`: no primary interface (DeviceIndex 0 on network card 0); "
+        "the node's address is on it.",
+        "EFA interfaces are in more than one subnet (subnet-your-efa-subnet: gpu_a100_efa; "
+        "subnet-other: gpu_a100_efa): EFA traffic does not leave its subnet, so nodes in "
+        "different ones cannot reach each other over it. Put them all in one.",
+        "`docker.worker_run_options`: the containers of gpu_a100_efa cannot use its EFA "
+        "devices: add `--device=/dev/infiniband` and `--ulimit memlock=-1:-1` (libfabric "
+        "locks the memory it sends from).",
+        "`worker_start_ray_commands`: NCCL on EFA needs FI_PROVIDER=efa (libfabric's EFA "
+        "provider, not a silent fallback to TCP) in the environment `ray start` runs in, "
+        "which every training worker inherits; see cluster/clouds/aws-efa.yaml.",
+    ]
+    small = copy.deepcopy(efa)
+    small["available_node_types"]["gpu_a100_efa"]["node_config"]["InstanceType"] = "g5.xlarge"
+    small["available_node_types"]["gpu_a100_efa"]["resources"] = {
+        "CPU": 4,
+        "GPU": 1,
+        "accelerator_type:A10G": 1,
+    }
+    assert config_problems(small) == [
+        f"{key}`: a g5.xlarge has no EFA; remove the EFA interfaces or use an instance type "
+        "that has them (p4d.24xlarge, p4de.24xlarge, p5.48xlarge, p5e.48xlarge, "
+        "p5en.48xlarge, g5.12xlarge, g5.48xlarge, g6e.12xlarge, g6e.48xlarge).",
+    ]
+
+
+def test_efa_cluster_is_checked_on_aws_and_launched_by_rays_own_launcher(
+    s3_endpoint, tmp_path, monkeypatch
+):
+    """Against the moto server's EC2 and IAM: `cluster up`'s checks of the subnet and
+    security group, then Ray's AWS launcher (its config stage and node provider, as `ray
+    up` runs them) starting a p4d.24xlarge of the shipped EFA config."""
+    import boto3
+
+    from raygen.cluster.launcher import launch_problems
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray writes the cluster's SSH key there
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("token")
+    ec2 = boto3.client("ec2", region_name="us-west-2")
+    vpc = ec2.create_vpc(CidrBlock="10.8.0.0/16")["Vpc"]["VpcId"]
+    subnets = {
+        zone: ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"][
+            "SubnetId"
+        ]
+        for zone, cidr in (("us-west-2a", "10.8.1.0/24"), ("us-west-2b", "10.8.2.0/24"))
+    }
+    group = ec2.create_security_group(GroupName="efa", Description="EFA", VpcId=vpc)["GroupId"]
+    itself = [{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": group}]}]
+    ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=itself)
+    text = (ROOT / "cluster/clouds/aws-efa.yaml").read_text()
+
+    # As shipped: the two placeholders, each named once, with where to find the value.
+    done = raygen("cluster", "up", "--config", str(ROOT / "cluster/clouds/aws-efa.yaml"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        "`available_node_types.head.node_config.NetworkInterfaces[0].SubnetId` (and 4 more "
+        "places): subnet-your-efa-subnet is a placeholder for a subnet's ID" in done.stderr
+    )
+    assert "sg-your-efa-security-group is a placeholder for a security group's ID" in done.stderr
+
+    def filled(subnet: str) -> dict:
+        config = yaml.safe_load(
+            text.replace("subnet-your-efa-subnet", subnet).replace(
+                "sg-your-efa-security-group", group
+            )
+        )
+        assert config_problems(config) == []
+        return config
+
+    assert launch_problems(filled(subnets["us-west-2a"])) == [
+        f"subnet {subnets['us-west-2a']} is in us-west-2a, not in the provider's "
+        "availability_zone (us-west-2b); set one to match the other.",
+        f"security group {group} (efa) does not let all traffic out to itself, which EFA "
+        f"needs: `aws ec2 authorize-security-group-egress --group-id {group} --ip-permissions "
+        f"'IpProtocol=-1,UserIdGroupPairs=[{{GroupId={group}}}]'`.",
+    ]
+    ec2.authorize_security_group_egress(GroupId=group, IpPermissions=itself)
+    config = filled(subnets["us-west-2b"])
+    assert launch_problems(config) == []
+    missing = filled("subnet-0123456789abcdef0")
+    (problem,) = launch_problems(missing)
+    assert problem.startswith("AWS refused to describe the config's network") and (
+        "InvalidSubnetID.NotFound" in problem
+    )
+
+    # Ray's launcher takes it: its config stage (IAM profile, key pair, subnets and groups
+    # from the interfaces), then a GPU node with four EFA interfaces, as the autoscaler
+    # would start one. botocore checks every parameter against EC2's API model first.
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    iam = boto3.client("iam")
+    iam.create_role(RoleName="ray-autoscaler-v1", AssumeRolePolicyDocument="{}")
+    iam.create_instance_profile(InstanceProfileName="ray-autoscaler-v1")
+    iam.add_role_to_instance_profile(
+        InstanceProfileName="ray-autoscaler-v1", RoleName="ray-autoscaler-v1"
+    )
+    ready = _bootstrap_config(config, no_config_cache=True)
+    gpu = ready["available_node_types"]["gpu_a100_efa"]["node_config"]
+    assert set(gpu["SubnetIds"]) == {subnets["us-west-2b"]} and set(gpu["SecurityGroupIds"]) == {
+        group
+    }
+    provider = AWSNodeProvider(ready["provider"], ready["cluster_name"])
+    provider.create_node(gpu, {"ray-node-type": "worker", "ray-user-node-type": "gpu"}, 1)
+    (instance,) = [
+        i
+        for r in ec2.describe_instances(
+            Filters=[{"Name": "tag:ray-user-node-type", "Values": ["gpu"]}]
+        )["Reservations"]
+        for i in r["Instances"]
+    ]
+    assert instance["InstanceType"] == "p4d.24xlarge" and "PublicIpAddress" not in instance
+    assert instance["Placement"]["AvailabilityZone"] == "us-west-2b"
+    assert {n["SubnetId"] for n in instance["NetworkInterfaces"]} == {subnets["us-west-2b"]}
+    assert {g["GroupId"] for n in instance["NetworkInterfaces"] for g in n["Groups"]} == {group}
