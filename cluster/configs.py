@@ -230,7 +230,7 @@ def _interfaces(node: dict[str, Any]) -> list[dict[str, Any]]:
 def _interface_problems(config: dict[str, Any]) -> list[str]:
     """AWS network interfaces as Ray's launcher takes them, and EFA as NCCL needs it."""
     problems = []
-    efa_subnets: dict[str, list[str]] = {}
+    efa_types: list[str] = []
     for name, node in config["available_node_types"].items():
         interfaces = _interfaces(node)
         if not interfaces:
@@ -268,13 +268,19 @@ def _interface_problems(config: dict[str, Any]) -> list[str]:
                 f"{key}.NetworkInterfaces`: a {instance} takes {most} EFA interfaces (one per "
                 f"network card), not {len(efa)}."
             )
-        cards = Counter(i.get("NetworkCardIndex", 0) for i in interfaces)
+        cards = Counter(i.get("NetworkCardIndex", 0) for i in efa)
         shared = sorted(card for card, count in cards.items() if count > 1)
         if shared:
             problems.append(
                 f"{key}.NetworkInterfaces`: network card {shared[0]} has {cards[shared[0]]} "
-                "interfaces; give each its own NetworkCardIndex (0, 1, ...): an EFA needs a "
-                "card to itself."
+                "EFA interfaces; a card takes one EFA (give each its own NetworkCardIndex)."
+            )
+        slots = Counter((i.get("NetworkCardIndex", 0), i.get("DeviceIndex")) for i in interfaces)
+        taken = sorted(slot for slot, count in slots.items() if count > 1)
+        if taken:
+            problems.append(
+                f"{key}.NetworkInterfaces`: {slots[taken[0]]} interfaces at DeviceIndex "
+                f"{taken[0][1]} of network card {taken[0][0]}; each needs its own."
             )
         if not any(
             i.get("DeviceIndex") == 0 and i.get("NetworkCardIndex", 0) == 0 for i in interfaces
@@ -283,54 +289,46 @@ def _interface_problems(config: dict[str, Any]) -> list[str]:
                 f"{key}.NetworkInterfaces`: no primary interface (DeviceIndex 0 on network card "
                 "0); the node's address is on it."
             )
-        for interface in efa:
-            if interface.get("SubnetId"):
-                efa_subnets.setdefault(interface["SubnetId"], []).append(name)
-    if len(efa_subnets) > 1:
-        problems.append(
-            "EFA interfaces are in more than one subnet ("
-            + "; ".join(f"{s}: {', '.join(sorted(set(n)))}" for s, n in efa_subnets.items())
-            + "): EFA traffic does not leave its subnet, so nodes in different ones cannot "
-            "reach each other over it. Put them all in one."
-        )
-    if efa_subnets:
-        problems += _efa_software_problems(config)
+        efa_types.append(name)
+    if efa_types:
+        problems += _efa_software_problems(config, efa_types)
     return problems
 
 
-def _efa_software_problems(config: dict[str, Any]) -> list[str]:
+def _efa_software_problems(config: dict[str, Any], efa_types: list[str]) -> list[str]:
     """What NCCL needs on nodes with EFA: the devices and unlimited locked memory in their
-    containers, and the settings that make it use EFA (not TCP)."""
+    containers, and the settings that make it use EFA (not TCP), in the environment `ray
+    start` runs in (every training worker inherits it)."""
     problems = []
     docker = config.get("docker") or {}
-    for name in efa_node_types(config) if docker else []:
-        node_docker = config["available_node_types"][name].get("docker") or {}
-        options = " ".join(
-            docker.get("run_options", [])
-            + node_docker.get("worker_run_options", docker.get("worker_run_options", []))
-        )
-        if "/dev/infiniband" not in options or not re.search(r"memlock=-1\b", options):
+    for name in efa_types:
+        role = "head" if name == config["head_node_type"] else "worker"
+        own = config["available_node_types"][name].get("docker") or {}
+        options_key = f"{role}_run_options"
+        where = f"available_node_types.{name}.docker" if options_key in own else "docker"
+        options = " ".join(docker.get("run_options", []) + {**docker, **own}.get(options_key, []))
+        if docker and ("/dev/infiniband" not in options or not re.search(r"memlock=-1\b", options)):
             problems.append(
-                f"`docker.worker_run_options`: the containers of {name} cannot use its EFA "
+                f"`{where}.{options_key}`: the containers of {name} cannot use its EFA "
                 "devices: add `--device=/dev/infiniband` and `--ulimit memlock=-1:-1` "
                 "(libfabric locks the memory it sends from)."
             )
-    settings = (
-        " ".join(config.get("worker_start_ray_commands") or [])
-        + " "
-        + " ".join(docker.get("run_options", []) + docker.get("worker_run_options", []))
-    )
-    wanted = {
-        "FI_PROVIDER=efa": "libfabric's EFA provider, not a silent fallback to TCP",
-        "NCCL_NET_PLUGIN=": "NCCL's EFA plugin, aws-ofi-nccl (`ofi`), on LD_LIBRARY_PATH",
-    }
-    for setting, why in wanted.items():
-        if setting not in settings:
-            problems.append(
-                f"`worker_start_ray_commands`: NCCL on EFA needs {setting} ({why}) in the "
-                "environment `ray start` runs in, which every training worker inherits; see "
-                "cluster/clouds/aws-efa.yaml."
-            )
+        commands_key = f"{role}_start_ray_commands"
+        environment = " ".join(config.get(commands_key) or []) + " " + options
+        wanted = {
+            "FI_PROVIDER": ("efa", "libfabric's EFA provider, not a silent fallback to TCP"),
+            "NCCL_NET_PLUGIN": (
+                r"\S+",
+                "NCCL's EFA plugin, aws-ofi-nccl (`ofi`), on LD_LIBRARY_PATH",
+            ),
+        }
+        for variable, (value, why) in wanted.items():
+            if not re.search(rf"(^|[\s;]){variable}={value}(\s|;|$)", environment):
+                shown = f"{variable}=efa" if value == "efa" else f"{variable}=ofi"
+                problems.append(
+                    f"`{commands_key}`: NCCL on {name}'s EFA needs {shown} ({why}) in the "
+                    "environment `ray start` runs in; see cluster/clouds/aws-efa.yaml."
+                )
     return problems
 
 

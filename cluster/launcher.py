@@ -35,7 +35,7 @@ PROVIDER_PACKAGES = {
 }
 TOKEN_FILE_MOUNT = "~/.ray/auth_token"
 # Values a shipped config leaves for its user to fill (`your-...`), and what goes there.
-PLACEHOLDER = re.compile(r"(^|-)your-")
+PLACEHOLDER = re.compile(r"^([a-z]+-)?your-")
 PLACEHOLDER_HINTS = {
     "SubnetId": "a subnet's ID (subnet-...) in the provider's availability zone; `aws ec2 "
     "describe-subnets --query 'Subnets[].[SubnetId,AvailabilityZone,VpcId]'` lists them",
