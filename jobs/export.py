@@ -84,6 +84,8 @@ def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
 
     if spec.model.family == "diffusion":
         write = _diffusion_writer(spec, weights, local)
+    elif spec.model.family == "vae":
+        write = _vae_writer(spec, weights, local, tag)
     else:
         write = _language_model_writer(spec, weights, run_dir)
     publish_dir(out_dir.rstrip("/"), MODEL_KIND, write, key="--out")
@@ -173,6 +175,23 @@ def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:
     pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
     pipeline = pipeline_cls(unet=unet, scheduler=build_noise_scheduler(scheduler_spec))
     return lambda out: pipeline.save_pretrained(out)
+
+
+def _vae_writer(spec: TrainSpec, weights: dict, local: Path, tag: str) -> Any:
+    """The VAE, with the latents' standard deviation the run measured at this checkpoint
+    (its client state) as the inverse of its scaling factor."""
+    from raygen.jobs.pretrained import image_model_config
+    from raygen.jobs.train.vae import LATENT_STD, vae_writer
+
+    # Rank 0's model states hold the client state: `mp_rank_00_model_states.pt`, or under
+    # ZeRO-3 `zero_pp_rank_0_mp_rank_00_model_states.pt`.
+    (states_file,) = [
+        p for p in sorted((local / tag).glob("*mp_rank_00_model_states.pt"))
+        if p.name.startswith(("mp_rank", "zero_pp_rank_0_"))
+    ]  # fmt: skip
+    with data_only_loads():
+        states = torch.load(states_file, weights_only=True)
+    return vae_writer(image_model_config(spec.model), weights, states.get(LATENT_STD))
 
 
 def _ema_weights(local: Path, names: list[str], unet: torch.nn.Module) -> dict[str, torch.Tensor]:

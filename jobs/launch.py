@@ -53,7 +53,7 @@ from raygen.jobs.run_dir import (
     repair_snapshot,
     run_dir_of,
 )
-from raygen.jobs.spec import TrainSpec, global_batch_size
+from raygen.jobs.spec import IMAGE_FAMILIES, TrainSpec, global_batch_size
 from raygen.jobs.tracking import Tracker
 from raygen.jobs.train import metrics as m
 from raygen.jobs.validate import validate_train_spec
@@ -137,9 +137,8 @@ def launch(
         json.dumps({"data_fingerprint": stats["fingerprint"], "prepared": prepared_dir}, indent=2),
     )
     world = spec.scaling.num_workers
-    unit = (
-        "images" if spec.model.family == "diffusion" else f"sequences of {spec.data.seq_len} tokens"
-    )
+    images = spec.model.family in IMAGE_FAMILIES
+    unit = "images" if images else f"sequences of {spec.data.seq_len} tokens"
     per_rank = stats["train_examples"] // world
     if per_rank < global_batch_size(spec, world) // world:
         raise SpecError(
@@ -147,7 +146,7 @@ def launch(
             f"`train`: one optimizer step takes micro_batch_size x grad_accum x num_workers = "
             f"{global_batch_size(spec, world)} {unit}, but the prepared training set has only "
             f"{stats['train_examples']}; lower train.micro_batch_size or train.grad_accum"
-            + ("" if spec.model.family == "diffusion" else " or data.seq_len")
+            + ("" if images else " or data.seq_len")
             + ", or add data.",
         )
     if stats["eval_examples"] < spec.train.micro_batch_size * world:
@@ -369,8 +368,11 @@ def _fit(
 
     from raygen.cluster.connection import total_resources
 
-    if spec.model.family == "diffusion":
-        from raygen.jobs.train.diffusion import train_fn_per_worker
+    if spec.model.family in IMAGE_FAMILIES:
+        if spec.model.family == "vae":
+            from raygen.jobs.train.vae import train_fn_per_worker
+        else:
+            from raygen.jobs.train.diffusion import train_fn_per_worker
 
         prepared = {
             "dir": prepared_dir,
@@ -520,7 +522,7 @@ def _summarize(
             "tensorboard": join(run_dir, TENSORBOARD_DIR),
             "checkpoint": checkpoint,
             "model": join(run_dir, MODEL_DIR) if error is None else None,
-            "samples": (join(run_dir, SAMPLES_DIR) if spec.model.family == "diffusion" else None),
+            "samples": join(run_dir, SAMPLES_DIR) if spec.model.family in IMAGE_FAMILIES else None,
         },
         "resources": {"num_workers": spec.scaling.num_workers, "per_worker": per_worker},
         "attempts": attempts,

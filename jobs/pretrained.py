@@ -1,6 +1,6 @@
 """A spec's pretrained model directory, local or on an object store, read without torch:
-its files checked in one place (one message each), and a diffusion UNet's config read
-once per process however many steps ask for it."""
+its files checked in one place (one message each), and an image model's config (a
+diffusion UNet's, a VAE's) read once per process however many steps ask for it."""
 
 from __future__ import annotations
 
@@ -13,12 +13,23 @@ from raygen.jobs.spec import ModelSpec
 
 LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline directory: its UNet is in unet/
-UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors",)
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors",)  # a diffusers model's weights
+# The network each image family trains, as a diffusers pipeline directory names its folder.
+IMAGE_COMPONENTS = {"diffusion": "unet", "vae": "vae"}
+_CLASS_NAMES = {"diffusion": "UNet", "vae": "AutoencoderKL (VAE)"}
+
+
+def component_dir(pretrained: str, family: str) -> str:
+    """The family's network inside a pretrained directory or URI: its folder of a pipeline
+    (`unet/`, `vae/`), else the directory itself."""
+    if exists(join(pretrained, PIPELINE_INDEX)):
+        return join(pretrained, IMAGE_COMPONENTS[family])
+    return pretrained
 
 
 def unet_dir(pretrained: str) -> str:
     """The UNet inside a pretrained directory or URI: `unet/` of a pipeline, else itself."""
-    return join(pretrained, "unet") if exists(join(pretrained, PIPELINE_INDEX)) else pretrained
+    return component_dir(pretrained, "diffusion")
 
 
 def pretrained_problems(model: ModelSpec) -> list[str]:
@@ -26,12 +37,14 @@ def pretrained_problems(model: ModelSpec) -> list[str]:
     saved with save_pretrained, in safetensors."""
     if not model.pretrained:
         return []
-    if model.family == "diffusion":
-        path = unet_dir(model.pretrained)
+    if model.family in IMAGE_COMPONENTS:
+        path = component_dir(model.pretrained, model.family)
         if not exists(join(path, "config.json")):
+            folder = IMAGE_COMPONENTS[model.family]
             return [
-                f"`model.pretrained`: {model.pretrained} is not a diffusers UNet or pipeline "
-                "directory (no config.json or unet/config.json); save one with save_pretrained."
+                f"`model.pretrained`: {model.pretrained} is not a diffusers "
+                f"{_CLASS_NAMES[model.family]} or pipeline directory (no config.json or "
+                f"{folder}/config.json); save one with save_pretrained."
             ]
         if not any(exists(join(path, f)) for f in UNET_WEIGHTS):
             return [f"`model.pretrained`: {path} has no {UNET_WEIGHTS[0]} (safetensors weights)."]
@@ -52,13 +65,35 @@ def pretrained_problems(model: ModelSpec) -> list[str]:
 def unet_config(model: ModelSpec) -> dict[str, Any]:
     """The UNet2DModel keyword arguments a diffusion spec describes: `model.config`, or the
     pretrained UNet's saved config."""
+    return image_model_config(model)
+
+
+def image_model_config(model: ModelSpec) -> dict[str, Any]:
+    """The keyword arguments of the network an image spec trains (UNet2DModel,
+    AutoencoderKL): `model.config`, or the pretrained network's saved config."""
     if model.pretrained:
-        return dict(_saved_unet_config(model.pretrained))
+        return dict(_saved_config(model.pretrained, model.family))
     return dict(model.config)
 
 
+def image_shape_of(model: ModelSpec) -> tuple[int, int, int]:
+    """(channels, height, width) of the images an image spec's network takes: what the
+    data is prepared to."""
+    from raygen.jobs import unet_facts, vae_facts
+
+    facts = vae_facts if model.family == "vae" else unet_facts
+    return facts.image_shape(image_model_config(model))
+
+
+def classes_of(model: ModelSpec) -> int:
+    """Classes an image spec's network is conditioned on (0: unconditional; a VAE is)."""
+    from raygen.jobs.unet_facts import num_classes
+
+    return num_classes(image_model_config(model)) if model.family == "diffusion" else 0
+
+
 @functools.lru_cache(maxsize=16)
-def _saved_unet_config(pretrained: str) -> dict[str, Any]:
-    text = read_text(join(unet_dir(pretrained), "config.json"))
+def _saved_config(pretrained: str, family: str) -> dict[str, Any]:
+    text = read_text(join(component_dir(pretrained, family), "config.json"))
     config = json.loads(text) if text else {}
     return {k: v for k, v in config.items() if not k.startswith("_")}

@@ -1,5 +1,6 @@
-"""Sample images from an exported diffusion model directory (`<run>/model`, local or in a bucket),
-and write images: one PNG each, or tiled into a grid."""
+"""Sample images from an exported image model directory (`<run>/model`, local or in a
+bucket: a diffusion pipeline, or a VAE decoding draws from its prior), and write images:
+one PNG each, or tiled into a grid."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ def sample_model(
     seed: int = 0,
     scheduler: str | None = None,
 ) -> tuple[np.ndarray, list[int] | None]:
-    """Generate `n` images with a raygen-exported (diffusers) pipeline directory.
+    """Generate `n` images with a raygen-exported (diffusers) pipeline directory, or decode
+    `n` draws from a VAE's prior.
 
     Args:
-        model_dir: a directory with model_index.json, unet/ and scheduler/.
-        steps: denoising steps.
+        model_dir: a directory with model_index.json, unet/ and scheduler/; or an
+            AutoencoderKL directory.
+        steps: denoising steps (a VAE decodes in one pass).
         class_label: the class of every image (conditional models); default: cycle 0..K-1.
         seed: image i's starting noise depends only on (seed, i).
         scheduler: `ddpm` or `ddim` to override the saved scheduler type.
@@ -42,12 +45,15 @@ def sample_model(
     from raygen.jobs.models.diffusion import generate, seeded_noise, to_uint8
 
     require_complete(model_dir, "MODEL_DIR", "export it again (`raygen export RUN --out DIR`).")
+    if _class_name(model_dir) == "AutoencoderKL":
+        return _sample_vae(model_dir, n, class_label, seed), None
     config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))
     if not exists(join(model_dir, "model_index.json")) or config_text is None:
         raise SpecError(
             "MODEL_DIR",
-            f"{model_dir} is not a diffusion model directory (model_index.json, unet/, "
-            "scheduler/); give the `model/` directory of a diffusion training run.",
+            f"{model_dir} is not an image model directory (a diffusion pipeline's "
+            "model_index.json, unet/, scheduler/, or a VAE's config.json); give the `model/` "
+            "directory of a diffusion or VAE training run.",
         )
     local = Path(local_copy(model_dir))
     saved_type = json.loads(config_text)["_class_name"]
@@ -76,6 +82,35 @@ def sample_model(
         noise, generators = seeded_noise(shape, seed, indices)
         images.append(generate(unet, sampler, noise, label_tensor, steps, generators))
     return to_uint8(torch.cat(images)), labels
+
+
+def _class_name(model_dir: str) -> str | None:
+    text = read_text(join(model_dir, "config.json"))
+    try:
+        return json.loads(text).get("_class_name") if text else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def _sample_vae(model_dir: str, n: int, class_label: int | None, seed: int) -> np.ndarray:
+    """Decode `n` draws from the VAE's prior, draw i depending only on (seed, i)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from raygen.jobs.models.diffusion import seeded_noise, to_uint8
+    from raygen.jobs.models.vae import decode_latents
+
+    if class_label is not None:
+        raise SpecError("--class-label", f"{model_dir} is a VAE, which is unconditional.")
+    vae = AutoencoderKL.from_pretrained(local_copy(model_dir)).eval()
+    blocks = len(vae.config.block_out_channels)
+    size = vae.config.sample_size // 2 ** (blocks - 1)
+    shape = (vae.config.latent_channels, size, size)
+    images = []
+    for start in range(0, n, 64):
+        noise, _ = seeded_noise(shape, seed, list(range(start, min(n, start + 64))))
+        images.append(decode_latents(vae, noise))
+    return to_uint8(torch.cat(images))
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

@@ -18,6 +18,8 @@ BUILTIN_IMAGES = {
     "builtin:digits": "scikit-learn's 1,797 8x8 handwritten digits, with labels 0-9",
 }
 UNET_ARCHS = ("unet2d",)
+VAE_ARCHS = ("autoencoder_kl",)
+IMAGE_FAMILIES = ("diffusion", "vae")  # families that train on images (the same prepared data)
 
 
 class Section(BaseModel):
@@ -65,16 +67,19 @@ class LoraSpec(Section):
 
 
 class ModelSpec(Section):
-    family: Literal["causal-lm", "diffusion"] = Field(
+    family: Literal["causal-lm", "diffusion", "vae"] = Field(
         "causal-lm",
         description="Model family. `causal-lm`: a transformers causal language model. "
-        "`diffusion`: a diffusers UNet image model with a noise scheduler.",
+        "`diffusion`: a diffusers UNet image model with a noise scheduler. `vae`: a "
+        "variational autoencoder of images (diffusers AutoencoderKL), on its own or as the "
+        "latent space of a latent diffusion model.",
     )
     arch: str | None = Field(
         None,
         description="Built from scratch from `config`: a transformers architecture "
         "(model_type, e.g. gpt2, llama, mistral) for causal-lm; `unet2d` (diffusers "
-        "UNet2DModel) for diffusion. Exactly one of `arch` and `pretrained`.",
+        "UNet2DModel) for diffusion; `autoencoder_kl` (diffusers AutoencoderKL) for vae. "
+        "Exactly one of `arch` and `pretrained`.",
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
@@ -87,7 +92,21 @@ class ModelSpec(Section):
         None,
         description="A directory saved with `save_pretrained` (config + safetensors weights) to "
         "fine-tune; for diffusion, a diffusers pipeline directory (with unet/) or a UNet "
-        "directory. Exactly one of `arch` and `pretrained`.",
+        "directory; for vae, an AutoencoderKL directory or a pipeline with vae/. Exactly one "
+        "of `arch` and `pretrained`.",
+    )
+    kl_weight: float | None = Field(
+        None,
+        ge=0,
+        description="VAE only (default 0.001): weight of the KL term (the mean over latent "
+        "elements of the KL divergence from the unit Gaussian prior) against the "
+        "reconstruction loss (a mean over pixels in [-1, 1]). Larger: latents closer to the "
+        "prior, so samples decoded from it look more like the data, at some cost in sharpness.",
+    )
+    reconstruction_loss: Literal["l1", "l2"] | None = Field(
+        None,
+        description="VAE only (default l1): the reconstruction loss, mean absolute (l1) or "
+        "squared (l2) error per pixel.",
     )
     scheduler: NoiseSchedulerSpec | None = Field(
         None, description="Diffusion only: the noise scheduler (default: DDPM, 1000 steps)."
@@ -123,6 +142,22 @@ class ModelSpec(Section):
                 "`model.config` only applies with `model.arch`; a pretrained model keeps its "
                 "own config"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _vae_options(self) -> ModelSpec:
+        options = {"kl_weight": 1e-3, "reconstruction_loss": "l1"}  # a VAE's defaults
+        if self.family == "vae":
+            for key, default in options.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, default)
+            return self
+        for key in options:
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"`model.{key}` is a VAE's (model.family: vae); remove it for a "
+                    f"{self.family} model"
+                )
         return self
 
 
@@ -551,7 +586,7 @@ class TrainSpec(Section):
     )
     sampling: SamplingSpec = Field(
         default_factory=SamplingSpec,
-        description="Diffusion: evaluation samples and FID.",
+        description="Image models: evaluation samples and FID.",
     )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers.")
     run: RunSpec = Field(default_factory=RunSpec, description="Storage and fault tolerance.")

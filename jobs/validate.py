@@ -14,10 +14,18 @@ from raygen.jobs.data.images import check_image_columns
 from raygen.jobs.data.inputs import check_columns, list_input_files, source_columns
 from raygen.jobs.errors import SpecError
 from raygen.jobs.library_facts import recall, remember
-from raygen.jobs.pretrained import pretrained_problems, unet_config
-from raygen.jobs.spec import BUILTIN_IMAGES, BUILTIN_PREFIX, ModelSpec, TrainSpec
+from raygen.jobs.pretrained import image_model_config, pretrained_problems, unet_config
+from raygen.jobs.spec import (
+    BUILTIN_IMAGES,
+    BUILTIN_PREFIX,
+    IMAGE_FAMILIES,
+    VAE_ARCHS,
+    ModelSpec,
+    TrainSpec,
+)
 from raygen.jobs.train.deepspeed_config import deepspeed_config_problems
 from raygen.jobs.unet_facts import num_classes, unet_problems
+from raygen.jobs.vae_facts import vae_problems
 
 BUILTIN_DIGITS = next(iter(BUILTIN_IMAGES))
 
@@ -44,8 +52,8 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
 def spec_problems(spec: TrainSpec) -> list[str]:
     """Everything wrong with a spec that can be found without Ray: one line per problem."""
     problems = _common_problems(spec)
-    if spec.model.family == "diffusion":
-        return problems + _diffusion_problems(spec)
+    if spec.model.family in IMAGE_FAMILIES:
+        return problems + _image_problems(spec)
     return problems + _language_model_problems(spec)
 
 
@@ -227,33 +235,34 @@ def _has_template(tokenizer_dir: str) -> bool:
         return False
 
 
-def _diffusion_problems(spec: TrainSpec) -> list[str]:
+def _image_problems(spec: TrainSpec) -> list[str]:
+    """A spec of an image family (diffusion, vae): its data, its network's config."""
     problems = []
-    d, sampling = spec.data, spec.sampling
+    d, sampling, family = spec.data, spec.sampling, spec.model.family
+    kind = "a VAE" if family == "vae" else "a diffusion model"
     missing_files = pretrained_problems(spec.model)  # storage reads: once
     problems += missing_files
     if spec.train.group_weighting:
         problems.append(
             "`train.group_weighting`: group weighting is for language models (per-token "
-            "losses); remove it, or audit the diffusion model's classes with class_accuracy."
+            f"losses); remove it, or audit the {family} model's classes with class_accuracy."
         )
     tokenizer = spec.tokenizer
     if tokenizer.path or tokenizer.train or tokenizer.chat_template:
-        problems.append("`tokenizer`: diffusion models have no tokenizer; remove the section.")
+        kinds = "VAEs" if family == "vae" else "diffusion models"
+        problems.append(f"`tokenizer`: {kinds} have no tokenizer; remove the section.")
     if spec.model.lora:
-        problems.append(
-            "`model.lora`: LoRA adapts causal language models; remove it for a diffusion model."
-        )
+        problems.append(f"`model.lora`: LoRA adapts causal language models; remove it for {kind}.")
     if d.format == "chat" or spec.train.loss_on:
         problems.append(
             "`data.format`/`train.loss_on`: conversations and their loss are for language "
-            "models; a diffusion model trains on images (remove them)."
+            f"models; {kind} trains on images (remove them)."
         )
     text_sets = [e for e in d.train + (d.eval or []) if e.startswith(BUILTIN_PREFIX)]
     text_sets = [e for e in text_sets if e != BUILTIN_DIGITS]
     if text_sets:
         problems.append(
-            f"`data.train`: {', '.join(text_sets)} is text; a diffusion model trains on images "
+            f"`data.train`: {', '.join(text_sets)} is text; {kind} trains on images "
             f"(Parquet with an image column, or {BUILTIN_DIGITS})."
         )
     if d.dedupe == "near":
@@ -267,21 +276,10 @@ def _diffusion_problems(spec: TrainSpec) -> list[str]:
             f"`data.label_column`: mixing {BUILTIN_DIGITS} with Parquet inputs needs their "
             "label column too; set data.label_column."
         )
-    if spec.model.arch not in (None, "unet2d") and not spec.model.pretrained:
-        problems.append(
-            f"`model.arch`: {spec.model.arch!r} is not a diffusion architecture; use unet2d."
-        )
-    elif (spec.model.arch or spec.model.pretrained) and not missing_files:
-        config = unet_config(spec.model)
-        model_problems = unet_problems(
-            config, bool(spec.model.pretrained), d.label_column is not None
-        )
-        problems += model_problems
-        if not model_problems and num_classes(config) and not labelled:
-            problems.append(
-                "`data.label_column`: the UNet is class-conditional (num_class_embeds), but "
-                "the data has no labels; set data.label_column (or remove num_class_embeds)."
-            )
+    if family == "vae":
+        problems += _vae_problems(spec, bool(missing_files))
+    else:
+        problems += _unet_spec_problems(spec, bool(missing_files), labelled)
     if sampling.fid_extractor == "classifier" and not labelled:
         problems.append(
             "`sampling.fid_extractor`: the classifier is trained on labelled images; set "
@@ -305,6 +303,48 @@ def _diffusion_problems(spec: TrainSpec) -> list[str]:
             check_image_columns(list_input_files(entries, key, None), spec, key)
         except SpecError as exc:
             problems += exc.problems
+    return problems
+
+
+def _unet_spec_problems(spec: TrainSpec, missing_files: bool, labelled: bool) -> list[str]:
+    problems = []
+    if spec.model.arch not in (None, "unet2d") and not spec.model.pretrained:
+        problems.append(
+            f"`model.arch`: {spec.model.arch!r} is not a diffusion architecture; use unet2d."
+        )
+    elif (spec.model.arch or spec.model.pretrained) and not missing_files:
+        config = unet_config(spec.model)
+        model_problems = unet_problems(
+            config, bool(spec.model.pretrained), spec.data.label_column is not None
+        )
+        problems += model_problems
+        if not model_problems and num_classes(config) and not labelled:
+            problems.append(
+                "`data.label_column`: the UNet is class-conditional (num_class_embeds), but "
+                "the data has no labels; set data.label_column (or remove num_class_embeds)."
+            )
+    return problems
+
+
+def _vae_problems(spec: TrainSpec, missing_files: bool) -> list[str]:
+    problems = []
+    model = spec.model
+    for key in ("scheduler", "ema"):
+        if getattr(model, key) is not None:
+            problems.append(
+                f"`model.{key}`: only diffusion models have a {key}; remove it for a VAE."
+            )
+    if model.arch not in (None, *VAE_ARCHS) and not model.pretrained:
+        problems.append(
+            f"`model.arch`: {model.arch!r} is not a VAE architecture; use {' or '.join(VAE_ARCHS)}."
+        )
+    elif not missing_files:
+        problems += vae_problems(image_model_config(model), bool(model.pretrained))
+    if spec.data.label_column:
+        problems.append(
+            "`data.label_column`: a VAE is unconditional and ignores labels; remove it (labels "
+            "matter to the diffusion model trained on its latents)."
+        )
     return problems
 
 

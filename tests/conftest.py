@@ -265,6 +265,27 @@ def tiny_diffusion_spec(tmp_path: Path, prepared: Path | None = None, **override
     return with_overrides(spec, overrides)
 
 
+TINY_VAE = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+}
+
+
+def tiny_vae_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> dict:
+    """A ~170k-parameter AutoencoderKL on the 8x8 digits (latents 4x4x4), its data as the
+    tiny UNet's: the two share a prepared directory."""
+    spec = tiny_diffusion_spec(tmp_path, prepared, name="tiny-vae")
+    spec["model"] = {"family": "vae", "arch": "autoencoder_kl", "config": dict(TINY_VAE)}
+    return with_overrides(spec, overrides)
+
+
 @pytest.fixture(scope="session")
 def lm_run(ray_session, tmp_path_factory, shared_prepared):
     """One 2-worker ZeRO-2 run of the tiny GPT-2 (40 steps), shared by the tests that

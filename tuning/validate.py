@@ -22,7 +22,11 @@ FIXED_KEYS = ("name", "run", "scaling", "data", "tokenizer")
 
 
 # Metrics each model family logs at every evaluation.
-EVAL_METRICS = {"causal-lm": ("eval_loss", "perplexity"), "diffusion": ("eval_loss", "fid")}
+EVAL_METRICS = {
+    "causal-lm": ("eval_loss", "perplexity"),
+    "diffusion": ("eval_loss", "fid"),
+    "vae": ("eval_loss", "reconstruction_error", "psnr", "kl"),
+}
 
 
 def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:

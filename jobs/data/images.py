@@ -36,7 +36,6 @@ from raygen.jobs.data.rows import (
 from raygen.jobs.errors import SpecError
 from raygen.jobs.progress import Counter, Progress
 from raygen.jobs.spec import TrainSpec
-from raygen.jobs.unet_facts import image_shape, num_classes
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +154,9 @@ def read_images(
     `hash`, `reason`, `source`, `split`, `row_hash` (as the text pipeline's)."""
     import ray.data
 
-    from raygen.jobs.pretrained import unet_config
+    from raygen.jobs.pretrained import image_shape_of
 
-    channels, size, _ = image_shape(unet_config(spec.model))
+    channels, size, _ = image_shape_of(spec.model)
     d = spec.data
     parts = []
     if any(f.kind == "digits" for f in files):
@@ -289,10 +288,10 @@ def prepare_images(
 ) -> dict[str, Any]:
     """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray):
     decode and tag in one pass, decide the drops from the tags here, drop, write."""
-    from raygen.jobs.pretrained import unet_config
+    from raygen.jobs.pretrained import classes_of, image_shape_of
 
     d = spec.data
-    shape = image_shape(unet_config(spec.model))
+    shape = image_shape_of(spec.model)
     rows_in = count_rows(train_files + eval_files)
     eval_fraction = 0.0 if eval_files else d.eval_fraction
     with progress.stage("decode images", rows_in) as counter:
@@ -315,7 +314,7 @@ def prepare_images(
             f"check that `data.image_column` ({d.image_column}) holds PNG/JPEG bytes.",
         )
     labelled = d.train == [DIGITS] or d.label_column is not None
-    classes = num_classes(unet_config(spec.model))
+    classes = classes_of(spec.model)
     if labelled:
         low, high = pc.min(kept["label"]).as_py(), pc.max(kept["label"]).as_py()
         if low < 0 or (classes and high >= classes):

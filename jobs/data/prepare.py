@@ -26,8 +26,7 @@ from raygen.jobs.data.inputs import InputFile, list_input_files
 from raygen.jobs.data.text import prepare_text
 from raygen.jobs.errors import SpecError
 from raygen.jobs.progress import Progress, Report
-from raygen.jobs.spec import TrainSpec
-from raygen.jobs.unet_facts import image_shape
+from raygen.jobs.spec import IMAGE_FAMILIES, TrainSpec
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +54,14 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
         # Packed blocks carry per-token groups when the run weights groups.
         "group_column": spec.train.group_weighting.column if spec.train.group_weighting else None,
     }
-    if spec.model.family == "diffusion":
-        from raygen.jobs.pretrained import unet_config
+    if spec.model.family in IMAGE_FAMILIES:
+        from raygen.jobs.pretrained import image_shape_of
 
-        # The images are resized to the UNet's input, and the FID reference is built from them;
-        # which weights the UNet starts from does not matter (fine-tuning reuses the data).
+        # The images are resized to the network's input, and the FID reference is built from
+        # them; neither the family nor the starting weights matter (a VAE, the UNets and
+        # fine-tuning runs on the same images share their prepared data).
         identity["tokenizer"] = identity["tokenizer_files"] = identity["pretrained"] = None
-        identity["image_shape"] = image_shape(unet_config(spec.model))
+        identity["image_shape"] = image_shape_of(spec.model)
         identity["fid"] = (
             spec.sampling.fid_extractor,
             content_id(spec.sampling.inception_weights)
@@ -156,7 +156,7 @@ def prepare_data(
     publish.begin(prepared_dir, "data.prepared", _older_prepared_data)
     try:
         with Progress(report) as progress:
-            if spec.model.family == "diffusion":
+            if spec.model.family in IMAGE_FAMILIES:
                 from raygen.jobs.data.fid_reference import prepare_fid_reference
                 from raygen.jobs.data.images import prepare_images
 

@@ -26,6 +26,10 @@ WORST_GROUP_EVAL_LOSS = "worst_group_eval_loss"  # runs with train.group_weighti
 GROUP_EVAL_LOSS_PREFIX = "eval_loss/"  # + the group's name: its mean eval token loss
 FID = "fid"
 FID_EXTRACTOR = "fid_extractor"  # the network whose features the FID compares
+RECONSTRUCTION_ERROR = "reconstruction_error"  # VAE: the reconstruction loss on eval images
+KL = "kl"  # VAE: mean KL divergence of the eval images' latents from the prior, per element
+PSNR = "psnr"  # VAE: peak signal-to-noise ratio of the eval reconstructions, dB
+MEAN_IMAGE_PSNR = "mean_image_psnr"  # VAE: the same for the eval set's mean image (baseline)
 PREEMPTION_CHECKPOINT = "preemption_checkpoint"  # in a checkpoint's report: taken at a notice
 
 
@@ -83,19 +87,20 @@ class MetricsLog:
         self._pending.append(row)
         self._upload_part()
 
-    def log_image(self, step: int, image: Any) -> str:
-        """Save a uint8 (H, W, C) sample grid as `samples/step_XXXXXX.png` and in TensorBoard.
+    def log_image(self, step: int, image: Any, tag: str = "samples") -> str:
+        """Save a uint8 (H, W, C) grid as `samples/step_XXXXXX.png` (another `tag`:
+        `samples/<tag>_step_XXXXXX.png`) and in TensorBoard under `tag`.
 
         Returns the PNG's path or URI.
         """
         from raygen.jobs.sampling import save_png
 
-        name = f"step_{step:06d}.png"
+        name = f"step_{step:06d}.png" if tag == "samples" else f"{tag}_step_{step:06d}.png"
         local = Path(self.local_dir, SAMPLES_DIR, name)
         local.parent.mkdir(parents=True, exist_ok=True)
         scale = max(1, round(768 / max(image.shape[:2])))  # small grids are enlarged
         save_png(image, local, scale=scale)
-        self._tb.add_image("samples", image, step, dataformats="HWC")
+        self._tb.add_image(tag, image, step, dataformats="HWC")
         uri = storage.join(self.run_dir, SAMPLES_DIR, name)
         if self.remote:
             storage.upload_file(str(local), uri)

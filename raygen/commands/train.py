@@ -85,7 +85,9 @@ class Scheduler(str, Enum):
 
 
 def sample(
-    model_dir: Annotated[str, typer.Argument(help="A diffusion run's model/ dir (or s3:// URI).")],
+    model_dir: Annotated[
+        str, typer.Argument(help="A diffusion or VAE run's model/ dir (or s3:// URI).")
+    ],
     n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Images to generate.")] = 16,
     steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 50,
     class_label: Annotated[
@@ -104,7 +106,8 @@ def sample(
         Path | None, typer.Option("--out-dir", help="Also write each image as a PNG here.")
     ] = None,
 ) -> None:
-    """Generate images with a trained diffusion model and write them as a PNG grid."""
+    """Generate images with a trained diffusion model (or decode draws from a VAE's prior)
+    and write them as a PNG grid."""
     from raygen.jobs.sampling import image_grid, sample_model, save_png
 
     name = scheduler.value if scheduler else None

@@ -62,7 +62,15 @@ def detect_kind(model_dir: str) -> str:
             f"{model_dir} {where}; give an exported model directory (the `model/` of a "
             "training run, or what `raygen export` wrote), local or in a bucket (s3://, gs://, abfs://).",
         )
-    if "model_type" not in json.loads(config):
+    saved = json.loads(config)
+    if saved.get("_class_name") == "AutoencoderKL":
+        raise SpecError(
+            "model",
+            f"{model_dir} is a VAE (AutoencoderKL): raygen serves language models and image "
+            "generators; decode draws from its prior with `raygen sample`, or train a latent "
+            "diffusion model in its latent space.",
+        )
+    if "model_type" not in saved:
         raise SpecError(
             "model", f"{model_dir}/config.json is not a transformers config (no model_type)."
         )

@@ -60,6 +60,7 @@ def test_examples_exist():
         "code-lm-tiny.yaml",
         "llama-7b-zero3.yaml",
         "digits-ddpm.yaml",
+        "digits-vae.yaml",
         "unet256-s3-zero2.yaml",
         "capitals-lora.yaml",
     }

@@ -104,7 +104,7 @@ def test_group_weighting_method_is_named_and_diffusion_has_none():
     )
 
 
-@pytest.mark.parametrize("example", ["code-lm-tiny", "llama-7b-zero3", "digits-ddpm"])
+@pytest.mark.parametrize("example", ["code-lm-tiny", "llama-7b-zero3", "digits-ddpm", "digits-vae"])
 def test_check_answers_without_torch_once_the_models_config_keys_are_known(example, tmp_path):
     """The first `--check` of an architecture imports its library (transformers, diffusers:
     they load torch) and keeps what their config classes accept, per library version; a

@@ -1,0 +1,86 @@
+"""What an AutoencoderKL config means, read without importing diffusers (which loads torch):
+its problems, and the shapes of the images and latents of a VAE built from it. The defaults
+of diffusers' AutoencoderKL are kept in raygen's cache per diffusers version
+(`library_facts`)."""
+
+from __future__ import annotations
+
+import functools
+from difflib import get_close_matches
+from typing import Any
+
+from raygen.jobs.library_facts import recall, remember
+
+
+@functools.cache
+def vae_defaults() -> dict[str, Any]:
+    """AutoencoderKL's keyword arguments and their defaults (lists where diffusers has tuples)."""
+    defaults = recall("diffusers", "AutoencoderKL")
+    if defaults is None:
+        import inspect
+
+        from diffusers import AutoencoderKL
+
+        parameters = inspect.signature(AutoencoderKL.__init__).parameters
+        defaults = remember(
+            "diffusers",
+            "AutoencoderKL",
+            {name: p.default for name, p in parameters.items() if name != "self"},
+        )
+    return defaults
+
+
+def vae_problems(config: dict[str, Any], pretrained: bool) -> list[str]:
+    """Problems with an AutoencoderKL config (key paths and fixes) found without building it;
+    a pretrained VAE's keys are its own."""
+    problems = []
+    defaults = vae_defaults()
+    for key in config:
+        if key not in defaults and not pretrained:
+            close = get_close_matches(key, sorted(defaults), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append(f"`model.config.{key}`: not a parameter of AutoencoderKL{hint}")
+    merged = {**defaults, **config}
+    size, channels = merged["sample_size"], merged["block_out_channels"]
+    downs = len(merged["down_block_types"])
+    if not isinstance(size, int):
+        problems.append("`model.config.sample_size`: give one integer (square images).")
+    elif size % 2 ** (downs - 1):
+        problems.append(
+            f"`model.config.sample_size`: {size} is not divisible by 2^{downs - 1} = "
+            f"{2 ** (downs - 1)}, the encoder's downsampling over its {downs} blocks; use a "
+            f"multiple of {2 ** (downs - 1)} or fewer blocks."
+        )
+    if len(channels) != downs or len(merged["up_block_types"]) != downs:
+        problems.append(
+            f"`model.config.block_out_channels`: {len(channels)} entries, but there are {downs} "
+            f"down_block_types and {len(merged['up_block_types'])} up_block_types; give one "
+            "channel count per block."
+        )
+    groups = merged["norm_num_groups"]
+    if groups and any(c % groups for c in channels):
+        problems.append(
+            f"`model.config.norm_num_groups`: {groups} does not divide every entry of "
+            f"block_out_channels {list(channels)}; pick a common divisor (AutoencoderKL's "
+            "default is 32)."
+        )
+    if merged["out_channels"] != merged["in_channels"]:
+        problems.append(
+            f"`model.config.out_channels`: {merged['out_channels']} differs from in_channels "
+            f"{merged['in_channels']}; a VAE reconstructs the image it is given."
+        )
+    return problems
+
+
+def image_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a VAE with this config encodes."""
+    merged = {**vae_defaults(), **config}
+    return merged["in_channels"], merged["sample_size"], merged["sample_size"]
+
+
+def latent_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(channels, height, width) of its latents: the encoder halves the size in every block
+    but the last."""
+    merged = {**vae_defaults(), **config}
+    size = merged["sample_size"] // 2 ** (len(merged["down_block_types"]) - 1)
+    return merged["latent_channels"], size, size
