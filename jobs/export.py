@@ -63,14 +63,16 @@ def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
         raise SpecError("export", f"{run_dir} has no spec.yaml; give a raygen run directory.")
     spec = TrainSpec.model_validate(yaml.safe_load(text))
     local = Path(local_copy(checkpoint))
-    tag_file = local / "latest"
+    # A GAN's checkpoint holds one DeepSpeed checkpoint per network; the generator's exports.
+    engine_dir = local / "generator" if spec.model.family == "gan" else local
+    tag_file = engine_dir / "latest"
     if not tag_file.is_file():
         raise SpecError(
             "export", f"{checkpoint} is not a raygen training checkpoint (no `latest`)."
         )
     tag = tag_file.read_text().strip()
     try:
-        weights = _consolidated_weights(local, tag, spec.deepspeed.zero_stage)
+        weights = _consolidated_weights(engine_dir, tag, spec.deepspeed.zero_stage)
     except pickle.UnpicklingError as exc:
         raise SpecError(
             "export",
@@ -86,6 +88,8 @@ def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
         write = _diffusion_writer(spec, weights, local)
     elif spec.model.family == "vae":
         write = _vae_writer(spec, weights, local, tag)
+    elif spec.model.family == "gan":
+        write = _generator_writer(spec, weights, local)
     else:
         write = _language_model_writer(spec, weights, run_dir)
     publish_dir(out_dir.rstrip("/"), MODEL_KIND, write, key="--out")
@@ -175,6 +179,18 @@ def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:
     pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
     pipeline = pipeline_cls(unet=unet, scheduler=build_noise_scheduler(scheduler_spec))
     return lambda out: pipeline.save_pretrained(out)
+
+
+def _generator_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:
+    """The GAN's generator, with the EMA of its weights when the run kept one."""
+    from raygen.jobs.gan_facts import DCGAN_DEFAULTS
+    from raygen.jobs.models.dcgan import Generator
+    from raygen.jobs.train.gan import generator_writer
+
+    kwargs = {**DCGAN_DEFAULTS, **spec.model.config}
+    generator = Generator(**kwargs)
+    ema = _ema_weights(local, [name for name, _ in generator.named_parameters()], generator)
+    return generator_writer(kwargs, {**weights, **ema})
 
 
 def _vae_writer(spec: TrainSpec, weights: dict, local: Path, tag: str) -> Any:

@@ -371,6 +371,8 @@ def _fit(
     if spec.model.family in IMAGE_FAMILIES:
         if spec.model.family == "vae":
             from raygen.jobs.train.vae import train_fn_per_worker
+        elif spec.model.family == "gan":
+            from raygen.jobs.train.gan import train_fn_per_worker
         else:
             from raygen.jobs.train.diffusion import train_fn_per_worker
 

@@ -35,7 +35,7 @@ def unet_dir(pretrained: str) -> str:
 def pretrained_problems(model: ModelSpec) -> list[str]:
     """What is missing from `model.pretrained` (none without one): a config and weights
     saved with save_pretrained, in safetensors."""
-    if not model.pretrained:
+    if not model.pretrained or model.family == "gan":  # a GAN's is refused by its own checks
         return []
     if model.family in IMAGE_COMPONENTS:
         path = component_dir(model.pretrained, model.family)
@@ -79,17 +79,19 @@ def image_model_config(model: ModelSpec) -> dict[str, Any]:
 def image_shape_of(model: ModelSpec) -> tuple[int, int, int]:
     """(channels, height, width) of the images an image spec's network takes: what the
     data is prepared to."""
-    from raygen.jobs import unet_facts, vae_facts
+    from raygen.jobs import gan_facts, unet_facts, vae_facts
 
-    facts = vae_facts if model.family == "vae" else unet_facts
+    facts = {"vae": vae_facts, "gan": gan_facts}.get(model.family, unet_facts)
     return facts.image_shape(image_model_config(model))
 
 
 def classes_of(model: ModelSpec) -> int:
     """Classes an image spec's network is conditioned on (0: unconditional; a VAE is)."""
-    from raygen.jobs.unet_facts import num_classes
+    from raygen.jobs import gan_facts, unet_facts
 
-    return num_classes(image_model_config(model)) if model.family == "diffusion" else 0
+    if model.family == "gan":
+        return gan_facts.num_classes(image_model_config(model))
+    return unet_facts.num_classes(image_model_config(model)) if model.family == "diffusion" else 0
 
 
 @functools.lru_cache(maxsize=16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,13 +48,15 @@ def sample_model(
     require_complete(model_dir, "MODEL_DIR", "export it again (`raygen export RUN --out DIR`).")
     if _class_name(model_dir) == "AutoencoderKL":
         return _sample_vae(model_dir, n, class_label, seed), None
+    if _class_name(model_dir) == "Generator":
+        return _sample_generator(model_dir, n, class_label, seed)
     config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))
     if not exists(join(model_dir, "model_index.json")) or config_text is None:
         raise SpecError(
             "MODEL_DIR",
             f"{model_dir} is not an image model directory (a diffusion pipeline's "
-            "model_index.json, unet/, scheduler/, or a VAE's config.json); give the `model/` "
-            "directory of a diffusion or VAE training run.",
+            "model_index.json, unet/, scheduler/, or a VAE's or GAN generator's config.json); "
+            "give the `model/` directory of a diffusion, VAE or GAN training run.",
         )
     local = Path(local_copy(model_dir))
     saved_type = json.loads(config_text)["_class_name"]
@@ -111,6 +114,57 @@ def _sample_vae(model_dir: str, n: int, class_label: int | None, seed: int) -> n
         noise, _ = seeded_noise(shape, seed, list(range(start, min(n, start + 64))))
         images.append(decode_latents(vae, noise))
     return to_uint8(torch.cat(images))
+
+
+def load_generator(model_dir: str) -> Any:
+    """A GAN export's generator, built from the architecture file the export holds (as
+    plain PyTorch would load it), in eval mode on the CPU."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    local = Path(local_copy(model_dir))
+    spec = importlib.util.spec_from_file_location("raygen_exported_dcgan", local / "dcgan.py")
+    if spec is None or spec.loader is None:
+        raise SpecError("MODEL_DIR", f"{model_dir} has no dcgan.py; export the GAN again.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = json.loads((local / "config.json").read_text())
+    generator = module.Generator(**config["kwargs"])
+    generator.load_state_dict(load_file(str(local / "model.safetensors")))
+    return generator.eval()
+
+
+def _sample_generator(
+    model_dir: str, n: int, class_label: int | None, seed: int
+) -> tuple[np.ndarray, list[int] | None]:
+    """`n` images of a GAN's generator, image i depending only on (seed, i)."""
+    import torch
+
+    from raygen.jobs.models.diffusion import seeded_noise, to_uint8
+
+    generator = load_generator(model_dir)
+    classes = generator.num_classes
+    if class_label is not None and not classes:
+        raise SpecError(
+            "--class-label", f"{model_dir} is an unconditional model; drop --class-label."
+        )
+    if class_label is not None and not 0 <= class_label < classes:
+        raise SpecError(
+            "--class-label",
+            f"{class_label} is out of range: the model knows classes 0..{classes - 1}.",
+        )
+    labels = None
+    if classes:
+        labels = [class_label if class_label is not None else i % classes for i in range(n)]
+    images = []
+    with torch.no_grad():
+        for start in range(0, n, 256):
+            indices = list(range(start, min(n, start + 256)))
+            latents, _ = seeded_noise((generator.latent_dim,), seed, indices)
+            label_tensor = torch.tensor([labels[i] for i in indices]) if labels else None
+            images.append(generator(latents, label_tensor))
+    return to_uint8(torch.cat(images)), labels
 
 
 def image_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

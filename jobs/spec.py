@@ -19,7 +19,13 @@ BUILTIN_IMAGES = {
 }
 UNET_ARCHS = ("unet2d",)
 VAE_ARCHS = ("autoencoder_kl",)
-IMAGE_FAMILIES = ("diffusion", "vae")  # families that train on images (the same prepared data)
+GAN_ARCHS = ("dcgan",)
+IMAGE_FAMILIES = ("diffusion", "vae", "gan")  # they train on images (the same prepared data)
+# Options only one family has, and their defaults in it.
+FAMILY_OPTIONS = {
+    "vae": {"kl_weight": 1e-3, "reconstruction_loss": "l1"},
+    "gan": {"gan_loss": "non_saturating", "r1_gamma": 0.0},
+}
 
 
 class Section(BaseModel):
@@ -67,19 +73,21 @@ class LoraSpec(Section):
 
 
 class ModelSpec(Section):
-    family: Literal["causal-lm", "diffusion", "vae"] = Field(
+    family: Literal["causal-lm", "diffusion", "vae", "gan"] = Field(
         "causal-lm",
         description="Model family. `causal-lm`: a transformers causal language model. "
         "`diffusion`: a diffusers UNet image model with a noise scheduler. `vae`: a "
         "variational autoencoder of images (diffusers AutoencoderKL), on its own or as the "
-        "latent space of a latent diffusion model.",
+        "latent space of a latent diffusion model. `gan`: a generative adversarial network "
+        "(generator and discriminator), class-conditional with labels.",
     )
     arch: str | None = Field(
         None,
         description="Built from scratch from `config`: a transformers architecture "
         "(model_type, e.g. gpt2, llama, mistral) for causal-lm; `unet2d` (diffusers "
-        "UNet2DModel) for diffusion; `autoencoder_kl` (diffusers AutoencoderKL) for vae. "
-        "Exactly one of `arch` and `pretrained`.",
+        "UNet2DModel) for diffusion; `autoencoder_kl` (diffusers AutoencoderKL) for vae; "
+        "`dcgan` for gan (config: image_size, channels, latent_dim, base_channels, "
+        "num_classes). Exactly one of `arch` and `pretrained`.",
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
@@ -108,13 +116,24 @@ class ModelSpec(Section):
         description="VAE only (default l1): the reconstruction loss, mean absolute (l1) or "
         "squared (l2) error per pixel.",
     )
+    gan_loss: Literal["non_saturating", "hinge"] | None = Field(
+        None,
+        description="GAN only (default non_saturating): the adversarial loss, the "
+        "non-saturating logistic loss of Goodfellow et al. or the hinge loss.",
+    )
+    r1_gamma: float | None = Field(
+        None,
+        ge=0,
+        description="GAN only (default 0: off): weight of the R1 penalty, gamma/2 times the "
+        "discriminator's squared gradient norm on real images (Mescheder et al., 2018).",
+    )
     scheduler: NoiseSchedulerSpec | None = Field(
         None, description="Diffusion only: the noise scheduler (default: DDPM, 1000 steps)."
     )
     ema: EmaSpec | None = Field(
         None,
-        description="Diffusion only: keep an exponential moving average of the weights, "
-        "used for sampling, evaluation and export.",
+        description="Diffusion and GAN: keep an exponential moving average of the weights "
+        "(a GAN's generator's), used for sampling, evaluation and export.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
@@ -145,19 +164,17 @@ class ModelSpec(Section):
         return self
 
     @model_validator(mode="after")
-    def _vae_options(self) -> ModelSpec:
-        options = {"kl_weight": 1e-3, "reconstruction_loss": "l1"}  # a VAE's defaults
-        if self.family == "vae":
+    def _family_options(self) -> ModelSpec:
+        for family, options in FAMILY_OPTIONS.items():
             for key, default in options.items():
-                if getattr(self, key) is None:
+                if self.family == family and getattr(self, key) is None:
                     setattr(self, key, default)
-            return self
-        for key in options:
-            if getattr(self, key) is not None:
-                raise ValueError(
-                    f"`model.{key}` is a VAE's (model.family: vae); remove it for a "
-                    f"{self.family} model"
-                )
+                elif self.family != family and getattr(self, key) is not None:
+                    kind = {"vae": "a VAE's", "gan": "a GAN's"}[family]
+                    raise ValueError(
+                        f"`model.{key}` is {kind} (model.family: {family}); remove it for a "
+                        f"{self.family} model"
+                    )
         return self
 
 
@@ -345,6 +362,13 @@ class TrainSection(Section):
         8, ge=1, description="Sequences (or images) per worker per forward pass."
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    d_steps_per_g: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="GANs: discriminator updates (each on its own micro-batch of real images) "
+        "before each generator update; a step is one generator update.",
+    )
     lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
     min_lr_ratio: float = Field(
         0.1, ge=0, le=1, description="Final learning rate as a fraction of `lr` (cosine, linear)."

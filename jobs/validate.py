@@ -18,6 +18,7 @@ from raygen.jobs.pretrained import image_model_config, pretrained_problems, unet
 from raygen.jobs.spec import (
     BUILTIN_IMAGES,
     BUILTIN_PREFIX,
+    GAN_ARCHS,
     IMAGE_FAMILIES,
     VAE_ARCHS,
     ModelSpec,
@@ -88,6 +89,11 @@ def _common_problems(spec: TrainSpec) -> list[str]:
         problems.append(
             f"`scaling.accelerator_type`: {sc.accelerator_type} is a GPU model; set "
             "scaling.use_gpu: true (or drop accelerator_type)."
+        )
+    if t.d_steps_per_g != 1 and spec.model.family != "gan":
+        problems.append(
+            "`train.d_steps_per_g`: only a GAN has a discriminator; remove it (or set "
+            "model.family: gan)."
         )
     if t.warmup_steps >= t.max_steps and t.warmup_steps > 0:
         problems.append(
@@ -239,7 +245,7 @@ def _image_problems(spec: TrainSpec) -> list[str]:
     """A spec of an image family (diffusion, vae): its data, its network's config."""
     problems = []
     d, sampling, family = spec.data, spec.sampling, spec.model.family
-    kind = "a VAE" if family == "vae" else "a diffusion model"
+    kind = {"vae": "a VAE", "gan": "a GAN"}.get(family, "a diffusion model")
     missing_files = pretrained_problems(spec.model)  # storage reads: once
     problems += missing_files
     if spec.train.group_weighting:
@@ -249,7 +255,7 @@ def _image_problems(spec: TrainSpec) -> list[str]:
         )
     tokenizer = spec.tokenizer
     if tokenizer.path or tokenizer.train or tokenizer.chat_template:
-        kinds = "VAEs" if family == "vae" else "diffusion models"
+        kinds = {"vae": "VAEs", "gan": "GANs"}.get(family, "diffusion models")
         problems.append(f"`tokenizer`: {kinds} have no tokenizer; remove the section.")
     if spec.model.lora:
         problems.append(f"`model.lora`: LoRA adapts causal language models; remove it for {kind}.")
@@ -278,6 +284,8 @@ def _image_problems(spec: TrainSpec) -> list[str]:
         )
     if family == "vae":
         problems += _vae_problems(spec, bool(missing_files))
+    elif family == "gan":
+        problems += _gan_spec_problems(spec, labelled)
     else:
         problems += _unet_spec_problems(spec, bool(missing_files), labelled)
     if sampling.fid_extractor == "classifier" and not labelled:
@@ -323,6 +331,38 @@ def _unet_spec_problems(spec: TrainSpec, missing_files: bool, labelled: bool) ->
                 "`data.label_column`: the UNet is class-conditional (num_class_embeds), but "
                 "the data has no labels; set data.label_column (or remove num_class_embeds)."
             )
+    return problems
+
+
+def _gan_spec_problems(spec: TrainSpec, labelled: bool) -> list[str]:
+    problems = []
+    model = spec.model
+    if model.scheduler is not None:
+        problems.append("`model.scheduler`: only diffusion models have a scheduler; remove it.")
+    if model.pretrained:
+        problems.append(
+            "`model.pretrained`: a GAN is trained from `arch: dcgan` (fine-tuning a saved GAN "
+            "is not supported); set model.arch and model.config instead."
+        )
+    elif model.arch not in GAN_ARCHS:
+        problems.append(
+            f"`model.arch`: {model.arch!r} is not a GAN architecture; use {' or '.join(GAN_ARCHS)}."
+        )
+    else:
+        from raygen.jobs.gan_facts import gan_problems, num_classes
+
+        found = gan_problems(model.config, spec.data.label_column is not None)
+        problems += found
+        if not found and num_classes(model.config) and not labelled:
+            problems.append(
+                "`data.label_column`: the GAN is class-conditional (num_classes), but the data "
+                "has no labels; set data.label_column (or remove num_classes)."
+            )
+    if spec.train.grad_accum != 1:
+        problems.append(
+            "`train.grad_accum`: a GAN's two networks take turns micro-batch by micro-batch; "
+            "set grad_accum: 1 (train.d_steps_per_g gives the discriminator more updates)."
+        )
     return problems
 
 

@@ -286,6 +286,20 @@ def tiny_vae_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> 
     return with_overrides(spec, overrides)
 
 
+TINY_GAN = {"image_size": 8, "channels": 1, "latent_dim": 32, "base_channels": 32,
+            "num_classes": 10}  # fmt: skip
+
+
+def tiny_gan_spec(tmp_path: Path, prepared: Path | None = None, **overrides) -> dict:
+    """A class-conditional DCGAN (~0.2M parameters in all) on the 8x8 digits, its data as
+    the tiny UNet's: they share a prepared directory."""
+    spec = tiny_diffusion_spec(tmp_path, prepared, name="tiny-gan")
+    spec["model"] = {"family": "gan", "arch": "dcgan", "config": dict(TINY_GAN),
+                     "ema": {"decay": 0.99}}  # fmt: skip
+    spec["train"].update(lr=2e-4, adam_betas=[0.5, 0.999], warmup_steps=0)
+    return with_overrides(spec, overrides)
+
+
 @pytest.fixture(scope="session")
 def lm_run(ray_session, tmp_path_factory, shared_prepared):
     """One 2-worker ZeRO-2 run of the tiny GPT-2 (40 steps), shared by the tests that

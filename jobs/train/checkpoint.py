@@ -27,7 +27,9 @@ def save_and_report(
 ) -> None:
     """Every rank saves its DeepSpeed shard, then all report it as one Ray Train checkpoint.
 
-    Ray Train merges the ranks' directories into `<run>/checkpoint_<step>/` and registers the
+    `engine` is one DeepSpeed engine, or {name: engine} for a run that trains several
+    networks (a GAN's generator and discriminator), each saved in its own folder. Ray Train
+    merges the ranks' directories into `<run>/checkpoint_<step>/` and registers the
     checkpoint only after every rank's upload finished, so a checkpoint is whole or absent.
     `rank_state` is this rank's own extra state (e.g. its shard of an EMA of the weights).
     """
@@ -38,12 +40,13 @@ def save_and_report(
     try:
         # A LoRA run's frozen weights are rebuilt from the model it started from: only what
         # trains (the adapters) is saved, with its optimizer state.
-        engine.save_checkpoint(
-            tmp,
-            tag=f"step_{step:08d}",
-            client_state=client_state,
-            exclude_frozen_parameters=_has_frozen(engine),
-        )
+        for name, one in _named(engine).items():
+            one.save_checkpoint(
+                os.path.join(tmp, name),
+                tag=f"step_{step:08d}",
+                client_state=client_state,
+                exclude_frozen_parameters=_has_frozen(one),
+            )
         if rank_state is not None:
             os.makedirs(os.path.join(tmp, RANK_STATE_DIR))
             torch.save(rank_state, os.path.join(tmp, RANK_STATE_DIR, _rank_file()))
@@ -59,7 +62,8 @@ def save_and_report(
 def restore_latest(
     engine: Any, start_from: str | None = None
 ) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
-    """Load the latest Ray Train checkpoint of this run into `engine`.
+    """Load the latest Ray Train checkpoint of this run into `engine` (one, or {name:
+    engine} as `save_and_report` saved them).
 
     Args:
         start_from: a checkpoint (path or URI) of another run, loaded when this run has
@@ -81,9 +85,12 @@ def restore_latest(
     if checkpoint is None:
         return 0, {}, None
     with checkpoint.as_directory() as path, data_only_loads():
-        load_path, client_state = engine.load_checkpoint(
-            path, load_module_strict=not _has_frozen(engine)
-        )
+        for name, one in _named(engine).items():
+            load_path, client_state = one.load_checkpoint(
+                os.path.join(path, name), load_module_strict=not _has_frozen(one)
+            )
+            if load_path is None:
+                break
         rank_file = os.path.join(path, RANK_STATE_DIR, _rank_file())
         rank_state = (
             torch.load(rank_file, map_location="cpu", weights_only=True)
@@ -93,6 +100,11 @@ def restore_latest(
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint.path}")
     return int(client_state["step"]), client_state, rank_state
+
+
+def _named(engine: Any) -> dict[str, Any]:
+    """{folder in the checkpoint: engine}; a single engine's is the checkpoint itself."""
+    return engine if isinstance(engine, dict) else {"": engine}
 
 
 def _has_frozen(engine: Any) -> bool:
