@@ -358,6 +358,13 @@ def _gan_spec_problems(spec: TrainSpec, labelled: bool) -> list[str]:
                 "`data.label_column`: the GAN is class-conditional (num_classes), but the data "
                 "has no labels; set data.label_column (or remove num_classes)."
             )
+    if spec.deepspeed.zero_stage == 3:
+        problems.append(
+            "`deepspeed.zero_stage`: a GAN trains with ZeRO stages 0-2: in the generator's turn "
+            "the discriminator scores its images outside the discriminator's engine, which "
+            "ZeRO-3's partitioned weights do not allow; set zero_stage: 2 (each network's "
+            "optimizer state and gradients are still partitioned)."
+        )
     if spec.train.grad_accum != 1:
         problems.append(
             "`train.grad_accum`: a GAN's two networks take turns micro-batch by micro-batch; "

@@ -31,6 +31,7 @@ def test_gan_spec_problems_are_all_reported_at_once(tmp_path):
         model__config={**TINY_GAN, "image_size": 12, "latent_dims": 8},
         model__scheduler={"num_train_timesteps": 10},
         train__grad_accum=2,
+        deepspeed__zero_stage=3,
     )
     message = problems_of(raw)
     for expected in (
@@ -39,6 +40,7 @@ def test_gan_spec_problems_are_all_reported_at_once(tmp_path):
         "`model.config.image_size`: 12 is not a power of two of at least 4",
         "`model.scheduler`: only diffusion models have a scheduler",
         "`train.grad_accum`: a GAN's two networks take turns",
+        "`deepspeed.zero_stage`: a GAN trains with ZeRO stages 0-2",
     ):
         assert expected in message
     unconditional = {**TINY_GAN, "num_classes": 0}
