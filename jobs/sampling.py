@@ -117,20 +117,15 @@ def _sample_vae(model_dir: str, n: int, class_label: int | None, seed: int) -> n
 
 
 def load_generator(model_dir: str) -> Any:
-    """A GAN export's generator, built from the architecture file the export holds (as
-    plain PyTorch would load it), in eval mode on the CPU."""
-    import importlib.util
-
+    """A GAN export's generator (raygen's own DCGAN class: the export's `dcgan.py` is the
+    same source, for loading without raygen), in eval mode on the CPU."""
     from safetensors.torch import load_file
 
+    from raygen.jobs.models.dcgan import Generator
+
     local = Path(local_copy(model_dir))
-    spec = importlib.util.spec_from_file_location("raygen_exported_dcgan", local / "dcgan.py")
-    if spec is None or spec.loader is None:
-        raise SpecError("MODEL_DIR", f"{model_dir} has no dcgan.py; export the GAN again.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     config = json.loads((local / "config.json").read_text())
-    generator = module.Generator(**config["kwargs"])
+    generator = Generator(**config["kwargs"])
     generator.load_state_dict(load_file(str(local / "model.safetensors")))
     return generator.eval()
 

@@ -188,8 +188,8 @@ class ModelServer:
         from raygen.cluster.storage import local_copy
         from raygen.serving.engine import ImageEngine, TextEngine
         from raygen.serving.gate import serving_clearance
-        from raygen.serving.runtimes.common import DIFFUSION, detect_kind
-        from raygen.serving.runtimes.images import DiffusionModel
+        from raygen.serving.runtimes.common import IMAGE_KINDS, detect_kind
+        from raygen.serving.runtimes.images import image_model
         from raygen.serving.runtimes.text import LanguageModel
 
         started = time.monotonic()
@@ -203,14 +203,14 @@ class ModelServer:
         self.kind = detect_kind(self.spec.model)
         local = local_copy(self.spec.model)
         precision = self.spec.replica.precision
-        if self.kind == DIFFUSION:
-            self.model: Any = DiffusionModel(local, precision, device)
+        if self.kind in IMAGE_KINDS:
+            self.model: Any = image_model(local, self.kind, precision, device)
         else:
             self.model = LanguageModel(local, precision, device)
         limits = self.spec.limits
         # The request body of each endpoint this model serves.
         self.bodies: dict[str, type] = {}
-        if self.kind == DIFFUSION:
+        if self.kind in IMAGE_KINDS:
             facts = self.model
             self.bodies[IMAGES] = image_request_for(
                 self.spec.name,
@@ -239,7 +239,7 @@ class ModelServer:
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
         )
         batching = self.spec.batching
-        if self.kind == DIFFUSION:
+        if self.kind in IMAGE_KINDS:
             self.engine: Any = ImageEngine(
                 self.model.generate,
                 batching.max_batch_size,

@@ -430,7 +430,7 @@ class OutcomeCheck(_Thresholds):
 
 
 class ClassQualityCheck(Section):
-    """Per-class quality of a class-conditional diffusion model's samples."""
+    """Per-class quality of a class-conditional image model's samples (diffusion or GAN)."""
 
     metric: Literal["class_accuracy"]
     classifier: str = Field(
@@ -438,7 +438,9 @@ class ClassQualityCheck(Section):
         "classifier raygen trained on the real images), or that `fid/` dir itself."
     )
     samples_per_class: int = Field(64, ge=1, description="Images generated per class.")
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps per image.")
+    num_inference_steps: int = Field(
+        50, ge=1, description="Denoising steps per image (a GAN generates in one pass)."
+    )
     seed: int = Field(0, ge=0, description="Seed of the starting noise.")
     min_ratio: float | None = Field(
         0.8, ge=0, le=1, description="Smallest allowed worst-class / best-class accuracy."

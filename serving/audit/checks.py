@@ -44,7 +44,7 @@ def evidence_of(spec: AuditSpec) -> Any:
 
 def audit_spec_problems(spec: AuditSpec, model: str) -> list[str]:
     """Everything wrong with running `spec` on `model`, each naming its key and the fix."""
-    from raygen.serving.runtimes.common import DIFFUSION, LANGUAGE_MODEL, detect_kind
+    from raygen.serving.runtimes.common import IMAGE_KINDS, LANGUAGE_MODEL, detect_kind
 
     try:
         kind = detect_kind(model)
@@ -53,8 +53,9 @@ def audit_spec_problems(spec: AuditSpec, model: str) -> list[str]:
     problems = []
     text_checks = [c for c in spec.checks if not isinstance(c, ClassQualityCheck)]
     for i, check in enumerate(spec.checks):
-        wanted = DIFFUSION if isinstance(check, ClassQualityCheck) else LANGUAGE_MODEL
-        if kind != wanted:
+        images = isinstance(check, ClassQualityCheck)
+        if (kind in IMAGE_KINDS) != images:
+            wanted = "class-conditional image (diffusion or GAN)" if images else LANGUAGE_MODEL
             problems.append(
                 f"`checks.{i}`: {check.metric} audits a {wanted} model, but {model} is a "
                 f"{kind} model."

@@ -114,9 +114,10 @@ def classify_samples(
     them with the run's classifier: (asked class, 1 where the classifier agreed)."""
     import ray.data
 
-    from raygen.serving.runtimes.images import DiffusionModel
+    from raygen.serving.runtimes.common import detect_kind
+    from raygen.serving.runtimes.images import image_model
 
-    classes = DiffusionModel(local_copy(model)).num_classes
+    classes = image_model(local_copy(model), detect_kind(model)).num_classes
     if not classes:
         raise SpecError("--model", f"{model} is unconditional; class_accuracy needs classes.")
     items = [
@@ -149,10 +150,11 @@ class _ImageClassifier:
         import torch
 
         from raygen.jobs.eval.fid import load_extractor
-        from raygen.serving.runtimes.images import DiffusionModel
+        from raygen.serving.runtimes.common import detect_kind
+        from raygen.serving.runtimes.images import image_model
 
         torch.set_num_threads(1)
-        self.model = DiffusionModel(local_copy(model_dir))
+        self.model = image_model(local_copy(model_dir), detect_kind(model_dir))
         self.classifier = load_extractor("classifier", local_copy(fid_dir), None).network
         self.steps, self.seed, self.counter = steps, seed, counter
 
@@ -164,7 +166,8 @@ class _ImageClassifier:
         images = []
         for label, index in zip(batch["label"], batch["index"], strict=True):
             # Image `index` of class `label`: its own seed, whatever batch it lands in.
-            request = ImageTask(1, self.steps, derive_seed(self.seed, label, index), int(label))
+            steps = min(self.steps, self.model.num_train_timesteps)  # a GAN: one pass
+            request = ImageTask(1, steps, derive_seed(self.seed, label, index), int(label))
             images.append(self.model.generate([request])[0][0])
         pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():

@@ -18,6 +18,10 @@ LANGUAGE_MODEL = "language-model"
 DIFFUSION = "diffusion"
 
 
+GAN = "gan"  # a GAN's generator, as raygen exports it
+IMAGE_KINDS = (DIFFUSION, GAN)
+
+
 LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -33,7 +37,7 @@ class InputError(ValueError):
 
 
 def detect_kind(model_dir: str) -> str:
-    """`language-model` or `diffusion`, told apart by the directory's files.
+    """`language-model`, `diffusion` or `gan`, told apart by the directory's files.
 
     Raises:
         SpecError: not an exported model directory, weights that are not safetensors, or
@@ -63,6 +67,13 @@ def detect_kind(model_dir: str) -> str:
             "training run, or what `raygen export` wrote), local or in a bucket (s3://, gs://, abfs://).",
         )
     saved = json.loads(config)
+    if saved.get("_class_name") == "Generator":
+        if not exists(join(model_dir, "model.safetensors")):
+            raise SpecError(
+                "model",
+                f"{model_dir} has no model.safetensors; export the GAN again (`raygen export`).",
+            )
+        return GAN
     if saved.get("_class_name") == "AutoencoderKL":
         raise SpecError(
             "model",

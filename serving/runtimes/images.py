@@ -1,5 +1,6 @@
-"""Diffusion inference: a batch of image requests denoised together, each image from its
-own seeded noise (`jobs.seeding`, as `raygen sample` does), returned as PNG bytes."""
+"""Image inference: a batch of image requests denoised together (diffusion) or generated in
+one forward pass (a GAN's generator), each image from its own seeded noise
+(`jobs.seeding`, as `raygen sample` does), returned as PNG bytes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +91,61 @@ class DiffusionModel:
                 results[i] = images[start : start + requests[i].n]
                 start += requests[i].n
         return results  # type: ignore[return-value]
+
+
+class GeneratorModel:
+    """A raygen-exported GAN generator: one forward pass per batch."""
+
+    num_train_timesteps = 1  # the image API's `num_inference_steps` can only be 1
+
+    def __init__(self, local_dir: str, precision: str = "fp32", device: str = "cpu"):
+        import torch
+
+        from raygen.jobs.sampling import load_generator
+
+        self.device = torch.device(device)
+        self.generator = load_generator(local_dir).to(self.device, torch_dtype(precision))
+        self.generator.requires_grad_(False)
+        self.num_classes = self.generator.num_classes
+        size = json.loads((Path(local_dir) / "config.json").read_text())["kwargs"]
+        self.shape = (size["channels"], size["image_size"], size["image_size"])
+
+    def generate(self, requests: list[ImageTask]) -> list[np.ndarray]:
+        """uint8 images (n, H, W, C) for each request, every request's images in one batch."""
+        import torch
+
+        from raygen.jobs.models.diffusion import seeded_noise, to_uint8
+
+        latents, labels = [], []
+        for r in requests:
+            # Image k of a request depends only on (seed, k): `jobs/seeding.py`.
+            request_latents, _ = seeded_noise(
+                (self.generator.latent_dim,), r.seed, list(range(r.n))
+            )
+            latents.append(request_latents)
+            labels += [
+                r.class_label if r.class_label is not None else k % max(1, self.num_classes)
+                for k in range(r.n)
+            ]
+        dtype = next(self.generator.parameters()).dtype
+        label_tensor = torch.tensor(labels, device=self.device) if self.num_classes else None
+        with torch.no_grad():
+            images = to_uint8(
+                self.generator(torch.cat(latents).to(self.device, dtype), label_tensor)
+            )
+        results, start = [], 0
+        for r in requests:
+            results.append(images[start : start + r.n])
+            start += r.n
+        return results
+
+
+def image_model(local_dir: str, kind: str, precision: str = "fp32", device: str = "cpu") -> Any:
+    """The image runtime of an exported model directory of `kind` (`detect_kind`)."""
+    from raygen.serving.runtimes.common import GAN
+
+    cls = GeneratorModel if kind == GAN else DiffusionModel
+    return cls(local_dir, precision, device)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

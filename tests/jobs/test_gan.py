@@ -7,6 +7,7 @@ import inspect
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,8 +81,8 @@ def test_losses_and_the_r1_penalty():
     assert r1_penalty(images @ weight, images).item() == pytest.approx(25.0)
 
 
-def test_killed_gan_run_resumes_improves_its_fid_and_exports_a_plain_pytorch_generator(
-    ray_session, tmp_path, digits_prepared
+def test_killed_gan_run_resumes_improves_its_fid_exports_a_plain_pytorch_generator_and_serves(
+    ray_session, serve_port, tmp_path, digits_prepared
 ):
     from typer.testing import CliRunner
 
@@ -134,3 +135,42 @@ def test_killed_gan_run_resumes_improves_its_fid_and_exports_a_plain_pytorch_gen
     ours, again = load_file(f"{model}/model.safetensors"), load_file(exported / "model.safetensors")
     assert ours.keys() == again.keys()
     assert all(torch.equal(ours[k], again[k]) for k in ours)
+
+    # Audited on its classes (the FID's classifier reads its samples), then served behind
+    # the image API by that audit: one forward pass per batch, the asked class each time.
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from raygen.jobs.loader import validate_spec
+    from raygen.serving.audit.run import run_audit
+    from raygen.serving.spec import AuditSpec
+    from tests.serving.deployments import start, stop
+
+    check = {"metric": "class_accuracy", "classifier": str(digits_prepared),
+             "samples_per_class": 16, "min_ratio": 0.5}  # fmt: skip
+    raw_audit = {"name": "gan-classes", "min_group_size": 16, "checks": [check]}
+    audit = validate_spec(AuditSpec, raw_audit, "audit.yaml")
+    report = run_audit(audit, "audit.yaml", model)
+    assert report["passed"], report
+    url = start("gan", model, serve_port, audit=report["paths"]["audit"])
+    try:
+        body = {"n": 4, "seed": 3, "class_label": 7}
+        answer = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        pixels = [
+            np.array(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+            for item in answer.json()["data"]
+        ]
+        assert [p.shape for p in pixels] == [(8, 8)] * 4
+        batch = torch.tensor(np.stack(pixels))[:, None].float() / 127.5 - 1
+        with torch.no_grad():
+            assert (classifier(batch).argmax(1) == 7).float().mean() >= 0.5
+        steps = httpx.post(
+            f"{url}/v1/images/generations", json={**body, "num_inference_steps": 50}, timeout=60
+        )
+        assert steps.status_code == 400 and steps.json()["error"]["param"] == "num_inference_steps"
+    finally:
+        stop("gan")

@@ -153,7 +153,7 @@ def test_audit_spec_problems_are_all_named_before_anything_runs(model, eval_sets
     assert "has no column 'gender'" in message and "has no column 'question'" in message
     assert "`checks.0.features`: 'dialect' is not in sensitive_features" in message
     assert "lexicon file /no/file does not exist" in message
-    assert "class_accuracy audits a diffusion model" in message
+    assert "class_accuracy audits a class-conditional image (diffusion or GAN) model" in message
 
 
 def test_missing_thresholds_are_a_spec_error():
