@@ -63,19 +63,7 @@ def sample_model(
     use_ddim = scheduler == "ddim" or (scheduler is None and saved_type == "DDIMScheduler")
     sampler = (DDIMScheduler if use_ddim else DDPMScheduler).from_pretrained(local / "scheduler")
     unet = UNet2DModel.from_pretrained(local / "unet").eval()
-    classes = int(unet.config.num_class_embeds or 0)
-    if class_label is not None and not classes:
-        raise SpecError(
-            "--class-label", f"{model_dir} is an unconditional model; drop --class-label."
-        )
-    if class_label is not None and not 0 <= class_label < classes:
-        raise SpecError(
-            "--class-label",
-            f"{class_label} is out of range: the model knows classes 0..{classes - 1}.",
-        )
-    labels = None
-    if classes:
-        labels = [class_label if class_label is not None else i % classes for i in range(n)]
+    labels = _labels(model_dir, int(unet.config.num_class_embeds or 0), class_label, n)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     images = []
     for start in range(0, n, 64):
@@ -85,6 +73,23 @@ def sample_model(
         noise, generators = seeded_noise(shape, seed, indices)
         images.append(generate(unet, sampler, noise, label_tensor, steps, generators))
     return to_uint8(torch.cat(images)), labels
+
+
+def _labels(model_dir: str, classes: int, class_label: int | None, n: int) -> list[int] | None:
+    """The class of each of `n` images: `class_label`, else 0..K-1 in turn; None for an
+    unconditional model (which takes no --class-label)."""
+    if class_label is not None and not classes:
+        raise SpecError(
+            "--class-label", f"{model_dir} is an unconditional model; drop --class-label."
+        )
+    if class_label is not None and not 0 <= class_label < classes:
+        raise SpecError(
+            "--class-label",
+            f"{class_label} is out of range: the model knows classes 0..{classes - 1}.",
+        )
+    if not classes:
+        return None
+    return [class_label if class_label is not None else i % classes for i in range(n)]
 
 
 def _class_name(model_dir: str) -> str | None:
@@ -139,19 +144,7 @@ def _sample_generator(
     from raygen.jobs.models.diffusion import seeded_noise, to_uint8
 
     generator = load_generator(model_dir)
-    classes = generator.num_classes
-    if class_label is not None and not classes:
-        raise SpecError(
-            "--class-label", f"{model_dir} is an unconditional model; drop --class-label."
-        )
-    if class_label is not None and not 0 <= class_label < classes:
-        raise SpecError(
-            "--class-label",
-            f"{class_label} is out of range: the model knows classes 0..{classes - 1}.",
-        )
-    labels = None
-    if classes:
-        labels = [class_label if class_label is not None else i % classes for i in range(n)]
+    labels = _labels(model_dir, generator.num_classes, class_label, n)
     images = []
     with torch.no_grad():
         for start in range(0, n, 256):

@@ -42,16 +42,36 @@ def unet_problems(config: dict[str, Any], pretrained: bool, has_labels: bool) ->
             hint = f"; did you mean `{close[0]}`?" if close else ""
             problems.append(f"`model.config.{key}`: not a parameter of UNet2DModel{hint}")
     merged = {**defaults, **config}
-    size = merged["sample_size"]
+    problems += block_problems(merged, "the UNet's downsampling over its", "down blocks")
+    if has_labels and not merged.get("num_class_embeds"):
+        problems.append(
+            "`model.config.num_class_embeds`: the data has class labels for conditional "
+            "training, but the UNet has no class embedding; set num_class_embeds to the number "
+            "of classes (or drop data.label_column to train unconditionally)."
+        )
+    if merged.get("out_channels") != merged.get("in_channels"):
+        problems.append(
+            f"`model.config.out_channels`: {merged.get('out_channels')} differs from "
+            f"in_channels {merged.get('in_channels')}; a diffusion UNet predicts noise of the "
+            "image's shape."
+        )
+    return problems
+
+
+def block_problems(merged: dict[str, Any], shrinks: str, blocks: str) -> list[str]:
+    """The sizes a diffusers UNet2DModel's or AutoencoderKL's config (its keys merged with
+    the defaults) must agree on: the image size through the downsampling, one channel
+    count per block, norm groups dividing the channels."""
+    problems = []
+    size, channels = merged["sample_size"], merged["block_out_channels"]
     downs = len(merged["down_block_types"])
-    channels = merged["block_out_channels"]
     if not isinstance(size, int):
         problems.append("`model.config.sample_size`: give one integer (square images).")
     elif size % 2 ** (downs - 1):
         problems.append(
             f"`model.config.sample_size`: {size} is not divisible by 2^{downs - 1} = "
-            f"{2 ** (downs - 1)}, the UNet's downsampling over its {downs} down blocks; use a "
-            f"multiple of {2 ** (downs - 1)} or fewer down blocks."
+            f"{2 ** (downs - 1)}, {shrinks} {downs} {blocks}; use a multiple of "
+            f"{2 ** (downs - 1)} or fewer blocks."
         )
     if len(channels) != downs or len(merged["up_block_types"]) != downs:
         problems.append(
@@ -64,18 +84,6 @@ def unet_problems(config: dict[str, Any], pretrained: bool, has_labels: bool) ->
         problems.append(
             f"`model.config.norm_num_groups`: {groups} does not divide every entry of "
             f"block_out_channels {list(channels)}; pick a common divisor."
-        )
-    if has_labels and not merged.get("num_class_embeds"):
-        problems.append(
-            "`model.config.num_class_embeds`: the data has class labels for conditional "
-            "training, but the UNet has no class embedding; set num_class_embeds to the number "
-            "of classes (or drop data.label_column to train unconditionally)."
-        )
-    if merged.get("out_channels") != merged.get("in_channels"):
-        problems.append(
-            f"`model.config.out_channels`: {merged.get('out_channels')} differs from "
-            f"in_channels {merged.get('in_channels')}; a diffusion UNet predicts noise of the "
-            "image's shape."
         )
     return problems
 

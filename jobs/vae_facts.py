@@ -10,6 +10,7 @@ from difflib import get_close_matches
 from typing import Any
 
 from raygen.jobs.library_facts import recall, remember
+from raygen.jobs.unet_facts import block_problems
 
 
 @functools.cache
@@ -41,29 +42,7 @@ def vae_problems(config: dict[str, Any], pretrained: bool) -> list[str]:
             hint = f"; did you mean `{close[0]}`?" if close else ""
             problems.append(f"`model.config.{key}`: not a parameter of AutoencoderKL{hint}")
     merged = {**defaults, **config}
-    size, channels = merged["sample_size"], merged["block_out_channels"]
-    downs = len(merged["down_block_types"])
-    if not isinstance(size, int):
-        problems.append("`model.config.sample_size`: give one integer (square images).")
-    elif size % 2 ** (downs - 1):
-        problems.append(
-            f"`model.config.sample_size`: {size} is not divisible by 2^{downs - 1} = "
-            f"{2 ** (downs - 1)}, the encoder's downsampling over its {downs} blocks; use a "
-            f"multiple of {2 ** (downs - 1)} or fewer blocks."
-        )
-    if len(channels) != downs or len(merged["up_block_types"]) != downs:
-        problems.append(
-            f"`model.config.block_out_channels`: {len(channels)} entries, but there are {downs} "
-            f"down_block_types and {len(merged['up_block_types'])} up_block_types; give one "
-            "channel count per block."
-        )
-    groups = merged["norm_num_groups"]
-    if groups and any(c % groups for c in channels):
-        problems.append(
-            f"`model.config.norm_num_groups`: {groups} does not divide every entry of "
-            f"block_out_channels {list(channels)}; pick a common divisor (AutoencoderKL's "
-            "default is 32)."
-        )
+    problems += block_problems(merged, "the encoder's downsampling over its", "blocks")
     if merged["out_channels"] != merged["in_channels"]:
         problems.append(
             f"`model.config.out_channels`: {merged['out_channels']} differs from in_channels "

@@ -107,3 +107,22 @@ def load_extractor(kind: str, fid_dir: str, inception_weights: str | None) -> Fe
 def load_reference(fid_dir: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
     saved = np.load(Path(fid_dir, reference_file(kind)))
     return saved["mu"], saved["sigma"]
+
+
+class SampleFid:
+    """The FID of generated images against a prepared data set's reference, as a training
+    loop logs it: {fid, fid_extractor} (built on rank 0, which scores the gathered samples)."""
+
+    def __init__(self, prepared_dir: str, kind: str, inception_weights: str | None):
+        from raygen.cluster.storage import join, local_copy
+
+        fid_dir = local_copy(join(prepared_dir, FID_DIR))
+        self.kind = kind
+        self.extractor = load_extractor(kind, fid_dir, inception_weights)
+        self.reference = load_reference(fid_dir, kind)
+
+    def __call__(self, samples: object) -> dict[str, float | str]:
+        from raygen.jobs.train.metrics import FID, FID_EXTRACTOR
+
+        generated = feature_statistics(self.extractor(samples))
+        return {FID: frechet_distance(*self.reference, *generated), FID_EXTRACTOR: self.kind}

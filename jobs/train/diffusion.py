@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from raygen.cluster.publish import publish_dir
-from raygen.cluster.storage import join, local_copy
+from raygen.cluster.storage import join
 from raygen.jobs.data.images import batch_to_tensors
 from raygen.jobs.models.diffusion import (
     build_noise_scheduler,
@@ -91,12 +91,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     fid = None
     if rank == 0 and with_fid:
-        from raygen.jobs.eval.fid import FID_DIR, load_extractor, load_reference
+        from raygen.jobs.eval.fid import SampleFid
 
-        fid_dir = local_copy(join(prepared["dir"], FID_DIR))
-        kind = prepared["fid"]["extractor"]
-        fid = (kind, load_extractor(kind, fid_dir, spec.sampling.inception_weights))
-        fid_reference = load_reference(fid_dir, kind)
+        fid = SampleFid(
+            prepared["dir"], prepared["fid"]["extractor"], spec.sampling.inception_weights
+        )
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
@@ -140,11 +139,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             columns = classes if conditional else min(8, grid_n)
             row["samples"] = image_grid(to_uint8(samples[:grid_n]), columns)
             if fid is not None:
-                from raygen.jobs.eval.fid import feature_statistics, frechet_distance
-
-                features = fid[1](samples[: spec.sampling.fid_samples])
-                row[m.FID] = frechet_distance(*fid_reference, *feature_statistics(features))
-                row[m.FID_EXTRACTOR] = fid[0]
+                row.update(fid(samples[: spec.sampling.fid_samples]))
         return row
 
     def sample_images() -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from raygen.cluster.publish import publish_dir
-from raygen.cluster.storage import join, local_copy
+from raygen.cluster.storage import join
 from raygen.jobs.data.images import batch_to_tensors
 from raygen.jobs.gan_facts import DCGAN_DEFAULTS
 from raygen.jobs.models import dcgan
@@ -93,12 +93,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     fid = None
     if rank == 0 and with_fid:
-        from raygen.jobs.eval.fid import FID_DIR, load_extractor, load_reference
+        from raygen.jobs.eval.fid import SampleFid
 
-        fid_dir = local_copy(join(prepared["dir"], FID_DIR))
-        extractor = prepared["fid"]["extractor"]
-        fid = (extractor, load_extractor(extractor, fid_dir, spec.sampling.inception_weights))
-        fid_reference = load_reference(fid_dir, extractor)
+        fid = SampleFid(
+            prepared["dir"], prepared["fid"]["extractor"], spec.sampling.inception_weights
+        )
 
     train_shard = ray.train.get_dataset_shard("train")
     micro_per_epoch = prepared["train_examples"] // world // spec.train.micro_batch_size
@@ -133,11 +132,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             row["samples"] = image_grid(to_uint8(samples[:grid_n]), classes or min(8, grid_n))
             if fid is not None:
-                from raygen.jobs.eval.fid import feature_statistics, frechet_distance
-
-                features = fid[1](samples[: spec.sampling.fid_samples])
-                row[m.FID] = frechet_distance(*fid_reference, *feature_statistics(features))
-                row[m.FID_EXTRACTOR] = fid[0]
+                row.update(fid(samples[: spec.sampling.fid_samples]))
         return row
 
     last_metrics: dict[str, Any] = {}
