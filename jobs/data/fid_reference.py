@@ -19,6 +19,7 @@ from raygen.jobs.eval.fid import (
     FeatureExtractor,
     feature_statistics,
     frechet_distance,
+    inception_score,
     load_extractor,
     reference_file,
     resolve_extractor,
@@ -91,6 +92,9 @@ def build_reference(
             eval_stats = feature_statistics(extractor(to_model_range(held_out)))
             info["eval_images_fid"] = round(frechet_distance(mu, sigma, *eval_stats), 4)
             info["eval_images"] = len(held_out)
+            probabilities = extractor.probabilities(to_model_range(held_out))
+            if probabilities is not None:  # the Inception Score real images reach (a ceiling)
+                info["eval_images_is"] = round(inception_score(probabilities)[0], 4)
         target = join(prepared_dir, FID_DIR)
         if is_remote(target):
             upload_dir(out, target)

@@ -87,6 +87,32 @@ class FeatureExtractor:
                 out.append(self.network((batch + 1) * 127.5).reshape(len(batch), -1))
         return torch.cat(out).double().numpy()
 
+    def probabilities(self, images: object) -> np.ndarray | None:
+        """Class probabilities (N, K) of images in [-1, 1]: the classifier's; None for a
+        TorchScript Inception, whose contract is features only."""
+        import torch
+
+        if self.kind != "classifier":
+            return None
+        with torch.no_grad():
+            logits = [self.network(batch) for batch in images.float().cpu().split(128)]
+        return torch.cat(logits).softmax(-1).double().numpy()
+
+
+def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """Inception Score of images from their class probabilities (N, K): exp of the mean KL
+    divergence of each p(y|x) from their marginal p(y), in `splits` parts (Salimans et al.,
+    2016); (mean, standard deviation) over the parts. 1 for images the classifier cannot tell
+    apart, K for confident predictions spread evenly over K classes."""
+    scores = []
+    for part in np.array_split(np.asarray(probabilities, np.float64), splits):
+        if len(part) == 0:
+            continue
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(part + 1e-12) - np.log(marginal + 1e-12))).sum(axis=1)
+        scores.append(float(np.exp(kl.mean())))
+    return float(np.mean(scores)), float(np.std(scores))
+
 
 def load_extractor(kind: str, fid_dir: str, inception_weights: str | None) -> FeatureExtractor:
     """The run's feature extractor: the classifier in `fid_dir`, or the TorchScript Inception."""
@@ -111,7 +137,9 @@ def load_reference(fid_dir: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 class SampleFid:
     """The FID of generated images against a prepared data set's reference, as a training
-    loop logs it: {fid, fid_extractor} (built on rank 0, which scores the gathered samples)."""
+    loop logs it: {fid, fid_extractor}, and with the classifier the Inception Score of its
+    class probabilities {is_mean, is_std} (built on rank 0, which scores the gathered
+    samples)."""
 
     def __init__(self, prepared_dir: str, kind: str, inception_weights: str | None):
         from raygen.cluster.storage import join, local_copy
@@ -122,7 +150,11 @@ class SampleFid:
         self.reference = load_reference(fid_dir, kind)
 
     def __call__(self, samples: object) -> dict[str, float | str]:
-        from raygen.jobs.train.metrics import FID, FID_EXTRACTOR
+        from raygen.jobs.train.metrics import FID, FID_EXTRACTOR, IS_MEAN, IS_STD
 
         generated = feature_statistics(self.extractor(samples))
-        return {FID: frechet_distance(*self.reference, *generated), FID_EXTRACTOR: self.kind}
+        row = {FID: frechet_distance(*self.reference, *generated), FID_EXTRACTOR: self.kind}
+        probabilities = self.extractor.probabilities(samples)
+        if probabilities is not None:
+            row[IS_MEAN], row[IS_STD] = inception_score(probabilities)
+        return row

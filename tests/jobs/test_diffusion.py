@@ -62,6 +62,17 @@ def test_frechet_distance_matches_scipy_sqrtm_on_general_covariances():
 # --- images -------------------------------------------------------------------------------
 
 
+def test_inception_score_spans_one_to_the_number_of_classes():
+    from raygen.jobs.eval.fid import inception_score
+
+    uniform = np.full((100, 10), 0.1)  # the classifier cannot tell the images apart
+    assert inception_score(uniform)[0] == pytest.approx(1.0)
+    confident = np.eye(10)[np.arange(100) % 10]  # sure of each, classes evenly spread
+    assert inception_score(confident) == pytest.approx((10.0, 0.0), abs=1e-6)
+    collapsed = np.eye(10)[np.zeros(100, int)]  # sure, but always the same class
+    assert inception_score(collapsed)[0] == pytest.approx(1.0)
+
+
 def test_images_are_resized_on_the_short_side_and_center_cropped():
     from raygen.jobs.data.images import fit_image, image_bytes
 
@@ -223,6 +234,8 @@ def test_two_worker_run_lowers_the_loss_and_logs_fid_and_samples(diffusion_run):
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [20, 40]
     assert all(r["fid_extractor"] == "classifier" and r["fid"] > 0 for r in evals)
+    # The Inception Score of the classifier's probabilities: between 1 and the 10 classes.
+    assert all(1 <= r["is_mean"] <= 10 and r["is_std"] >= 0 for r in evals)
     assert {"lr", "samples_per_s", "step_time_s"} <= set(rows[0])
     samples = sorted(Path(result["paths"]["samples"]).glob("*.png"))
     assert [p.name for p in samples] == ["step_000020.png", "step_000040.png"]

@@ -100,6 +100,8 @@ def test_killed_gan_run_resumes_improves_its_fid_exports_a_plain_pytorch_generat
     rows = read_metrics(run_dir / "metrics.jsonl")
     fids = [r["fid"] for r in rows if "fid" in r]
     assert len(fids) == 6 and fids[-1] < 0.6 * fids[0], fids
+    scores = [r["is_mean"] for r in rows if "is_mean" in r]  # the classes told apart
+    assert len(scores) == 6 and scores[0] < scores[-1] <= 10, scores
     assert all("d_loss" in r for r in rows if "train_loss" in r)
     assert (run_dir / "samples" / "step_000300.png").is_file()
 
