@@ -242,16 +242,21 @@ def _has_template(tokenizer_dir: str) -> bool:
 
 
 def _image_problems(spec: TrainSpec) -> list[str]:
-    """A spec of an image family (diffusion, vae): its data, its network's config."""
+    """A spec of an image family (diffusion, vae, gan): its data, its network's config."""
     problems = []
     d, sampling, family = spec.data, spec.sampling, spec.model.family
     kind = {"vae": "a VAE", "gan": "a GAN"}.get(family, "a diffusion model")
     missing_files = pretrained_problems(spec.model)  # storage reads: once
     problems += missing_files
     if spec.train.group_weighting:
+        audit = (
+            ""
+            if family == "vae"
+            else f", or audit the {family} model's classes with class_accuracy"
+        )
         problems.append(
             "`train.group_weighting`: group weighting is for language models (per-token "
-            f"losses); remove it, or audit the {family} model's classes with class_accuracy."
+            f"losses); remove it{audit}."
         )
     tokenizer = spec.tokenizer
     if tokenizer.path or tokenizer.train or tokenizer.chat_template:
@@ -376,11 +381,13 @@ def _gan_spec_problems(spec: TrainSpec, labelled: bool) -> list[str]:
 def _vae_problems(spec: TrainSpec, missing_files: bool) -> list[str]:
     problems = []
     model = spec.model
-    for key in ("scheduler", "ema"):
-        if getattr(model, key) is not None:
-            problems.append(
-                f"`model.{key}`: only diffusion models have a {key}; remove it for a VAE."
-            )
+    if model.scheduler is not None:
+        problems.append("`model.scheduler`: only diffusion models have a scheduler; remove it.")
+    if model.ema is not None:
+        problems.append(
+            "`model.ema`: a VAE keeps no average of its weights (diffusion models and GANs "
+            "do); remove it."
+        )
     if model.arch not in (None, *VAE_ARCHS) and not model.pretrained:
         problems.append(
             f"`model.arch`: {model.arch!r} is not a VAE architecture; use {' or '.join(VAE_ARCHS)}."

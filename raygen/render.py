@@ -35,13 +35,19 @@ def metrics_row(row: dict[str, Any]) -> str:
         else:
             parts.append(f"{row[m.SAMPLES_PER_S]:,.1f} samples/s")
         parts.append(f"{row[m.STEP_TIME_S]:.3f} s/step")
+    evaluation = []
     if m.EVAL_LOSS in row:
-        evaluation = f"eval_loss {row[m.EVAL_LOSS]:.4f}"
-        if m.PERPLEXITY in row:
-            evaluation += f" ppl {row[m.PERPLEXITY]:.1f}"
-        if m.FID in row:
-            evaluation += f" fid({row[m.FID_EXTRACTOR]}) {row[m.FID]:.2f}"
-        parts.append(f"[cyan]{evaluation}[/]")
+        evaluation.append(f"eval_loss {row[m.EVAL_LOSS]:.4f}")
+    if m.PERPLEXITY in row:
+        evaluation.append(f"ppl {row[m.PERPLEXITY]:.1f}")
+    if m.PSNR in row:
+        evaluation.append(f"psnr {row[m.PSNR]:.2f} dB (mean image {row[m.MEAN_IMAGE_PSNR]:.2f})")
+    if m.FID in row:
+        evaluation.append(f"fid({row[m.FID_EXTRACTOR]}) {row[m.FID]:.2f}")
+    if m.IS_MEAN in row:
+        evaluation.append(f"is {row[m.IS_MEAN]:.2f}")
+    if evaluation:
+        parts.append(f"[cyan]{' '.join(evaluation)}[/]")
     return "  ".join(parts)
 
 

@@ -26,6 +26,7 @@ EVAL_METRICS = {
     "causal-lm": ("eval_loss", "perplexity"),
     "diffusion": ("eval_loss", "fid"),
     "vae": ("eval_loss", "reconstruction_error", "psnr", "kl"),
+    "gan": ("fid", "is_mean"),
 }
 
 

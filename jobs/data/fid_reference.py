@@ -93,7 +93,9 @@ def build_reference(
             info["eval_images_fid"] = round(frechet_distance(mu, sigma, *eval_stats), 4)
             info["eval_images"] = len(held_out)
             probabilities = extractor.probabilities(to_model_range(held_out))
-            if probabilities is not None:  # the Inception Score real images reach (a ceiling)
+            # Real images' Inception Score, for comparison: it grows with the number of
+            # images and their class balance, so generated sets of other sizes can beat it.
+            if probabilities is not None:
                 info["eval_images_is"] = round(inception_score(probabilities)[0], 4)
         target = join(prepared_dir, FID_DIR)
         if is_remote(target):

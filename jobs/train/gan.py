@@ -67,13 +67,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     with_fid = bool(prepared.get("fid")) and spec.sampling.fid_samples > 0
     n_samples = max(grid_n, spec.sampling.fid_samples if with_fid else 0)
 
+    d_steps = spec.train.d_steps_per_g
+    by_step = lr_lambda(spec)
+    # The schedules follow the run's steps: the discriminator's takes d_steps updates a step.
+    factors = {GENERATOR: by_step, DISCRIMINATOR: lambda update: by_step(update // d_steps)}
     engines, schedulers = {}, {}
     for name, net in ((GENERATOR, generator), (DISCRIMINATOR, discriminator)):
         ds_config = derive_deepspeed_config(spec, world, max(p.numel() for p in net.parameters()))
         engines[name], _, _, schedulers[name] = deepspeed.initialize(
             model=net,
             optimizer=build_optimizer(spec, net),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec)),
+            lr_scheduler=lambda opt, f=factors[name]: torch.optim.lr_scheduler.LambdaLR(opt, f),
             config=ds_config,
         )
     g, d = engines[GENERATOR], engines[DISCRIMINATOR]
@@ -101,7 +105,6 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     micro_per_epoch = prepared["train_examples"] // world // spec.train.micro_batch_size
-    d_steps = spec.train.d_steps_per_g
     batches = micro_batches(spec, train_shard, micro_per_epoch, start_step * d_steps)
 
     def to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

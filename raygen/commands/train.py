@@ -86,7 +86,7 @@ class Scheduler(str, Enum):
 
 def sample(
     model_dir: Annotated[
-        str, typer.Argument(help="A diffusion or VAE run's model/ dir (or s3:// URI).")
+        str, typer.Argument(help="A diffusion, VAE or GAN run's model/ dir (or s3:// URI).")
     ],
     n: Annotated[int, typer.Option("--n", min=1, max=4096, help="Images to generate.")] = 16,
     steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 50,
@@ -106,8 +106,8 @@ def sample(
         Path | None, typer.Option("--out-dir", help="Also write each image as a PNG here.")
     ] = None,
 ) -> None:
-    """Generate images with a trained diffusion model (or decode draws from a VAE's prior)
-    and write them as a PNG grid."""
+    """Generate images with a trained diffusion model or GAN (or decode draws from a VAE's
+    prior) and write them as a PNG grid."""
     from raygen.jobs.sampling import image_grid, sample_model, save_png
 
     name = scheduler.value if scheduler else None
@@ -141,16 +141,14 @@ def generate(
 ) -> None:
     """Generate text with a trained language model, streamed as it comes; sampled and seeded
     as the serving API samples a completion."""
-    from raygen.cluster.storage import exists, join, local_copy
+    from raygen.cluster.storage import local_copy
     from raygen.jobs.seeding import derive_seed
+    from raygen.serving.runtimes.common import LANGUAGE_MODEL, detect_kind
     from raygen.serving.runtimes.text import LanguageModel, TextRequest
 
-    if exists(join(model_dir, "model_index.json")):
-        raise typer.BadParameter(f"{model_dir} is a diffusion model; use raygen sample")
-    if not exists(join(model_dir, "config.json")):
-        raise typer.BadParameter(
-            f"{model_dir} is not a model directory (no config.json); give a run's model/"
-        )
+    kind = detect_kind(model_dir)  # a SpecError (exit 2) names what the directory lacks
+    if kind != LANGUAGE_MODEL:
+        raise typer.BadParameter(f"{model_dir} is a {kind} model; use raygen sample")
     model = LanguageModel(local_copy(model_dir))
     if chat and not model.has_chat_template:
         raise typer.BadParameter(

@@ -176,3 +176,22 @@ def test_killed_gan_run_resumes_improves_its_fid_exports_a_plain_pytorch_generat
         assert steps.status_code == 400 and steps.json()["error"]["param"] == "num_inference_steps"
     finally:
         stop("gan")
+
+
+def test_a_generator_export_is_refused_by_generate_and_its_figures_are_printed(tmp_path):
+    from typer.testing import CliRunner
+
+    from raygen import render
+    from raygen.cli import app
+    from raygen.jobs.models.dcgan import Generator
+    from raygen.jobs.train.gan import generator_writer
+
+    kwargs = {**TINY_GAN, "base_channels": 4}
+    generator_writer(kwargs, Generator(**kwargs).state_dict())(str(tmp_path / "model"))
+    done = CliRunner().invoke(
+        app, ["generate", str(tmp_path / "model"), "--prompt", "hi"], env={"COLUMNS": "300"}
+    )
+    assert done.exit_code == 2 and "is a gan model; use raygen sample" in done.output
+    line = render.metrics_row({"step": 300, "fid": 2.21, "fid_extractor": "classifier",
+                               "is_mean": 9.1, "is_std": 0.2})  # fmt: skip
+    assert "fid(classifier) 2.21 is 9.10" in line

@@ -37,7 +37,7 @@ def test_vae_spec_problems_are_all_reported_at_once(tmp_path):
         "`latent_channels`?",
         "`model.config.sample_size`: 9 is not divisible by 2^1 = 2",
         "`model.config.norm_num_groups`: 12 does not divide every entry of block_out_channels",
-        "`model.ema`: only diffusion models have a ema; remove it for a VAE.",
+        "`model.ema`: a VAE keeps no average of its weights",
         "`data.label_column`: a VAE is unconditional and ignores labels",
         "`tokenizer`: VAEs have no tokenizer",
     ):

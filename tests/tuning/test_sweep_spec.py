@@ -102,6 +102,14 @@ def test_metric_must_be_logged_by_the_family(tmp_path):
     assert any(
         "`metric`: 'fid' is not logged at eval steps of a causal-lm run" in p for p in problems
     )
+    # Every family has its metrics: a GAN sweep of its learning rate on its FID.
+    from tests.conftest import tiny_gan_spec
+
+    sweep.metric = "eval_loss"
+    gan = tiny_gan_spec(tmp_path)
+    problems = sweep_problems(sweep, gan, "s")
+    assert any("'eval_loss' is not logged at eval steps of a gan run; use one of fid" in p
+               for p in problems)  # fmt: skip
 
 
 def test_base_path_is_relative_to_the_sweep_file(tmp_path):
