@@ -167,7 +167,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 fake = g(latents, labels)
             real.requires_grad_(r1 > 0)
             both = torch.cat([real, fake])
-            scores = d(both, torch.cat([labels, labels]) if classes else None)
+            # With R1 the scores are differentiated twice (their gradient on the real images
+            # first): the module is called directly, since DeepSpeed's engine would take that
+            # inner gradient for its own backward pass. Its step still reduces the gradients.
+            score = d.module if r1 > 0 else d
+            scores = score(both, torch.cat([labels, labels]) if classes else None)
             real_scores, fake_scores = scores[: len(real)], scores[len(real) :]
             loss_d = discriminator_loss(real_scores, fake_scores, kind)
             if r1 > 0:

@@ -89,7 +89,14 @@ def test_killed_gan_run_resumes_improves_its_fid_exports_a_plain_pytorch_generat
     from raygen.cli import app
     from raygen.jobs.eval.fid import load_extractor
 
-    raw = tiny_gan_spec(tmp_path, digits_prepared, train__eval_every=50, sampling__fid_samples=512)
+    # With the R1 penalty: the discriminator differentiated twice under DeepSpeed.
+    raw = tiny_gan_spec(
+        tmp_path,
+        digits_prepared,
+        train__eval_every=50,
+        sampling__fid_samples=512,
+        model__r1_gamma=0.1,
+    )
     outcome, checkpointed, run_dir = run_and_kill_rank0(
         tmp_path, raw, max_failures=1, steps=300, every=100
     )
