@@ -61,6 +61,7 @@ def test_examples_exist():
         "llama-7b-zero3.yaml",
         "digits-ddpm.yaml",
         "digits-vae.yaml",
+        "digits-gan.yaml",
         "unet256-s3-zero2.yaml",
         "capitals-lora.yaml",
     }
