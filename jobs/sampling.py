@@ -110,7 +110,12 @@ def _sample_vae(model_dir: str, n: int, class_label: int | None, seed: int) -> n
 
     if class_label is not None:
         raise SpecError("--class-label", f"{model_dir} is a VAE, which is unconditional.")
-    vae = AutoencoderKL.from_pretrained(local_copy(model_dir)).eval()
+    try:
+        vae = AutoencoderKL.from_pretrained(local_copy(model_dir)).eval()
+    except (OSError, ValueError) as exc:
+        raise SpecError(
+            "MODEL_DIR", f"{model_dir} is not a loadable VAE ({str(exc).splitlines()[0]})."
+        ) from None
     blocks = len(vae.config.block_out_channels)
     size = vae.config.sample_size // 2 ** (blocks - 1)
     shape = (vae.config.latent_channels, size, size)
@@ -130,8 +135,15 @@ def load_generator(model_dir: str) -> Any:
 
     local = Path(local_copy(model_dir))
     config = json.loads((local / "config.json").read_text())
+    weights = local / "model.safetensors"
+    if not weights.is_file() or "kwargs" not in config:
+        raise SpecError(
+            "MODEL_DIR",
+            f"{model_dir} is not a whole GAN export (model.safetensors and config.json's "
+            "kwargs); export it again (`raygen export RUN --out DIR`).",
+        )
     generator = Generator(**config["kwargs"])
-    generator.load_state_dict(load_file(str(local / "model.safetensors")))
+    generator.load_state_dict(load_file(str(weights)))
     return generator.eval()
 
 

@@ -287,6 +287,8 @@ def _image_problems(spec: TrainSpec) -> list[str]:
             f"`data.label_column`: mixing {BUILTIN_DIGITS} with Parquet inputs needs their "
             "label column too; set data.label_column."
         )
+    if family != "diffusion" and spec.model.scheduler is not None:
+        problems.append("`model.scheduler`: only diffusion models have a scheduler; remove it.")
     if family == "vae":
         problems += _vae_problems(spec, bool(missing_files))
     elif family == "gan":
@@ -342,8 +344,6 @@ def _unet_spec_problems(spec: TrainSpec, missing_files: bool, labelled: bool) ->
 def _gan_spec_problems(spec: TrainSpec, labelled: bool) -> list[str]:
     problems = []
     model = spec.model
-    if model.scheduler is not None:
-        problems.append("`model.scheduler`: only diffusion models have a scheduler; remove it.")
     if model.pretrained:
         problems.append(
             "`model.pretrained`: a GAN is trained from `arch: dcgan` (fine-tuning a saved GAN "
@@ -381,8 +381,6 @@ def _gan_spec_problems(spec: TrainSpec, labelled: bool) -> list[str]:
 def _vae_problems(spec: TrainSpec, missing_files: bool) -> list[str]:
     problems = []
     model = spec.model
-    if model.scheduler is not None:
-        problems.append("`model.scheduler`: only diffusion models have a scheduler; remove it.")
     if model.ema is not None:
         problems.append(
             "`model.ema`: a VAE keeps no average of its weights (diffusion models and GANs "

@@ -41,6 +41,7 @@ class Generator(nn.Module):
     ):
         super().__init__()
         self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.channels, self.image_size = channels, image_size
         stages = _stages(image_size)
         width = base_channels * 2**stages
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None

@@ -24,19 +24,18 @@ from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
 from raygen.jobs.sampling import image_grid
 from raygen.jobs.spec import NoiseSchedulerSpec
 from raygen.jobs.train import metrics as m
-from raygen.jobs.train.checkpoint import restore_latest, save_and_report
+from raygen.jobs.train.checkpoint import save_and_report
 from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
 from raygen.jobs.train.ema import WeightAverage
 from raygen.jobs.train.worker import (
     PreemptionWatch,
     TrainWindow,
-    apply_peak_lr,
     build_optimizer,
     checkpoint_cadence,
+    compute_dtype,
     lr_lambda,
     micro_batches,
-    record_attempt,
-    seed_everything,
+    resume,
     start_worker,
 )
 from raygen.jobs.unet_facts import num_classes
@@ -77,17 +76,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
     )
     device = engine.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.precision, torch.float32)
+    dtype = compute_dtype(spec)
     ema = WeightAverage(engine.module, spec.model.ema.decay) if spec.model.ema else None
-
-    start_step, _, rank_state = restore_latest(engine, config.get("start_from"))
-    apply_peak_lr(scheduler, spec.train.lr)
+    start_step, _, rank_state, log = resume(engine, [scheduler], spec, config, rank)
     if ema and rank_state:
         ema.load_state_dict(rank_state["ema"])
-    seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
-    if rank == 0:
-        record_attempt(run_dir, start_step, config["launched_at"])
-    log = m.MetricsLog(run_dir, start_step) if rank == 0 else None
 
     fid = None
     if rank == 0 and with_fid:

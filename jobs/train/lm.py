@@ -24,18 +24,16 @@ from raygen.jobs.models.lora import adapter_writer, base_vocab_size, load_lora
 from raygen.jobs.run_dir import ADAPTER_DIR, ADAPTER_KIND, MODEL_DIR, MODEL_KIND
 from raygen.jobs.spec import TrainSpec, global_batch_size
 from raygen.jobs.train import metrics as m
-from raygen.jobs.train.checkpoint import restore_latest, save_and_report
+from raygen.jobs.train.checkpoint import save_and_report
 from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
 from raygen.jobs.train.worker import (
     PreemptionWatch,
     TrainWindow,
-    apply_peak_lr,
     build_optimizer,
     checkpoint_cadence,
     lr_lambda,
     micro_batches,
-    record_attempt,
-    seed_everything,
+    resume,
     start_worker,
     trains_new_token_rows,
 )
@@ -54,12 +52,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     engine, scheduler, zero3 = build_engine(spec, len(tokenizer), tokenizer.eos_token_id, world)
     set_generation_ends(engine.module, tokenizer)
 
-    start_step, client_state, _ = restore_latest(engine, config.get("start_from"))
-    apply_peak_lr(scheduler, spec.train.lr)
-    seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
-    if rank == 0:
-        record_attempt(run_dir, start_step, config["launched_at"])
-    log = m.MetricsLog(run_dir, start_step) if rank == 0 else None
+    start_step, client_state, _, log = resume(engine, [scheduler], spec, config, rank)
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")

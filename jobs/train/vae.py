@@ -18,18 +18,17 @@ from raygen.jobs.pretrained import component_dir, image_model_config
 from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
 from raygen.jobs.sampling import image_grid
 from raygen.jobs.train import metrics as m
-from raygen.jobs.train.checkpoint import restore_latest, save_and_report
+from raygen.jobs.train.checkpoint import save_and_report
 from raygen.jobs.train.deepspeed_config import derive_deepspeed_config
 from raygen.jobs.train.worker import (
     PreemptionWatch,
     TrainWindow,
-    apply_peak_lr,
     build_optimizer,
     checkpoint_cadence,
+    compute_dtype,
     lr_lambda,
     micro_batches,
-    record_attempt,
-    seed_everything,
+    resume,
     start_worker,
 )
 from raygen.jobs.vae_facts import latent_shape
@@ -63,14 +62,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
     )
     device = engine.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.precision, torch.float32)
-    start_step, client_state, _ = restore_latest(engine, config.get("start_from"))
-    apply_peak_lr(scheduler, spec.train.lr)
+    dtype = compute_dtype(spec)
+    start_step, client_state, _, log = resume(engine, [scheduler], spec, config, rank)
     latents = LatentMoments(device, client_state.get(LATENT_STD))
-    seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
-    if rank == 0:
-        record_attempt(run_dir, start_step, config["launched_at"])
-    log = m.MetricsLog(run_dir, start_step) if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")

@@ -96,6 +96,32 @@ def apply_peak_lr(scheduler: Any, lr: float) -> None:
         group["lr"] = lr * factor(scheduler.last_epoch)
 
 
+def compute_dtype(spec: TrainSpec) -> torch.dtype:
+    """The dtype the engines compute in: what inputs are cast to."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.precision, torch.float32)
+
+
+def resume(
+    engine: Any, schedulers: list[Any], spec: TrainSpec, config: dict[str, Any], rank: int
+) -> tuple[int, dict[str, Any], dict[str, Any] | None, m.MetricsLog | None]:
+    """What every training loop does once its engines are built: restore the latest
+    checkpoint (`checkpoint.restore_latest`: one engine or {name: engine}), make the spec's
+    LR the schedules' peak, seed this rank for the step it starts at, record the attempt and
+    open the metrics log (rank 0). Returns (start step, client state, this rank's state,
+    the log or None)."""
+    from raygen.jobs.train.checkpoint import restore_latest
+
+    start_step, client_state, rank_state = restore_latest(engine, config.get("start_from"))
+    for scheduler in schedulers:
+        apply_peak_lr(scheduler, spec.train.lr)
+    seed_everything(spec.train.seed * 1_000_003 + start_step * 1009 + rank)
+    log = None
+    if rank == 0:
+        record_attempt(config["run_dir"], start_step, config["launched_at"])
+        log = m.MetricsLog(config["run_dir"], start_step)
+    return start_step, client_state, rank_state, log
+
+
 def trains_new_token_rows(spec: TrainSpec) -> bool:
     """Whether a chat template's new token rows train with LoRA adapters: everywhere but
     ZeRO-3 on CPUs, where PEFT cannot gather them (its code for it is CUDA-only); there they

@@ -106,9 +106,9 @@ class GeneratorModel:
         self.device = torch.device(device)
         self.generator = load_generator(local_dir).to(self.device, torch_dtype(precision))
         self.generator.requires_grad_(False)
-        self.num_classes = self.generator.num_classes
-        size = json.loads((Path(local_dir) / "config.json").read_text())["kwargs"]
-        self.shape = (size["channels"], size["image_size"], size["image_size"])
+        g = self.generator
+        self.num_classes = g.num_classes
+        self.shape = (g.channels, g.image_size, g.image_size)
 
     def generate(self, requests: list[ImageTask]) -> list[np.ndarray]:
         """uint8 images (n, H, W, C) for each request, every request's images in one batch."""

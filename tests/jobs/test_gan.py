@@ -202,3 +202,6 @@ def test_a_generator_export_is_refused_by_generate_and_its_figures_are_printed(t
     line = render.metrics_row({"step": 300, "fid": 2.21, "fid_extractor": "classifier",
                                "is_mean": 9.1, "is_std": 0.2})  # fmt: skip
     assert "fid(classifier) 2.21 is 9.10" in line
+    (tmp_path / "model" / "model.safetensors").unlink()  # a half-copied export
+    done = CliRunner().invoke(app, ["sample", str(tmp_path / "model")], env={"COLUMNS": "300"})
+    assert done.exit_code == 2 and "is not a whole GAN export" in done.output, done.output
