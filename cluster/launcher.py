@@ -59,10 +59,13 @@ def _raise_if(problems: list[str], what: str) -> None:
 
 
 def launch_problems(config: dict[str, Any], need_token: bool = True) -> list[str]:
-    """What would stop Ray's launcher on this machine: the provider's SDK, credentials and
-    (to start nodes, `need_token`) the cluster token the config copies to them."""
+    """What would stop Ray's launcher on this machine: the provider's SDK, credentials and,
+    to start nodes (`need_token`), values left as placeholders, the network on AWS and the
+    cluster token the config copies to them."""
     provider = config["provider"]["type"]
-    problems = placeholder_problems(config)
+    # Placeholders and the network matter to starting nodes; tearing a cluster down or asking
+    # its status must not be refused for them.
+    problems = placeholder_problems(config) if need_token else []
     modules, install = PROVIDER_PACKAGES.get(provider, ([], ""))
     missing = [m for m in modules if not _importable(m)]
     if missing:
@@ -75,7 +78,7 @@ def launch_problems(config: dict[str, Any], need_token: bool = True) -> list[str
                 "no AWS credentials: run `aws configure`, or set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
             )
-        elif not problems:
+        elif need_token and not problems:
             problems += aws_network_problems(config)
     elif provider == "gcp":
         import google.auth

@@ -312,6 +312,8 @@ def test_efa_cluster_is_checked_on_aws_and_launched_by_rays_own_launcher(
         "places): subnet-your-efa-subnet is a placeholder for a subnet's ID" in done.stderr
     )
     assert "sg-your-efa-security-group is a placeholder for a security group's ID" in done.stderr
+    # Tearing down or asking the status is not refused for them (nor for the network).
+    assert launch_problems(yaml.safe_load(text), need_token=False) == []
 
     def filled(subnet: str) -> dict:
         config = yaml.safe_load(
