@@ -85,7 +85,7 @@ def export_checkpoint(run_dir: str, checkpoint: str, out_dir: str) -> str:
         spec = spec.model_copy(update={"model": model})
 
     if spec.model.family == "diffusion":
-        write = _diffusion_writer(spec, weights, local)
+        write = _diffusion_writer(spec, weights, local, run_dir)
     elif spec.model.family == "vae":
         write = _vae_writer(spec, weights, local, tag)
     elif spec.model.family == "gan":
@@ -165,19 +165,37 @@ def _lora_writer(spec: TrainSpec, weights: dict, config: Any, tokenizer: Any) ->
     return write
 
 
-def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path) -> Any:
-    from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
+def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path, run_dir: str) -> Any:
+    """The UNet's pipeline, or a DiT's with its VAE and the prepared data's classes; the
+    EMA of the weights when the run kept one."""
+    from diffusers import AutoencoderKL, UNet2DModel
 
-    from raygen.jobs.models.diffusion import build_noise_scheduler
+    from raygen.jobs.models.diffusion import build_pipeline
     from raygen.jobs.pretrained import unet_config
     from raygen.jobs.spec import NoiseSchedulerSpec
 
-    unet = UNet2DModel(**unet_config(spec.model))
-    ema = _ema_weights(local, [name for name, _ in unet.named_parameters()], unet)
-    unet.load_state_dict({**weights, **ema})
-    scheduler_spec = spec.model.scheduler or NoiseSchedulerSpec()
-    pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
-    pipeline = pipeline_cls(unet=unet, scheduler=build_noise_scheduler(scheduler_spec))
+    vae, classes = None, 0
+    if spec.model.vae is None:
+        net = UNet2DModel(**unet_config(spec.model))
+    else:
+        from raygen.jobs.data.prepare import read_stats
+        from raygen.jobs.dit_facts import dit_config
+        from raygen.jobs.models.dit import build_dit
+        from raygen.jobs.pretrained import latent_shape_of, latent_vae_dir
+
+        stats = read_stats(spec.data.prepared or join(run_dir, "data")) or {}
+        if "latent_shape" not in stats:
+            raise SpecError(
+                "export",
+                f"the run's prepared data ({spec.data.prepared or join(run_dir, 'data')}) is "
+                "gone or was prepared again without latents; the export needs its classes.",
+            )
+        net = build_dit(dit_config(spec.model.config, latent_shape_of(spec.model)))
+        vae = AutoencoderKL.from_pretrained(local_copy(latent_vae_dir(spec.model)))
+        classes = stats["num_classes"]
+    ema = _ema_weights(local, [name for name, _ in net.named_parameters()], net)
+    net.load_state_dict({**weights, **ema})
+    pipeline = build_pipeline(net, spec.model.scheduler or NoiseSchedulerSpec(), vae, classes)
     return lambda out: pipeline.save_pretrained(out)
 
 

@@ -382,6 +382,8 @@ def _fit(
             "train_examples": stats["train_examples"],
             "eval_examples": stats["eval_examples"],
             "fid": stats.get("fid"),
+            "num_classes": stats.get("num_classes", 0),
+            "latent_shape": stats.get("latent_shape"),  # latent diffusion's
         }
     else:
         from raygen.jobs.train.lm import train_fn_per_worker

@@ -32,6 +32,54 @@ def unet_dir(pretrained: str) -> str:
     return component_dir(pretrained, "diffusion")
 
 
+def latent_vae_dir(model: ModelSpec) -> str:
+    """The AutoencoderKL of a latent diffusion spec's `model.vae` (its vae/ in a pipeline)."""
+    assert model.vae is not None
+    return component_dir(model.vae, "vae")
+
+
+def latent_vae_problems(model: ModelSpec) -> list[str]:
+    """What is wrong with `model.vae` (none without one): a diffusers AutoencoderKL
+    directory with safetensors weights whose latents DiTPipeline decodes as saved."""
+    if model.vae is None:
+        return []
+    path = latent_vae_dir(model)
+    text = read_text(join(path, "config.json"))
+    if text is None:
+        return [
+            f"`model.vae`: {model.vae} is not a VAE directory (no config.json or "
+            "vae/config.json); give the model/ directory of a raygen VAE run, or any diffusers "
+            "AutoencoderKL saved with save_pretrained."
+        ]
+    config = json.loads(text)
+    if config.get("_class_name") != "AutoencoderKL":
+        return [
+            f"`model.vae`: {path} holds a {config.get('_class_name')}, not an AutoencoderKL; "
+            "give a VAE directory."
+        ]
+    if not any(exists(join(path, f)) for f in UNET_WEIGHTS):
+        return [f"`model.vae`: {path} has no {UNET_WEIGHTS[0]} (safetensors weights)."]
+    if config.get("shift_factor") is not None:
+        return [
+            f"`model.vae`: {path} shifts its latents (shift_factor {config['shift_factor']}), "
+            "which DiTPipeline does not undo when decoding; give a VAE without a shift_factor."
+        ]
+    return []
+
+
+def latent_vae_config(model: ModelSpec) -> dict[str, Any]:
+    """The AutoencoderKL keyword arguments of `model.vae`."""
+    assert model.vae is not None
+    return dict(_saved_config(model.vae, "vae"))
+
+
+def latent_shape_of(model: ModelSpec) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents a latent diffusion spec trains on."""
+    from raygen.jobs.vae_facts import latent_shape
+
+    return latent_shape(latent_vae_config(model))
+
+
 def pretrained_problems(model: ModelSpec) -> list[str]:
     """What is missing from `model.pretrained` (none without one): a config and weights
     saved with save_pretrained, in safetensors."""
@@ -77,18 +125,23 @@ def image_model_config(model: ModelSpec) -> dict[str, Any]:
 
 
 def image_shape_of(model: ModelSpec) -> tuple[int, int, int]:
-    """(channels, height, width) of the images an image spec's network takes: what the
-    data is prepared to."""
+    """(channels, height, width) of the images an image spec's network takes (a latent
+    diffusion spec's VAE's): what the data is prepared to."""
     from raygen.jobs import gan_facts, unet_facts, vae_facts
 
+    if model.vae is not None:
+        return vae_facts.image_shape(latent_vae_config(model))
     facts = {"vae": vae_facts, "gan": gan_facts}.get(model.family, unet_facts)
     return facts.image_shape(image_model_config(model))
 
 
 def classes_of(model: ModelSpec) -> int:
-    """Classes an image spec's network is conditioned on (0: unconditional; a VAE is)."""
-    from raygen.jobs import gan_facts, unet_facts
+    """Classes an image spec's network is conditioned on (0: unconditional; a VAE is; a
+    DiT's label table has 1000, whatever the data's number of classes)."""
+    from raygen.jobs import dit_facts, gan_facts, unet_facts
 
+    if model.vae is not None:
+        return dit_facts.NULL_CLASS
     if model.family == "gan":
         return gan_facts.num_classes(image_model_config(model))
     return unet_facts.num_classes(image_model_config(model)) if model.family == "diffusion" else 0

@@ -5,13 +5,14 @@ one PNG each, or tiled into a grid."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from raygen.cluster.publish import require_complete
-from raygen.cluster.storage import exists, join, local_copy, read_text
+from raygen.cluster.storage import join, local_copy, read_text
 from raygen.jobs.errors import SpecError
 
 
@@ -22,57 +23,149 @@ def sample_model(
     class_label: int | None = None,
     seed: int = 0,
     scheduler: str | None = None,
+    guidance_scale: float | None = None,
 ) -> tuple[np.ndarray, list[int] | None]:
-    """Generate `n` images with a raygen-exported (diffusers) pipeline directory, or decode
-    `n` draws from a VAE's prior.
+    """Generate `n` images with a raygen-exported (diffusers) pipeline directory, or with a
+    GAN's generator, or decode `n` draws from a VAE's prior.
 
     Args:
-        model_dir: a directory with model_index.json, unet/ and scheduler/; or an
-            AutoencoderKL directory.
-        steps: denoising steps (a VAE decodes in one pass).
+        model_dir: a diffusion pipeline directory (model_index.json: a UNet's, or a DiT's
+            with its VAE), a GAN generator's or an AutoencoderKL directory.
+        steps: denoising steps (a VAE or GAN generates in one pass).
         class_label: the class of every image (conditional models); default: cycle 0..K-1.
         seed: image i's starting noise depends only on (seed, i).
         scheduler: `ddpm` or `ddim` to override the saved scheduler type.
+        guidance_scale: a DiT's classifier-free guidance (default DiTPipeline's, 4).
 
     Returns:
         (uint8 images (n, H, W, C), the class label of each image or None).
 
     Raises:
-        SpecError: not a diffusion model directory, or a class label it cannot take.
+        SpecError: not an image model directory, or a class label or guidance it cannot take.
     """
     import torch
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-    from raygen.jobs.models.diffusion import generate, seeded_noise, to_uint8
+    from raygen.jobs.models.diffusion import seeded_noise, to_uint8
 
     require_complete(model_dir, "MODEL_DIR", "export it again (`raygen export RUN --out DIR`).")
     if _class_name(model_dir) == "AutoencoderKL":
         return _sample_vae(model_dir, n, class_label, seed), None
     if _class_name(model_dir) == "Generator":
         return _sample_generator(model_dir, n, class_label, seed)
-    config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))
-    if not exists(join(model_dir, "model_index.json")) or config_text is None:
-        raise SpecError(
-            "MODEL_DIR",
-            f"{model_dir} is not an image model directory (a diffusion pipeline's "
-            "model_index.json, unet/, scheduler/, or a VAE's or GAN generator's config.json); "
-            "give the `model/` directory of a diffusion, VAE or GAN training run.",
-        )
-    local = Path(local_copy(model_dir))
-    saved_type = json.loads(config_text)["_class_name"]
-    use_ddim = scheduler == "ddim" or (scheduler is None and saved_type == "DDIMScheduler")
-    sampler = (DDIMScheduler if use_ddim else DDPMScheduler).from_pretrained(local / "scheduler")
-    unet = UNet2DModel.from_pretrained(local / "unet").eval()
-    labels = _labels(model_dir, int(unet.config.num_class_embeds or 0), class_label, n)
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    model = load_diffusion(model_dir)
+    labels = _labels(model_dir, model.classes, class_label, n)
+    guidance = model.guidance(guidance_scale, "--guidance-scale")
     images = []
     for start in range(0, n, 64):
         indices = list(range(start, min(n, start + 64)))
         label_tensor = torch.tensor([labels[i] for i in indices]) if labels else None
         # The image API's rule: image i depends only on (seed, i), DDPM's fresh noise too.
-        noise, generators = seeded_noise(shape, seed, indices)
-        images.append(generate(unet, sampler, noise, label_tensor, steps, generators))
+        noise, generators = seeded_noise(model.shape, seed, indices)
+        images.append(model.generate(noise, label_tensor, steps, generators, guidance, scheduler))
     return to_uint8(torch.cat(images)), labels
+
+
+@dataclass
+class Diffusion:
+    """An exported diffusion pipeline's parts: the network (a UNet, or a DiT), the VAE that
+    decodes a DiT's latents (None for a UNet), the saved scheduler, the classes (0:
+    unconditional) and the shape (C, H, W) of the noise it starts from."""
+
+    net: Any
+    vae: Any
+    scheduler_config: dict[str, Any]
+    classes: int
+    shape: tuple[int, int, int]
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config["num_train_timesteps"])
+
+    def guidance(self, scale: float | None, key: str) -> float:
+        """The classifier-free guidance scale to use: `scale`, else a DiT's default.
+
+        Raises:
+            SpecError: guidance asked of a UNet (which learned no 'no class' prediction).
+        """
+        from raygen.jobs.dit_facts import DEFAULT_GUIDANCE
+
+        if self.vae is None:
+            if scale is not None and scale != 1:
+                raise SpecError(
+                    key,
+                    "classifier-free guidance needs a model that learned a 'no class' "
+                    "prediction (a DiT); this UNet generates without it: drop the guidance "
+                    "scale.",
+                )
+            return 1.0
+        return DEFAULT_GUIDANCE if scale is None else scale
+
+    def generate(
+        self,
+        noise: Any,
+        labels: Any,
+        steps: int,
+        generators: list[Any] | None,
+        guidance_scale: float = 1.0,
+        scheduler: str | None = None,
+    ) -> Any:
+        """Images (N, C, H, W) in [-1, 1] from `noise` (`jobs.models.diffusion.generate`),
+        decoded by the VAE for a DiT; `scheduler` (ddpm, ddim) overrides the saved one."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        from raygen.jobs.dit_facts import NULL_CLASS
+        from raygen.jobs.models.diffusion import generate
+        from raygen.jobs.models.dit import decode_scaled
+
+        saved_ddim = self.scheduler_config["_class_name"] == "DDIMScheduler"
+        use_ddim = scheduler == "ddim" or (scheduler is None and saved_ddim)
+        sampler = (DDIMScheduler if use_ddim else DDPMScheduler).from_config(self.scheduler_config)
+        x = generate(
+            self.net, sampler, noise, labels, steps, generators, guidance_scale, NULL_CLASS
+        )
+        return x if self.vae is None else decode_scaled(self.vae, x)
+
+
+def load_diffusion(model_dir: str, precision: str = "fp32", device: str = "cpu") -> Diffusion:
+    """A raygen-exported diffusion pipeline directory (local or in a bucket), in eval mode.
+
+    Raises:
+        SpecError: not a diffusion pipeline directory.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
+
+    index_text = read_text(join(model_dir, "model_index.json"))
+    config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))
+    if index_text is None or config_text is None:
+        raise SpecError(
+            "MODEL_DIR",
+            f"{model_dir} is not an image model directory (a diffusion pipeline's "
+            "model_index.json and scheduler/, or a VAE's or GAN generator's config.json); "
+            "give the `model/` directory of a diffusion, VAE or GAN training run.",
+        )
+    index, local = json.loads(index_text), Path(local_copy(model_dir))
+    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
+    options = {"use_safetensors": True, "torch_dtype": dtype}
+    vae = None
+    if "transformer" in index:  # DiTPipeline: a DiT on the latents of its vae/
+        net = DiTTransformer2DModel.from_pretrained(local / "transformer", **options)
+        vae = AutoencoderKL.from_pretrained(local / "vae", **options).to(device)
+        vae.eval().requires_grad_(False)
+        # Its classes: those the export names (id2label), else every row of its label table.
+        classes = len(index.get("id2label") or {}) or int(net.config.num_embeds_ada_norm)
+    else:
+        net = UNet2DModel.from_pretrained(local / "unet", **options)
+        classes = int(net.config.num_class_embeds or 0)
+    net = net.to(device).eval().requires_grad_(False)
+    config = net.config
+    return Diffusion(
+        net=net,
+        vae=vae,
+        scheduler_config=dict(json.loads(config_text)),
+        classes=classes,
+        shape=(config.in_channels, config.sample_size, config.sample_size),
+    )
 
 
 def _labels(model_dir: str, classes: int, class_label: int | None, n: int) -> list[int] | None:

@@ -18,6 +18,7 @@ BUILTIN_IMAGES = {
     "builtin:digits": "scikit-learn's 1,797 8x8 handwritten digits, with labels 0-9",
 }
 UNET_ARCHS = ("unet2d",)
+DIT_ARCHS = ("dit",)  # latent diffusion: a diffusion transformer on a VAE's latents
 VAE_ARCHS = ("autoencoder_kl",)
 GAN_ARCHS = ("dcgan",)
 IMAGE_FAMILIES = ("diffusion", "vae", "gan")  # they train on images (the same prepared data)
@@ -78,14 +79,17 @@ class ModelSpec(Section):
         description="Model family. `causal-lm`: a transformers causal language model. "
         "`diffusion`: a diffusers UNet image model with a noise scheduler. `vae`: a "
         "variational autoencoder of images (diffusers AutoencoderKL), on its own or as the "
-        "latent space of a latent diffusion model. `gan`: a generative adversarial network "
-        "(generator and discriminator), class-conditional with labels.",
+        "latent space of a latent diffusion model (diffusion with arch dit). `gan`: a "
+        "generative adversarial network (generator and discriminator), class-conditional "
+        "with labels.",
     )
     arch: str | None = Field(
         None,
         description="Built from scratch from `config`: a transformers architecture "
         "(model_type, e.g. gpt2, llama, mistral) for causal-lm; `unet2d` (diffusers "
-        "UNet2DModel) for diffusion; `autoencoder_kl` (diffusers AutoencoderKL) for vae; "
+        "UNet2DModel, on pixels) or `dit` (diffusers DiTTransformer2DModel, class-conditional, "
+        "on the latents of `model.vae`) for diffusion; `autoencoder_kl` (diffusers "
+        "AutoencoderKL) for vae; "
         "`dcgan` for gan (config: image_size, channels, latent_dim, base_channels, "
         "num_classes). Exactly one of `arch` and `pretrained`.",
     )
@@ -93,7 +97,9 @@ class ModelSpec(Section):
         default_factory=dict,
         description="Keyword arguments of the architecture's config class (e.g. n_layer, "
         "hidden_size; for unet2d: sample_size, in_channels, block_out_channels, "
-        "layers_per_block, down_block_types, num_class_embeds). A language model's "
+        "layers_per_block, down_block_types, num_class_embeds; for dit: num_layers, "
+        "num_attention_heads, attention_head_dim, patch_size, the latent shape being the "
+        "VAE's). A language model's "
         "vocabulary size is taken from the tokenizer.",
     )
     pretrained: str | None = Field(
@@ -102,6 +108,14 @@ class ModelSpec(Section):
         "fine-tune; for diffusion, a diffusers pipeline directory (with unet/) or a UNet "
         "directory; for vae, an AutoencoderKL directory or a pipeline with vae/. Exactly one "
         "of `arch` and `pretrained`.",
+    )
+    vae: str | None = Field(
+        None,
+        description="Latent diffusion (arch: dit): the VAE whose latents the transformer is "
+        "trained on: the `model/` directory of a raygen VAE run, or any diffusers "
+        "AutoencoderKL directory (or a pipeline with vae/), local or in a bucket. Images are "
+        "encoded once, when the data is prepared; samples are decoded with it, and the "
+        "export (a DiTPipeline) holds it.",
     )
     kl_weight: float | None = Field(
         None,
@@ -155,6 +169,16 @@ class ModelSpec(Section):
             raise ValueError(
                 "set exactly one of `model.arch` (train from scratch) and `model.pretrained` "
                 "(fine-tune a saved model)"
+            )
+        if self.vae is not None and self.arch not in DIT_ARCHS:
+            raise ValueError(
+                "`model.vae` is the latent space of a latent diffusion model (model.family: "
+                "diffusion, arch: dit); remove it"
+            )
+        if self.arch in DIT_ARCHS and self.vae is None:
+            raise ValueError(
+                "`model.vae`: a DiT is trained on a VAE's latents; set model.vae to a VAE "
+                "directory (the model/ of a raygen VAE run, or any diffusers AutoencoderKL)"
             )
         if self.pretrained is not None and self.config:
             raise ValueError(
@@ -452,6 +476,14 @@ class SamplingSpec(Section):
         None,
         description="Path of a TorchScript Inception feature extractor (called on (N, 3, H, "
         "W) floats in [0, 255], returning (N, D) features); never downloaded.",
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="Latent diffusion (arch: dit): classifier-free guidance of evaluation "
+        "samples (1: none; default 4, DiTPipeline's). The transformer learns the "
+        "unconditional prediction from the 10% of training labels dropped to the null class.",
     )
 
 

@@ -14,10 +14,17 @@ from raygen.jobs.data.images import check_image_columns
 from raygen.jobs.data.inputs import check_columns, list_input_files, source_columns
 from raygen.jobs.errors import SpecError
 from raygen.jobs.library_facts import recall, remember
-from raygen.jobs.pretrained import image_model_config, pretrained_problems, unet_config
+from raygen.jobs.pretrained import (
+    image_model_config,
+    latent_shape_of,
+    latent_vae_problems,
+    pretrained_problems,
+    unet_config,
+)
 from raygen.jobs.spec import (
     BUILTIN_IMAGES,
     BUILTIN_PREFIX,
+    DIT_ARCHS,
     GAN_ARCHS,
     IMAGE_FAMILIES,
     VAE_ARCHS,
@@ -44,6 +51,7 @@ def resolve_paths(spec: TrainSpec) -> TrainSpec:
     data["data"]["eval"] = [absolute(p) for p in spec.data.eval] if spec.data.eval else None
     data["data"]["prepared"] = absolute(spec.data.prepared)
     data["model"]["pretrained"] = absolute(spec.model.pretrained)
+    data["model"]["vae"] = absolute(spec.model.vae)
     data["tokenizer"]["path"] = absolute(spec.tokenizer.path)
     data["run"]["storage"] = absolute(spec.run.storage)
     data["sampling"]["inception_weights"] = absolute(spec.sampling.inception_weights)
@@ -293,8 +301,15 @@ def _image_problems(spec: TrainSpec) -> list[str]:
         problems += _vae_problems(spec, bool(missing_files))
     elif family == "gan":
         problems += _gan_spec_problems(spec, labelled)
+    elif spec.model.arch in DIT_ARCHS:
+        problems += _dit_spec_problems(spec, labelled)
     else:
         problems += _unet_spec_problems(spec, bool(missing_files), labelled)
+    if sampling.guidance_scale is not None and spec.model.arch not in DIT_ARCHS:
+        problems.append(
+            "`sampling.guidance_scale`: classifier-free guidance is for latent diffusion "
+            "(arch: dit), whose transformer learns a 'no class' prediction; remove it."
+        )
     if sampling.fid_extractor == "classifier" and not labelled:
         problems.append(
             "`sampling.fid_extractor`: the classifier is trained on labelled images; set "
@@ -325,7 +340,8 @@ def _unet_spec_problems(spec: TrainSpec, missing_files: bool, labelled: bool) ->
     problems = []
     if spec.model.arch not in (None, "unet2d") and not spec.model.pretrained:
         problems.append(
-            f"`model.arch`: {spec.model.arch!r} is not a diffusion architecture; use unet2d."
+            f"`model.arch`: {spec.model.arch!r} is not a diffusion architecture; use unet2d "
+            "(on pixels) or dit (on a VAE's latents)."
         )
     elif (spec.model.arch or spec.model.pretrained) and not missing_files:
         config = unet_config(spec.model)
@@ -338,6 +354,27 @@ def _unet_spec_problems(spec: TrainSpec, missing_files: bool, labelled: bool) ->
                 "`data.label_column`: the UNet is class-conditional (num_class_embeds), but "
                 "the data has no labels; set data.label_column (or remove num_class_embeds)."
             )
+    return problems
+
+
+def _dit_spec_problems(spec: TrainSpec, labelled: bool) -> list[str]:
+    """A latent diffusion spec: its VAE, and its DiT's config on that VAE's latents."""
+    from raygen.jobs.dit_facts import dit_problems
+
+    problems = latent_vae_problems(spec.model)
+    if not problems:
+        problems += dit_problems(spec.model.config, latent_shape_of(spec.model))
+    if not labelled:
+        problems.append(
+            "`data.label_column`: a DiT is class-conditional (diffusers' DiT takes a class "
+            "label with every image); set data.label_column, or train an unconditional UNet "
+            "(arch: unet2d)."
+        )
+    if spec.data.random_flip:
+        problems.append(
+            "`data.random_flip`: a DiT trains on latents encoded once when the data is "
+            "prepared, and a flipped latent is not the latent of the flipped image; remove it."
+        )
     return problems
 
 

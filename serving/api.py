@@ -289,6 +289,12 @@ class ImageRequest(_Body):
     class_label: int | None = Field(
         None, ge=0, description="Class of every image (class-conditional models)."
     )
+    guidance_scale: float | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="Classifier-free guidance (latent diffusion models; 1: none; default 4).",
+    )
     size: str | None = Field(None, description="`WxH`; must be the model's size if given.")
     response_format: Literal["b64_json"] = Field(
         "b64_json", description="Images come back as base64-encoded PNG."
@@ -357,10 +363,10 @@ def chat_request_for(name: str, max_tokens: int, max_choices: int) -> type[ChatR
 
 
 def image_request_for(
-    name: str, max_images: int, max_steps: int, num_classes: int, size: str
+    name: str, max_images: int, max_steps: int, num_classes: int, size: str, guides: bool
 ) -> type[ImageRequest]:
     """The image body of one deployment: its name, limits and model (timesteps, classes,
-    image size)."""
+    image size, whether it takes a guidance scale)."""
     if num_classes:
         label: Any = (
             int | None,
@@ -371,6 +377,15 @@ def image_request_for(
         label = (None, Field(None, description="Not accepted: the model is unconditional."))
         unconditional = "this model is unconditional; leave it out"
         hints = {**ImageRequest.field_hints, "class_label": unconditional}
+    if guides:
+        guidance: Any = (float | None, ImageRequest.model_fields["guidance_scale"])
+    else:
+        guidance = (None, Field(None, description="Not accepted: the model has no guidance."))
+        hints = {
+            **hints,
+            "guidance_scale": "this model has no classifier-free guidance (latent diffusion "
+            "models do); leave it out",
+        }
     model = create_model(
         "ImageRequest",
         __base__=ImageRequest,
@@ -386,6 +401,7 @@ def image_request_for(
             Field(min(50, max_steps), ge=1, le=max_steps, description="Denoising steps."),
         ),
         class_label=label,
+        guidance_scale=guidance,
         size=(Literal[size] | None, Field(None, description="The model's size, `WxH`.")),  # type: ignore[valid-type]
     )
     model.field_hints = hints

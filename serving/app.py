@@ -218,6 +218,7 @@ class ModelServer:
                 facts.num_train_timesteps,
                 facts.num_classes,
                 f"{facts.shape[2]}x{facts.shape[1]}",
+                facts.guides,
             )
         else:
             # No completion fits past the context, whatever the limit says.
@@ -593,6 +594,7 @@ class ModelServer:
             steps=body.num_inference_steps,
             seed=body.seed if body.seed is not None else random.getrandbits(63),
             class_label=body.class_label,
+            guidance_scale=body.guidance_scale,
         )
         loop = asyncio.get_running_loop()
         result = loop.create_future()

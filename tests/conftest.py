@@ -331,6 +331,38 @@ def diffusion_run(ray_session, tmp_path_factory, digits_prepared):
     return tmp_path, launch(spec)
 
 
+@pytest.fixture(scope="session")
+def vae_run(ray_session, tmp_path_factory, digits_prepared):
+    """One 2-worker ZeRO-3 run of the tiny VAE (150 steps), killed after its first
+    checkpoint and resumed: (launch outcome, checkpoint steps before the kill, run dir).
+    Its export is the latent space of the latent diffusion (DiT) tests."""
+    tmp_path = tmp_path_factory.mktemp("vae")
+    # ZeRO-3: the encoder and decoder partitioned over the workers, gathered to export.
+    raw = tiny_vae_spec(tmp_path, digits_prepared, train__eval_every=50, deepspeed__zero_stage=3)
+    return run_and_kill_rank0(tmp_path, raw, max_failures=1, steps=150, every=50)
+
+
+TINY_DIT = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32,
+            "patch_size": 2}  # fmt: skip
+
+
+def tiny_dit_spec(tmp_path: Path, vae: str, prepared: Path | None = None, **overrides) -> dict:
+    """A class-conditional DiT (~1.9M parameters, half of them label tables; 4 tokens of
+    128 channels: 2x2 patches) on the tiny VAE's 4x4x4 latents of the 8x8 digits."""
+    spec = tiny_diffusion_spec(tmp_path, prepared, name="tiny-dit")
+    spec["model"] = {
+        "family": "diffusion",
+        "arch": "dit",
+        "vae": vae,
+        "config": dict(TINY_DIT),
+        "scheduler": {"type": "ddim", "num_train_timesteps": 200,
+                      "beta_schedule": "squaredcos_cap_v2"},
+        "ema": {"decay": 0.99},
+    }  # fmt: skip
+    spec["train"]["lr"] = 3e-3
+    return with_overrides(spec, overrides)
+
+
 # Facts made up here: a model answers them only if fine-tuning taught it.
 FACTS = [
     ("Zorbia", "Quell"),

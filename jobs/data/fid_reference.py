@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from raygen.cluster.storage import is_remote, join, local_copy, upload_dir
-from raygen.jobs.data.images import read_prepared_pixels, to_model_range
+from raygen.jobs.data.images import read_prepared_pixels
+from raygen.jobs.data.pixels import to_model_range
 from raygen.jobs.eval.fid import (
     CLASSIFIER_FILE,
     FID_DIR,

@@ -7,6 +7,7 @@ uint8 pixels (C*H*W) and labels + `data_stats.json`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -267,17 +268,6 @@ def read_prepared_pixels(
     )
 
 
-def to_model_range(pixels: Any) -> Any:
-    """uint8 pixels -> float images in [-1, 1] (the range the UNet is trained on)."""
-    return pixels.float() / 127.5 - 1.0
-
-
-def batch_to_tensors(batch: dict[str, Any], shape: tuple[int, ...]) -> tuple[Any, Any]:
-    """A batch of prepared rows -> (images (N, C, H, W) in [-1, 1], int64 labels (N,))."""
-    pixels = batch["pixels"]
-    return to_model_range(pixels.reshape(len(pixels), *shape)), batch["label"].long()
-
-
 def prepare_images(
     spec: TrainSpec,
     prepared_dir: str,
@@ -288,7 +278,13 @@ def prepare_images(
 ) -> dict[str, Any]:
     """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray):
     decode and tag in one pass, decide the drops from the tags here, drop, write."""
-    from raygen.jobs.pretrained import classes_of, image_shape_of
+    from raygen.jobs.data.latents import encode_latents
+    from raygen.jobs.pretrained import (
+        classes_of,
+        image_shape_of,
+        latent_shape_of,
+        latent_vae_dir,
+    )
 
     d = spec.data
     shape = image_shape_of(spec.model)
@@ -320,9 +316,9 @@ def prepare_images(
         if low < 0 or (classes and high >= classes):
             raise SpecError(
                 "data.label_column",
-                f"labels range from {low} to {high}, but the UNet has num_class_embeds="
-                f"{classes}: labels must be 0..{classes - 1 if classes else 'K-1'}; fix the "
-                "labels or model.config.num_class_embeds.",
+                f"labels range from {low} to {high}, but the model knows {classes} classes: "
+                f"labels must be 0..{classes - 1 if classes else 'K-1'}; fix the labels"
+                + ("." if spec.model.vae else " or the model's number of classes."),
             )
     splits = kept["split"].to_numpy(zero_copy_only=False)
     counts = {split: int((splits == split).sum()) for split in ("train", "eval")}
@@ -336,11 +332,21 @@ def prepare_images(
     images = tagged.map_batches(
         KeepRows(drop, ["pixels", "label", "split"]), batch_format="pyarrow"
     ).materialize()
-    for split in counts:
-        path, filesystem = ray_location(join(prepared_dir, split))
-        images.filter(expr=f"split == '{split}'").map_batches(
-            to_training_rows, batch_format="pyarrow"
-        ).write_parquet(path, filesystem=filesystem)
+    latent = spec.model.vae is not None
+    stage = (
+        progress.stage("encode latents", sum(counts.values()))
+        if latent
+        else contextlib.nullcontext()
+    )
+    with stage as counter:
+        for split in counts:
+            path, filesystem = ray_location(join(prepared_dir, split))
+            rows = images.filter(expr=f"split == '{split}'").map_batches(
+                to_training_rows, batch_format="pyarrow"
+            )
+            if latent:  # latent diffusion: the VAE encodes every image once, here
+                rows = encode_latents(rows, latent_vae_dir(spec.model), shape, counter)
+            rows.write_parquet(path, filesystem=filesystem)
     return {
         "fingerprint": fp,
         "kind": "images",
@@ -352,4 +358,5 @@ def prepare_images(
         "image_shape": list(shape),
         "labelled": labelled,
         "num_classes": (int(high) + 1) if labelled else 0,
+        **({"latent_shape": list(latent_shape_of(spec.model))} if latent else {}),
     }

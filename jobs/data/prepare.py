@@ -68,6 +68,10 @@ def fingerprint(spec: TrainSpec, train_files: list[InputFile], eval_files: list[
             if spec.sampling.inception_weights
             else None,
         )
+        if spec.model.vae is not None:  # its latents are stored: every file, weights too
+            from raygen.jobs.pretrained import latent_vae_dir
+
+            identity["latent_vae"] = _dir_contents(latent_vae_dir(spec.model), weights=True)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -84,13 +88,13 @@ def input_record(f: InputFile) -> dict[str, Any]:
     return {"path": f.path, "size": f.size, "content_id": _identity(f)[1]}
 
 
-def _dir_contents(uri: str) -> dict[str, str]:
-    """{relative path: content id} of a directory's files, weights left out."""
+def _dir_contents(uri: str, weights: bool = False) -> dict[str, str]:
+    """{relative path: content id} of a directory's files, weights left out unless asked."""
     root = uri.rstrip("/") if is_remote(uri) else str(Path(uri).resolve())
     return {
         f.uri[len(root) :].lstrip("/"): content_id(f.uri)
         for f in list_files(uri, "")
-        if not f.uri.endswith(WEIGHT_SUFFIXES) and "/." not in f.uri[len(root) :]
+        if (weights or not f.uri.endswith(WEIGHT_SUFFIXES)) and "/." not in f.uri[len(root) :]
     }
 
 

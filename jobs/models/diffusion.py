@@ -10,7 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DiTPipeline,
+    UNet2DModel,
+)
 
 from raygen.jobs.seeding import item_generator
 from raygen.jobs.spec import ModelSpec, NoiseSchedulerSpec
@@ -28,14 +37,19 @@ def build_unet(model: ModelSpec, pretrained_unet: str | None = None) -> UNet2DMo
     return net
 
 
-def build_noise_scheduler(spec: NoiseSchedulerSpec) -> DDPMScheduler | DDIMScheduler:
-    """The spec's scheduler; its `add_noise`/`get_velocity` define the training targets."""
+def build_noise_scheduler(
+    spec: NoiseSchedulerSpec, latent: bool = False
+) -> DDPMScheduler | DDIMScheduler:
+    """The spec's scheduler; its `add_noise`/`get_velocity` define the training targets.
+
+    Pixels are clipped to [-1, 1] at every step; latents (`latent`) have no such range.
+    """
     cls = DDIMScheduler if spec.type == "ddim" else DDPMScheduler
     return cls(
         num_train_timesteps=spec.num_train_timesteps,
         beta_schedule=spec.beta_schedule,
         prediction_type=spec.prediction_type,
-        clip_sample=True,
+        clip_sample=not latent,
     )
 
 
@@ -62,26 +76,60 @@ def diffusion_loss(
 
 @torch.no_grad()
 def generate(
-    unet: torch.nn.Module,
+    net: torch.nn.Module,
     scheduler: DDPMScheduler | DDIMScheduler,
     noise: torch.Tensor,
     labels: torch.Tensor | None,
     steps: int,
     generators: list[torch.Generator] | None = None,
+    guidance_scale: float = 1.0,
+    null_class: int | None = None,
 ) -> torch.Tensor:
-    """Denoise `noise` (N, C, H, W) in `steps` scheduler steps; returns images in [-1, 1].
+    """Denoise `noise` (N, C, H, W) in `steps` scheduler steps with a UNet or a DiT.
 
+    Returns images in [-1, 1] (a UNet's; `clip_sample` schedulers), or latents (a DiT's).
     A DDIM scheduler is deterministic (eta = 0): the same noise gives the same images.
     DDPM steps add fresh noise: drawn from `generators` (one per image) when given, so an
     image does not depend on the batch it is generated in; else from torch's global RNG.
+    With `guidance_scale` > 1, classifier-free guidance as DiTPipeline does it: the
+    prediction for `labels` extrapolated away from the one for `null_class`.
     """
     scheduler.set_timesteps(steps, device=noise.device)
-    dtype = next(unet.parameters()).dtype
+    dtype = next(net.parameters()).dtype
+    guided = guidance_scale > 1
+    if guided:
+        assert labels is not None and null_class is not None
+        labels = torch.cat([labels, torch.full_like(labels, null_class)])
     sample = noise
     for t in scheduler.timesteps:
-        model_output = unet(sample.to(dtype), t, class_labels=labels).sample.float()
-        sample = scheduler.step(model_output, t, sample, generator=generators).prev_sample
-    return sample.clamp(-1, 1)
+        model_input = torch.cat([sample, sample]) if guided else sample
+        # (N,) timesteps: a DiT's timestep embedding takes no scalar.
+        timesteps = t.expand(len(model_input))
+        prediction = net(model_input.to(dtype), timesteps, class_labels=labels).sample.float()
+        if guided:
+            conditional, unconditional = prediction.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        sample = scheduler.step(prediction, t, sample, generator=generators).prev_sample
+    return sample if not scheduler.config.clip_sample else sample.clamp(-1, 1)
+
+
+def build_pipeline(
+    net: torch.nn.Module,
+    scheduler_spec: NoiseSchedulerSpec,
+    vae: AutoencoderKL | None = None,
+    classes: int = 0,
+) -> DiffusionPipeline:
+    """The diffusers pipeline that generates with a trained network: DDPMPipeline or
+    DDIMPipeline (the spec's scheduler) of a UNet; DiTPipeline of a DiT with its `vae` and
+    its `classes` named "0".."K-1" (`pipe.labels`; saved in model_index.json)."""
+    if vae is None:
+        pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
+        return pipeline_cls(unet=net, scheduler=build_noise_scheduler(scheduler_spec))
+    id2label = {str(i): str(i) for i in range(classes)}
+    scheduler = build_noise_scheduler(scheduler_spec, latent=True)
+    pipeline = DiTPipeline(transformer=net, vae=vae, scheduler=scheduler, id2label=id2label)
+    pipeline.register_to_config(id2label=id2label)
+    return pipeline
 
 
 def seeded_noise(

@@ -1,4 +1,5 @@
-"""The diffusion training loop that runs on every Ray Train worker."""
+"""The diffusion training loop that runs on every Ray Train worker: a UNet on pixels, or a
+DiT on the latents of a frozen VAE (latent diffusion), which decodes its samples."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ from typing import Any
 import torch
 
 from raygen.cluster.publish import publish_dir
-from raygen.cluster.storage import join
-from raygen.jobs.data.images import batch_to_tensors
+from raygen.cluster.storage import join, local_copy
+from raygen.jobs.data.latents import batch_to_latents
+from raygen.jobs.data.pixels import batch_to_tensors
+from raygen.jobs.dit_facts import DEFAULT_GUIDANCE, NULL_CLASS, dit_config
 from raygen.jobs.models.diffusion import (
     build_noise_scheduler,
+    build_pipeline,
     build_unet,
     diffusion_loss,
     generate,
     seeded_noise,
     to_uint8,
 )
-from raygen.jobs.pretrained import unet_config, unet_dir
+from raygen.jobs.pretrained import latent_vae_dir, unet_config, unet_dir
 from raygen.jobs.run_dir import MODEL_DIR, MODEL_KIND
 from raygen.jobs.sampling import image_grid
 from raygen.jobs.spec import NoiseSchedulerSpec
@@ -46,19 +50,24 @@ _GENERATE_BATCH = 64  # images denoised per forward when sampling
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Train the spec's UNet with DeepSpeed on this worker; rank 0 logs, samples and exports."""
+    """Train the spec's UNet or DiT with DeepSpeed on this worker; rank 0 logs, samples and
+    exports."""
     import deepspeed
     import ray.train
     import torch.distributed as dist
-    from diffusers import DDIMScheduler
+    from diffusers import AutoencoderKL, DDIMScheduler
 
     spec, rank, world = start_worker(config)
     run_dir, prepared = config["run_dir"], config["prepared"]
+    latent = spec.model.vae is not None
     scheduler_spec = spec.model.scheduler or NoiseSchedulerSpec()
-    noise_scheduler = build_noise_scheduler(scheduler_spec)
-    shape = tuple(prepared["image_shape"])  # (C, H, W)
-    classes = num_classes(unet_config(spec.model))  # 0: unconditional
+    noise_scheduler = build_noise_scheduler(scheduler_spec, latent)
+    # What the network denoises: images (C, H, W), or a DiT's latents (C, h, w).
+    shape = tuple(prepared["latent_shape" if latent else "image_shape"])
+    # A DiT is class-conditional, on the data's classes; a UNet on its class embeddings.
+    classes = prepared["num_classes"] if latent else num_classes(unet_config(spec.model))
     conditional = classes > 0
+    guidance = (spec.sampling.guidance_scale or DEFAULT_GUIDANCE) if latent else 1.0
     grid_n = _grid_size(spec.sampling.grid_images, classes)
     # Every rank must agree on how many images to sample (rank 0 alone computes the FID).
     # FID when the prepared data has a reference and the spec asks for samples (prepared data
@@ -67,7 +76,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     n_samples = max(grid_n, spec.sampling.fid_samples if with_fid else 0)
 
     pretrained = spec.model.pretrained
-    unet = build_unet(spec.model, unet_dir(pretrained) if pretrained else None)
+    if latent:
+        from raygen.jobs.models.dit import build_dit, decode_scaled
+
+        unet = build_dit(dit_config(spec.model.config, shape))
+    else:
+        unet = build_unet(spec.model, unet_dir(pretrained) if pretrained else None)
     ds_config = derive_deepspeed_config(spec, world, max(p.numel() for p in unet.parameters()))
     engine, _, _, scheduler = deepspeed.initialize(
         model=unet,
@@ -77,6 +91,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     )
     device = engine.device
     dtype = compute_dtype(spec)
+    vae = None
+    if latent:  # frozen, outside DeepSpeed: it decodes samples and is exported as it is
+        vae = AutoencoderKL.from_pretrained(local_copy(latent_vae_dir(spec.model)))
+        vae = vae.eval().requires_grad_(False).to(device)
     ema = WeightAverage(engine.module, spec.model.ema.decay) if spec.model.ema else None
     start_step, _, rank_state, log = resume(engine, [scheduler], spec, config, rank)
     if ema and rank_state:
@@ -100,9 +118,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     )
     T = scheduler_spec.num_train_timesteps
 
-    def to_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        images, labels = batch_to_tensors(batch, shape)
-        return images.to(device, dtype), labels.to(device) if conditional else None
+    def to_inputs(
+        batch: dict[str, torch.Tensor], training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images in [-1, 1] or scaled latents (B, *shape), labels (B,) or None). Training
+        latents are fresh draws from each image's posterior, a tenth of their labels
+        dropped to "no class"; evaluation takes the posterior means and every label."""
+        if not latent:
+            images, labels = batch_to_tensors(batch, shape)
+            return images.to(device, dtype), labels.to(device) if conditional else None
+        from raygen.jobs.models.dit import drop_labels, sample_latents
+
+        mean, std, labels = batch_to_latents(batch, shape)
+        noise = torch.randn_like(mean) if training else None
+        latents = sample_latents(mean, std, vae.config.scaling_factor, noise)
+        labels = drop_labels(labels) if training else labels
+        return latents.to(device, dtype), labels.to(device)
 
     def evaluate() -> dict[str, float]:
         engine.eval()
@@ -117,7 +148,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     break
                 if i % world != rank:
                     continue
-                images, labels = to_inputs(batch)
+                images, labels = to_inputs(batch, training=False)
                 generator = torch.Generator().manual_seed(spec.train.seed + i)
                 noise = torch.randn(images.shape, generator=generator).to(device, dtype)
                 t = torch.randint(0, T, (len(images),), generator=generator).to(device)
@@ -136,7 +167,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         return row
 
     def sample_images() -> torch.Tensor:
-        """Fixed-seed samples (EMA weights when kept): every rank denoises its share."""
+        """Fixed-seed images (EMA weights when kept): every rank denoises its share (and
+        decodes it, for latent diffusion)."""
         per_rank = -(-n_samples // world)  # equal shares: ZeRO-3 needs every rank in each forward
         indices = list(range(rank * per_rank, (rank + 1) * per_rank))
         sampler = DDIMScheduler.from_config(noise_scheduler.config)
@@ -145,9 +177,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             part = indices[chunk : chunk + _GENERATE_BATCH]
             noise, _ = seeded_noise(shape, spec.train.seed, part)  # DDIM: deterministic
             labels = torch.tensor(part, device=device) % classes if conditional else None
-            out.append(
-                generate(engine.module, sampler, noise.to(device), labels, spec.sampling.steps)
+            x = generate(
+                engine.module,
+                sampler,
+                noise.to(device),
+                labels,
+                spec.sampling.steps,
+                guidance_scale=guidance,
+                null_class=NULL_CLASS,
             )
+            out.append(decode_scaled(vae, x) if latent else x)
         mine = torch.cat(out).float().contiguous()
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
@@ -169,7 +208,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     window = TrainWindow(spec, world, device)
     while step < spec.train.max_steps:
         for _ in range(spec.train.grad_accum):
-            images, labels = to_inputs(next(batches))  # (B, C, H, W) in [-1, 1]
+            images, labels = to_inputs(next(batches), training=True)  # (B, *shape)
             if spec.data.random_flip:
                 flip = torch.rand(len(images), device=device) < 0.5
                 images = torch.where(flip[:, None, None, None], images.flip(-1), images)
@@ -199,7 +238,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if checkpoint_cadence(step, is_last, spec, save, watch, run_dir, rank, config.get("gate")):
             window.restart_clock()  # checkpoint time is not step time
 
-    export_pipeline(engine, ema, scheduler_spec, run_dir, rank, spec.deepspeed.zero_stage)
+    export_pipeline(
+        engine, ema, scheduler_spec, run_dir, rank, spec.deepspeed.zero_stage, vae, classes
+    )
     if log:
         log.close()
 
@@ -216,14 +257,14 @@ def export_pipeline(
     run_dir: str,
     rank: int,
     zero_stage: int,
+    vae: Any = None,
+    classes: int = 0,
 ) -> None:
-    """Save the (EMA) UNet and the scheduler as a diffusers pipeline in `<run>/model`.
+    """Save the (EMA) network as a diffusers pipeline in `<run>/model` (`build_pipeline`).
 
-    `DDPMPipeline.from_pretrained(dir)` (or DDIMPipeline) loads it. All ranks must call this:
-    with ZeRO-3 the weights are gathered from every partition.
+    `DDPMPipeline.from_pretrained(dir)` (DDIMPipeline, DiTPipeline) loads it. All ranks must
+    call this: with ZeRO-3 the weights are gathered from every partition.
     """
-    from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
-
     with ema.swapped_in() if ema else contextlib.nullcontext():
         if zero_stage == 3:
             state_dict = engine._zero3_consolidated_16bit_state_dict()
@@ -234,8 +275,7 @@ def export_pipeline(
     if ema and zero_stage != 3:  # the fp32 average itself, not its low-precision copy
         names = [name for name, _ in engine.module.named_parameters()]
         state_dict.update(dict(zip(names, ema.shadow, strict=True)))
-    unet = UNet2DModel.from_config(engine.module.config)
-    unet.load_state_dict({k: v.float().cpu() for k, v in state_dict.items()})
-    pipeline_cls = DDIMPipeline if scheduler_spec.type == "ddim" else DDPMPipeline
-    pipeline = pipeline_cls(unet=unet, scheduler=build_noise_scheduler(scheduler_spec))
+    net = type(engine.module).from_config(engine.module.config)
+    net.load_state_dict({k: v.float().cpu() for k, v in state_dict.items()})
+    pipeline = build_pipeline(net, scheduler_spec, vae.to("cpu") if vae else None, classes)
     publish_dir(join(run_dir, MODEL_DIR), MODEL_KIND, pipeline.save_pretrained, key="run.storage")

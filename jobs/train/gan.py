@@ -15,7 +15,7 @@ import torch
 
 from raygen.cluster.publish import publish_dir
 from raygen.cluster.storage import join
-from raygen.jobs.data.images import batch_to_tensors
+from raygen.jobs.data.pixels import batch_to_tensors
 from raygen.jobs.gan_facts import DCGAN_DEFAULTS
 from raygen.jobs.models import dcgan
 from raygen.jobs.models.diffusion import seeded_noise, to_uint8

@@ -11,7 +11,7 @@ import torch
 
 from raygen.cluster.publish import publish_dir
 from raygen.cluster.storage import join
-from raygen.jobs.data.images import batch_to_tensors
+from raygen.jobs.data.pixels import batch_to_tensors
 from raygen.jobs.models.diffusion import seeded_noise, to_uint8
 from raygen.jobs.models.vae import VaeObjective, build_vae, decode_latents
 from raygen.jobs.pretrained import component_dir, image_model_config

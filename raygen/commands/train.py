@@ -99,6 +99,15 @@ def sample(
         Scheduler | None,
         typer.Option("--scheduler", help="Default: the one saved with the model."),
     ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance-scale",
+            min=1,
+            max=100,
+            help="Classifier-free guidance of a latent diffusion (DiT) model (default 4).",
+        ),
+    ] = None,
     out_path: Annotated[Path, typer.Option("--out", help="PNG grid to write.")] = Path(
         "samples.png"
     ),
@@ -111,7 +120,7 @@ def sample(
     from raygen.jobs.sampling import image_grid, sample_model, save_png
 
     name = scheduler.value if scheduler else None
-    images, labels = sample_model(model_dir, n, steps, class_label, seed, name)
+    images, labels = sample_model(model_dir, n, steps, class_label, seed, name, guidance_scale)
     columns = max(labels) + 1 if labels and class_label is None else min(8, n)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_png(image_grid(images, columns), out_path, scale=max(1, 512 // (columns * 20)))

@@ -26,6 +26,8 @@ LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+DIT_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
 
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -50,13 +52,18 @@ def detect_kind(model_dir: str) -> str:
         require_complete(model_dir, "the model", "export it again (`raygen export RUN --out DIR`).")
     except StorageError as exc:
         raise SpecError("model", str(exc)) from None
-    if exists(join(model_dir, "model_index.json")):
-        if not exists(join(model_dir, UNET_WEIGHTS)):
-            raise SpecError(
-                "model",
-                f"{model_dir} has no {UNET_WEIGHTS}; raygen serves safetensors weights only "
-                "(no pickled .bin files). Re-export the model with `raygen export`.",
-            )
+    index = read_text(join(model_dir, "model_index.json"))
+    if index is not None:
+        # A UNet's pipeline, or a DiT's (the transformer and the VAE that decodes it).
+        dit = "transformer" in json.loads(index)
+        wanted = [DIT_WEIGHTS, VAE_WEIGHTS] if dit else [UNET_WEIGHTS]
+        for weights in wanted:
+            if not exists(join(model_dir, weights)):
+                raise SpecError(
+                    "model",
+                    f"{model_dir} has no {weights}; raygen serves safetensors weights only "
+                    "(no pickled .bin files). Re-export the model with `raygen export`.",
+                )
         return DIFFUSION
     config = read_text(join(model_dir, "config.json"))
     if config is None:

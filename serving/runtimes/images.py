@@ -4,15 +4,13 @@ one forward pass (a GAN's generator), each image from its own seeded noise
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raygen.serving.runtimes.common import torch_dtype
+from raygen.serving.runtimes.common import InputError, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -25,42 +23,44 @@ class ImageTask:
     steps: int
     seed: int
     class_label: int | None = None
+    guidance_scale: float | None = None  # a DiT's; None: its default
 
 
 class DiffusionModel:
-    """A raygen-exported diffusers pipeline (UNet + noise scheduler)."""
+    """A raygen-exported diffusers pipeline: a UNet and its noise scheduler, or a DiT with
+    the VAE that decodes its latents (`jobs.sampling.load_diffusion`)."""
 
     def __init__(self, local_dir: str, precision: str = "fp32", device: str = "cpu"):
-        import torch
-        from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+        from raygen.jobs.sampling import load_diffusion
 
-        root = Path(local_dir)
-        self.device = torch.device(device)
-        saved = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-        scheduler_cls = DDIMScheduler if saved["_class_name"] == "DDIMScheduler" else DDPMScheduler
-        self.scheduler_config = scheduler_cls.load_config(root / "scheduler")
-        self.scheduler_cls = scheduler_cls
-        self.unet = UNet2DModel.from_pretrained(
-            root / "unet", use_safetensors=True, torch_dtype=torch_dtype(precision)
-        ).to(self.device)
-        self.unet.eval().requires_grad_(False)
-        config = self.unet.config
-        self.num_classes = int(config.num_class_embeds or 0)
-        self.shape = (config.in_channels, config.sample_size, config.sample_size)
-        self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
+        self.model = load_diffusion(local_dir, precision, device)
+        self.device = device
+        self.num_classes = self.model.classes
+        self.shape = self.model.shape
+        self.num_train_timesteps = self.model.num_train_timesteps
+        self.guides = self.model.vae is not None  # a DiT takes a guidance scale
 
     def generate(self, requests: list[ImageTask]) -> list[np.ndarray]:
         """uint8 images (n, H, W, C) for each request; requests with the same number of
-        steps are denoised together as one batch."""
+        steps (and guidance) are denoised together as one batch.
+
+        Raises:
+            InputError: guidance asked of a model without it.
+        """
         import torch
 
-        from raygen.jobs.models.diffusion import generate, seeded_noise, to_uint8
+        from raygen.jobs.errors import SpecError
+        from raygen.jobs.models.diffusion import seeded_noise, to_uint8
 
         results: list[np.ndarray | None] = [None] * len(requests)
-        by_steps: dict[int, list[int]] = {}
+        groups: dict[tuple[int, float], list[int]] = {}
         for i, r in enumerate(requests):
-            by_steps.setdefault(r.steps, []).append(i)
-        for steps, members in by_steps.items():
+            try:
+                guidance = self.model.guidance(r.guidance_scale, "guidance_scale")
+            except SpecError as exc:
+                raise InputError(str(exc)) from None
+            groups.setdefault((r.steps, guidance), []).append(i)
+        for (steps, guidance), members in groups.items():
             noise, labels, generators = [], [], []
             for i in members:
                 r = requests[i]
@@ -75,15 +75,9 @@ class DiffusionModel:
                     for k in range(r.n)
                 ]
             label_tensor = torch.tensor(labels, device=self.device) if self.num_classes else None
-            scheduler = self.scheduler_cls.from_config(self.scheduler_config)
             images = to_uint8(
-                generate(
-                    self.unet,
-                    scheduler,
-                    torch.cat(noise).to(self.device),
-                    label_tensor,
-                    steps,
-                    generators,
+                self.model.generate(
+                    torch.cat(noise).to(self.device), label_tensor, steps, generators, guidance
                 )
             )
             start = 0
@@ -97,6 +91,7 @@ class GeneratorModel:
     """A raygen-exported GAN generator: one forward pass per batch."""
 
     num_train_timesteps = 1  # the image API's `num_inference_steps` can only be 1
+    guides = False
 
     def __init__(self, local_dir: str, precision: str = "fp32", device: str = "cpu"):
         import torch

@@ -14,7 +14,7 @@ from raygen.jobs.errors import SpecError
 from raygen.jobs.spec import TrainSpec
 from raygen.jobs.train.metrics import read_metrics
 from raygen.jobs.validate import validate_train_spec
-from tests.conftest import TINY_VAE, run_and_kill_rank0, tiny_lm_spec, tiny_vae_spec
+from tests.conftest import TINY_VAE, tiny_lm_spec, tiny_vae_spec
 
 
 def problems_of(raw: dict) -> str:
@@ -63,20 +63,14 @@ def test_the_kl_term_is_diffusers_kl_per_latent_element():
     assert torch.allclose(kl_divergence(posterior.mean, posterior.logvar), expected)
 
 
-def test_killed_vae_run_resumes_and_exports_a_vae_far_better_than_the_mean_image(
-    ray_session, tmp_path, digits_prepared
-):
+def test_killed_vae_run_resumes_and_exports_a_vae_far_better_than_the_mean_image(tmp_path, vae_run):
     from diffusers import AutoencoderKL
     from typer.testing import CliRunner
 
     from raygen.cli import app
     from raygen.jobs.models.vae import decode_latents
 
-    # ZeRO-3: the encoder and decoder partitioned over the workers, gathered to export.
-    raw = tiny_vae_spec(tmp_path, digits_prepared, train__eval_every=50, deepspeed__zero_stage=3)
-    outcome, checkpointed, run_dir = run_and_kill_rank0(
-        tmp_path, raw, max_failures=1, steps=150, every=50
-    )
+    outcome, checkpointed, run_dir = vae_run
     result = outcome["result"]
     assert result["status"] == "completed" and result["final_step"] == 150
     attempts = result["attempts"]
