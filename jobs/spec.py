@@ -475,7 +475,8 @@ class SamplingSpec(Section):
     inception_weights: str | None = Field(
         None,
         description="Path of a TorchScript Inception feature extractor (called on (N, 3, H, "
-        "W) floats in [0, 255], returning (N, D) features); never downloaded.",
+        "W) floats in [0, 255], returning (N, D) features, or (features, (N, K) logits) for "
+        "an Inception Score too); never downloaded.",
     )
     guidance_scale: float | None = Field(
         None,

@@ -90,10 +90,10 @@ def build_reference(
         info["feature_dim"] = int(features.shape[1])
         # The FID of held-out real images: what a perfect model would score (a floor).
         if len(held_out) >= 2:
-            eval_stats = feature_statistics(extractor(to_model_range(held_out)))
+            held_out_features, probabilities = extractor.run(to_model_range(held_out))
+            eval_stats = feature_statistics(held_out_features)
             info["eval_images_fid"] = round(frechet_distance(mu, sigma, *eval_stats), 4)
             info["eval_images"] = len(held_out)
-            probabilities = extractor.probabilities(to_model_range(held_out))
             # Real images' Inception Score, for comparison: it grows with the number of
             # images and their class balance, so generated sets of other sizes can beat it.
             if probabilities is not None:

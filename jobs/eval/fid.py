@@ -65,38 +65,46 @@ def reference_file(kind: str) -> str:
 
 
 class FeatureExtractor:
-    """Maps images (N, C, H, W) in [-1, 1] to features (N, D) with a named network."""
+    """Maps images (N, C, H, W) in [-1, 1] to features (N, D), and where the network has
+    them to class probabilities (N, K), with a named network: the classifier, or a
+    TorchScript Inception returning features, or (features, logits)."""
 
     def __init__(self, kind: str, network: object):
         self.kind, self.network = kind, network
 
     def __call__(self, images: object) -> np.ndarray:
+        return self.run(images)[0]
+
+    def run(self, images: object) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features (N, D), class probabilities (N, K) or None) in one pass: the
+        classifier's probabilities, or the softmax of an Inception's logits when it returns
+        them beside its features."""
         import torch
         import torch.nn.functional as F
 
-        out = []
+        features, logits = [], []
         with torch.no_grad():
             for batch in images.float().cpu().split(128):
                 if self.kind == "classifier":
-                    out.append(self.network.features(batch))
+                    features.append(self.network.features(batch))
+                    logits.append(self.network.head(features[-1]))
                     continue
                 # Inception: 3 channels, 299x299, pixel values in [0, 255].
                 if batch.shape[1] == 1:
                     batch = batch.repeat(1, 3, 1, 1)
                 batch = F.interpolate(batch, size=(299, 299), mode="bilinear", align_corners=False)
-                out.append(self.network((batch + 1) * 127.5).reshape(len(batch), -1))
-        return torch.cat(out).double().numpy()
+                out = self.network((batch + 1) * 127.5)
+                if isinstance(out, (tuple, list)):  # (features, logits)
+                    out, batch_logits = out
+                    logits.append(batch_logits.reshape(len(batch), -1))
+                features.append(out.reshape(len(batch), -1))
+        probabilities = torch.cat(logits).float().softmax(-1).double().numpy() if logits else None
+        return torch.cat(features).double().numpy(), probabilities
 
     def probabilities(self, images: object) -> np.ndarray | None:
-        """Class probabilities (N, K) of images in [-1, 1]: the classifier's; None for a
-        TorchScript Inception, whose contract is features only."""
-        import torch
-
-        if self.kind != "classifier":
-            return None
-        with torch.no_grad():
-            logits = [self.network(batch) for batch in images.float().cpu().split(128)]
-        return torch.cat(logits).softmax(-1).double().numpy()
+        """Class probabilities (N, K) of images in [-1, 1], or None for a network that
+        gives features only."""
+        return self.run(images)[1]
 
 
 def inception_score(probabilities: np.ndarray, splits: int = 10) -> tuple[float, float]:
@@ -137,9 +145,9 @@ def load_reference(fid_dir: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 class SampleFid:
     """The FID of generated images against a prepared data set's reference, as a training
-    loop logs it: {fid, fid_extractor}, and with the classifier the Inception Score of its
-    class probabilities {is_mean, is_std} (built on rank 0, which scores the gathered
-    samples)."""
+    loop logs it: {fid, fid_extractor}, and where the extractor gives class probabilities
+    (the classifier; an Inception returning logits too) their Inception Score {is_mean,
+    is_std} (built on rank 0, which scores the gathered samples)."""
 
     def __init__(self, prepared_dir: str, kind: str, inception_weights: str | None):
         from raygen.cluster.storage import join, local_copy
@@ -152,9 +160,9 @@ class SampleFid:
     def __call__(self, samples: object) -> dict[str, float | str]:
         from raygen.jobs.train.metrics import FID, FID_EXTRACTOR, IS_MEAN, IS_STD
 
-        generated = feature_statistics(self.extractor(samples))
+        features, probabilities = self.extractor.run(samples)
+        generated = feature_statistics(features)
         row = {FID: frechet_distance(*self.reference, *generated), FID_EXTRACTOR: self.kind}
-        probabilities = self.extractor.probabilities(samples)
         if probabilities is not None:
             row[IS_MEAN], row[IS_STD] = inception_score(probabilities)
         return row

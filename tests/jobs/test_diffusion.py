@@ -370,3 +370,43 @@ def test_inception_extractor_is_a_local_torchscript_file(tmp_path):
     assert features.shape == (2, 4)
     assert features[0, 0] == 299 and features[0, 1] == 3
     assert features[:, 2].min() >= 0 and features[:, 3].max() <= 255
+
+
+def test_an_inception_returning_logits_too_gives_an_inception_score(tmp_path):
+    """A TorchScript Inception that returns (features, logits) scores samples: the softmax
+    of its logits is what the Inception Score is computed from."""
+    import torch
+
+    from raygen.jobs.eval.fid import (
+        SampleFid,
+        feature_statistics,
+        inception_score,
+        load_extractor,
+        reference_file,
+    )
+
+    class TwoHeads(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # Features: mean brightness per channel; logits: three classes by brightness.
+            features = images.mean(dim=(2, 3)) / 255  # (N, 3)
+            level = features.mean(1, keepdim=True)
+            centres = torch.tensor([[0.2, 0.5, 0.8]])
+            return features, -((level - centres) ** 2) * 400
+
+    path = tmp_path / "inception.pt"
+    torch.jit.script(TwoHeads()).save(str(path))
+    levels = torch.tensor([-0.6, 0.0, 0.6]).repeat(20)  # three brightness classes in turn
+    images = levels[:, None, None, None].expand(60, 1, 8, 8)
+    extractor = load_extractor("inception", str(tmp_path), str(path))
+    features, probabilities = extractor.run(images)
+    assert features.shape == (60, 3) and probabilities.shape == (60, 3)
+    assert (probabilities.argmax(1) == np.arange(60) % 3).all()
+
+    fid_dir = tmp_path / "prepared" / "fid"
+    fid_dir.mkdir(parents=True)
+    mu, sigma = feature_statistics(features)
+    np.savez(fid_dir / reference_file("inception"), mu=mu, sigma=sigma)
+    row = SampleFid(str(tmp_path / "prepared"), "inception", str(path))(images)
+    assert row["fid"] == pytest.approx(0, abs=1e-6)
+    assert row["is_mean"] == pytest.approx(inception_score(probabilities)[0])
+    assert row["is_mean"] > 2.5  # three confident, evenly spread classes: close to 3
