@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from raygen.jobs.spec import TrainSpec
 from raygen.jobs.train.metrics import read_metrics
 from raygen.jobs.validate import validate_train_spec
 from tests.conftest import TINY_DIT, TINY_VAE, run_and_kill_rank0, tiny_dit_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def problems_of(raw: dict) -> str:
@@ -152,7 +156,13 @@ def test_killed_dit_run_on_vae_latents_resumes_exports_a_dit_pipeline_and_serves
     # Plain diffusers: DiTPipeline loads the export (transformer, VAE, scheduler, class
     # names) and generates the asked digits, as the data's own classifier reads them.
     model = result["paths"]["model"]
-    pipe = DiTPipeline.from_pretrained(model)
+    snippet = re.search(
+        r"```python\n(.*?)```", (ROOT / "docs" / "latent-diffusion.md").read_text(), re.S
+    )
+    scope: dict = {}
+    exec(snippet.group(1).replace("runs/NAME/model", model), scope)  # noqa: S102
+    assert [image.size for image in scope["images"]] == [(8, 8)] * 2
+    pipe = scope["pipe"]
     assert pipe.labels["7"] == 7
     labels = [i % 10 for i in range(100)]
     images = pipe(

@@ -37,8 +37,8 @@ def example_bucket(s3_endpoint):
 
 @pytest.fixture
 def base_models(tmp_path, monkeypatch):
-    """The examples' relative paths resolved as from the repository, where the base model
-    of a fine-tuning example (what code-lm-tiny.yaml trains) is a tiny saved one."""
+    """The examples' relative paths resolved as from the repository, where the models other
+    examples build on (code-lm-tiny.yaml's LM, digits-vae.yaml's VAE) are saved untrained."""
     from tests.serving.test_engine import _save_model
 
     root = Path(__file__).resolve().parents[2]
@@ -46,6 +46,11 @@ def base_models(tmp_path, monkeypatch):
     _save_model(
         tmp_path / "runs" / "code-lm-tiny" / "model", "gpt2", n_layer=1, n_embd=16, n_head=2
     )
+    # The VAE digits-dit.yaml trains on: digits-vae.yaml's, untrained.
+    from diffusers import AutoencoderKL
+
+    vae = load_spec(TrainSpec, root / "jobs" / "examples" / "digits-vae.yaml").model.config
+    AutoencoderKL(**vae).save_pretrained(tmp_path / "runs" / "digits-vae" / "model")
     monkeypatch.chdir(tmp_path)
 
 
@@ -62,6 +67,7 @@ def test_examples_exist():
         "digits-ddpm.yaml",
         "digits-vae.yaml",
         "digits-gan.yaml",
+        "digits-dit.yaml",
         "unet256-s3-zero2.yaml",
         "capitals-lora.yaml",
     }
