@@ -146,7 +146,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     step = start_step
     watch = PreemptionWatch(device)
-    window = TrainWindow(spec, world, device)  # the generator's loss as train_loss
+    # The generator's loss as train_loss; samples/s counts the real images the
+    # discriminator reads (d_steps micro-batches a step).
+    window = TrainWindow(
+        spec, world, device, samples_per_step=spec.train.micro_batch_size * d_steps * world
+    )
     d_window = torch.zeros((), dtype=torch.float64, device=device)
     while step < spec.train.max_steps:
         for _ in range(d_steps):

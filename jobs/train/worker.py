@@ -274,8 +274,20 @@ class TrainWindow:
     loss (summed on the device: no host sync per micro-batch), step time and throughput.
     Time spent evaluating or checkpointing is not step time."""
 
-    def __init__(self, spec: TrainSpec, world: int, device: Any, tokens_per_step: int = 0):
+    def __init__(
+        self,
+        spec: TrainSpec,
+        world: int,
+        device: Any,
+        tokens_per_step: int = 0,
+        samples_per_step: int | None = None,
+    ):
+        """`samples_per_step`: training examples read per optimizer step over all workers
+        (default: the global batch size; a GAN's discriminator reads one per update)."""
+        from raygen.jobs.spec import global_batch_size
+
         self.spec, self.world, self.tokens_per_step = spec, world, tokens_per_step
+        self.samples_per_step = samples_per_step or global_batch_size(spec, world)
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.counted = torch.zeros((), dtype=torch.float64, device=device)
         self.counting = False  # losses come as sums over counted tokens
@@ -300,8 +312,6 @@ class TrainWindow:
             return {}
         import torch.distributed as dist
 
-        from raygen.jobs.spec import global_batch_size
-
         elapsed = time.perf_counter() - self.start
         if self.counting:
             totals = torch.stack([self.loss, self.counted])
@@ -316,7 +326,7 @@ class TrainWindow:
             m.TRAIN_LOSS: train_loss,
             m.LR: lr,
             m.STEP_TIME_S: elapsed / self.steps,
-            m.SAMPLES_PER_S: global_batch_size(self.spec, self.world) * self.steps / elapsed,
+            m.SAMPLES_PER_S: self.samples_per_step * self.steps / elapsed,
         }
         if self.tokens_per_step:
             row[m.TOKENS_PER_S] = self.tokens_per_step * self.steps / elapsed
