@@ -178,19 +178,26 @@ def _diffusion_writer(spec: TrainSpec, weights: dict, local: Path, run_dir: str)
     if spec.model.vae is None:
         net = UNet2DModel(**unet_config(spec.model))
     else:
-        from raygen.jobs.data.prepare import read_stats
+        from raygen.jobs.data.prepare import data_fingerprint, read_stats
         from raygen.jobs.dit_facts import dit_config
         from raygen.jobs.models.dit import build_dit
-        from raygen.jobs.pretrained import latent_shape_of, latent_vae_dir
+        from raygen.jobs.pretrained import latent_vae_dir, latent_vae_problems
 
-        stats = read_stats(spec.data.prepared or join(run_dir, "data")) or {}
-        if "latent_shape" not in stats:
+        problems = latent_vae_problems(spec.model)
+        if problems:
+            raise SpecError("export", problems)
+        # The DiT goes with the VAE and classes it was trained on: the prepared data's,
+        # whose fingerprint covers the VAE's files.
+        prepared = spec.data.prepared or join(run_dir, "data")
+        stats = read_stats(prepared) or {}
+        if "latent_shape" not in stats or stats.get("fingerprint") != data_fingerprint(spec):
             raise SpecError(
                 "export",
-                f"the run's prepared data ({spec.data.prepared or join(run_dir, 'data')}) is "
-                "gone or was prepared again without latents; the export needs its classes.",
+                f"the run's prepared latents ({prepared}) are gone, or the data or the VAE at "
+                f"{spec.model.vae} changed since: the export would pair the DiT with latents "
+                "it was not trained on. Restore them, or export the model/ the run wrote.",
             )
-        net = build_dit(dit_config(spec.model.config, latent_shape_of(spec.model)))
+        net = build_dit(dit_config(spec.model.config, tuple(stats["latent_shape"])))
         vae = AutoencoderKL.from_pretrained(local_copy(latent_vae_dir(spec.model)))
         classes = stats["num_classes"]
     ema = _ema_weights(local, [name for name, _ in net.named_parameters()], net)

@@ -13,10 +13,11 @@ from raygen.jobs.spec import ModelSpec
 
 LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline directory: its UNet is in unet/
-UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors",)  # a diffusers model's weights
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors",)  # a diffusers model's weights
 # The network each image family trains, as a diffusers pipeline directory names its folder.
 IMAGE_COMPONENTS = {"diffusion": "unet", "vae": "vae"}
 _CLASS_NAMES = {"diffusion": "UNet", "vae": "AutoencoderKL (VAE)"}
+DIT_CLASSES = ("DiTPipeline", "DiTTransformer2DModel")
 
 
 def component_dir(pretrained: str, family: str) -> str:
@@ -39,26 +40,39 @@ def latent_vae_dir(model: ModelSpec) -> str:
 
 
 def latent_vae_problems(model: ModelSpec) -> list[str]:
-    """What is wrong with `model.vae` (none without one): a diffusers AutoencoderKL
-    directory with safetensors weights whose latents DiTPipeline decodes as saved."""
+    """What is wrong with `model.vae` (none without one): a whole diffusers AutoencoderKL
+    directory with safetensors weights, square images, and latents DiTPipeline decodes as
+    saved (no shift)."""
     if model.vae is None:
         return []
+    from raygen.cluster.errors import StorageError
+    from raygen.cluster.publish import require_complete
+
     path = latent_vae_dir(model)
-    text = read_text(join(path, "config.json"))
+    try:
+        require_complete(path, "`model.vae`:", "train or export the VAE again.")
+        text = read_text(join(path, "config.json"))
+        config = json.loads(text) if text is not None else None
+    except StorageError as exc:
+        return [str(exc)]
+    except ValueError:
+        return [f"`model.vae`: {path}/config.json is not valid JSON; save the VAE again."]
     if text is None:
         return [
             f"`model.vae`: {model.vae} is not a VAE directory (no config.json or "
             "vae/config.json); give the model/ directory of a raygen VAE run, or any diffusers "
             "AutoencoderKL saved with save_pretrained."
         ]
-    config = json.loads(text)
-    if config.get("_class_name") != "AutoencoderKL":
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name != "AutoencoderKL":
+        return [f"`model.vae`: {path} holds a {name}, not an AutoencoderKL; give a VAE directory."]
+    if not any(exists(join(path, f)) for f in DIFFUSERS_WEIGHTS):
+        return [f"`model.vae`: {path} has no {DIFFUSERS_WEIGHTS[0]} (safetensors weights)."]
+    if not isinstance(config.get("sample_size", 0), int):
         return [
-            f"`model.vae`: {path} holds a {config.get('_class_name')}, not an AutoencoderKL; "
-            "give a VAE directory."
+            f"`model.vae`: {path} has sample_size {config['sample_size']}; raygen trains on "
+            "square images: give a VAE whose sample_size is one integer."
         ]
-    if not any(exists(join(path, f)) for f in UNET_WEIGHTS):
-        return [f"`model.vae`: {path} has no {UNET_WEIGHTS[0]} (safetensors weights)."]
     if config.get("shift_factor") is not None:
         return [
             f"`model.vae`: {path} shifts its latents (shift_factor {config['shift_factor']}), "
@@ -87,6 +101,12 @@ def pretrained_problems(model: ModelSpec) -> list[str]:
         return []
     if model.family in IMAGE_COMPONENTS:
         path = component_dir(model.pretrained, model.family)
+        if _is_dit(model.pretrained):
+            return [
+                f"`model.pretrained`: {model.pretrained} is a DiT; fine-tuning a saved DiT is "
+                "not supported: train one with `arch: dit` and `model.vae` (its VAE: "
+                f"{component_dir(model.pretrained, 'vae')})."
+            ]
         if not exists(join(path, "config.json")):
             folder = IMAGE_COMPONENTS[model.family]
             return [
@@ -94,8 +114,10 @@ def pretrained_problems(model: ModelSpec) -> list[str]:
                 f"{_CLASS_NAMES[model.family]} or pipeline directory (no config.json or "
                 f"{folder}/config.json); save one with save_pretrained."
             ]
-        if not any(exists(join(path, f)) for f in UNET_WEIGHTS):
-            return [f"`model.pretrained`: {path} has no {UNET_WEIGHTS[0]} (safetensors weights)."]
+        if not any(exists(join(path, f)) for f in DIFFUSERS_WEIGHTS):
+            return [
+                f"`model.pretrained`: {path} has no {DIFFUSERS_WEIGHTS[0]} (safetensors weights)."
+            ]
         return []
     if not exists(join(model.pretrained, "config.json")):
         return [
@@ -108,6 +130,18 @@ def pretrained_problems(model: ModelSpec) -> list[str]:
             f"({' or '.join(LM_WEIGHTS)}); save the model with safe_serialization."
         ]
     return []
+
+
+def _is_dit(pretrained: str) -> bool:
+    """Whether a pretrained directory is a DiT pipeline or a DiT transformer's directory."""
+    for name in (PIPELINE_INDEX, "config.json"):
+        try:
+            saved = json.loads(read_text(join(pretrained, name)) or "{}")
+        except ValueError:
+            continue
+        if isinstance(saved, dict) and saved.get("_class_name") in DIT_CLASSES:
+            return True
+    return False
 
 
 def unet_config(model: ModelSpec) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from raygen.cluster.publish import require_complete
 from raygen.cluster.storage import join, local_copy, read_text
 from raygen.jobs.errors import SpecError
 
+DIT_PIPELINE = "DiTPipeline"  # model_index.json's _class_name of a latent diffusion export
+
 
 def sample_model(
     model_dir: str,
@@ -48,9 +50,17 @@ def sample_model(
     from raygen.jobs.models.diffusion import seeded_noise, to_uint8
 
     require_complete(model_dir, "MODEL_DIR", "export it again (`raygen export RUN --out DIR`).")
-    if _class_name(model_dir) == "AutoencoderKL":
+    one_pass = {"AutoencoderKL": "a VAE", "Generator": "a GAN's generator"}
+    kind = _class_name(model_dir)
+    if kind in one_pass and guidance_scale is not None:
+        raise SpecError(
+            "--guidance-scale",
+            f"{model_dir} is {one_pass[kind]}, which has no classifier-free guidance (latent "
+            "diffusion models do); drop --guidance-scale.",
+        )
+    if kind == "AutoencoderKL":
         return _sample_vae(model_dir, n, class_label, seed), None
-    if _class_name(model_dir) == "Generator":
+    if kind == "Generator":
         return _sample_generator(model_dir, n, class_label, seed)
     model = load_diffusion(model_dir)
     labels = _labels(model_dir, model.classes, class_label, n)
@@ -69,13 +79,15 @@ def sample_model(
 class Diffusion:
     """An exported diffusion pipeline's parts: the network (a UNet, or a DiT), the VAE that
     decodes a DiT's latents (None for a UNet), the saved scheduler, the classes (0:
-    unconditional) and the shape (C, H, W) of the noise it starts from."""
+    unconditional), the shape (C, H, W) of the noise it starts from and that of the images
+    it makes (a DiT's are its latents' decoded)."""
 
     net: Any
     vae: Any
     scheduler_config: dict[str, Any]
     classes: int
     shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -126,46 +138,57 @@ class Diffusion:
         return x if self.vae is None else decode_scaled(self.vae, x)
 
 
-def load_diffusion(model_dir: str, precision: str = "fp32", device: str = "cpu") -> Diffusion:
-    """A raygen-exported diffusion pipeline directory (local or in a bucket), in eval mode.
+def load_diffusion(model_dir: str, dtype: Any = None, device: str = "cpu") -> Diffusion:
+    """A raygen-exported diffusion pipeline directory (local or in a bucket), in eval mode,
+    its weights in `dtype` (default float32).
 
     Raises:
-        SpecError: not a diffusion pipeline directory.
+        SpecError: not a DDPM/DDIM or DiT pipeline directory, or one that does not load.
     """
     import torch
     from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
 
     index_text = read_text(join(model_dir, "model_index.json"))
     config_text = read_text(join(model_dir, "scheduler", "scheduler_config.json"))
-    if index_text is None or config_text is None:
+    try:
+        index = json.loads(index_text) if index_text else None
+        scheduler_config = json.loads(config_text) if config_text else None
+    except ValueError:
+        index = scheduler_config = None
+    if not isinstance(index, dict) or not isinstance(scheduler_config, dict):
         raise SpecError(
             "MODEL_DIR",
             f"{model_dir} is not an image model directory (a diffusion pipeline's "
             "model_index.json and scheduler/, or a VAE's or GAN generator's config.json); "
             "give the `model/` directory of a diffusion, VAE or GAN training run.",
         )
-    index, local = json.loads(index_text), Path(local_copy(model_dir))
-    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"))
-    options = {"use_safetensors": True, "torch_dtype": dtype}
+    local = Path(local_copy(model_dir))
+    options = {"use_safetensors": True, "torch_dtype": dtype or torch.float32}
     vae = None
-    if "transformer" in index:  # DiTPipeline: a DiT on the latents of its vae/
-        net = DiTTransformer2DModel.from_pretrained(local / "transformer", **options)
-        vae = AutoencoderKL.from_pretrained(local / "vae", **options).to(device)
-        vae.eval().requires_grad_(False)
-        # Its classes: those the export names (id2label), else every row of its label table.
-        classes = len(index.get("id2label") or {}) or int(net.config.num_embeds_ada_norm)
-    else:
-        net = UNet2DModel.from_pretrained(local / "unet", **options)
-        classes = int(net.config.num_class_embeds or 0)
+    try:
+        if index.get("_class_name") == DIT_PIPELINE:  # a DiT on the latents of its vae/
+            net = DiTTransformer2DModel.from_pretrained(local / "transformer", **options)
+            vae = AutoencoderKL.from_pretrained(local / "vae", **options).to(device)
+            vae.eval().requires_grad_(False)
+            # Its classes: those the export names (id2label), else every label-table row.
+            classes = len(index.get("id2label") or {}) or int(net.config.num_embeds_ada_norm)
+        else:
+            net = UNet2DModel.from_pretrained(local / "unet", **options)
+            classes = int(net.config.num_class_embeds or 0)
+    except (OSError, ValueError) as exc:
+        raise SpecError(
+            "MODEL_DIR",
+            f"{model_dir} does not load as a {index.get('_class_name')} with safetensors "
+            f"weights ({str(exc).splitlines()[0]}); export it again (`raygen export`).",
+        ) from None
     net = net.to(device).eval().requires_grad_(False)
     config = net.config
-    return Diffusion(
-        net=net,
-        vae=vae,
-        scheduler_config=dict(json.loads(config_text)),
-        classes=classes,
-        shape=(config.in_channels, config.sample_size, config.sample_size),
-    )
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    image_shape = shape
+    if vae is not None:  # the decoder doubles the size in every block but the last
+        size = config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        image_shape = (vae.config.out_channels, size, size)
+    return Diffusion(net, vae, scheduler_config, classes, shape, image_shape)
 
 
 def _labels(model_dir: str, classes: int, class_label: int | None, n: int) -> list[int] | None:

@@ -217,7 +217,7 @@ class ModelServer:
                 limits.max_images,
                 facts.num_train_timesteps,
                 facts.num_classes,
-                f"{facts.shape[2]}x{facts.shape[1]}",
+                f"{facts.image_shape[2]}x{facts.image_shape[1]}",
                 facts.guides,
             )
         else:
@@ -480,8 +480,8 @@ class ModelServer:
                 "max_body_bytes": limits.max_body_bytes,
             }
         else:
-            about["image_size"] = list(self.model.shape[1:])
-            about["channels"] = self.model.shape[0]
+            about["image_size"] = list(self.model.image_shape[1:])
+            about["channels"] = self.model.image_shape[0]
             about["num_classes"] = self.model.num_classes
             about["limits"] = {
                 "max_images": limits.max_images,

@@ -430,7 +430,8 @@ class OutcomeCheck(_Thresholds):
 
 
 class ClassQualityCheck(Section):
-    """Per-class quality of a class-conditional image model's samples (diffusion or GAN)."""
+    """Per-class quality of a class-conditional image model's samples (diffusion, DiT or
+    GAN)."""
 
     metric: Literal["class_accuracy"]
     classifier: str = Field(
@@ -440,6 +441,13 @@ class ClassQualityCheck(Section):
     samples_per_class: int = Field(64, ge=1, description="Images generated per class.")
     num_inference_steps: int = Field(
         50, ge=1, description="Denoising steps per image (a GAN generates in one pass)."
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="Latent diffusion (DiT) models: classifier-free guidance of the audited "
+        "images (default 4, as the image API's default).",
     )
     seed: int = Field(0, ge=0, description="Seed of the starting noise.")
     min_ratio: float | None = Field(

@@ -20,10 +20,12 @@ class EncodeLatents:
     posterior's mean and standard deviation out."""
 
     def __init__(self, vae_dir: str, image_shape: tuple[int, int, int], counter: Counter):
+        import torch
         from diffusers import AutoencoderKL
 
         from raygen.cluster.storage import local_copy
 
+        torch.set_num_threads(1)  # one CPU per actor: the pool grows with the free CPUs
         self.vae = AutoencoderKL.from_pretrained(local_copy(vae_dir)).eval()
         self.shape, self.counter = image_shape, counter
 

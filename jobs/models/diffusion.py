@@ -106,6 +106,8 @@ def generate(
         # (N,) timesteps: a DiT's timestep embedding takes no scalar.
         timesteps = t.expand(len(model_input))
         prediction = net(model_input.to(dtype), timesteps, class_labels=labels).sample.float()
+        # A DiT that learned its variance too (DiT-XL/2's 2C channels): its noise is the first C.
+        prediction = prediction[:, : sample.shape[1]]
         if guided:
             conditional, unconditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)

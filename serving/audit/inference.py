@@ -117,9 +117,16 @@ def classify_samples(
     from raygen.serving.runtimes.common import detect_kind
     from raygen.serving.runtimes.images import image_model
 
-    classes = image_model(local_copy(model), detect_kind(model)).num_classes
-    if not classes:
+    facts = image_model(local_copy(model), detect_kind(model))
+    if not facts.num_classes:
         raise SpecError("--model", f"{model} is unconditional; class_accuracy needs classes.")
+    if check.guidance_scale is not None and not facts.guides:
+        raise SpecError(
+            "checks",
+            f"`guidance_scale`: {model} has no classifier-free guidance (latent diffusion "
+            "models do); remove it from the class_accuracy check.",
+        )
+    classes = facts.num_classes
     items = [
         {"label": k, "index": i} for k in range(classes) for i in range(check.samples_per_class)
     ]
@@ -132,6 +139,7 @@ def classify_samples(
                     "model_dir": model,
                     "fid_dir": fid_dir(check.classifier),
                     "steps": check.num_inference_steps,
+                    "guidance_scale": check.guidance_scale,
                     "seed": check.seed,
                     "counter": counter,
                 },
@@ -146,7 +154,15 @@ def classify_samples(
 
 
 class _ImageClassifier:
-    def __init__(self, model_dir: str, fid_dir: str, steps: int, seed: int, counter: Counter):
+    def __init__(
+        self,
+        model_dir: str,
+        fid_dir: str,
+        steps: int,
+        guidance_scale: float | None,
+        seed: int,
+        counter: Counter,
+    ):
         import torch
 
         from raygen.jobs.eval.fid import load_extractor
@@ -157,6 +173,7 @@ class _ImageClassifier:
         self.model = image_model(local_copy(model_dir), detect_kind(model_dir))
         self.classifier = load_extractor("classifier", local_copy(fid_dir), None).network
         self.steps, self.seed, self.counter = steps, seed, counter
+        self.guidance_scale = guidance_scale
 
     def __call__(self, batch: Any) -> Any:
         import torch
@@ -167,7 +184,8 @@ class _ImageClassifier:
         for label, index in zip(batch["label"], batch["index"], strict=True):
             # Image `index` of class `label`: its own seed, whatever batch it lands in.
             steps = min(self.steps, self.model.num_train_timesteps)  # a GAN: one pass
-            request = ImageTask(1, steps, derive_seed(self.seed, label, index), int(label))
+            seed = derive_seed(self.seed, label, index)
+            request = ImageTask(1, steps, seed, int(label), self.guidance_scale)
             images.append(self.model.generate([request])[0][0])
         pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():

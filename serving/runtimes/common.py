@@ -55,7 +55,16 @@ def detect_kind(model_dir: str) -> str:
     index = read_text(join(model_dir, "model_index.json"))
     if index is not None:
         # A UNet's pipeline, or a DiT's (the transformer and the VAE that decodes it).
-        dit = "transformer" in json.loads(index)
+        from raygen.jobs.sampling import DIT_PIPELINE
+
+        try:
+            dit = json.loads(index).get("_class_name") == DIT_PIPELINE
+        except (ValueError, AttributeError):
+            raise SpecError(
+                "model",
+                f"{model_dir}'s model_index.json is not a diffusers pipeline index; "
+                "export the model again (`raygen export`).",
+            ) from None
         wanted = [DIT_WEIGHTS, VAE_WEIGHTS] if dit else [UNET_WEIGHTS]
         for weights in wanted:
             if not exists(join(model_dir, weights)):

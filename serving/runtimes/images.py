@@ -33,10 +33,10 @@ class DiffusionModel:
     def __init__(self, local_dir: str, precision: str = "fp32", device: str = "cpu"):
         from raygen.jobs.sampling import load_diffusion
 
-        self.model = load_diffusion(local_dir, precision, device)
+        self.model = load_diffusion(local_dir, torch_dtype(precision), device)
         self.device = device
         self.num_classes = self.model.classes
-        self.shape = self.model.shape
+        self.image_shape = self.model.image_shape  # (C, H, W) of the images it returns
         self.num_train_timesteps = self.model.num_train_timesteps
         self.guides = self.model.vae is not None  # a DiT takes a guidance scale
 
@@ -66,7 +66,7 @@ class DiffusionModel:
                 r = requests[i]
                 # Image k of a request depends only on (seed, k): `jobs/seeding.py`.
                 request_noise, request_generators = seeded_noise(
-                    self.shape, r.seed, list(range(r.n))
+                    self.model.shape, r.seed, list(range(r.n))
                 )
                 noise.append(request_noise)
                 generators += request_generators
@@ -103,7 +103,7 @@ class GeneratorModel:
         self.generator.requires_grad_(False)
         g = self.generator
         self.num_classes = g.num_classes
-        self.shape = (g.channels, g.image_size, g.image_size)
+        self.image_shape = (g.channels, g.image_size, g.image_size)
 
     def generate(self, requests: list[ImageTask]) -> list[np.ndarray]:
         """uint8 images (n, H, W, C) for each request, every request's images in one batch."""

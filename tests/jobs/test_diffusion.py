@@ -308,6 +308,8 @@ def test_conditional_zero3_bf16_run_samples_each_class(ray_session, tmp_path, di
     assert sorted(p.name for p in (tmp_path / "each").glob("*.png"))[0] == "sample_0000_class3.png"
     bad = runner.invoke(app, ["sample", model_dir, "--class-label", "12"])
     assert bad.exit_code == 2 and "out of range: the model knows classes 0..9" in bad.output
+    guided = runner.invoke(app, ["sample", model_dir, "--guidance-scale", "3"])
+    assert guided.exit_code == 2 and "this UNet generates without it" in guided.output
 
 
 def test_killed_diffusion_worker_is_replaced_and_training_resumes(

@@ -75,6 +75,35 @@ def test_dit_spec_problems_are_all_reported_at_once(tmp_path, random_vae):
     assert f"`model.vae`: {tmp_path} is not a VAE directory" in problems_of(not_a_vae)
     with pytest.raises(ValueError, match="a DiT is trained on a VAE's latents"):
         TrainSpec.model_validate(tiny_dit_spec(tmp_path, None))  # type: ignore[arg-type]
+    # VAEs DiTPipeline would decode wrongly, or that are not VAEs, are named.
+    odd = tmp_path / "odd-vae"
+    odd.mkdir()
+    (odd / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    for config, expected in (
+        ("{not json", "config.json is not valid JSON"),
+        ('{"_class_name": "UNet2DModel"}', "holds a UNet2DModel, not an AutoencoderKL"),
+        ('{"_class_name": "AutoencoderKL", "sample_size": [8, 16]}', "sample_size is one integer"),
+        ('{"_class_name": "AutoencoderKL", "shift_factor": 0.1}', "shifts its latents"),
+    ):  # fmt: skip
+        (odd / "config.json").write_text(config)
+        assert expected in problems_of(tiny_dit_spec(tmp_path, str(odd))), config
+
+    # A saved DiT is not a UNet to fine-tune: the message says what to do instead.
+    from diffusers import AutoencoderKL
+
+    from raygen.jobs.dit_facts import dit_config
+    from raygen.jobs.models.diffusion import build_pipeline
+    from raygen.jobs.models.dit import build_dit
+    from raygen.jobs.spec import NoiseSchedulerSpec
+
+    pipe = tmp_path / "dit-pipe"
+    net = build_dit(dit_config(TINY_DIT, (4, 4, 4)))
+    vae = AutoencoderKL.from_pretrained(random_vae)
+    build_pipeline(net, NoiseSchedulerSpec(), vae, classes=10).save_pretrained(pipe)
+    fine_tune = tiny_dit_spec(tmp_path, random_vae)
+    fine_tune["model"] = {"family": "diffusion", "pretrained": str(pipe)}
+    assert "is a DiT; fine-tuning a saved DiT is not supported" in problems_of(fine_tune)
+
     unet = tiny_dit_spec(tmp_path, random_vae)
     unet["model"] = {"family": "diffusion", "arch": "unet2d", "vae": random_vae}
     with pytest.raises(ValueError, match="`model.vae` is the latent space of a latent diffusion"):
@@ -101,6 +130,10 @@ def test_guided_sampling_is_dit_pipelines_own(tmp_path, random_vae):
     build_pipeline(net.eval(), schedule, vae, classes=10).save_pretrained(tmp_path / "pipe")
     pipe = DiTPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.labels == {str(i): i for i in range(10)}
+    from raygen.jobs.sampling import load_diffusion
+
+    loaded = load_diffusion(str(tmp_path / "pipe"))  # what `raygen sample` and serving load
+    assert (loaded.shape, loaded.image_shape, loaded.classes) == ((4, 4, 4), (1, 8, 8), 10)
 
     labels = [3, 7]
     expected = pipe(
@@ -211,7 +244,8 @@ def test_killed_dit_run_on_vae_latents_resumes_exports_a_dit_pipeline_and_serves
     assert report["passed"], report
     url = start("dit", model, serve_port, audit=report["paths"]["audit"])
     try:
-        body = {"n": 4, "seed": 3, "class_label": 7, "num_inference_steps": 10}
+        # The size is the images' (8x8), not the latents' the transformer denoises (4x4).
+        body = {"n": 4, "seed": 3, "class_label": 7, "num_inference_steps": 10, "size": "8x8"}
         answer = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
         assert answer.status_code == 200, answer.text
         pixels = [

@@ -114,6 +114,8 @@ def test_killed_vae_run_resumes_and_exports_a_vae_far_better_than_the_mean_image
     assert done.exit_code == 0 and grid.is_file(), done.output
     refused = runner.invoke(app, ["sample", result["paths"]["model"], "--class-label", "3"])
     assert refused.exit_code == 2 and "is a VAE, which is unconditional" in refused.output
+    guided = runner.invoke(app, ["sample", result["paths"]["model"], "--guidance-scale", "2"])
+    assert guided.exit_code == 2 and "has no classifier-free guidance" in guided.output
 
     # The last checkpoint exports the same VAE, with the same scaling factor.
     exported = tmp_path / "exported"
