@@ -457,6 +457,11 @@ def lineage(chain: dict[str, Any]) -> None:
     _link("inputs", f"{len(files)} file(s), {size} bytes, {state}")
     data = links["prepared_data"]
     _link("data", f"{data['path']} (fingerprint {data['fingerprint']})")
+    vae = data.get("latent_vae")
+    if vae:
+        state = "unchanged" if vae["unchanged"] else "[red]gone or changed since[/]"
+        digest = vae["sha256"][:16]
+        _link("", f"latents encoded by the VAE {vae['path']} (sha256 {digest}, {state})")
     run = links["run"]
     if "status" in run:
         _link(

@@ -110,6 +110,14 @@ def _prepared(state: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         "stats": {k: v for k, v in stats.items() if k.startswith(("rows_", "removed_", "train_"))},
         "inputs": stats.get("inputs"),
     }
+    vae = stats.get("latent_vae")
+    if vae:  # latent diffusion: the VAE that encoded the latents, itself a traced model
+        link["latent_vae"] = {**vae, "unchanged": _sha256_now(vae["path"]) == vae["sha256"]}
+        if not link["latent_vae"]["unchanged"]:
+            problems.append(
+                f"the VAE {vae['path']} that encoded the latents is gone or changed since "
+                f"(sha256 {vae['sha256'][:16]} then); `raygen lineage {vae['path']}` traces it"
+            )
     if not stats:
         problems.append(f"the prepared data {directory} is gone (the run trained on {trained_on})")
     elif stats.get("fingerprint") != trained_on:
@@ -118,6 +126,13 @@ def _prepared(state: dict[str, Any], problems: list[str]) -> dict[str, Any]:
             f"{trained_on} the run trained on: it was prepared again from other inputs"
         )
     return link
+
+
+def _sha256_now(model_dir: str) -> str | None:
+    try:
+        return model_sha256(model_dir) if exists(model_dir) else None
+    except (StorageError, OSError):
+        return None
 
 
 def _inputs(prepared: dict[str, Any], problems: list[str]) -> dict[str, Any]:

@@ -279,12 +279,7 @@ def prepare_images(
     """The image half of `jobs.data.prepare_data` (same contract; needs a connected Ray):
     decode and tag in one pass, decide the drops from the tags here, drop, write."""
     from raygen.jobs.data.latents import encode_latents
-    from raygen.jobs.pretrained import (
-        classes_of,
-        image_shape_of,
-        latent_shape_of,
-        latent_vae_dir,
-    )
+    from raygen.jobs.pretrained import classes_of, image_shape_of, latent_vae_dir
 
     d = spec.data
     shape = image_shape_of(spec.model)
@@ -358,5 +353,18 @@ def prepare_images(
         "image_shape": list(shape),
         "labelled": labelled,
         "num_classes": (int(high) + 1) if labelled else 0,
-        **({"latent_shape": list(latent_shape_of(spec.model))} if latent else {}),
+        **(_latent_stats(spec) if latent else {}),
+    }
+
+
+def _latent_stats(spec: TrainSpec) -> dict[str, Any]:
+    """What latent diffusion's prepared data records of its latents: their shape, and the
+    VAE that encoded them (its directory and content hash, for lineage)."""
+    from raygen.jobs.model_hash import model_sha256
+    from raygen.jobs.pretrained import latent_shape_of, latent_vae_dir
+
+    vae = latent_vae_dir(spec.model)
+    return {
+        "latent_shape": list(latent_shape_of(spec.model)),
+        "latent_vae": {"path": vae, "sha256": model_sha256(vae)},
     }

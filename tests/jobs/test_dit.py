@@ -227,6 +227,12 @@ def test_killed_dit_run_on_vae_latents_resumes_exports_a_dit_pipeline_and_serves
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3, msg=name)  # bf16-gathered
     assert again.vae.config.scaling_factor == pipe.vae.config.scaling_factor
 
+    # Its lineage names the VAE whose latents it learned, unchanged since.
+    from raygen.serving.lineage import lineage
+
+    traced = lineage(model)["links"]["prepared_data"]["latent_vae"]
+    assert traced["path"] == vae and traced["unchanged"], traced
+
     # Audited on its classes, then served behind the image API by that audit.
     import httpx
     from PIL import Image
