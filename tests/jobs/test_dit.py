@@ -232,6 +232,8 @@ def test_killed_dit_run_on_vae_latents_resumes_exports_a_dit_pipeline_and_serves
 
     traced = lineage(model)["links"]["prepared_data"]["latent_vae"]
     assert traced["path"] == vae and traced["unchanged"], traced
+    printed = runner.invoke(app, ["lineage", model])
+    assert printed.exit_code == 0 and "latents encoded by the VAE" in printed.output
 
     # Audited on its classes, then served behind the image API by that audit.
     import httpx
