@@ -5,11 +5,10 @@ diffusers version (`library_facts`)."""
 
 from __future__ import annotations
 
-import functools
 from difflib import get_close_matches
 from typing import Any
 
-from raygen.jobs.library_facts import recall, remember
+from raygen.jobs.library_facts import diffusers_defaults
 
 # DiTPipeline's classifier-free guidance pairs every label with label 1000, "no class": a
 # DiT's label table must have 1000 classes (and the extra row for no class) for its export
@@ -18,22 +17,9 @@ NULL_CLASS = 1000
 DEFAULT_GUIDANCE = 4.0  # classifier-free guidance scale, DiTPipeline's default
 
 
-@functools.cache
 def dit_defaults() -> dict[str, Any]:
     """DiTTransformer2DModel's keyword arguments and their defaults."""
-    defaults = recall("diffusers", "DiTTransformer2DModel")
-    if defaults is None:
-        import inspect
-
-        from diffusers import DiTTransformer2DModel
-
-        parameters = inspect.signature(DiTTransformer2DModel.__init__).parameters
-        defaults = remember(
-            "diffusers",
-            "DiTTransformer2DModel",
-            {name: p.default for name, p in parameters.items() if name != "self"},
-        )
-    return defaults
+    return diffusers_defaults("DiTTransformer2DModel")
 
 
 def dit_config(config: dict[str, Any], latent_shape: tuple[int, int, int]) -> dict[str, Any]:

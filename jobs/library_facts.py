@@ -5,6 +5,7 @@ answers in under a second."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -46,3 +47,22 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return facts if isinstance(facts, dict) else {}
+
+
+@functools.cache
+def diffusers_defaults(class_name: str) -> dict[str, Any]:
+    """A diffusers class's keyword arguments and their defaults (lists where diffusers has
+    tuples), inspected once per diffusers version and kept in the cache."""
+    defaults = recall("diffusers", class_name)
+    if defaults is None:
+        import inspect
+
+        import diffusers
+
+        parameters = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+        defaults = remember(
+            "diffusers",
+            class_name,
+            {name: p.default for name, p in parameters.items() if name != "self"},
+        )
+    return defaults

@@ -4,28 +4,14 @@ UNet2DModel are kept in raygen's cache per diffusers version (`library_facts`)."
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-from raygen.jobs.library_facts import recall, remember
+from raygen.jobs.library_facts import diffusers_defaults
 
 
-@functools.cache
 def unet_defaults() -> dict[str, Any]:
-    """UNet2DModel's keyword arguments and their defaults (lists where diffusers has tuples)."""
-    defaults = recall("diffusers", "UNet2DModel")
-    if defaults is None:
-        import inspect
-
-        from diffusers import UNet2DModel
-
-        parameters = inspect.signature(UNet2DModel.__init__).parameters
-        defaults = remember(
-            "diffusers",
-            "UNet2DModel",
-            {name: p.default for name, p in parameters.items() if name != "self"},
-        )
-    return defaults
+    """UNet2DModel's keyword arguments and their defaults."""
+    return diffusers_defaults("UNet2DModel")
 
 
 def unet_problems(config: dict[str, Any], pretrained: bool, has_labels: bool) -> list[str]:

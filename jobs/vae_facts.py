@@ -5,30 +5,16 @@ of diffusers' AutoencoderKL are kept in raygen's cache per diffusers version
 
 from __future__ import annotations
 
-import functools
 from difflib import get_close_matches
 from typing import Any
 
-from raygen.jobs.library_facts import recall, remember
+from raygen.jobs.library_facts import diffusers_defaults
 from raygen.jobs.unet_facts import block_problems
 
 
-@functools.cache
 def vae_defaults() -> dict[str, Any]:
-    """AutoencoderKL's keyword arguments and their defaults (lists where diffusers has tuples)."""
-    defaults = recall("diffusers", "AutoencoderKL")
-    if defaults is None:
-        import inspect
-
-        from diffusers import AutoencoderKL
-
-        parameters = inspect.signature(AutoencoderKL.__init__).parameters
-        defaults = remember(
-            "diffusers",
-            "AutoencoderKL",
-            {name: p.default for name, p in parameters.items() if name != "self"},
-        )
-    return defaults
+    """AutoencoderKL's keyword arguments and their defaults."""
+    return diffusers_defaults("AutoencoderKL")
 
 
 def vae_problems(config: dict[str, Any], pretrained: bool) -> list[str]:
